@@ -1,0 +1,29 @@
+"""Attention and matmul kernels: a Pallas kernel per backend and a plain-jnp reference for each op."""
+
+from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+from pallas_kernels.page_layout import (
+    NULL_PAGE,
+    KVCache,
+    KVPages,
+    PagedAttentionMetadata,
+    make_kv_pages,
+    page_bytes,
+    write_kv,
+)
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+
+__all__ = [
+    "NULL_PAGE",
+    "KVCache",
+    "KVPages",
+    "PagedAttentionMetadata",
+    "flash_attention",
+    "flash_attention_reference",
+    "make_kv_pages",
+    "page_bytes",
+    "paged_attention",
+    "paged_attention_reference",
+    "resolve_implementation",
+    "write_kv",
+]

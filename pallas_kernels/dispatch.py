@@ -1,0 +1,37 @@
+"""Choosing an implementation for each op: the Pallas kernel for the backend, or the jnp reference.
+
+``implementation="auto"`` resolves to ``"pallas"`` on TPU and GPU and to ``"reference"``
+on CPU (interpret mode is for tests only). The environment variable
+``ENERGON_KERNELS=reference|pallas|auto`` overrides ``"auto"`` for a whole run; an
+explicit ``"pallas"`` or ``"reference"`` argument always wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+IMPLEMENTATIONS = ("auto", "pallas", "reference")
+ENV_VAR = "ENERGON_KERNELS"
+
+
+def resolve_implementation(implementation: str, *, interpret: bool = False) -> str:
+    """Return ``"pallas"`` or ``"reference"`` for this call."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    env = os.environ.get(ENV_VAR, "auto").strip().lower()
+    if env not in IMPLEMENTATIONS:
+        raise ValueError(f"{ENV_VAR}={env!r} must be one of {IMPLEMENTATIONS}")
+    if env != "auto":
+        return env
+    if interpret:
+        return "pallas"
+    return "pallas" if backend() in ("tpu", "gpu") else "reference"
+
+
+def backend() -> str:
+    """The default backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    return jax.default_backend()

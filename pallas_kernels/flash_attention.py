@@ -1,0 +1,93 @@
+"""Attention over a packed, padding-free batch (prefill without a cache).
+
+Layout: ``q [T, N, H]``, ``k, v [T, K, H]`` with ``N % K == 0`` (GQA: query head ``n``
+reads KV head ``n // (N // K)``), ``segment_ids [T]`` (which sequence each token
+belongs to; negative means padding), ``positions [T]``. Token ``i`` attends to token
+``j`` iff ``segment_ids[i] == segment_ids[j] >= 0`` and, when causal,
+``positions[j] <= positions[i]``. A row with nothing to attend to returns zeros.
+
+``kv_segment_ids`` / ``kv_positions`` let the keys be a different packed array from
+the queries (``k, v [C, K, H]``); they default to the query ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dispatch import resolve_implementation
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """Packed variable-length attention; returns ``[T, N, H]`` in ``q.dtype``."""
+    _check_shapes(q, k, v)
+    impl = resolve_implementation(implementation, interpret=interpret)
+    if impl == "pallas":
+        from pallas_kernels import _flash_attention_pallas as kernel
+
+        return kernel.flash_attention_pallas(
+            q, k, v,
+            segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
+            kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, interpret=interpret,
+        )
+    return flash_attention_reference(
+        q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
+        kv_segment_ids=kv_segment_ids, kv_positions=kv_positions,
+    )
+
+
+def flash_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+) -> jax.Array:
+    """Plain-jnp attention with an explicit ``[T, C]`` mask; the numerical reference."""
+    t, n, h = q.shape
+    c, kh, _ = k.shape
+    g = n // kh
+    scale = h**-0.5 if sm_scale is None else sm_scale
+    kv_seg = segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_pos = positions if kv_positions is None else kv_positions
+    mask = (segment_ids[:, None] == kv_seg[None, :]) & (segment_ids[:, None] >= 0)  # [T, C]
+    if causal:
+        mask &= kv_pos[None, :] <= positions[:, None]
+    qg = q.reshape(t, kh, g, h).astype(jnp.float32)
+    s = jnp.einsum("tkgh,ckh->kgtc", qg, k.astype(jnp.float32)) * scale
+    s = jnp.where(mask[None, None], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("kgtc,ckh->tkgh", p, v.astype(jnp.float32))
+    denom = jnp.transpose(l, (2, 0, 1, 3))  # [T, K, G, 1]
+    o = jnp.where(denom > 0, o / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return o.reshape(t, n, h).astype(q.dtype)
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 3 or k.ndim != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [T, N, H], k and v [C, K, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head dims differ: {q.shape[-1]=} vs {k.shape[-1]=}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of KV heads {k.shape[1]}")

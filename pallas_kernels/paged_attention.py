@@ -1,0 +1,135 @@
+"""Attention of packed query tokens over the paged KV cache (decode, chunked prefill).
+
+Layout (see ``page_layout``): ``q [T, N, H]``; ``k_pages, v_pages [P, S, K, H]``;
+``page_tables [B, M]``; ``lengths [B]`` (cached tokens of each row, this step's
+tokens included). Query token ``t`` belongs to row ``segment_ids[t]`` (negative:
+padding, output zeros) and sits at ``positions[t]``; it attends to cache positions
+``j <= positions[t]`` with ``j < lengths[row]``. Without ``segment_ids`` there is one
+query per row (``T == B``) at position ``lengths - 1``: plain decode.
+
+int8 pages pass ``k_scale, v_scale [P, S, K]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.dispatch import resolve_implementation
+
+# Pages read per iteration of the reference loop: large enough to keep the CPU busy,
+# small enough that the per-iteration gather ([T, pages * S, K, H]) stays modest.
+REFERENCE_PAGES_PER_BLOCK = 8
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    sm_scale: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """Returns ``[T, N, H]`` in ``q.dtype``."""
+    segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    impl = resolve_implementation(implementation, interpret=interpret)
+    if impl == "pallas":
+        from pallas_kernels import _paged_attention_pallas as kernel
+
+        return kernel.paged_attention_pallas(
+            q, k_pages, v_pages, page_tables, lengths,
+            segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
+            k_scale=k_scale, v_scale=v_scale, interpret=interpret,
+        )
+    return paged_attention_reference(
+        q, k_pages, v_pages, page_tables, lengths,
+        segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
+        k_scale=k_scale, v_scale=v_scale,
+    )
+
+
+def _default_rows(q, lengths, segment_ids, positions):
+    if segment_ids is None:
+        if q.shape[0] != lengths.shape[0]:
+            raise ValueError(
+                f"without segment_ids there is one query per row: {q.shape[0]=} must equal {lengths.shape[0]=}"
+            )
+        segment_ids = jnp.arange(q.shape[0], dtype=jnp.int32)
+        if positions is None:
+            positions = lengths.astype(jnp.int32) - 1
+    elif positions is None:
+        raise ValueError("positions are required when segment_ids are given")
+    return segment_ids, positions
+
+
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    sm_scale: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+) -> jax.Array:
+    """Plain jnp: walk the page table a block of pages at a time with an online softmax."""
+    segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    t, n, h = q.shape
+    _, page_size, kh, _ = k_pages.shape
+    g = n // kh
+    max_pages = page_tables.shape[1]
+    ppb = min(REFERENCE_PAGES_PER_BLOCK, max_pages)
+    num_blocks = -(-max_pages // ppb)
+    pad = num_blocks * ppb - max_pages
+    tables = jnp.pad(page_tables, ((0, 0), (0, pad)))
+    scale = h**-0.5 if sm_scale is None else sm_scale
+
+    valid_tok = segment_ids >= 0
+    rows = jnp.where(valid_tok, segment_ids, 0)
+    tok_tables = tables[rows]  # [T, M']
+    tok_len = jnp.minimum(lengths[rows], positions + 1)  # keys visible to each token
+    tok_len = jnp.where(valid_tok, tok_len, 0)
+    # Only walk as many blocks as the longest visible context needs.
+    n_blocks = jnp.minimum(num_blocks, (jnp.max(tok_len) + ppb * page_size - 1) // (ppb * page_size))
+    qg = q.reshape(t, kh, g, h).astype(jnp.float32) * scale
+
+    def body(b, carry):
+        m, l, acc = carry
+        pages = jax.lax.dynamic_slice_in_dim(tok_tables, b * ppb, ppb, axis=1)  # [T, ppb]
+        kb = k_pages[pages].astype(jnp.float32)  # [T, ppb, S, K, H]
+        vb = v_pages[pages].astype(jnp.float32)
+        if k_scale is not None:
+            kb = kb * k_scale[pages][..., None]
+            vb = vb * v_scale[pages][..., None]
+        kb = kb.reshape(t, ppb * page_size, kh, h)
+        vb = vb.reshape(t, ppb * page_size, kh, h)
+        s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)
+        kpos = b * ppb * page_size + jnp.arange(ppb * page_size)
+        mask = kpos[None, :] < tok_len[:, None]  # [T, C]
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        l = l * alpha + jnp.sum(p, axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((t, kh, g), -jnp.inf, jnp.float32),
+        jnp.zeros((t, kh, g), jnp.float32),
+        jnp.zeros((t, kh, g, h), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return o.reshape(t, n, h).astype(q.dtype)

@@ -1,0 +1,1 @@
+"""The gRPC inference service over energon_jax.AsyncEngine."""
