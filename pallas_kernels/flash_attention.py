@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sizes import FlashBlockSizes
 from pallas_kernels.dispatch import resolve_implementation
 
 
@@ -31,8 +32,13 @@ def flash_attention(
     kv_positions: jax.Array | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    block_sizes: FlashBlockSizes | None = None,
 ) -> jax.Array:
-    """Packed variable-length attention; returns ``[T, N, H]`` in ``q.dtype``."""
+    """Packed variable-length attention; returns ``[T, N, H]`` in ``q.dtype``.
+
+    ``implementation="pallas"`` runs the tiled FlashAttention-2 kernel in
+    ``_flash_attention_pallas`` (``interpret=True`` on CPU); ``block_sizes`` tunes it.
+    """
     _check_shapes(q, k, v)
     impl = resolve_implementation(implementation, interpret=interpret)
     if impl == "pallas":
@@ -42,6 +48,7 @@ def flash_attention(
             q, k, v,
             segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
             kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, interpret=interpret,
+            block_sizes=block_sizes,
         )
     return flash_attention_reference(
         q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,

@@ -1,0 +1,63 @@
+"""Block sizes of the Pallas kernels: frozen dataclasses that validate themselves.
+
+Defaults are for the Triton lowering on NVIDIA GPUs (power-of-two tiles that keep a
+query block, a KV block and the accumulator in registers/shared memory). Tests pass
+small blocks so that interpret mode on CPU walks many blocks in a few milliseconds.
+Tuned sizes keyed by device and shape belong in ``TUNED`` once a GPU run measures them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _check_pow2(name: str, value: int) -> None:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name}={value} must be a power of two >= 1 (Triton tiles are power-of-two sized)")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashBlockSizes:
+    """Query tokens per program (``block_q``) and KV tokens per inner step (``block_k``)."""
+
+    block_q: int = 64
+    block_k: int = 64
+
+    def __post_init__(self) -> None:
+        _check_pow2("block_q", self.block_q)
+        _check_pow2("block_k", self.block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedBlockSizes:
+    """``num_splits``: context blocks processed in parallel per (token, KV head) (split-K).
+
+    ``min_group_rows``: query heads of one KV group are padded to at least this many rows
+    (``tl.dot`` needs 16 rows on GPU; 1 keeps interpret mode cheap).
+    """
+
+    num_splits: int = 4
+    min_group_rows: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+        _check_pow2("min_group_rows", self.min_group_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulBlockSizes:
+    """Output tile ``block_m x block_n`` per program; ``block_k`` rows of the weight per step."""
+
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+
+    def __post_init__(self) -> None:
+        _check_pow2("block_m", self.block_m)
+        _check_pow2("block_n", self.block_n)
+        _check_pow2("block_k", self.block_k)
+
+
+# (device_kind, op) -> tuned block sizes. Empty until a GPU run fills it in.
+TUNED: dict[tuple[str, str], object] = {}

@@ -1,0 +1,54 @@
+"""Shared helpers for the kernel tests: pairwise case grids, packed batches, error metric."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def pairwise(factors: dict[str, tuple]) -> list[dict]:
+    """A small set of cases in which every pair of factor values appears at least once (greedy)."""
+    names = list(factors)
+    full = [dict(zip(names, combo)) for combo in itertools.product(*factors.values())]
+
+    def pairs(case):
+        return {((a, case[a]), (b, case[b])) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(c) for c in full))
+    chosen = []
+    while uncovered:
+        best = max(full, key=lambda c: len(pairs(c) & uncovered))
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return chosen
+
+
+def case_id(case: dict) -> str:
+    return "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in case.items())
+
+
+def packed_batch(rng: np.random.Generator, total: int, num_segments: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions of ``num_segments`` random-length sequences plus trailing padding (-1)."""
+    real = total - padding
+    cuts = np.sort(rng.choice(np.arange(1, real), size=num_segments - 1, replace=False)) if num_segments > 1 else []
+    bounds = [0, *cuts, real]
+    seg = np.full(total, -1, np.int32)
+    pos = np.zeros(total, np.int32)
+    for s, (a, b) in enumerate(itertools.pairwise(bounds)):
+        seg[a:b] = s
+        pos[a:b] = np.arange(b - a)
+    return seg, pos
+
+
+def rel_err(out: jax.Array, ref: jax.Array) -> float:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(out - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def randn(rng: np.random.Generator, shape, dtype) -> jax.Array:
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)

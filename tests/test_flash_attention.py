@@ -1,0 +1,123 @@
+"""flash_attention's Pallas kernel (interpret mode on CPU) against the jnp reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from kernel_cases import TOLERANCE, case_id, packed_batch, pairwise, randn, rel_err
+from pallas_kernels import flash_attention, flash_attention_reference
+from pallas_kernels._flash_attention_pallas import block_schedule
+from pallas_kernels.block_sizes import FlashBlockSizes
+
+FACTORS = {
+    "segments": (1, 2, 3, 4),
+    "causal": (True, False),
+    "group": (1, 2, 4, 8),
+    "head_dim": (64, 128),
+    "dtype": (jnp.float32, jnp.bfloat16),
+}
+BLOCKS = FlashBlockSizes(block_q=16, block_k=16)
+NUM_KV_HEADS = 2
+
+
+def _run(case: dict, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    total = 41 + 6 * seed  # never a multiple of the 16-token blocks
+    seg, pos = packed_batch(rng, total, case["segments"], padding=3)
+    n, h, dtype = NUM_KV_HEADS * case["group"], case["head_dim"], case["dtype"]
+    q = randn(rng, (total, n, h), dtype)
+    k = randn(rng, (total, NUM_KV_HEADS, h), dtype)
+    v = randn(rng, (total, NUM_KV_HEADS, h), dtype)
+    kw = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), causal=case["causal"])
+    out = flash_attention(q, k, v, **kw, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    ref = flash_attention_reference(q, k, v, **kw)
+    assert out.shape == q.shape and out.dtype == dtype
+    # Interpret mode starts every output buffer as NaN (see test_interpret_poisons_outputs):
+    # a finite result means the kernel wrote every element.
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert np.all(np.asarray(out, np.float32)[seg < 0] == 0.0)
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
+def test_matches_reference_pairwise(case):
+    _run(case, seed=sum(map(hash, map(str, case.values()))) % 7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", [dict(zip(FACTORS, c)) for c in itertools.product(*FACTORS.values())], ids=case_id
+)
+def test_matches_reference_full_grid(case):
+    _run(case, seed=3)
+
+
+def test_interpret_poisons_outputs():
+    """The premise of the "fully written" checks: an output the kernel never writes stays NaN."""
+
+    def kernel(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    out = pl.pallas_call(
+        kernel, grid=(2,), in_specs=[pl.BlockSpec((8,), lambda i: (i,))],
+        out_specs=pl.BlockSpec((8,), lambda i: (i,)), out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
+        interpret=True,
+    )(jnp.ones(16, jnp.float32))
+    assert np.all(np.asarray(out[:8]) == 1.0) and np.all(np.isnan(np.asarray(out[8:])))
+
+
+def test_masked_kv_blocks_are_skipped():
+    """Keys no query can see sit in their own blocks and hold NaN: had they been read, NaN would leak."""
+    rng = np.random.default_rng(0)
+    t, c, n, kh, h = 24, 64, 4, 2, 64
+    q = randn(rng, (t, n, h), jnp.float32)
+    k = np.array(randn(rng, (c, kh, h), jnp.float32))
+    v = np.array(randn(rng, (c, kh, h), jnp.float32))
+    kv_seg = np.full(c, 0, np.int32)
+    kv_seg[16:48] = 7  # a segment no query belongs to: KV blocks 1 and 2 (block_k=16)
+    k[16:48], v[16:48] = np.nan, np.nan
+    kv_pos = np.concatenate([np.arange(16), np.zeros(32, np.int32), np.arange(16, 32)]).astype(np.int32)
+    kw = dict(
+        segment_ids=jnp.zeros(t, jnp.int32), positions=jnp.arange(t, dtype=jnp.int32), causal=True,
+        kv_segment_ids=jnp.asarray(kv_seg), kv_positions=jnp.asarray(kv_pos),
+    )
+    out = flash_attention(q, jnp.asarray(k), jnp.asarray(v), **kw, implementation="pallas", interpret=True,
+                          block_sizes=BLOCKS)
+    ref = flash_attention_reference(q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), **kw)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert rel_err(out, ref) <= 1e-5
+
+
+def test_block_schedule_skips_above_the_causal_diagonal():
+    seg = jnp.zeros(64, jnp.int32)
+    pos = jnp.arange(64, dtype=jnp.int32)
+    needed, lo, hi = block_schedule(seg, pos, seg, pos, block_q=16, block_k=16, causal=True)
+    np.testing.assert_array_equal(np.asarray(needed), np.tril(np.ones((4, 4), bool)))
+    np.testing.assert_array_equal(np.asarray(lo), [0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(hi), [1, 2, 3, 4])
+    # Two segments, no causality: the off-diagonal blocks are skipped too.
+    seg2 = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 32)
+    needed, _, _ = block_schedule(seg2, pos, seg2, pos, block_q=16, block_k=16, causal=False)
+    np.testing.assert_array_equal(np.asarray(needed), np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool)))
+
+
+def test_env_var_forces_the_kernel(monkeypatch):
+    rng = np.random.default_rng(1)
+    q, k, v = (randn(rng, (19, 2, 64), jnp.float32) for _ in range(3))
+    kw = dict(segment_ids=jnp.zeros(19, jnp.int32), positions=jnp.arange(19, dtype=jnp.int32))
+    monkeypatch.setenv("ENERGON_KERNELS", "pallas")
+    out = flash_attention(q, k, v, **kw, interpret=True, block_sizes=BLOCKS)
+    assert rel_err(out, flash_attention_reference(q, k, v, **kw)) <= 1e-5
+
+
+def test_bad_block_size_names_the_field():
+    with pytest.raises(ValueError, match="block_q=24"):
+        FlashBlockSizes(block_q=24)
