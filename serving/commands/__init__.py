@@ -1,0 +1,1 @@
+"""``energon serve``, ``energon client`` and ``energon bench`` subcommands."""

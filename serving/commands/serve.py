@@ -1,0 +1,116 @@
+"""``energon serve``: run the gRPC inference server over an AsyncEngine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+NAME = "serve"
+HELP = "Run the gRPC inference service (health, reflection, Prometheus metrics)."
+
+# Engine flags passed to AsyncEngine.from_pretrained only when given, so the
+# engine's own defaults hold otherwise.
+_ENGINE_FLAGS = (
+    ("tp", int, "tensor-parallel degree"),
+    ("pp", int, "pipeline-parallel degree"),
+    ("dp", int, "data-parallel degree"),
+    ("dtype", str, "parameter dtype, e.g. float32 or bfloat16"),
+    ("max_model_len", int, "longest prompt + completion in tokens"),
+    ("page_size", int, "tokens per KV page"),
+    ("kv_cache_pages", int, "KV pages in the pool"),
+    ("max_num_seqs", int, "most requests in the running batch"),
+    ("max_num_batched_tokens", int, "token budget of one step"),
+    ("max_queue", int, "most requests waiting for admission (more get RESOURCE_EXHAUSTED)"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint path (default: the embedded demo model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free port)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: a free port)")
+    parser.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'authorization: Bearer KEY' on every method but health (default: $ENERGON_API_KEY)",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
+    parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    parser.add_argument("--tls-client-ca", type=Path, help="CA for client certificates; enables mutual TLS")
+    parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request accepted")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    parser.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
+    parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
+    for name, typ, help_text in _ENGINE_FLAGS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=help_text)
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra keyword argument for the engine (value parsed as JSON, else taken as a string)",
+    )
+    parser.add_argument(
+        "--engine-factory",
+        default="serving.binding:energon_binding",
+        help="module:function that builds the engine binding (tests use mock_engine:serve_binding)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None}
+    for item in args.engine_arg:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {item!r} must look like KEY=VALUE")
+        try:
+            kwargs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            kwargs[key] = raw
+    return kwargs
+
+
+def server_config(args: argparse.Namespace):
+    from serving.auth import API_KEY_ENV, TlsFiles
+    from serving.server import ServerConfig
+
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        tls=tls,
+        max_receive_bytes=args.max_message_bytes,
+        grace_s=args.grace,
+        warmup=not args.no_warmup,
+        port_file=args.port_file,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.binding import load_factory
+    from serving.server import serve
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = server_config(args)
+        factory = load_factory(args.engine_factory)
+        kwargs = engine_kwargs(args)
+    except ValueError as e:
+        logging.getLogger("energon.serving").error("%s", e)
+        return 2
+    return asyncio.run(serve(config, factory, args.model, kwargs))

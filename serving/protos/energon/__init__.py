@@ -1,0 +1,1 @@
+"""Generated-code package for the ``energon`` proto namespace."""

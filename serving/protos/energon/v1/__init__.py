@@ -1,0 +1,1 @@
+"""Generated stubs of ``energon/v1/inference.proto`` (do not edit; regenerate)."""

@@ -1,0 +1,197 @@
+"""The server process: a grpc.aio server over one AsyncEngine, from start to exit.
+
+Life of a server (``InferenceServer.run``):
+
+1. bind the gRPC port (TLS/mTLS when configured) and the metrics port, both on
+   ``host`` (127.0.0.1 unless told otherwise); health says NOT_SERVING;
+2. load the engine off the event loop, start its step loop, send one warm-up
+   request through it; only then health says SERVING;
+3. serve until SIGTERM/SIGINT or an engine failure;
+4. drain: health turns NOT_SERVING at once, new calls get UNAVAILABLE, calls in
+   flight get up to ``grace_s`` to finish; then the gRPC server stops, the
+   engine shuts down and ``run`` returns the exit code: 0 after a drain, 1
+   after an engine failure (or a load failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.auth import ApiKeyInterceptor, TlsFiles
+from serving.binding import EngineBinding, EngineFactory
+from serving.metrics import MetricsHttpServer, ServingMetrics
+from serving.protos.energon.v1 import inference_pb2 as pb
+from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
+from serving.servicer import InferenceServicer
+
+log = logging.getLogger("energon.serving")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (see port_file)
+    metrics_port: int | None = 9090  # None: no metrics endpoint; 0: a free port
+    api_key: str | None = field(default=None, repr=False)  # never printed
+    tls: TlsFiles | None = None
+    max_receive_bytes: int = 4 * 1024 * 1024
+    grace_s: float = 30.0
+    warmup: bool = True
+    port_file: Path | None = None  # JSON {"port", "metrics_port"} written once bound
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in [0, 65535]")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port={self.metrics_port} must be in [0, 65535]")
+        if self.max_receive_bytes < 1024:
+            raise ValueError(f"max_receive_bytes={self.max_receive_bytes} must be >= 1024")
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s={self.grace_s} must be >= 0")
+        if self.api_key == "":
+            raise ValueError("api_key must not be empty when given")
+
+
+class InferenceServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._binding: EngineBinding | None = None
+        self._metrics = ServingMetrics(lambda: self._binding.engine.stats if self._binding else None)
+        self._health = health.aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+        self._servicer = InferenceServicer(self._metrics, self._engine_failed)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    # -- events --------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: begin draining (idempotent)."""
+        if not self._stop.is_set():
+            log.info("stop requested: draining")
+            self._begin_drain()
+
+    def _engine_failed(self, exc: BaseException) -> None:
+        if self._exit_code == 0:
+            log.error("engine failure, shutting down: %r", exc)
+        self._exit_code = 1
+        self._begin_drain()
+
+    def _begin_drain(self) -> None:
+        self._servicer.start_draining()
+        # NOT_SERVING before anything else; the health servicer refuses later changes.
+        asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
+        self._stop.set()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    # -- the whole life --------------------------------------------------------------------
+    async def run(self, factory: EngineFactory, model: str | None, engine_kwargs: dict[str, Any]) -> int:
+        server = self._build_grpc_server()
+        metrics_http = None
+        await self._set_health(_NOT_SERVING)
+        await server.start()
+        try:
+            if self._config.metrics_port is not None:
+                metrics_http = MetricsHttpServer(self._metrics.registry, self._config.host, self._config.metrics_port)
+                self.metrics_port = metrics_http.port
+            self._write_port_file()
+            self._install_signal_handlers()
+            log.info("listening on %s:%d (metrics port %s); loading the model", self._config.host, self.port, self.metrics_port)
+            if not await self._load(factory, model, engine_kwargs):
+                self._exit_code = 1
+            else:
+                await self._stop.wait()
+            await self._drain(server)
+        finally:
+            await server.stop(0)
+            if self._binding is not None:
+                await asyncio.to_thread(self._binding.engine.shutdown)
+            if metrics_http is not None:
+                metrics_http.close()
+        log.info("server stopped with exit code %d", self._exit_code)
+        return self._exit_code
+
+    def _build_grpc_server(self) -> aio.Server:
+        c = self._config
+        interceptors = [ApiKeyInterceptor(c.api_key)] if c.api_key else []
+        options = [
+            ("grpc.max_receive_message_length", c.max_receive_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_InferenceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        address = f"{c.host}:{c.port}"
+        if c.tls is not None:
+            self.port = server.add_secure_port(address, c.tls.server_credentials())
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise ValueError(f"could not bind {address}")
+        return server
+
+    def _write_port_file(self) -> None:
+        if self._config.port_file is not None:
+            tmp = self._config.port_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"port": self.port, "metrics_port": self.metrics_port}))
+            tmp.replace(self._config.port_file)
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def _load(self, factory: EngineFactory, model: str | None, engine_kwargs: dict[str, Any]) -> bool:
+        try:
+            binding = await asyncio.to_thread(factory, model, engine_kwargs)
+            self._binding = binding
+            binding.engine.start()
+            if self._config.warmup:
+                await self._warm_up(binding)
+        except Exception as e:
+            log.error("loading the engine failed: %r", e)
+            return False
+        if self._stop.is_set():  # asked to stop while loading
+            return True
+        self._servicer.attach(binding)
+        await self._set_health(_SERVING)
+        log.info("serving %s", SERVICE_NAME)
+        return True
+
+    async def _warm_up(self, binding: EngineBinding) -> None:
+        """One tiny greedy request through the whole path, so the first client pays no compile."""
+        params = binding.params_cls(max_tokens=1, temperature=0.0)
+        async for delta in binding.engine.submit([1], params, request_id=f"warmup-{uuid.uuid4().hex}"):
+            if delta.finished:
+                break
+
+    async def _drain(self, server: aio.Server) -> None:
+        grace = self._config.grace_s if self._exit_code == 0 else min(self._config.grace_s, 5.0)
+        if not await self._servicer.wait_idle(grace):
+            log.warning("%d calls still in flight after %.1f s; cancelling them", self._servicer.inflight, grace)
+        await server.stop(0)
+
+
+async def serve(config: ServerConfig, factory: EngineFactory, model: str | None, engine_kwargs: dict[str, Any]) -> int:
+    return await InferenceServer(config).run(factory, model, engine_kwargs)
