@@ -1,0 +1,133 @@
+"""The model runner: one jitted step per shape bucket, the KV cache donated through it.
+
+Flow (called from the engine's step-loop thread): ``step_async(batch)`` takes a packed
+``StepBatch`` (numpy, bucketed shapes, built by ``batch.pack``), runs the model forward
+over the page pool and samples every row on device, and returns at once with a
+``StepHandle``: JAX dispatch is asynchronous, so the host goes on (streams the last
+step's text, plans the next one) while the device works. ``handle.result()`` waits and
+fetches the few sampled ids and logprobs as ``SampledTokens``.
+
+The KV cache lives here, as a field that every step replaces: the old buffers are
+donated to the jitted step, so a step updates the cache in place instead of copying
+it. The model's parameters are split once (``nnx.split``) and passed as a pytree.
+
+Compiles are explicit: each distinct batch shape is lowered and compiled once
+(ahead of time) and the executable kept in a table. ``num_compiles`` counts them and
+every compile is logged, so a test can assert that after ``warmup`` no request mix
+compiles again; a compile after warm-up is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from energon_jax.sampling import SampledTokens, sample
+from pallas_kernels import KVCache
+
+logger = logging.getLogger(__name__)
+
+ShapeKey = tuple[Any, ...]
+
+
+def shape_key(batch: Any) -> ShapeKey:
+    """What decides the compiled function: the batch's tree structure and leaf shapes/dtypes."""
+    leaves, treedef = jax.tree.flatten(batch)
+    return (treedef, tuple((np.shape(x), np.dtype(x.dtype).str) for x in leaves))
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step; ``result()`` blocks until the device is done and fetches the ids."""
+
+    _outputs: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+    def result(self) -> SampledTokens:
+        ids, logprobs, top_ids, top_logprobs = jax.device_get(self._outputs)
+        return SampledTokens(
+            token_ids=np.asarray(ids),
+            logprobs=np.asarray(logprobs),
+            top_ids=np.asarray(top_ids),
+            top_logprobs=np.asarray(top_logprobs),
+        )
+
+
+class ModelRunner:
+    """Runs decoder steps: ``(KV cache, StepBatch) -> (KV cache, sampled tokens)`` on device."""
+
+    def __init__(self, model: nnx.Module, kv_cache: KVCache) -> None:
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self.kv_cache: KVCache = kv_cache
+        self._executables: dict[ShapeKey, Any] = {}
+        self.num_compiles = 0
+        self.warmed_up = False
+
+        def step_fn(state, kv_cache, batch):
+            model = nnx.merge(graphdef, state)
+            logits, kv_cache = model(  # logits [B, V]
+                batch.input_ids,
+                batch.positions,
+                batch.segment_ids,
+                kv_cache=kv_cache,
+                attn_meta=batch.attn,
+                logits_indices=batch.logits_indices,
+            )
+            return kv_cache, sample(logits, batch.sampling)
+
+        self._jitted = jax.jit(step_fn, donate_argnums=(1,))
+
+    @property
+    def compiled_shapes(self) -> list[ShapeKey]:
+        return list(self._executables)
+
+    def _executable(self, batch: Any) -> Any:
+        key = shape_key(batch)
+        exe = self._executables.get(key)
+        if exe is None:
+            exe = self._compile(batch, key)
+        return exe
+
+    def _compile(self, batch: Any, key: ShapeKey) -> Any:
+        start = time.perf_counter()
+        exe = self._jitted.lower(_abstract(self._state), _abstract(self.kv_cache), _abstract(batch)).compile()
+        self._executables[key] = exe
+        self.num_compiles += 1
+        tokens = np.shape(batch.input_ids)[0]
+        rows = np.shape(batch.logits_indices)[0]
+        log = logger.warning if self.warmed_up else logger.info
+        log(
+            "compiled step #%d for tokens=%d rows=%d in %.2fs%s",
+            self.num_compiles, tokens, rows, time.perf_counter() - start,
+            " (after warm-up: a shape outside the buckets)" if self.warmed_up else "",
+        )
+        return exe
+
+    def warmup(self, batches: Iterable[Any]) -> int:
+        """Compile the step for every batch shape given (nothing runs); returns the compile count."""
+        for batch in batches:
+            self._executable(batch)
+        self.warmed_up = True
+        return self.num_compiles
+
+    def step_async(self, batch: Any) -> StepHandle:
+        """Dispatch one step; returns before the device finishes."""
+        exe = self._executable(batch)
+        self.kv_cache, outputs = exe(self._state, self.kv_cache, batch)
+        for x in outputs:
+            x.copy_to_host_async()
+        return StepHandle(outputs)
+
+    def step(self, batch: Any) -> SampledTokens:
+        return self.step_async(batch).result()
