@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.dispatch import resolve_implementation
 
 # Pages read per iteration of the reference loop: large enough to keep the CPU busy,
@@ -36,8 +37,14 @@ def paged_attention(
     v_scale: jax.Array | None = None,
     implementation: str = "auto",
     interpret: bool = False,
+    block_sizes: PagedBlockSizes | None = None,
 ) -> jax.Array:
-    """Returns ``[T, N, H]`` in ``q.dtype``."""
+    """Returns ``[T, N, H]`` in ``q.dtype``.
+
+    ``implementation="pallas"`` runs the split-K kernel in ``_paged_attention_pallas``
+    (one program per query token, KV head and split; the general packed form with
+    ``segment_ids``/``positions`` is supported, not only decode). ``block_sizes`` tunes it.
+    """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
     impl = resolve_implementation(implementation, interpret=interpret)
     if impl == "pallas":
@@ -46,7 +53,7 @@ def paged_attention(
         return kernel.paged_attention_pallas(
             q, k_pages, v_pages, page_tables, lengths,
             segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-            k_scale=k_scale, v_scale=v_scale, interpret=interpret,
+            k_scale=k_scale, v_scale=v_scale, interpret=interpret, block_sizes=block_sizes,
         )
     return paged_attention_reference(
         q, k_pages, v_pages, page_tables, lengths,

@@ -1,0 +1,123 @@
+"""paged_attention's Pallas kernel (interpret mode on CPU) against the jnp reference."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_cases import TOLERANCE, case_id, pairwise, randn, rel_err
+from pallas_kernels import paged_attention, paged_attention_reference
+from pallas_kernels._paged_attention_pallas import combine_splits
+from pallas_kernels.block_sizes import PagedBlockSizes
+from pallas_kernels.page_layout import quantize_kv
+
+FACTORS = {
+    "mode": ("decode", "multi_query"),
+    "group": (1, 2, 4, 8),
+    "head_dim": (64, 128),
+    "dtype": (jnp.float32, jnp.bfloat16),
+    "int8": (False, True),
+    "splits": (1, 3),
+}
+NUM_KV_HEADS, PAGE_SIZE, NUM_PAGES, MAX_PAGES = 2, 8, 24, 6
+
+
+def _problem(rng, case):
+    h, dtype = case["head_dim"], case["dtype"]
+    b = 3
+    lengths = rng.integers(1, MAX_PAGES * PAGE_SIZE, size=b).astype(np.int32)  # rarely page multiples
+    lengths[0] = 3 * PAGE_SIZE + 5
+    perm = rng.permutation(np.arange(1, NUM_PAGES))
+    tables = np.zeros((b, MAX_PAGES), np.int32)
+    used = 0
+    for r in range(b):
+        need = -(-int(lengths[r]) // PAGE_SIZE)
+        tables[r, :need] = perm[used:used + need]
+        used += need
+    shape = (NUM_PAGES, PAGE_SIZE, NUM_KV_HEADS, h)
+    k, v = randn(rng, shape, jnp.float32), randn(rng, shape, jnp.float32)
+    scales = {}
+    if case["int8"]:
+        k, ks = quantize_kv(k.reshape(-1, NUM_KV_HEADS, h))
+        v, vs = quantize_kv(v.reshape(-1, NUM_KV_HEADS, h))
+        k, v = k.reshape(shape), v.reshape(shape)
+        scales = dict(k_scale=ks.reshape(shape[:3]), v_scale=vs.reshape(shape[:3]))
+    else:
+        k, v = k.astype(dtype), v.astype(dtype)
+    if case["mode"] == "decode":
+        rows = dict()
+        t = b
+    else:  # chunked prefill / speculative: 1..4 trailing tokens per row, then 2 padding tokens
+        per_row = [min(int(n), int(lengths[r])) for r, n in enumerate(rng.integers(1, 5, size=b))]
+        seg = np.concatenate([np.full(n, r) for r, n in enumerate(per_row)] + [np.full(2, -1)]).astype(np.int32)
+        pos = np.concatenate([np.arange(lengths[r] - n, lengths[r]) for r, n in enumerate(per_row)] + [np.zeros(2)])
+        rows = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos.astype(np.int32)))
+        t = len(seg)
+    q = randn(rng, (t, NUM_KV_HEADS * case["group"], h), dtype)
+    return (q, k, v, jnp.asarray(tables), jnp.asarray(lengths)), dict(**rows, **scales)
+
+
+def _run(case, seed):
+    rng = np.random.default_rng(seed)
+    args, kw = _problem(rng, case)
+    out = paged_attention(*args, **kw, implementation="pallas", interpret=True,
+                          block_sizes=PagedBlockSizes(num_splits=case["splits"]))
+    ref = paged_attention_reference(*args, **kw)
+    q = args[0]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    # Interpret mode starts every kernel output as NaN, so finite means fully written.
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    if "segment_ids" in kw:
+        assert np.all(np.asarray(out, np.float32)[np.asarray(kw["segment_ids"]) < 0] == 0.0)
+    assert rel_err(out, ref) <= TOLERANCE[case["dtype"]]
+
+
+@pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
+def test_matches_reference_pairwise(case):
+    _run(case, seed=len(case_id(case)) % 5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [dict(zip(FACTORS, c)) for c in itertools.product(*FACTORS.values())], ids=case_id)
+def test_matches_reference_full_grid(case):
+    _run(case, seed=2)
+
+
+def test_pages_past_the_length_are_not_read():
+    """Pages beyond a row's length (and the null page) hold NaN: reading them would leak NaN."""
+    rng = np.random.default_rng(3)
+    h = 64
+    shape = (NUM_PAGES, PAGE_SIZE, NUM_KV_HEADS, h)
+    k, v = np.array(randn(rng, shape, jnp.float32)), np.array(randn(rng, shape, jnp.float32))
+    tables = np.array([[3, 5, 9, 0, 0, 0], [4, 0, 0, 0, 0, 0]], np.int32)
+    lengths = np.array([2 * PAGE_SIZE + 1, 1], np.int32)
+    for page in set(range(NUM_PAGES)) - {3, 5, 9, 4}:
+        k[page], v[page] = np.nan, np.nan
+    q = randn(rng, (2, 4 * NUM_KV_HEADS, h), jnp.float32)
+    args = (q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(tables), jnp.asarray(lengths))
+    out = paged_attention(*args, implementation="pallas", interpret=True, block_sizes=PagedBlockSizes(num_splits=3))
+    clean = (q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), jnp.asarray(tables), jnp.asarray(lengths))
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert rel_err(out, paged_attention_reference(*clean)) <= 1e-5
+
+
+def test_combine_splits_equals_one_softmax():
+    rng = np.random.default_rng(4)
+    s = rng.standard_normal((3, 10))  # 3 splits of 10 scores, one query row
+    vals = rng.standard_normal((3, 10, 4))
+    m = s.max(axis=1)
+    p = np.exp(s - m[:, None])
+    acc = np.einsum("sc,sch->sh", p, vals)[:, None, :]
+    out = combine_splits(jnp.asarray(acc, jnp.float32), jnp.asarray(m[:, None], jnp.float32),
+                         jnp.asarray(p.sum(1)[:, None], jnp.float32))
+    full = np.exp(s.reshape(-1) - s.max())
+    want = (full @ vals.reshape(-1, 4)) / full.sum()
+    np.testing.assert_allclose(np.asarray(out)[0], want, rtol=1e-5)
+
+
+def test_bad_split_count_names_the_field():
+    with pytest.raises(ValueError, match="num_splits=0"):
+        PagedBlockSizes(num_splits=0)
