@@ -235,8 +235,29 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Modu
     """Place ``model``'s parameters on ``mesh`` by ``rules``, in place; returns the model."""
     state = nnx.state(model)
     shardings = state_shardings(state, mesh, rules)
-    nnx.update(model, jax.device_put(state, shardings))
+
+    def one(var, sh):
+        if sh is None:
+            return var
+        if _is_variable(var):
+            return var.replace(place(var.get_value(), sh))
+        return place(var, sh)  # a plain array attribute (e.g. rope frequencies)
+
+    placed = jax.tree.map(one, state, shardings, is_leaf=_is_variable)
+    nnx.update(model, placed)
     return model
+
+
+def place(value, sharding: NamedSharding) -> jax.Array:
+    """Put one array on ``sharding``; across processes each process gives the same full value.
+
+    ``device_put`` cannot reach another process's devices, so there every process
+    builds its own shards from its (identical) copy: same seed or same checkpoint.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:

@@ -1,0 +1,59 @@
+"""``energon launch --num-processes N -- <energon command>``: a local multi-process run.
+
+Starts N copies of an energon command on 127.0.0.1, each joined to one
+``jax.distributed`` run (see ``energon_jax/parallel/launch.py``). Process 0 is the
+controller; the others follow it. Example, 2 processes x 2 simulated CPU devices:
+
+    energon launch -n 2 --cpu-devices-per-process 2 -- generate --tp 4 "Hello"
+
+``--raw`` runs any program instead of an energon subcommand (scripts, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from energon_jax.parallel.launch import LaunchConfig, launch
+
+NAME = "launch"
+HELP = "run an energon command as N local processes of one jax.distributed run (development, tests)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--num-processes", type=int, required=True, help="processes to start")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--cpu-devices-per-process", type=int, default=None,
+                        help="simulate this many CPU devices in each process (sets JAX_PLATFORMS=cpu)")
+    parser.add_argument("--grace-seconds", type=float, default=10.0,
+                        help="after a failure or a signal, how long processes get to exit before SIGKILL")
+    parser.add_argument("--raw", action="store_true",
+                        help="the command is a program to run as is, not an energon subcommand")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+
+
+def command_argv(command: list[str], *, raw: bool) -> list[str]:
+    """The argv each process runs."""
+    rest = command[1:] if command and command[0] == "--" else list(command)
+    if not rest:
+        raise ValueError("no command given: write it after '--', e.g. energon launch -n 2 -- generate 'hi'")
+    if raw:
+        return rest
+    if rest[0] == "energon":
+        rest = rest[1:]
+    if rest and rest[0] == NAME:
+        raise ValueError("energon launch cannot launch itself")
+    return [sys.executable, "-m", "energon_jax.cli", *rest]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        argv = command_argv(args.command, raw=args.raw)
+        config = LaunchConfig(
+            num_processes=args.num_processes, port=args.port,
+            cpu_devices_per_process=args.cpu_devices_per_process, grace_s=args.grace_seconds,
+        )
+    except ValueError as e:
+        print(f"energon launch: {e}", file=sys.stderr)
+        return 2
+    return launch(argv, config)
