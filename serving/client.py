@@ -62,6 +62,7 @@ def generate_request(
     if isinstance(prompt, str):
         req.text = prompt
     else:
+        req.token_ids.SetInParent()  # an empty list is still a (bad) prompt, not a missing one
         req.token_ids.ids.extend(int(t) for t in prompt)
     return req
 

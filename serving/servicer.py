@@ -96,6 +96,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._metrics.finished.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self._enter()
+        responses = self._generate(binding, request_id, prompt, params, arrived, context)
+        try:  # in flight until the final status is sent, so a drain waits for it
+            async for resp in responses:
+                yield resp
+        finally:
+            # Cancelled while suspended at a yield, the inner generator would only be
+            # closed (and the request aborted) when garbage-collected: close it now.
+            await responses.aclose()
+            self._leave()
+
+    async def _generate(
+        self, binding: EngineBinding, request_id: str, prompt, params, arrived: float, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         engine = binding.engine
         stream = engine.submit(prompt, params, request_id=request_id)
         reason: str | None = None  # set when the engine finished the request
@@ -137,14 +150,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if reason is None and failure is None:  # the stream ended without a finished delta
                 failure = (grpc.StatusCode.INTERNAL, "engine stream ended before the request finished")
                 self._metrics.finished.labels("error").inc()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away or the deadline passed
             self._metrics.finished.labels("deadline" if _deadline_passed(context) else "cancelled").inc()
             raise
         finally:
             if reason is None:
                 engine.abort(request_id)
             await _close(stream)
-            self._leave()
         if failure is not None:
             await context.abort(*failure)
 

@@ -15,8 +15,9 @@ can be tested without a model:
   naming the field; ``submit`` rejects empty prompts, ids outside the
   vocabulary, prompts longer than ``max_model_len`` and prompt + max_tokens
   beyond it; a full queue raises ``QueueFullError``;
-- ``fail_at_step=N`` makes step N raise, which fails every in-flight request
-  and every later submission (the engine is dead).
+- ``fail_on_token=X``: the first step that runs a request whose prompt holds
+  token X raises, which fails every in-flight request and every later
+  submission (the engine is dead), as a real step failure would.
 
 ``serve_binding`` lets ``energon serve --engine-factory mock_engine:serve_binding``
 run a real server process over this engine.
@@ -149,7 +150,7 @@ class MockAsyncEngine:
         max_num_seqs: int = 8,
         max_queue: int = 256,
         step_s: float = 0.005,
-        fail_at_step: int | None = None,
+        fail_on_token: int | None = None,
     ) -> None:
         self.tokenizer = MockTokenizer(vocab_size)
         self.info = ModelInfo("MockForCausalLM", max_model_len, vocab_size, {"dp": 1, "tp": 1, "pp": 1})
@@ -158,7 +159,7 @@ class MockAsyncEngine:
         self._max_num_seqs = max_num_seqs
         self._max_queue = max_queue
         self._step_s = step_s
-        self._fail_at_step = fail_at_step
+        self._fail_on_token = fail_on_token
         self._lock = threading.Lock()
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
@@ -274,9 +275,10 @@ class MockAsyncEngine:
 
     def _step(self) -> None:
         self._steps += 1
-        if self._fail_at_step is not None and self._steps >= self._fail_at_step:
-            raise RuntimeError(f"injected failure in engine step {self._steps}")
         with self._lock:
+            poisoned = [r for r in self._running.values() if self._fail_on_token in r.prompt]
+            if self._fail_on_token is not None and poisoned:
+                raise RuntimeError(f"injected failure in engine step {self._steps}")
             for rid in list(self._aborts):
                 self._finish_aborted(rid)
             self._aborts.clear()
