@@ -1,0 +1,219 @@
+"""Packing a ``StepPlan`` into one padding-free, bucketed ``StepBatch`` of numpy arrays.
+
+Every row's fed tokens are laid end to end in one flat array ``[T]`` (no padding between
+rows, none to the longest row); ``segment_ids`` say which row each token belongs to and
+``positions`` where it sits in its sequence. The only padding is at the end, to reach
+the token bucket ``T``: padding tokens have segment -1, position 0 and write their K/V
+to slot 0 of the null page. Rows are padded to the row bucket ``B`` with unused rows
+(``context_lens`` 0, temperature 0, ``logits_indices`` 0).
+
+Shapes come from a small fixed set (``Buckets``): ``T`` is the smallest token bucket
+that holds the step, ``B`` follows from ``T``, and every other dimension (``M`` pages
+per row, ``H`` history) is static. So the runner compiles one function per token
+bucket, and ``Buckets.all_shapes`` / ``warmup_batches`` list them all up front.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from energon_jax.request import MAX_LOGPROBS, Request
+from energon_jax.scheduler import StepPlan
+from pallas_kernels.page_layout import NULL_PAGE, PagedAttentionMetadata
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The fixed set of step shapes: token buckets, and the static dimensions beside them."""
+
+    token_buckets: tuple[int, ...]  # ascending; the last one is the step's token budget
+    max_num_seqs: int
+    page_size: int  # S: tokens per KV page (slot = page * S + offset)
+    max_pages_per_row: int  # M = ceil(max_model_len / page_size)
+    history_len: int  # H = max_model_len
+    max_logprobs: int = MAX_LOGPROBS
+
+    def __post_init__(self) -> None:
+        tb = self.token_buckets
+        if not tb or any(b < 1 for b in tb) or list(tb) != sorted(set(tb)):
+            raise ValueError(f"token_buckets={tb} must be non-empty, positive and strictly ascending")
+        for name in ("max_num_seqs", "page_size", "max_pages_per_row", "history_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        page_size: int,
+        min_tokens: int = 16,
+    ) -> Buckets:
+        """Powers of two from ``min_tokens`` up to the budget, the last one exactly the budget."""
+        if min_tokens < 1:
+            raise ValueError(f"{min_tokens=} must be >= 1")
+        buckets = []
+        b = _next_pow2(min_tokens)
+        while b < max_num_batched_tokens:
+            buckets.append(b)
+            b *= 2
+        buckets.append(max_num_batched_tokens)
+        return cls(tuple(buckets), max_num_seqs, page_size, -(-max_model_len // page_size), max_model_len)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.token_buckets[-1]
+
+    def token_bucket(self, num_tokens: int) -> int:
+        """The smallest bucket that holds ``num_tokens``."""
+        for b in self.token_buckets:
+            if num_tokens <= b:
+                return b
+        raise ValueError(f"{num_tokens=} exceeds the largest token bucket {self.max_tokens}")
+
+    def row_bucket(self, tokens_bucket: int) -> int:
+        """Rows of a step with ``tokens_bucket`` tokens: no more rows than tokens, nor than max_num_seqs allows."""
+        return min(tokens_bucket, _next_pow2(self.max_num_seqs))
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        """Every ``(T, B)`` the runner can see."""
+        return [(t, self.row_bucket(t)) for t in self.token_buckets]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters of one step (unused rows: temperature 0, neutral penalties)."""
+
+    temperature: np.ndarray  # [B] float32, 0 = greedy
+    top_k: np.ndarray  # [B] int32, 0 = off
+    top_p: np.ndarray  # [B] float32
+    min_p: np.ndarray  # [B] float32
+    repetition_penalty: np.ndarray  # [B] float32
+    presence_penalty: np.ndarray  # [B] float32
+    frequency_penalty: np.ndarray  # [B] float32
+    seed: np.ndarray  # [B] uint32
+    step: np.ndarray  # [B] int32: tokens the row's request has generated so far (PRNG fold-in)
+    # [B, H] int32: prompt + generated ids, -1 padded. Filled only for rows that use a penalty
+    # (the others are -1): rows with neutral penalties never read it, and copying every
+    # row's whole history each step would cost O(B * max_model_len) host work.
+    history: np.ndarray
+    prompt_len: np.ndarray  # [B] int32: history[:prompt_len] is the prompt
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """One step's device inputs; every leaf is a numpy array of a bucketed shape."""
+
+    input_ids: np.ndarray  # [T] int32, rows end to end, 0 for padding
+    positions: np.ndarray  # [T] int32, position in the token's sequence, 0 for padding
+    segment_ids: np.ndarray  # [T] int32, row of each token, -1 for padding
+    attn: PagedAttentionMetadata  # slot_mapping [T], page_tables [B, M], context_lens [B]
+    logits_indices: np.ndarray  # [B] int32: index in [T] of each row's last fed token, 0 for unused rows
+    sampling: SamplingBatch
+
+    @property
+    def num_tokens_bucket(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_rows_bucket(self) -> int:
+        return int(self.logits_indices.shape[0])
+
+
+def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
+    """An all-padding batch of shape ``(T, B)``: what unused tokens and rows hold."""
+    f32, i32 = np.float32, np.int32
+    sampling = SamplingBatch(
+        temperature=np.zeros(b, f32),
+        top_k=np.zeros(b, i32),
+        top_p=np.ones(b, f32),
+        min_p=np.zeros(b, f32),
+        repetition_penalty=np.ones(b, f32),
+        presence_penalty=np.zeros(b, f32),
+        frequency_penalty=np.zeros(b, f32),
+        seed=np.zeros(b, np.uint32),
+        step=np.zeros(b, i32),
+        history=np.full((b, buckets.history_len), -1, i32),
+        prompt_len=np.zeros(b, i32),
+    )
+    attn = PagedAttentionMetadata(
+        slot_mapping=np.zeros(t, i32),  # slot 0 of the null page
+        page_tables=np.full((b, buckets.max_pages_per_row), NULL_PAGE, i32),
+        context_lens=np.zeros(b, i32),
+    )
+    return StepBatch(
+        input_ids=np.zeros(t, i32),
+        positions=np.zeros(t, i32),
+        segment_ids=np.full(t, -1, i32),
+        attn=attn,
+        logits_indices=np.zeros(b, i32),
+        sampling=sampling,
+    )
+
+
+def warmup_batches(buckets: Buckets) -> list[StepBatch]:
+    """One all-padding batch per shape in ``buckets.all_shapes()`` (for ``ModelRunner.warmup``)."""
+    return [dummy_batch(buckets, t, b) for t, b in buckets.all_shapes()]
+
+
+def pack(plan: StepPlan, buckets: Buckets) -> StepBatch:
+    """Lay the plan's rows end to end in the smallest bucket that holds them."""
+    t = buckets.token_bucket(plan.num_tokens)
+    b = buckets.row_bucket(t)
+    if plan.num_rows > b:
+        raise ValueError(f"plan has {plan.num_rows} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
+    out = dummy_batch(buckets, t, b)
+    s, attn = out.sampling, out.attn
+    off = 0
+    for r, row in enumerate(plan.rows):
+        req, n = row.request, row.num_tokens
+        if n < 1:
+            raise ValueError(f"row {r} (request {req.request_id!r}) feeds no tokens")
+        pages = np.asarray(req.pages, np.int32)
+        if len(pages) > buckets.max_pages_per_row:
+            raise ValueError(f"request {req.request_id!r} holds {len(pages)} pages > {buckets.max_pages_per_row=}")
+        page_size = buckets.page_size
+        pos = np.arange(row.start_pos, row.start_pos + n, dtype=np.int32)
+        if (pos[-1] // page_size) >= len(pages):
+            raise ValueError(
+                f"request {req.request_id!r}: position {int(pos[-1])} needs page {int(pos[-1] // page_size)} "
+                f"but only {len(pages)} are allocated"
+            )
+        out.input_ids[off : off + n] = row.token_ids
+        out.positions[off : off + n] = pos
+        out.segment_ids[off : off + n] = r
+        attn.slot_mapping[off : off + n] = pages[pos // page_size] * page_size + pos % page_size
+        attn.page_tables[r, : len(pages)] = pages
+        attn.context_lens[r] = row.start_pos + n
+        out.logits_indices[r] = off + n - 1
+        _fill_sampling_row(s, r, req)
+        off += n
+    return out
+
+
+def _fill_sampling_row(s: SamplingBatch, r: int, req: Request) -> None:
+    p = req.params
+    s.temperature[r] = p.temperature
+    s.top_k[r] = p.top_k
+    s.top_p[r] = p.top_p
+    s.min_p[r] = p.min_p
+    s.repetition_penalty[r] = p.repetition_penalty
+    s.presence_penalty[r] = p.presence_penalty
+    s.frequency_penalty[r] = p.frequency_penalty
+    s.seed[r] = req.seed_key
+    s.step[r] = len(req.output_token_ids)
+    s.prompt_len[r] = len(req.prompt_token_ids)
+    if p.uses_penalties:
+        hist = req.tokens(0, req.num_tokens)
+        s.history[r, : len(hist)] = hist

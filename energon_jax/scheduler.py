@@ -1,0 +1,323 @@
+"""Iteration-level scheduling over the paged KV cache: who runs in the next step, and how much.
+
+What flows in: ``Request`` objects (``add``), aborts and stop-string finishes from the
+engine (``abort``, ``finish``), and after every step the sampled ids (``update``).
+What flows out: a ``StepPlan`` per step (``schedule``), which ``batch.pack`` turns into
+one padding-free device batch, and ``RequestDelta`` objects (``update``): the new tokens
+of each request and whether it finished.
+
+Which thread: the engine's step loop, and only it. The scheduler is plain Python (no
+JAX, no locks); the async engine hands aborts over to the step thread before calling in.
+The calls alternate: ``schedule -> (device step) -> update -> schedule -> ...``; a plan
+must be ``update``-d before the next ``schedule``.
+
+One step, in order (``schedule``):
+
+1. Running requests, oldest admission first, get all the tokens they have not fed yet,
+   bounded by the token budget (``max_num_batched_tokens``): one token for a request that
+   is decoding, the next chunk for one whose prompt is being prefilled in chunks. A
+   request whose pages cannot grow preempts the most recently admitted running request
+   (possibly itself): its pages go back to the pool, it returns to the front of the
+   waiting queue with ``num_computed_tokens = 0``, and when readmitted it recomputes
+   prompt + generated tokens at the same positions before sampling again.
+2. If nothing was preempted, waiting requests (preempted ones first, then arrival order)
+   are admitted while the budget, ``max_num_seqs`` and the free pages allow; each feeds
+   the first chunk of its known tokens. Admission is first come, first served: a request
+   that does not fit blocks those behind it, so large requests are not starved.
+
+Pages are allocated for exactly the tokens fed this step; a request that finishes or is
+aborted gives all of them back in that same call. ``static_batching=True`` is the
+benchmark's baseline: a batch of up to ``max_num_seqs`` requests is admitted only when
+the previous batch has completely finished, and no request joins it while it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from energon_jax.kv_cache import PageAllocator
+from energon_jax.request import Request, RequestStatus
+
+if TYPE_CHECKING:  # SampledTokens lives with the device-side sampler; only its arrays are read here
+    from energon_jax.sampling import SampledTokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int  # rows (requests) in one step
+    max_num_batched_tokens: int  # token budget of one step
+    max_model_len: int  # prompt + output tokens of one request
+    page_size: int  # tokens per KV page
+    num_pages: int  # pages in the pool, the null page 0 included
+    static_batching: bool = False  # benchmark baseline: admit a batch, run it to completion
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
+        if self.num_pages < 2:
+            raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page)")
+        if self.max_num_batched_tokens < self.max_num_seqs:  # every running request must decode each step
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRow:
+    """One request's share of a step: feed ``token_ids`` at positions ``start_pos, start_pos + 1, ...``."""
+
+    request: Request
+    token_ids: list[int]
+    start_pos: int  # == request.num_computed_tokens before the step
+    sample: bool  # the last fed token is the last known one: sample the next token from its logits
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    rows: list[ScheduledRow]  # row order of the packed batch
+    preempted: list[Request] = dataclasses.field(default_factory=list)  # taken off the running set this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDelta:
+    """What one step did to one request (only rows that sampled, or requests that finished)."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None  # one dict per new token, when the request asked
+    finished: bool
+    finish_reason: str | None
+
+
+class Scheduler:
+    """Decides every step's rows; owns the page allocator and the waiting/running queues."""
+
+    def __init__(self, config: SchedulerConfig, *, eos_token_ids: Iterable[int] = ()) -> None:
+        self.config = config
+        self.allocator = PageAllocator(config.num_pages, config.page_size)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self._waiting: deque[Request] = deque()  # preempted at the front, then arrival order
+        self._running: list[Request] = []  # admission order: the most recently admitted is last
+        self._requests: dict[str, Request] = {}  # every request not finished yet
+        self._static_batch: set[str] = set()  # static_batching: the batch now being run
+        self._unfinished_plan: StepPlan | None = None
+        self.num_preemptions = 0
+
+    # -- what the engine asks -------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def pages_used(self) -> int:
+        return self.allocator.num_used
+
+    @property
+    def pages_total(self) -> int:
+        return self.allocator.num_usable
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # -- requests in and out --------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a request; ``ValueError`` if it could never run (too long, or more pages than the pool)."""
+        cfg = self.config
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request_id={rid!r} is already in use by an unfinished request")
+        if request.status is not RequestStatus.WAITING or request.pages or request.num_computed_tokens:
+            raise ValueError(f"request_id={rid!r} has status={request.status.value}; only new requests can be added")
+        if not request.prompt_token_ids:
+            raise ValueError(f"request_id={rid!r}: prompt_token_ids=[] must not be empty")
+        total = request.max_num_tokens
+        if total > cfg.max_model_len:
+            raise ValueError(
+                f"request_id={rid!r}: prompt length {len(request.prompt_token_ids)} + "
+                f"max_tokens={request.params.max_tokens} = {total} must be <= max_model_len={cfg.max_model_len}"
+            )
+        # The last sampled token is never fed, so at most total - 1 tokens ever sit in the cache.
+        need = self.allocator.pages_needed(total - 1)
+        if need > self.allocator.num_usable:
+            raise ValueError(
+                f"request_id={rid!r} needs {need} KV pages ({total - 1} tokens, page_size={cfg.page_size}) "
+                f"but the pool holds {self.allocator.num_usable} (num_pages={cfg.num_pages}, page 0 reserved)"
+            )
+        self._requests[rid] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish with reason "abort" and free its pages now; ``None`` if unknown or already finished."""
+        return self.finish(request_id, "abort")
+
+    def finish(self, request_id: str, reason: str) -> Request | None:
+        """Finish a request for a reason the engine found (a stop string, an abort); frees its pages now."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        if req in self._running:
+            self._running.remove(req)
+        else:
+            self._waiting.remove(req)
+        self._finish(req, reason)
+        return req
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        self._requests.pop(req.request_id, None)
+        self._static_batch.discard(req.request_id)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """The next step's rows, or ``None`` when there is nothing to run."""
+        if self._unfinished_plan is not None:
+            raise RuntimeError("schedule() called before update() of the previous plan")
+        budget = self.config.max_num_batched_tokens
+        rows: list[ScheduledRow] = []
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self._running) and budget > 0:  # the list shrinks from the tail on preemption
+            req = self._running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow_pages(req, req.num_computed_tokens + n):
+                victim = self._running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.PREEMPTED:
+                break  # it was the last running request
+            rows.append(self._row(req, n))
+            budget -= n
+            i += 1
+
+        if not preempted:
+            budget = self._admit(rows, budget)
+
+        if not rows:
+            if self.has_work():  # everything fits an empty pool (checked in add), so this is a bug
+                raise RuntimeError(
+                    f"nothing schedulable with {self.num_waiting} waiting, {self.num_running} running, "
+                    f"{self.allocator.num_free} free pages"
+                )
+            return None
+        plan = StepPlan(rows, preempted)
+        self._unfinished_plan = plan
+        return plan
+
+    def _admit(self, rows: list[ScheduledRow], budget: int) -> int:
+        cfg = self.config
+        if cfg.static_batching and not self._static_batch and not self._running:
+            # The previous batch is over: the next one is the head of the queue.
+            self._static_batch = {r.request_id for r in list(self._waiting)[: cfg.max_num_seqs]}
+        while self._waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
+            req = self._waiting[0]
+            if cfg.static_batching and req.request_id not in self._static_batch:
+                break  # batch members are always a prefix of the queue
+            n = min(req.num_tokens, budget)
+            need = self.allocator.pages_needed(n)
+            if not self.allocator.can_allocate(need):
+                break
+            self._waiting.popleft()
+            req.pages = self.allocator.allocate(need)
+            req.status = RequestStatus.RUNNING
+            self._running.append(req)
+            rows.append(self._row(req, n))
+            budget -= n
+        return budget
+
+    def _grow_pages(self, req: Request, num_tokens: int) -> bool:
+        """Make ``req.pages`` hold ``num_tokens`` tokens; ``False`` if the pool is short."""
+        need = self.allocator.pages_needed(num_tokens) - len(req.pages)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            return False
+        req.pages.extend(self.allocator.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self._running.remove(req)
+        self.allocator.free(req.pages)
+        req.pages = []
+        req.num_computed_tokens = 0  # recompute prompt + generated tokens when readmitted
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.appendleft(req)  # victims are taken newest first, so the oldest ends up in front
+
+    @staticmethod
+    def _row(req: Request, n: int) -> ScheduledRow:
+        start = req.num_computed_tokens
+        return ScheduledRow(req, req.tokens(start, start + n), start, start + n == req.num_tokens)
+
+    def update(self, plan: StepPlan, sampled: SampledTokens) -> list[RequestDelta]:
+        """Record a step's results: advance each row, append sampled ids, finish and free as needed."""
+        if plan is not self._unfinished_plan:
+            raise RuntimeError("update() got a plan that is not the one last scheduled")
+        self._unfinished_plan = None
+        now = time.monotonic()
+        deltas: list[RequestDelta] = []
+        for i, row in enumerate(plan.rows):
+            req = row.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished by the engine while the step ran
+            req.num_computed_tokens = row.start_pos + row.num_tokens
+            if not row.sample:
+                continue  # a prefill chunk that does not reach the end of the prompt
+            token = int(sampled.token_ids[i])
+            req.output_token_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            logprobs = None
+            if req.params.logprobs is not None:
+                top = {int(t): float(lp) for t, lp in zip(sampled.top_ids[i], sampled.top_logprobs[i], strict=True)}
+                logprobs = dict(list(top.items())[: req.params.logprobs])
+                logprobs[token] = float(sampled.logprobs[i])
+                req.output_logprobs.append(logprobs)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._running.remove(req)
+                self._finish(req, reason)
+            deltas.append(
+                RequestDelta(req, [token], None if logprobs is None else [logprobs], req.finished, req.finish_reason)
+            )
+        return deltas
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        if token in req.params.stop_token_ids or (token in self.eos_token_ids and not req.params.ignore_eos):
+            return "stop"
+        if len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
