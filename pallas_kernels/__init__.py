@@ -1,5 +1,6 @@
 """Attention and matmul kernels: a Pallas kernel per backend and a plain-jnp reference for each op."""
 
+from pallas_kernels.block_sizes import FlashBlockSizes, MatmulBlockSizes, PagedBlockSizes
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.page_layout import (
@@ -11,9 +12,27 @@ from pallas_kernels.page_layout import (
     page_bytes,
     write_kv,
 )
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels.sparse_matmul import (
+    PackedSparse,
+    pack_sparse,
+    sparse_matmul,
+    sparse_matmul_reference,
+    unpack_sparse,
+)
 
 __all__ = [
+    "FlashBlockSizes",
+    "MatmulBlockSizes",
+    "PackedSparse",
+    "PagedBlockSizes",
+    "int8_matmul",
+    "int8_matmul_reference",
+    "pack_sparse",
+    "sparse_matmul",
+    "sparse_matmul_reference",
+    "unpack_sparse",
     "NULL_PAGE",
     "KVCache",
     "KVPages",

@@ -1,0 +1,55 @@
+"""int8_matmul's Pallas kernel (interpret mode on CPU) against the jnp reference."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_cases import TOLERANCE, case_id, pairwise, randn, rel_err
+from pallas_kernels.block_sizes import MatmulBlockSizes
+from pallas_kernels.int8_matmul import fit_block, int8_matmul, int8_matmul_reference
+
+FACTORS = {
+    "m": (1, 7, 40),
+    "kn": ((96, 64), (100, 72), (64, 200)),  # block multiples and not
+    "dtype": (jnp.float32, jnp.bfloat16),
+}
+BLOCKS = MatmulBlockSizes(block_m=8, block_n=32, block_k=32)
+
+
+@pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
+def test_matches_reference(case):
+    rng = np.random.default_rng(case["m"])
+    (k, n), dtype = case["kn"], case["dtype"]
+    x = randn(rng, (case["m"], k), dtype)
+    w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+    out = int8_matmul(x, w, scales, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    ref = int8_matmul_reference(x, w, scales)
+    assert out.shape == (case["m"], n) and out.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # interpret mode starts outputs as NaN
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+def test_leading_dims_are_kept():
+    rng = np.random.default_rng(0)
+    x = randn(rng, (2, 3, 64), jnp.float32)
+    w = jnp.asarray(rng.integers(-127, 128, (64, 32)), jnp.int8)
+    s = jnp.ones(32, jnp.float32)
+    out = int8_matmul(x, w, s, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    assert out.shape == (2, 3, 32)
+    assert rel_err(out, int8_matmul_reference(x, w, s)) <= 1e-5
+
+
+def test_errors_name_the_field():
+    with pytest.raises(ValueError, match="w_int8.dtype"):
+        int8_matmul(jnp.ones((1, 4)), jnp.ones((4, 4)), jnp.ones(4))
+    with pytest.raises(ValueError, match="scales.shape"):
+        int8_matmul(jnp.ones((1, 4)), jnp.ones((4, 4), jnp.int8), jnp.ones(3))
+
+
+def test_fit_block_prefers_divisors():
+    assert fit_block(4096, 128) == 128
+    assert fit_block(96, 128) == 32
+    assert fit_block(100, 128) == 128  # no power-of-two divisor >= 16: pad
