@@ -139,6 +139,16 @@ class Scheduler:
     def pages_total(self) -> int:
         return self.allocator.num_usable
 
+    @property
+    def running(self) -> tuple[Request, ...]:
+        """Running requests in admission order (the next preemption victim is last)."""
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        """Waiting requests in admission order (preempted ones first)."""
+        return tuple(self._waiting)
+
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
 
