@@ -168,52 +168,69 @@ def warmup_batches(buckets: Buckets) -> list[StepBatch]:
 
 
 def pack(plan: StepPlan, buckets: Buckets) -> StepBatch:
-    """Lay the plan's rows end to end in the smallest bucket that holds them."""
+    """Lay the plan's rows end to end in the smallest bucket that holds them.
+
+    Per-token fields are computed with whole-array numpy ops and per-row fields are
+    gathered into one list each, so packing 256 decode rows costs well under a millisecond.
+    """
     t = buckets.token_bucket(plan.num_tokens)
     b = buckets.row_bucket(t)
-    if plan.num_rows > b:
-        raise ValueError(f"plan has {plan.num_rows} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
+    rows = plan.rows
+    nr = len(rows)
+    if nr > b:
+        raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
     out = dummy_batch(buckets, t, b)
-    s, attn = out.sampling, out.attn
-    off = 0
-    for r, row in enumerate(plan.rows):
-        req, n = row.request, row.num_tokens
-        if n < 1:
-            raise ValueError(f"row {r} (request {req.request_id!r}) feeds no tokens")
-        pages = np.asarray(req.pages, np.int32)
-        if len(pages) > buckets.max_pages_per_row:
-            raise ValueError(f"request {req.request_id!r} holds {len(pages)} pages > {buckets.max_pages_per_row=}")
-        page_size = buckets.page_size
-        pos = np.arange(row.start_pos, row.start_pos + n, dtype=np.int32)
-        if (pos[-1] // page_size) >= len(pages):
-            raise ValueError(
-                f"request {req.request_id!r}: position {int(pos[-1])} needs page {int(pos[-1] // page_size)} "
-                f"but only {len(pages)} are allocated"
-            )
-        out.input_ids[off : off + n] = row.token_ids
-        out.positions[off : off + n] = pos
-        out.segment_ids[off : off + n] = r
-        attn.slot_mapping[off : off + n] = pages[pos // page_size] * page_size + pos % page_size
-        attn.page_tables[r, : len(pages)] = pages
-        attn.context_lens[r] = row.start_pos + n
-        out.logits_indices[r] = off + n - 1
-        _fill_sampling_row(s, r, req)
-        off += n
+    s, attn, size = out.sampling, out.attn, buckets.page_size
+    if nr == 0:
+        return out
+    lens = np.array([row.num_tokens for row in rows], np.int64)  # [R]
+    starts = np.array([row.start_pos for row in rows], np.int64)  # [R]
+    num_pages = np.array([len(row.request.pages) for row in rows], np.int64)  # [R]
+    _check_rows(rows, lens, starts, num_pages, buckets)
+    total = int(lens.sum())
+    ends = np.cumsum(lens)  # [R] offset just past each row
+    seg = np.repeat(np.arange(nr), lens)  # [total]
+    pos = np.arange(total) - np.repeat(ends - lens, lens) + np.repeat(starts, lens)  # [total]
+    for r, row in enumerate(rows):
+        attn.page_tables[r, : num_pages[r]] = row.request.pages
+    out.input_ids[:total] = [tok for row in rows for tok in row.token_ids]
+    out.positions[:total] = pos
+    out.segment_ids[:total] = seg
+    attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
+    attn.context_lens[:nr] = starts + lens
+    out.logits_indices[:nr] = ends - 1
+    _fill_sampling(s, [row.request for row in rows])
     return out
 
 
-def _fill_sampling_row(s: SamplingBatch, r: int, req: Request) -> None:
-    p = req.params
-    s.temperature[r] = p.temperature
-    s.top_k[r] = p.top_k
-    s.top_p[r] = p.top_p
-    s.min_p[r] = p.min_p
-    s.repetition_penalty[r] = p.repetition_penalty
-    s.presence_penalty[r] = p.presence_penalty
-    s.frequency_penalty[r] = p.frequency_penalty
-    s.seed[r] = req.seed_key
-    s.step[r] = len(req.output_token_ids)
-    s.prompt_len[r] = len(req.prompt_token_ids)
-    if p.uses_penalties:
-        hist = req.tokens(0, req.num_tokens)
-        s.history[r, : len(hist)] = hist
+def _check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.ndarray, buckets: Buckets) -> None:
+    """The scheduler's promises, checked once per step: cheap, and a broken one would corrupt the cache."""
+    last = starts + lens - 1  # [R] position of each row's last fed token
+    bad = np.flatnonzero((lens < 1) | (num_pages > buckets.max_pages_per_row) | (last // buckets.page_size >= num_pages))
+    if bad.size:
+        r = int(bad[0])
+        req = rows[r].request
+        raise ValueError(
+            f"row {r} (request {req.request_id!r}) feeds {int(lens[r])} tokens up to position {int(last[r])}, "
+            f"which needs page {int(last[r] // buckets.page_size)}, but holds {int(num_pages[r])} pages "
+            f"(max_pages_per_row={buckets.max_pages_per_row})"
+        )
+
+
+def _fill_sampling(s: SamplingBatch, reqs: list[Request]) -> None:
+    n = len(reqs)
+    params = [r.params for r in reqs]
+    s.temperature[:n] = [p.temperature for p in params]
+    s.top_k[:n] = [p.top_k for p in params]
+    s.top_p[:n] = [p.top_p for p in params]
+    s.min_p[:n] = [p.min_p for p in params]
+    s.repetition_penalty[:n] = [p.repetition_penalty for p in params]
+    s.presence_penalty[:n] = [p.presence_penalty for p in params]
+    s.frequency_penalty[:n] = [p.frequency_penalty for p in params]
+    s.seed[:n] = [r.seed_key for r in reqs]
+    s.step[:n] = [len(r.output_token_ids) for r in reqs]
+    s.prompt_len[:n] = [len(r.prompt_token_ids) for r in reqs]
+    for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
+        if p.uses_penalties:
+            hist = r.tokens(0, r.num_tokens)
+            s.history[i, : len(hist)] = hist

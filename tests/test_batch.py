@@ -122,7 +122,7 @@ def test_pack_matches_scheduler_pages_and_bucket_is_smallest():
 
 def test_pack_errors():
     r = _req("r", [1, 2, 3, 4, 5], SamplingParams(), pages=[1])
-    with pytest.raises(ValueError, match=re.escape("position 4 needs page 1 but only 1 are allocated")):
+    with pytest.raises(ValueError, match=re.escape("up to position 4, which needs page 1, but holds 1 pages")):
         pack(StepPlan([ScheduledRow(r, [1, 2, 3, 4, 5], 0, True)]), BUCKETS)
     rows = [ScheduledRow(_req(f"r{i}", [1], SamplingParams(), pages=[i + 1]), [1], 0, True) for i in range(5)]
     with pytest.raises(ValueError, match=re.escape("plan has 5 rows but the (t=8) bucket holds 4")):
