@@ -1,13 +1,12 @@
-"""Checks shared by the model family tests: packed batches, the transformers reference, paged decoding.
+"""Helpers for the GPT-2, OPT and BERT tests, on top of ``model_checks`` (shared with Llama).
 
-``packed_batch`` builds one padding-free batch of several sequences (plus bucket padding
-at the end); ``hf_logits`` runs ``transformers`` on each sequence alone; ``decode_paged``
-feeds the same sequences through a paged KV cache, a chunked prefill followed by one
-token per sequence per step, and returns every token's logits in packed order so they
-can be compared with the plain forward. Page tables, slots and context lengths are
-built here by hand, independently of ``energon_jax/batch.py``. ``tiny_variant`` saves a
-tiny checkpoint of a ``hf_fixtures`` variant with config fields overridden (e.g. OPT's
-post-LN layout), randomised the same way as the shared fixtures.
+``packed_batch`` builds one padding-free batch of several sequences followed by bucket
+padding (segment -1), so every test also checks that padding disturbs nothing;
+``assert_matches_hf`` compares each real token's row with ``transformers`` run on its
+sequence alone; ``decode_paged`` runs the sequences through ``model_checks.PagedRun``'s
+hand-built paged cache; ``jitted`` compiles a model's forward once per shape;
+``tiny_variant`` saves a tiny checkpoint of a ``hf_fixtures`` variant with config fields
+overridden (e.g. OPT's post-LN layout), randomised the same way as the shared fixtures.
 """
 
 from __future__ import annotations
@@ -20,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import PagedAttentionMetadata, make_kv_pages
+import model_checks
+
+rel_error = model_checks.rel_err
 
 RTOL = 1e-4  # max |error| relative to max |reference| (issue 2, float32)
 # bfloat16 weights and activations against float32: bfloat16 keeps 8 mantissa bits (a
@@ -52,28 +53,9 @@ def packed_batch(lengths: list[int], vocab: int, seed: int, *, pad: int = 3, low
     return Packed(seqs, ids, pos, seg, [int(s) for s in starts])
 
 
-def forward(model, packed: Packed, **kwargs):
-    return model(
-        jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids), **kwargs
-    )
-
-
 def hf_logits(hf_model, seqs: list[np.ndarray]) -> list[np.ndarray]:
     """``transformers`` logits of each sequence run alone (batch of one, no padding): ``[L, V]`` each."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for s in seqs:
-            out.append(hf_model(torch.tensor(s[None].astype(np.int64))).logits[0].float().numpy())
-    return out
-
-
-def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.isfinite(actual).all(), "non-finite values in the output"
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+    return [model_checks.hf_logits(hf_model, s) for s in seqs]
 
 
 def assert_matches_hf(logits: np.ndarray, packed: Packed, reference: list[np.ndarray], rtol: float = RTOL) -> None:
@@ -85,77 +67,15 @@ def assert_matches_hf(logits: np.ndarray, packed: Packed, reference: list[np.nda
         assert err <= rtol, f"sequence {i}: max relative error {err:.3g} > {rtol}"
 
 
-def decode_paged(
-    model,
-    packed: Packed,
-    *,
-    num_kv_heads: int,
-    head_dim: int,
-    num_layers: int,
-    prefill: list[int],
-    page_size: int,
-    seed: int = 0,
-    bucket: int | None = None,
-) -> np.ndarray:
-    """Run ``packed``'s sequences through the paged cache; returns logits ``[num_real, V]`` in packed order.
-
-    Step 0 is a chunked prefill of ``prefill[i]`` tokens of each sequence (0 allowed);
-    then every unfinished sequence gets one token per step. Each step is padded to
-    ``bucket`` tokens (segment -1, slot 0 in the null page). Pages are handed out in a
-    shuffled order so that no sequence's pages are contiguous, and the page tables have
-    one spare column padded with the null page.
-    """
-    rng = np.random.default_rng(seed)
-    lengths = [len(s) for s in packed.seqs]
-    pages_per_seq = [-(-n // page_size) for n in lengths]
-    max_pages = max(pages_per_seq) + 1
-    num_pages = sum(pages_per_seq) + 3  # null page plus two never-used pages
-    free = rng.permutation(np.arange(1, num_pages))
-    tables = np.zeros((len(lengths), max_pages), np.int32)
-    taken = 0
-    for b, n in enumerate(pages_per_seq):
-        tables[b, :n] = free[taken : taken + n]
-        taken += n
-    cache = tuple(make_kv_pages(num_pages, page_size, num_kv_heads, head_dim) for _ in range(num_layers))
-
-    plan = [list(prefill)]  # tokens of each sequence fed at each step
-    done = list(prefill)
-    while any(d < n for d, n in zip(done, lengths)):
-        plan.append([1 if d < n else 0 for d, n in zip(done, lengths)])
-        done = _advance(done, plan[-1])
-    done = [0] * len(lengths)  # tokens of each sequence already in the cache
-    vocab_logits: dict[tuple[int, int], np.ndarray] = {}
-    for step in plan:
-        rows, pos = [], []
-        for b, count in enumerate(step):
-            rows += [b] * count
-            pos += list(range(done[b], done[b] + count))
-        t = len(rows) if bucket is None else max(bucket, len(rows))
-        ids = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        segs = np.full(t, -1, np.int32)
-        slots = np.zeros(t, np.int32)  # padding writes slot 0 (null page)
-        for i, (b, p) in enumerate(zip(rows, pos)):
-            ids[i], positions[i], segs[i] = packed.seqs[b][p], p, b
-            slots[i] = tables[b, p // page_size] * page_size + p % page_size
-        done = _advance(done, step)
-        meta = PagedAttentionMetadata(
-            slot_mapping=jnp.asarray(slots),
-            page_tables=jnp.asarray(tables),
-            context_lens=jnp.asarray(np.asarray(done, np.int32)),
-        )
-        logits, cache = model(
-            jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segs), kv_cache=cache, attn_meta=meta
-        )
-        assert len(cache) == num_layers
-        logits = np.asarray(logits)
-        for i, (b, p) in enumerate(zip(rows, pos)):
-            vocab_logits[(b, p)] = logits[i]
-    return np.stack([vocab_logits[(b, p)] for b, n in enumerate(lengths) for p in range(n)])
-
-
-def _advance(done: list[int], step: list[int]) -> list[int]:
-    return [d + s for d, s in zip(done, step)]
+def decode_paged(forward, config, packed: Packed, *, prefill: list[int], page_size: int) -> np.ndarray:
+    """Logits ``[num_real, V]`` (packed order) of ``packed``'s sequences run through the paged
+    cache (``model_checks.PagedRun``): a chunked prefill of ``prefill[i]`` tokens of each
+    sequence, then one token per unfinished sequence per step."""
+    rows = model_checks.paged_decode_logits(
+        None, config, packed.seqs, prefill, page_size=page_size, dtype=jnp.float32,
+        forward=lambda _, ids, pos, seg, cache, meta: forward(ids, pos, seg, kv_cache=cache, attn_meta=meta),
+    )
+    return np.concatenate(rows, axis=0)
 
 
 def real_rows(logits: np.ndarray, packed: Packed) -> np.ndarray:
@@ -170,7 +90,9 @@ def jitted(model):
     @jax.jit
     def run(state, input_ids, positions, segment_ids, kv_cache, attn_meta, logits_indices):
         m = nnx.merge(graphdef, state)
-        return m(input_ids, positions, segment_ids, kv_cache=kv_cache, attn_meta=attn_meta, logits_indices=logits_indices)
+        return m(
+            input_ids, positions, segment_ids, kv_cache=kv_cache, attn_meta=attn_meta, logits_indices=logits_indices
+        )
 
     def call(input_ids, positions, segment_ids, kv_cache=None, attn_meta=None, logits_indices=None):
         return run(state, input_ids, positions, segment_ids, kv_cache, attn_meta, logits_indices)
@@ -191,7 +113,10 @@ def tiny_variant(out_dir: Path, base: str, seed: int = 0, **overrides) -> Path:
             raise ValueError(f"{base} config has no field {name!r}")
         setattr(config, name, value)
     torch.manual_seed(seed)
-    model = (tf.BertModel(config, add_pooling_layer=False) if base == "bert" else tf.AutoModelForCausalLM.from_config(config))
+    if base == "bert":
+        model = tf.BertModel(config, add_pooling_layer=False)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config)
     model = model.to(torch.float32).eval()
     _randomize(model, seed)
     model.save_pretrained(str(out_dir))

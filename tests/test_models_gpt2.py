@@ -94,10 +94,7 @@ def test_paged_decode_matches_full_forward(model_and_config, forward, page_size,
     model, config = model_and_config
     packed = mp.packed_batch([7, 10, 5], config.vocab_size, seed=3)
     full, _ = forward(jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
-    decoded = mp.decode_paged(
-        forward, packed, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-        num_layers=config.num_layers, prefill=prefill, page_size=page_size, bucket=4,
-    )
+    decoded = mp.decode_paged(forward, config, packed, prefill=prefill, page_size=page_size)
     assert mp.rel_error(decoded, mp.real_rows(full, packed)) <= mp.RTOL
 
 

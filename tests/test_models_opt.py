@@ -87,10 +87,7 @@ def test_paged_decode_matches_full_forward(layout):
     packed = mp.packed_batch([7, 10, 5], config.vocab_size, seed=2)
     args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
     full, _ = forward(*args)
-    decoded = mp.decode_paged(
-        forward, packed, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-        num_layers=config.num_layers, prefill=[3, 0, 4], page_size=4, bucket=4,
-    )
+    decoded = mp.decode_paged(forward, config, packed, prefill=[3, 0, 4], page_size=4)
     assert mp.rel_error(decoded, mp.real_rows(full, packed)) <= mp.RTOL
     # Only the last token of each row, as the runner asks for during decode.
     last = np.asarray([s + n - 1 for s, n in zip(packed.starts, [7, 10, 5])], np.int32)
