@@ -128,7 +128,9 @@ class BertModel(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         d = config.hidden_size
         self.word_embeddings = Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
-        self.position_embeddings = Embed(config.max_position_embeddings, d, dtype=dtype, rngs=rngs, axes=(None, "embed"))
+        self.position_embeddings = Embed(
+            config.max_position_embeddings, d, dtype=dtype, rngs=rngs, axes=(None, "embed")
+        )
         self.token_type_embeddings = Embed(config.type_vocab_size, d, dtype=dtype, rngs=rngs, axes=(None, "embed"))
         self.embeddings_norm = LayerNorm(d, eps=config.norm_eps, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)])

@@ -61,7 +61,7 @@ def config_from_hf(hf: dict) -> OPTConfig:
     if hidden % heads:
         raise ValueError(f"config hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
     if not hf.get("layer_norm_elementwise_affine", True):
-        raise ValueError("config layer_norm_elementwise_affine=False is not supported (OPT layer norms without weights)")
+        raise ValueError("config layer_norm_elementwise_affine=False is not supported (layer norms without weights)")
     pre_ln = bool(hf.get("do_layer_norm_before", True))
     word_dim = hf.get("word_embed_proj_dim")
     return OPTConfig(

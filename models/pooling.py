@@ -133,8 +133,6 @@ def _mode_from_st(st: dict, where: Path) -> str:
     if st.get("include_prompt") is False:
         raise ValueError(f"{where}: include_prompt=False is not supported (pooling would have to skip prompt tokens)")
     modes = [mode for key, mode in _ST_KEYS.items() if st.get(key)]
-    if isinstance(st.get("pooling_mode"), str):
-        modes = [{"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(st["pooling_mode"], st["pooling_mode"])]
     if len(modes) != 1 or modes[0] not in POOLING_MODES:
         raise ValueError(
             f"{where}: pooling modes={modes} are not supported; exactly one of {POOLING_MODES} must be set"
