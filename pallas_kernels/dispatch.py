@@ -4,6 +4,10 @@
 on CPU (interpret mode is for tests only). The environment variable
 ``ENERGON_KERNELS=reference|pallas|auto`` overrides ``"auto"`` for a whole run; an
 explicit ``"pallas"`` or ``"reference"`` argument always wins.
+
+Pallas has no compiled CPU backend, so a Pallas kernel chosen on CPU (forced by the
+argument or the environment) runs in interpret mode (``use_interpret``): that is how
+a whole model runs with the kernels forced on in CPU tests.
 """
 
 from __future__ import annotations
@@ -35,3 +39,8 @@ def resolve_implementation(implementation: str, *, interpret: bool = False) -> s
 def backend() -> str:
     """The default backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
     return jax.default_backend()
+
+
+def use_interpret(interpret: bool) -> bool:
+    """``interpret`` as asked, or True on CPU, where Pallas can only interpret."""
+    return interpret or backend() == "cpu"

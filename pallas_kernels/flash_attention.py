@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import FlashBlockSizes
-from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.dispatch import resolve_implementation, use_interpret
 
 
 def flash_attention(
@@ -47,7 +47,7 @@ def flash_attention(
         return kernel.flash_attention_pallas(
             q, k, v,
             segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
-            kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, interpret=interpret,
+            kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, interpret=use_interpret(interpret),
             block_sizes=block_sizes,
         )
     return flash_attention_reference(

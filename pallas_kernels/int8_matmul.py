@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import MatmulBlockSizes
-from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.dispatch import resolve_implementation, use_interpret
 
 
 def int8_matmul(
@@ -40,16 +40,28 @@ def int8_matmul(
         raise ValueError(f"shapes do not chain: {x.shape=}, {w_int8.shape=}, {scales.shape=}")
     if resolve_implementation(implementation, interpret=interpret) == "pallas":
         lead = x.shape[:-1]
-        y = int8_matmul_pallas(x.reshape(-1, x.shape[-1]), w_int8, scales, interpret=interpret,
+        y = int8_matmul_pallas(x.reshape(-1, x.shape[-1]), w_int8, scales, interpret=use_interpret(interpret),
                                block_sizes=block_sizes)
         return y.reshape(*lead, w_int8.shape[1])
     return int8_matmul_reference(x, w_int8, scales)
 
 
+@jax.jit
 def int8_matmul_reference(x: jax.Array, w_int8: jax.Array, scales: jax.Array) -> jax.Array:
     """Plain jnp: dequantise the whole weight, matmul in float32."""
     y = jnp.dot(x.astype(jnp.float32), w_int8.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (y * scales.astype(jnp.float32)).astype(x.dtype)
+
+
+def quantize_weight_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-output-channel int8: ``w [K, N] -> (int8 [K, N], scales [N] float32)``.
+
+    ``scale[n] = max_k |w[k, n]| / 127``; a column of zeros gets scale 1 (any value works).
+    """
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=0)
+    scales = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return jnp.clip(jnp.round(wf / scales), -127, 127).astype(jnp.int8), scales
 
 
 def fit_block(dim: int, preferred: int, smallest: int = 16) -> int:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
-from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.dispatch import resolve_implementation, use_interpret
 
 # Pages read per iteration of the reference loop: large enough to keep the CPU busy,
 # small enough that the per-iteration gather ([T, pages * S, K, H]) stays modest.
@@ -53,7 +53,7 @@ def paged_attention(
         return kernel.paged_attention_pallas(
             q, k_pages, v_pages, page_tables, lengths,
             segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-            k_scale=k_scale, v_scale=v_scale, interpret=interpret, block_sizes=block_sizes,
+            k_scale=k_scale, v_scale=v_scale, interpret=use_interpret(interpret), block_sizes=block_sizes,
         )
     return paged_attention_reference(
         q, k_pages, v_pages, page_tables, lengths,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.dispatch import resolve_implementation, use_interpret
 from pallas_kernels.int8_matmul import _round_up
 
 
@@ -134,11 +134,14 @@ def sparse_matmul(
         raise ValueError(f"shapes do not chain: {x.shape=}, packed_w.shape={packed_w.shape}")
     if resolve_implementation(implementation, interpret=interpret) == "pallas":
         lead = x.shape[:-1]
-        y = sparse_matmul_pallas(x.reshape(-1, x.shape[-1]), packed_w, interpret=interpret, block_m=block_m)
+        y = sparse_matmul_pallas(
+            x.reshape(-1, x.shape[-1]), packed_w, interpret=use_interpret(interpret), block_m=block_m
+        )
         return y.reshape(*lead, packed_w.shape[1])
     return sparse_matmul_reference(x, packed_w)
 
 
+@jax.jit
 def sparse_matmul_reference(x: jax.Array, packed_w: PackedSparse) -> jax.Array:
     """Plain jnp: unpack to dense, matmul in float32."""
     w = unpack_sparse(packed_w).astype(jnp.float32)

@@ -52,3 +52,21 @@ def rel_err(out: jax.Array, ref: jax.Array) -> float:
 
 def randn(rng: np.random.Generator, shape, dtype) -> jax.Array:
     return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def two_prompts(rng: np.random.Generator, lengths=(9, 6), vocab: int = 300) -> list[list[int]]:
+    return [list(rng.integers(3, vocab, n)) for n in lengths]
+
+
+def greedy_no_cache(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """Greedy decoding by re-running the whole packed prefix each step (flash_attention path)."""
+    seqs = [list(p) for p in prompts]
+    for _ in range(steps):
+        ids = np.concatenate([np.asarray(s) for s in seqs]).astype(np.int32)
+        seg = np.concatenate([np.full(len(s), r) for r, s in enumerate(seqs)]).astype(np.int32)
+        pos = np.concatenate([np.arange(len(s)) for s in seqs]).astype(np.int32)
+        last = np.cumsum([len(s) for s in seqs]) - 1
+        logits, _ = model(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg), logits_indices=jnp.asarray(last))
+        for r, tok in enumerate(np.asarray(jnp.argmax(logits, axis=-1))):
+            seqs[r].append(int(tok))
+    return [s[len(p):] for s, p in zip(seqs, prompts)]

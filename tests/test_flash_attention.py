@@ -121,3 +121,16 @@ def test_env_var_forces_the_kernel(monkeypatch):
 def test_bad_block_size_names_the_field():
     with pytest.raises(ValueError, match="block_q=24"):
         FlashBlockSizes(block_q=24)
+
+
+def test_tiny_model_greedy_tokens_match_with_kernels_forced(tiny_checkpoint, monkeypatch):
+    """A tiny Llama (GQA, head dim 24) decodes the same greedy tokens with the Pallas kernel forced on."""
+    import models
+    from kernel_cases import greedy_no_cache, two_prompts
+
+    model, _ = models.load(tiny_checkpoint("llama_gqa"))
+    prompts = two_prompts(np.random.default_rng(0))
+    monkeypatch.setenv("ENERGON_KERNELS", "reference")
+    want = greedy_no_cache(model, prompts, steps=4)
+    monkeypatch.setenv("ENERGON_KERNELS", "pallas")  # on CPU: interpret mode
+    assert greedy_no_cache(model, prompts, steps=4) == want
