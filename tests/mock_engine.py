@@ -11,10 +11,12 @@ can be tested without a model:
 - a step loop on its own thread admits queued requests (bounded by
   ``max_num_seqs`` and free pages), gives every running request one token per
   step, and frees a request's pages in the step it finishes or is aborted;
-- validation mirrors the real engine: ``SamplingParams`` raises ValueError
-  naming the field; ``submit`` rejects empty prompts, ids outside the
-  vocabulary, prompts longer than ``max_model_len`` and prompt + max_tokens
-  beyond it; a full queue raises ``QueueFullError``;
+- validation is the real engine's: the runtime's ``SamplingParams`` and
+  ``validate_prompt`` (energon_jax/request.py) reject bad parameters, empty
+  prompts, ids outside the vocabulary and prompt + max_tokens beyond
+  ``max_model_len``, each with a ValueError naming the field; a request that
+  needs more pages than the pool holds is refused; a full queue raises the
+  runtime's ``QueueFullError``; deltas are the runtime's ``StreamDelta``;
 - ``fail_on_token=X``: the first step that runs a request whose prompt holds
   token X raises, which fails every in-flight request and every later
   submission (the engine is dead), as a real step failure would.
@@ -34,64 +36,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from energon_jax.request import QueueFullError, SamplingParams, StreamDelta, Usage, validate_prompt
+
 EOS_TOKEN_ID = 0
-
-
-class QueueFullError(RuntimeError):
-    """The bounded waiting queue is full; the request was not accepted."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 disables)"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "must be > 0"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
-        ]
-        for name, ok, limit in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} {limit}")
-        if any(s == "" for s in self.stop):
-            raise ValueError(f"stop={self.stop!r} must not contain empty strings")
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class StreamDelta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
-    finished: bool
-    finish_reason: str | None
-    usage: Usage | None
 
 
 @dataclass(frozen=True)
@@ -225,18 +172,7 @@ class MockAsyncEngine:
         if self._dead is not None:
             raise RuntimeError(f"engine is dead: {self._dead!r}")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        vocab, max_len = self.info.vocab_size, self.info.max_model_len
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        for i, t in enumerate(ids):
-            if not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t} at position {i} is outside the vocabulary [0, {vocab})")
-        if len(ids) > max_len:
-            raise ValueError(f"prompt length {len(ids)} exceeds max_model_len={max_len}")
-        if len(ids) + params.max_tokens > max_len:
-            raise ValueError(
-                f"prompt length {len(ids)} + max_tokens={params.max_tokens} exceeds max_model_len={max_len}"
-            )
+        ids = validate_prompt(ids, params, max_model_len=self.info.max_model_len, vocab_size=self.info.vocab_size)
         need = math.ceil((len(ids) + params.max_tokens) / self._page_size)
         if need > self._pages_total:
             raise ValueError(f"request needs {need} pages, the pool holds {self._pages_total}")
@@ -341,6 +277,7 @@ class MockAsyncEngine:
             self._known.discard(req.request_id)
             self._pages_used -= req.pages
         return StreamDelta(
+            request_id=req.request_id,
             text=req.text[len(text_before) :] if len(req.text) >= len(text_before) else "",
             token_ids=[tok],
             logprobs=logprobs,

@@ -114,8 +114,8 @@ BAD_REQUESTS = [
     ("prompt", generate_request("", pb.SamplingParams(max_tokens=2))),
     ("prompt", generate_request([], pb.SamplingParams(max_tokens=2))),
     ("prompt", pb.GenerateRequest(params=pb.SamplingParams(max_tokens=2))),
-    ("vocabulary", generate_request([5, 1000], pb.SamplingParams(max_tokens=2))),
-    ("vocabulary", generate_request([-1], pb.SamplingParams(max_tokens=2))),
+    ("prompt_token_ids[1]=1000", generate_request([5, 1000], pb.SamplingParams(max_tokens=2))),
+    ("prompt_token_ids[0]=-1", generate_request([-1], pb.SamplingParams(max_tokens=2))),
     ("max_model_len", generate_request(list(range(65)), pb.SamplingParams(max_tokens=1))),
     ("max_tokens", generate_request(list(range(60)), pb.SamplingParams(max_tokens=5))),
 ]
