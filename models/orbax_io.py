@@ -95,8 +95,8 @@ def _check_saved_tree(params_dir: Path, target: dict) -> None:
         saved = ckptr.metadata(params_dir)
     saved_tree = getattr(saved, "item_metadata", saved)
     saved_tree = getattr(saved_tree, "tree", saved_tree)
-    want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
-    have = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
+    want = {_dotted(k): v for k, v in jax.tree_util.tree_leaves_with_path(target)}
+    have = {_dotted(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved_tree)}
     missing = sorted(set(want) - set(have))
     if missing:
         raise ValueError(f"orbax checkpoint {str(params_dir)!r} is missing parameter(s): {', '.join(missing[:10])}")
@@ -106,3 +106,8 @@ def _check_saved_tree(params_dir: Path, target: dict) -> None:
             raise ValueError(
                 f"shape mismatch for parameter {key}: orbax checkpoint has {shape}, model expects {tuple(spec.shape)}"
             )
+
+
+def _dotted(keys: tuple) -> str:
+    """``(DictKey('layers'), DictKey('0'), ...)`` -> ``"layers.0..."``."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
