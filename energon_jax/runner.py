@@ -44,7 +44,11 @@ def shape_key(batch: Any) -> ShapeKey:
 
 
 def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    # Keep a placed array's sharding (parameters and pages split over a mesh by
+    # parallel/mesh.py); numpy leaves have none and the compiler places them.
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
 
 
 @dataclasses.dataclass
