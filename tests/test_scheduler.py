@@ -240,6 +240,10 @@ def test_stop_conditions_and_logprobs():
     assert d_ign.new_logprobs == [{0: 0.0, 1: -1.0, EOS: float(np.float32(-EOS) / 100)}]
     assert len(ign.output_logprobs) == 2 and ign.output_logprobs[1] == d_ign.new_logprobs[0]
     run_step(sched, buckets, model)
+    zero = Request("zero", [10], SamplingParams(max_tokens=1, logprobs=0))
+    sched.add(zero)
+    assert run_step(sched, buckets, model)[1][-1].new_logprobs == [{zero.output_token_ids[0]: pytest.approx(
+        -zero.output_token_ids[0] / 100)}]
     assert ign.finish_reason == "length" and len(ign.output_token_ids) == 3 and sched.pages_used == 0
     assert ign.first_token_time is not None and ign.finish_time >= ign.first_token_time
 
@@ -373,6 +377,7 @@ def test_random_workload_invariants(seed, static):
     batch_members: set[str] = set()
     batch_start = -1
     aborted: set[str] = set()
+    stopped: set[str] = set()
     step = 0
     while len(requests) < 40 or sched.has_work():
         for _ in range(rng.choice([0, 0, 1, 2, 3]) if len(requests) < 40 else 0):
@@ -410,14 +415,20 @@ def test_random_workload_invariants(seed, static):
                         assert len(batch_members) <= cfg.max_num_seqs
             sched.update(plan, model.step(pack(plan, buckets), plan))
             check_invariants(sched, None)
+            if sched.running and rng.random() < 0.03:  # the engine matched a stop string
+                victim = rng.choice(sched.running)
+                assert sched.finish(victim.request_id, "stop") is victim and not victim.pages
+                stopped.add(victim.request_id)
+                check_invariants(sched, None)
         step += 1
         assert step < 5000
     assert sched.allocator.num_free == cfg.num_pages - 1 and sched.pages_used == 0
     for rid, r in requests.items():
         assert r.status is RequestStatus.FINISHED and not r.pages
         want, reason = reference(r.prompt_token_ids, r.params, set() if r.params.ignore_eos else {EOS})
-        if rid in aborted:
-            assert r.finish_reason == "abort" and r.output_token_ids == want[: len(r.output_token_ids)]
+        if rid in aborted or rid in stopped:
+            assert r.finish_reason == ("abort" if rid in aborted else "stop")
+            assert r.output_token_ids == want[: len(r.output_token_ids)]
         else:
             assert (r.output_token_ids, r.finish_reason) == (want, reason)
     assert sched.num_preemptions > 0 or cfg.num_pages == 40  # the small pools must have preempted
