@@ -121,3 +121,22 @@ def tiny_variant(out_dir: Path, base: str, seed: int = 0, **overrides) -> Path:
     _randomize(model, seed)
     model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def assert_orbax_round_trip(hf_dir: Path, out_dir: Path, outputs) -> None:
+    """``energon convert`` then ``models.load`` gives the same parameters, bit for bit, and
+    the same ``outputs(model)``."""
+    import models
+    from energon_jax.cli import main
+
+    assert main(["convert", str(hf_dir), str(out_dir)]) == 0
+    restored, config = models.load(out_dir)
+    original, original_config = models.load(hf_dir)
+    assert config == original_config
+    a = dict(nnx.to_flat_state(nnx.state(original, nnx.Param)))
+    b = dict(nnx.to_flat_state(nnx.state(restored, nnx.Param)))
+    assert a.keys() == b.keys()
+    for path in a:
+        x, y = np.asarray(a[path][...]), np.asarray(b[path][...])
+        assert x.dtype == y.dtype and np.array_equal(x, y), path
+    np.testing.assert_array_equal(np.asarray(outputs(restored)), np.asarray(outputs(original)))

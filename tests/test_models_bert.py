@@ -190,6 +190,13 @@ def test_unsupported_pooling_config_is_an_error(checkpoint, tmp_path, modes, mat
         pooling.read_pooling_config(st)
 
 
+def test_orbax_round_trip_is_identical(checkpoint, batch, tmp_path):
+    packed, types, _, _ = batch
+    args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids),
+            jnp.asarray(types))
+    mp.assert_orbax_round_trip(checkpoint, tmp_path / "orbax", lambda model: nnx.jit(lambda m, *a: m(*a))(model, *args))
+
+
 def test_bfloat16_load(checkpoint, model_and_config, batch, encode):
     packed, types, hidden32, _ = batch
     model16, _ = models.load(checkpoint, "bfloat16")

@@ -14,7 +14,7 @@ from flax import nnx
 
 import model_parity as mp
 import models
-from hf_fixtures import load_hf_model
+from hf_fixtures import VOCAB_SIZE, load_hf_model
 from models import gpt2
 
 LENGTHS = [5, 11, 3]
@@ -108,6 +108,12 @@ def test_untied_head_and_inverse_layer_scaling(tmp_path):
         jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids)
     )
     mp.assert_matches_hf(logits, packed, mp.hf_logits(load_hf_model(path, "gpt2"), packed.seqs))
+
+
+def test_orbax_round_trip_is_identical(checkpoint, tmp_path):
+    packed = mp.packed_batch(LENGTHS, VOCAB_SIZE, seed=7)
+    args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
+    mp.assert_orbax_round_trip(checkpoint, tmp_path / "orbax", lambda model: mp.jitted(model)(*args)[0])
 
 
 def test_bfloat16_load(checkpoint, model_and_config):

@@ -95,6 +95,13 @@ def test_paged_decode_matches_full_forward(layout):
     assert mp.rel_error(picked, np.asarray(full)[last]) <= mp.RTOL
 
 
+def test_orbax_round_trip_is_identical(layout, tmp_path):
+    _, path, _, config, _ = layout
+    packed = mp.packed_batch(LENGTHS, config.vocab_size, seed=7)
+    args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
+    mp.assert_orbax_round_trip(path, tmp_path / "orbax", lambda model: mp.jitted(model)(*args)[0])
+
+
 def test_bfloat16_load(layout):
     _, path, model32, config, forward32 = layout
     model16, _ = models.load(path, "bfloat16")
