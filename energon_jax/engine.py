@@ -1,0 +1,469 @@
+"""The engine: continuous batching over a paged KV cache, driven one step at a time.
+
+What flows in: prompts (text or token ids) with ``SamplingParams``. What flows out:
+``RequestOutput`` (``generate``), ``StreamDelta`` (``stream``, and ``AsyncEngine``), or
+pooled embeddings (``embed``, encoder checkpoints). Which thread: whichever calls
+``step`` (the caller's for ``generate``/``stream``; the step-loop thread of
+``AsyncEngine``); nothing here is shared between threads.
+
+One step::
+
+    plan = scheduler.schedule()           # host: who decodes, who prefills (a chunk), pages
+    batch = pack(plan, buckets)           # host: one flat, bucketed, padding-free batch
+    handle = runner.step_async(batch)     # device: forward + sampling, dispatched async
+    ... emit the previous step's text ... # host work while the device runs
+    sampled = handle.result()             # the only device -> host transfer: ids, logprobs
+    deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
+
+Stop strings are matched on detokenized text, which the engine owns (``output.py``):
+requests with stop strings are detokenized right after their step, so that a match
+finishes them before the next step is planned; the other requests' text is produced
+during the next device step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from energon_jax.output import OutputTracker
+from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
+from energon_jax.runner import ModelRunner
+from pallas_kernels import make_kv_pages
+
+logger = logging.getLogger(__name__)
+
+PromptInput = str | Sequence[int]
+# Show a progress bar from this many prompts on (unless use_tqdm=False).
+TQDM_MIN_PROMPTS = 8
+
+
+def demo_model_path() -> Path:
+    """The embedded demo checkpoint shipped inside the package (``energon_jax/demo``)."""
+    path = Path(str(importlib.resources.files("energon_jax") / "demo"))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"the embedded demo model is missing: {str(path)!r} has no config.json")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the runtime; ``Engine.from_pretrained`` fills in the defaults from the model."""
+
+    max_model_len: int
+    page_size: int
+    num_pages: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    static_batching: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "page_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_pages < 2:
+            raise ValueError(f"kv_cache_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page)")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs} "
+                "(every running sequence decodes one token per step)"
+            )
+
+
+@dataclasses.dataclass
+class _Live:
+    """A request in flight and where its output goes."""
+
+    request: Request
+    tracker: OutputTracker
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+class Engine:
+    """Offline and streaming generation over one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_config: Any,
+        tokenizer: Any | None = None,
+        *,
+        max_model_len: int | None = None,
+        page_size: int = 16,
+        kv_cache_pages: int | None = None,
+        kv_cache_bytes: int | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        static_batching: bool = False,
+        warmup: bool = True,
+        pooling: Any | None = None,
+        model_path: str | None = None,
+    ) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self._model = model
+        self._ids = itertools.count()
+        self._live: dict[str, _Live] = {}
+        self._done: dict[str, _Live] = {}  # finished, RequestOutput not yet taken
+        self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
+        self._pooling = pooling
+        self._embed_fns: dict[tuple[int, int], Any] = {}
+        if model_config.is_encoder:
+            limit = model_config.max_position_embeddings
+            self.config = EngineConfig(
+                max_model_len=min(max_model_len or limit, limit), page_size=page_size, num_pages=2,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
+            )
+            self._scheduler = self._runner = self._buckets = None
+            return
+        self.config = _engine_config(
+            model_config, max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
+            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
+            kv_dtype=_param_dtype(model),
+        )
+        self._build_decoder(model, model_config, warmup)
+
+    def _build_decoder(self, model: Any, model_config: Any, warmup: bool) -> None:
+        from energon_jax import batch as batch_lib
+        from energon_jax.scheduler import Scheduler, SchedulerConfig
+
+        c = self.config
+        self._batch_lib = batch_lib
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
+                static_batching=c.static_batching,
+            ),
+            eos_token_ids=self.eos_token_ids,
+        )
+        self._buckets = batch_lib.Buckets.create(
+            max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
+            max_model_len=c.max_model_len, page_size=c.page_size,
+        )
+        dtype = _param_dtype(model)
+        kv = tuple(
+            make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
+            for _ in range(model_config.num_layers)
+        )
+        self._runner = ModelRunner(model, kv)
+        if warmup:
+            self.warmup()
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path | None = None, *, dtype: str = "float32", **engine_kwargs: Any
+    ) -> Engine:
+        """Load a Hugging Face checkpoint directory (``None``: the embedded demo model)."""
+        import models
+        from models.pooling import read_pooling_config
+
+        from energon_jax.tokenizer import Tokenizer
+
+        root = demo_model_path() if path is None else Path(path)
+        model, config = models.load(root, dtype)
+        tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
+        pooling = read_pooling_config(root) if config.is_encoder else None
+        return cls(model, config, tokenizer, pooling=pooling, model_path=str(root), **engine_kwargs)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set(getattr(self.model_config, "eos_token_ids", ()) or ())
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_token_ids)
+        return tuple(sorted(ids))
+
+    @property
+    def num_compiles(self) -> int:
+        return 0 if self._runner is None else self._runner.num_compiles
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler
+
+    @property
+    def runner(self) -> ModelRunner | None:
+        return self._runner
+
+    def warmup(self) -> int:
+        """Compile the step for every bucket shape; returns the number of compiles so far."""
+        start = time.perf_counter()
+        batches = self._batch_lib.warmup_batches(self._buckets)
+        n = self._runner.warmup(batches)
+        logger.info("warm-up: %d step shapes compiled in %.1fs", n, time.perf_counter() - start)
+        return n
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _encode(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text, but this model has no tokenizer.json: pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def check_request(self, prompt: PromptInput, params: SamplingParams | None) -> tuple[str | None, list[int]]:
+        """Every check that can reject a request, without queueing it: ValueError naming the field."""
+        if self._scheduler is None:
+            raise ValueError(f"model {self.model_config.architecture} is an encoder: use embed(), not generate()")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer to match text, and this model has none")
+        text, ids = self._encode(prompt)
+        ids = validate_prompt(
+            ids, params, max_model_len=self.config.max_model_len, vocab_size=self.model_config.vocab_size
+        )
+        need = -(-(len(ids) + params.max_tokens - 1) // self.config.page_size)
+        if need > self.config.num_pages - 1:
+            raise ValueError(
+                f"prompt length {len(ids)} + max_tokens={params.max_tokens} needs {need} KV pages "
+                f"(page_size={self.config.page_size}) but the pool holds kv_cache_pages={self.config.num_pages} "
+                "(page 0 reserved)"
+            )
+        return text, ids
+
+    def add_request(
+        self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> str:
+        """Validate and queue one request; returns its id. Raises ValueError for bad input."""
+        params = SamplingParams() if params is None else params
+        text, ids = self.check_request(prompt, params)
+        rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        if rid in self._live:
+            raise ValueError(f"request_id={rid!r} is already in flight")
+        detok = None if self.tokenizer is None else self.tokenizer.detokenizer()
+        tracker = OutputTracker(detok, params.stop)
+        request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
+        self._scheduler.add(request)  # raises ValueError when it can never fit
+        self._live[rid] = _Live(request, tracker, logprobs=[] if params.logprobs is not None else None)
+        return rid
+
+    def abort(self, request_id: str) -> StreamDelta | None:
+        """Stop a request now; its pages are back in the pool when this returns."""
+        live = self._live.get(request_id)
+        if live is None:
+            return None
+        self._scheduler.abort(request_id)
+        return self._finish_delta(live, [], None, "abort", live.tracker.finish())
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live) or bool(self._deferred)
+
+    def step(self) -> list[StreamDelta]:
+        """Run one engine step; returns the deltas ready now (any request, any order)."""
+        plan = self._scheduler.schedule()
+        if plan is None:
+            out = self._drain_deferred()
+            if not out and self._live and not self._scheduler.has_work():
+                raise RuntimeError(f"scheduler has no work but requests {sorted(self._live)} are unfinished")
+            return out
+        batch = self._batch_lib.pack(plan, self._buckets)
+        handle = self._runner.step_async(batch)
+        out = self._drain_deferred()  # host work overlapping the device step
+        sampled = handle.result()
+        now = time.monotonic()
+        for delta in self._scheduler.update(plan, sampled):
+            req = delta.request
+            if req.first_token_time is None and delta.new_token_ids:
+                req.first_token_time = now
+            if req.params.stop or delta.finished:
+                out.extend(self._process(delta))
+            else:
+                self._deferred.append(delta)
+        return out
+
+    def _drain_deferred(self) -> list[StreamDelta]:
+        out: list[StreamDelta] = []
+        deferred, self._deferred = self._deferred, []
+        for delta in deferred:
+            out.extend(self._process(delta))
+        return out
+
+    def _process(self, delta: Any) -> list[StreamDelta]:
+        """Turn one scheduler delta into the user's StreamDelta (text, stop strings)."""
+        live = self._live.get(delta.request.request_id)
+        if live is None:  # aborted while its delta was deferred
+            return []
+        ids = list(delta.new_token_ids)
+        logprobs = None if delta.new_logprobs is None else list(delta.new_logprobs)
+        text = live.tracker.add(ids, finished=delta.finished)
+        reason = delta.finish_reason if delta.finished else None
+        if live.tracker.stopped and not delta.finished:
+            self._scheduler.finish(live.request.request_id, "stop")
+            reason = "stop"
+        elif live.tracker.stopped:
+            reason = "stop"
+        if reason is not None:
+            return [self._finish_delta(live, ids, logprobs, reason, text)]
+        live.token_ids.extend(ids)
+        if live.logprobs is not None and logprobs is not None:
+            live.logprobs.extend(logprobs)
+        return [StreamDelta(live.request.request_id, text, ids, logprobs, False, None, None)]
+
+    def _finish_delta(self, live: _Live, ids, logprobs, reason: str, text: str) -> StreamDelta:
+        live.token_ids.extend(ids)
+        if live.logprobs is not None and logprobs is not None:
+            live.logprobs.extend(logprobs)
+        live.finish_reason = reason
+        req = live.request
+        if req.finish_time is None:
+            req.finish_time = time.monotonic()
+        self._live.pop(req.request_id, None)
+        self._done[req.request_id] = live
+        usage = Usage(len(req.prompt_token_ids), len(live.token_ids))
+        return StreamDelta(req.request_id, text, ids, logprobs, True, reason, usage)
+
+    def take_output(self, rid: str) -> RequestOutput | None:
+        """The finished request's output (once; None when unknown or not finished)."""
+        return self._output(rid) if rid in self._done else None
+
+    def _output(self, rid: str) -> RequestOutput:
+        live = self._done.pop(rid)
+        req = live.request
+        return RequestOutput(
+            request_id=rid, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
+            token_ids=list(live.token_ids), text=live.tracker.text, finish_reason=live.finish_reason,
+            logprobs=live.logprobs, ttft_s=req.ttft_s or 0.0, latency_s=req.latency_s or 0.0,
+        )
+
+    # -- the user API -----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        rids = []
+        try:
+            for prompt, params in zip(prompt_list, params_list):
+                rids.append(self.add_request(prompt, params))
+        except Exception:
+            for rid in rids:  # all or nothing: a bad prompt leaves no request behind
+                self.abort(rid)
+                self._done.pop(rid, None)
+            raise
+        pending = set(rids)
+        bar = None
+        if use_tqdm and len(rids) >= TQDM_MIN_PROMPTS:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(rids), desc="generate", unit="req")
+        try:
+            while pending:
+                for delta in self.step():
+                    if delta.finished and delta.request_id in pending:
+                        pending.discard(delta.request_id)
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self._output(rid) for rid in rids]
+
+    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
+        """Yield this request's deltas as they are produced (text held back near stop strings)."""
+        rid = self.add_request(prompt, sampling_params)
+        try:
+            while True:
+                for delta in self.step():
+                    if delta.request_id == rid:
+                        if delta.finished:
+                            self._done.pop(rid, None)
+                        yield delta
+                        if delta.finished:
+                            return
+        finally:
+            if rid in self._live:  # the consumer stopped early
+                self.abort(rid)
+                self._done.pop(rid, None)
+
+    def embed(self, texts: str | Sequence[str], normalize: bool = True) -> np.ndarray:
+        """Pooled embeddings ``[len(texts), D]`` of an encoder checkpoint (float32)."""
+        from energon_jax.embedding import embed_texts
+
+        return embed_texts(self, texts, normalize=normalize)
+
+
+def _param_dtype(model: Any) -> jnp.dtype:
+    from flax import nnx
+
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    return floats[0] if floats else jnp.dtype(jnp.float32)
+
+
+def _engine_config(
+    model_config: Any, *, max_model_len, page_size, kv_cache_pages, kv_cache_bytes, max_num_seqs,
+    max_num_batched_tokens, static_batching, kv_dtype,
+) -> EngineConfig:
+    from energon_jax.kv_cache import kv_cache_pages_for_bytes
+
+    limit = model_config.max_position_embeddings
+    if max_model_len is None:
+        max_model_len = limit
+    if max_model_len > limit:
+        raise ValueError(f"{max_model_len=} must be <= the model's max_position_embeddings={limit}")
+    if page_size < 1:
+        raise ValueError(f"{page_size=} must be >= 1")
+    if kv_cache_pages is not None and kv_cache_bytes is not None:
+        raise ValueError("give kv_cache_pages or kv_cache_bytes, not both")
+    if kv_cache_bytes is not None:
+        num_pages = kv_cache_pages_for_bytes(
+            kv_cache_bytes, model_config.num_layers, page_size, model_config.num_kv_heads, model_config.head_dim,
+            kv_dtype,
+        )
+    elif kv_cache_pages is not None:
+        num_pages = kv_cache_pages
+    else:  # room for every sequence at full length, plus the null page
+        num_pages = 1 + max_num_seqs * -(-max_model_len // page_size)
+    return EngineConfig(
+        max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
+    )
+
+
+def _is_token_list(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, (int, np.integer)) for t in x)
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptInput]:
+    if isinstance(prompts, str) or _is_token_list(prompts):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a str, a list of str, a list of token ids or a list of lists; got {prompts!r}")
+    for i, p in enumerate(prompts):
+        if not (isinstance(p, str) or isinstance(p, (list, tuple))):
+            raise ValueError(f"prompts[{i}] must be a str or a list of token ids, got {type(p).__name__}")
+    return list(prompts)
+
+
+def _as_params_list(params: Any, n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts; give one or one per prompt")
+    return params
