@@ -1,0 +1,162 @@
+"""parallel/controller.py: process 0 schedules and broadcasts each step; every process computes.
+
+The real thing, end to end: ``energon launch`` starts 2 processes x 2 CPU devices; both
+build the same Llama, shard it with ``tp=4`` over the 4 devices of both processes, and
+wrap their ``ModelRunner`` in a ``Controller``. Process 0 runs the scheduler (greedy,
+continuous batching of 3 prompts, chunked prefill) and broadcasts every packed batch;
+process 1 runs ``serve()`` until process 0 shuts it down. The tokens must equal those
+of one process on one device running the same scheduler loop without a controller,
+and both processes must exit 0 (a normal shutdown ends all processes).
+
+Also: in one process the controller is the runner (no broadcast), a worker cannot
+step, and a batch of an unknown shape is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from test_parallel_mesh import ROOT, run_child
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = [[5, 9, 13, 7, 22, 30, 31], [40, 41, 42], [17, 3, 88, 60, 12, 11, 10, 9, 8, 7, 6]]
+MAX_TOKENS = 6
+
+
+def _launch_env() -> dict:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_two_processes_tp4_match_one_process(tmp_path):
+    from energon_jax.parallel.launch import LaunchConfig, launch
+
+    want = run_child(__file__, "single", str(tmp_path), devices=1)
+    code = launch([sys.executable, __file__, "multi", str(tmp_path)],
+                  LaunchConfig(num_processes=2, cpu_devices_per_process=2, grace_s=10), env=_launch_env())
+    assert code == 0
+    got = json.loads((tmp_path / "multi-0.json").read_text())
+    worker = json.loads((tmp_path / "multi-1.json").read_text())
+    assert got["device_count"] == 4 and got["process_count"] == 2
+    assert got["tokens"] == want["tokens"]
+    assert all(len(t) == MAX_TOKENS for t in got["tokens"].values())
+    assert worker["steps"] == got["steps"] > 0  # the worker ran every step process 0 planned
+
+
+def test_single_process_controller_is_the_runner():
+    from energon_jax.parallel.controller import Controller
+
+    class FakeRunner:
+        kv_cache = ()
+        num_compiles = 0
+        compiled_shapes: list = []
+
+        def __init__(self):
+            self.seen = []
+
+        def step_async(self, batch):
+            self.seen.append(batch)
+            return "handle"
+
+    runner = FakeRunner()
+    c = Controller(runner, [np.zeros(4, np.int32), np.zeros(8, np.int32)], process_index=0, process_count=1)
+    assert c.step_async(np.ones(4, np.int32)) == "handle" and len(runner.seen) == 1
+    worker = Controller(runner, [np.zeros(4, np.int32)], process_index=1, process_count=2)
+    with pytest.raises(RuntimeError, match=r"process 1 is a worker"):
+        worker.step_async(np.zeros(4, np.int32))
+    boss = Controller(runner, [np.zeros(4, np.int32)], process_index=0, process_count=2)
+    with pytest.raises(ValueError, match=r"batch shape is not one of the templates"):
+        boss.step_async(np.zeros(5, np.int32))
+    with pytest.raises(ValueError, match=r"templates is empty"):
+        Controller(runner, [], process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------- the children
+
+
+def generate(runner, buckets) -> tuple[dict, int]:
+    """A minimal engine loop: greedy continuous batching of PROMPTS through ``runner``."""
+    from energon_jax.batch import pack
+    from energon_jax.request import Request, SamplingParams
+    from energon_jax.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=32,
+                                      page_size=4, num_pages=24))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        sched.add(Request(request_id=f"r{i}", prompt_token_ids=p, params=params))
+    tokens = {f"r{i}": [] for i in range(len(PROMPTS))}
+    steps = 0
+    while sched.has_work():
+        plan = sched.schedule()
+        if plan is None:
+            break
+        sampled = runner.step(pack(plan, buckets))
+        steps += 1
+        for delta in sched.update(plan, sampled):
+            tokens[delta.request.request_id].extend(int(t) for t in delta.new_token_ids)
+    return tokens, steps
+
+
+def _setup(tp: int):
+    import jax.numpy as jnp
+
+    from energon_jax.batch import Buckets, warmup_batches
+    from energon_jax.parallel.mesh import ParallelConfig, kv_pages_sharding, make_mesh, shard_model, sharding_rules
+    from energon_jax.runner import ModelRunner
+    from pallas_kernels import make_kv_pages
+    from test_parallel_tp_models import build_model
+
+    model, config = build_model("llama")
+    mesh = make_mesh(ParallelConfig(tp=tp))
+    rules = sharding_rules(tp, num_kv_heads=config.num_kv_heads)
+    shard_model(model, mesh, rules)
+    kv = tuple(make_kv_pages(24, 4, config.num_kv_heads, config.head_dim, jnp.float32,
+                             sharding=kv_pages_sharding(mesh, rules)) for _ in range(config.num_layers))
+    buckets = Buckets.create(max_num_batched_tokens=8, max_num_seqs=4, max_model_len=32, page_size=4, min_tokens=4)
+    return ModelRunner(model, kv), buckets, warmup_batches(buckets)
+
+
+def _child_single(outdir: str) -> dict:
+    runner, buckets, _ = _setup(tp=1)
+    tokens, steps = generate(runner, buckets)
+    return {"tokens": tokens, "steps": steps}
+
+
+def _child_multi(outdir: str) -> None:
+    from energon_jax.parallel import distributed
+    from energon_jax.parallel.controller import Controller
+
+    assert distributed.initialize_from_env()
+    import jax
+
+    runner, buckets, templates = _setup(tp=4)
+    controller = Controller(runner, templates)
+    controller.warmup(templates)
+    out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
+    if controller.is_controller:
+        try:
+            out["tokens"], out["steps"] = generate(controller, buckets)
+        finally:
+            controller.shutdown()
+    else:
+        out["steps"] = controller.serve()
+    with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
+        json.dump(out, f)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [ROOT, HERE]
+    mode, outdir = sys.argv[1], sys.argv[2]
+    if mode == "single":
+        print(json.dumps(_child_single(outdir)))
+    else:
+        _child_multi(outdir)
