@@ -133,10 +133,46 @@ def assert_orbax_round_trip(hf_dir: Path, out_dir: Path, outputs) -> None:
     restored, config = models.load(out_dir)
     original, original_config = models.load(hf_dir)
     assert config == original_config
-    a = dict(nnx.to_flat_state(nnx.state(original, nnx.Param)))
-    b = dict(nnx.to_flat_state(nnx.state(restored, nnx.Param)))
-    assert a.keys() == b.keys()
-    for path in a:
-        x, y = np.asarray(a[path][...]), np.asarray(b[path][...])
-        assert x.dtype == y.dtype and np.array_equal(x, y), path
+    assert_same_params(original, restored)
     np.testing.assert_array_equal(np.asarray(outputs(restored)), np.asarray(outputs(original)))
+
+
+def renamed_checkpoint(src: Path, dst: Path, rename, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of checkpoint ``src`` whose tensors are named ``rename(name)``, plus ``extra``
+    tensors: how other exporters lay out the same weights."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    tensors = {}
+    for file in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    renamed = {rename(name): array for name, array in tensors.items()}
+    save_file({**renamed, **(extra or {})}, str(dst / "model.safetensors"))
+    return dst
+
+
+def assert_same_params(a, b) -> None:
+    """Two models hold the same parameters, bit for bit."""
+    fa = dict(nnx.to_flat_state(nnx.state(a, nnx.Param)))
+    fb = dict(nnx.to_flat_state(nnx.state(b, nnx.Param)))
+    assert fa.keys() == fb.keys()
+    for path in fa:
+        assert fa[path][...].dtype == fb[path][...].dtype, path
+        assert np.array_equal(np.asarray(fa[path][...]), np.asarray(fb[path][...])), path
+
+
+def load_quietly(path: Path):
+    """``models.load(path)``, failing on any "unexpected tensor" warning."""
+    import warnings
+
+    import models
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = models.load(path)
+    unexpected = [str(w.message) for w in caught if "unexpected" in str(w.message)]
+    assert not unexpected, unexpected
+    return loaded

@@ -4,6 +4,8 @@ A packed batch of three sequences (with token types and trailing bucket padding)
 give the hidden states transformers gives each sequence alone, and its CLS / mean /
 max / last-token pooled embeddings must match the same pooling of those hidden states.
 A sentence-transformers ``modules.json`` + ``1_Pooling/config.json`` picks the pooling.
+bfloat16 loading, the orbax round trip and task-model tensor names (``bert.`` prefix,
+gamma/beta, pooler head) give the expected parameters.
 """
 
 from __future__ import annotations
@@ -195,6 +197,20 @@ def test_orbax_round_trip_is_identical(checkpoint, batch, tmp_path):
     args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids),
             jnp.asarray(types))
     mp.assert_orbax_round_trip(checkpoint, tmp_path / "orbax", lambda model: nnx.jit(lambda m, *a: m(*a))(model, *args))
+
+
+def test_task_model_names_gamma_beta_and_pooler(checkpoint, model_and_config, tmp_path):
+    # Checkpoints saved from a task model prefix "bert.", old exports call LayerNorm
+    # parameters gamma/beta, and most carry the pooler head: all load, with no warning.
+    def rename(name: str) -> str:
+        name = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        return "bert." + name
+
+    d = model_and_config[1].hidden_size
+    extra = {"bert.pooler.dense.weight": np.ones((d, d), np.float32), "bert.pooler.dense.bias": np.ones(d, np.float32)}
+    path = mp.renamed_checkpoint(checkpoint, tmp_path / "task", rename, extra)
+    model, _ = mp.load_quietly(path)
+    mp.assert_same_params(model, model_and_config[0])
 
 
 def test_bfloat16_load(checkpoint, model_and_config, batch, encode):

@@ -2,7 +2,8 @@
 
 A packed batch of three sequences must give the logits transformers gives each sequence
 alone; decoding through the paged KV cache must give the plain forward's logits; a
-bfloat16 load must hold the float32 weights rounded to bfloat16.
+bfloat16 load must hold the float32 weights rounded to bfloat16; the orbax round trip
+and the OpenAI-style tensor names give the same parameters.
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def test_orbax_round_trip_is_identical(checkpoint, tmp_path):
     packed = mp.packed_batch(LENGTHS, VOCAB_SIZE, seed=7)
     args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
     mp.assert_orbax_round_trip(checkpoint, tmp_path / "orbax", lambda model: mp.jitted(model)(*args)[0])
+
+
+def test_openai_layout_without_prefix_and_with_mask_buffers(checkpoint, model_and_config, tmp_path):
+    # The original OpenAI conversions name tensors without "transformer." and carry
+    # causal-mask buffers; they load to the same parameters, with no warning.
+    mask = np.tril(np.ones((1, 1, 8, 8), np.float32))
+    extra = {f"h.{i}.attn.bias": mask for i in range(model_and_config[1].num_layers)}
+    path = mp.renamed_checkpoint(checkpoint, tmp_path / "openai", lambda n: n.removeprefix("transformer."), extra)
+    model, _ = mp.load_quietly(path)
+    mp.assert_same_params(model, model_and_config[0])
 
 
 def test_bfloat16_load(checkpoint, model_and_config):

@@ -4,7 +4,8 @@ Three layouts: the shared fixture (pre-LN like opt-125m), post-LN with
 ``word_embed_proj_dim != hidden_size`` (opt-350m's layout: project_in/project_out, no
 final norm), and pre-LN with a projection, no biases and an untied head. For each: a
 packed batch of three sequences matches transformers run on each sequence alone, and
-decoding through the paged KV cache matches the plain forward.
+decoding through the paged KV cache matches the plain forward; bfloat16 loading, the
+orbax round trip and the bare-decoder tensor names give the expected parameters.
 """
 
 from __future__ import annotations
@@ -100,6 +101,17 @@ def test_orbax_round_trip_is_identical(layout, tmp_path):
     packed = mp.packed_batch(LENGTHS, config.vocab_size, seed=7)
     args = (jnp.asarray(packed.input_ids), jnp.asarray(packed.positions), jnp.asarray(packed.segment_ids))
     mp.assert_orbax_round_trip(path, tmp_path / "orbax", lambda model: mp.jitted(model)(*args)[0])
+
+
+def test_decoder_only_names_and_tied_head_copy(layout, tmp_path):
+    # Exports of the bare decoder omit "model."; tied checkpoints may keep a copy of the head.
+    name, path, model, config, _ = layout
+    extra = {}
+    if config.tie_word_embeddings:
+        extra["lm_head.weight"] = np.asarray(model.embed_tokens.embedding[...])
+    renamed = mp.renamed_checkpoint(path, tmp_path / "bare", lambda n: n.removeprefix("model."), extra)
+    loaded, _ = mp.load_quietly(renamed)
+    mp.assert_same_params(loaded, model)
 
 
 def test_bfloat16_load(layout):
