@@ -42,6 +42,9 @@ def params_from_proto(msg: pb.SamplingParams, params_cls: Callable[..., Any]) ->
 def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
     which = req.WhichOneof("prompt")
     if which == "text":
+        # Checked here because a tokenizer may turn "" into [bos], hiding the mistake.
+        if not req.text:
+            raise ValueError("prompt text='' must not be empty")
         return req.text
     if which == "token_ids":
         return list(req.token_ids.ids)

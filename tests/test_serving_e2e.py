@@ -1,0 +1,155 @@
+"""End to end: ``energon serve`` over the real AsyncEngine and a tiny random Llama.
+
+One server process for the module (it compiles its step shapes once), started on
+127.0.0.1 on a free port with the tiny checkpoint the test session builds with
+``transformers``. The load test sends 64 concurrent streaming clients x 4
+requests and checks: no errors, every page back in the pool, and each stream's
+tokens equal to ``Engine.generate``'s for the same prompt and seed (run here, in
+this process, on the same checkpoint). Cancellation, deadlines and bad input are
+checked against the real engine's page accounting through /metrics. The module
+ends with SIGTERM: the server must exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import pytest
+from serving_harness import ServerProcess
+
+from serving.client import ClientConfig, InferenceClient, generate_request, sampling_params
+from serving.loadgen import run_closed_loop, synthetic_workload
+from serving.protos.energon.v1 import inference_pb2 as pb
+from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(600)
+
+ENGINE_KW = dict(max_model_len=128, page_size=4, max_num_seqs=64, max_num_batched_tokens=64)
+VOCAB = 300  # tests/hf_fixtures.py
+
+
+def _idle(m: dict[str, float]) -> bool:
+    return m["energon_kv_pages_used"] == 0 and m["energon_requests_running"] == 0 and m["energon_requests_queued"] == 0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    args = ["--model", str(checkpoint), "--max-queue", "512"]
+    for k, v in ENGINE_KW.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    srv = ServerProcess(*args, factory=None)
+    try:
+        srv.wait_serving(timeout_s=400)
+        yield srv
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit(60) == 0, srv.log()
+    finally:
+        srv.stop()
+
+
+def _run(coro, timeout_s: float = 400):
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+def test_model_info_and_tokenize_come_from_the_checkpoint(server, checkpoint) -> None:
+    from energon_jax.tokenizer import Tokenizer
+
+    async def go():
+        async with InferenceClient(ClientConfig(target=server.target)) as c:
+            return await c.model_info(timeout=30), await c.tokenize("The quick brown fox", timeout=30)
+
+    info, ids = _run(go())
+    assert (info.architecture, info.max_model_len, info.vocab_size) == ("LlamaForCausalLM", 128, VOCAB)
+    assert ids == Tokenizer.from_pretrained(checkpoint).encode("The quick brown fox")
+
+
+def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) -> None:
+    from energon_jax import Engine, SamplingParams
+
+    items = synthetic_workload(256, seed=1234, vocab_size=VOCAB, prompt_len=(2, 24), output_len=(2, 16))
+    before = server.wait_metrics(_idle)
+
+    async def go():
+        async with InferenceClient(ClientConfig(target=server.target)) as c:
+            return await run_closed_loop(c, [items[i::64] for i in range(64)], timeout_s=300)
+
+    records = _run(go())
+    assert [r.error for r in records if r.error] == []
+    after = server.wait_metrics(_idle, timeout_s=30)  # zero leaked pages
+
+    ref = Engine.from_pretrained(checkpoint, warmup=False, **ENGINE_KW)
+    params = [
+        SamplingParams(max_tokens=i.params.max_tokens, temperature=i.params.temperature, seed=i.params.seed, ignore_eos=True)
+        for i in items
+    ]
+    expected = {i.request_id: o.token_ids for i, o in zip(items, ref.generate([i.prompt for i in items], params, use_tqdm=False))}
+    by_id = {r.request_id: r for r in records}
+    assert len(by_id) == 256
+    for item in items:
+        rec = by_id[item.request_id]
+        assert rec.token_ids == expected[item.request_id], item.request_id
+        assert len(rec.token_ids) == item.params.max_tokens and rec.finish_reason == "length"
+        assert rec.prompt_tokens == len(item.prompt)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("energon_requests_finished_total{reason=length}") == 256
+    assert delta("energon_time_to_first_token_seconds_count") == 256
+    assert delta("energon_e2e_request_latency_seconds_count") == 256
+    total = sum(len(r.token_ids) for r in records)
+    assert delta("energon_generation_tokens_total") == total
+    assert delta("energon_inter_token_latency_seconds_count") == total - 256
+    assert delta("energon_prompt_tokens_total") == sum(len(i.prompt) for i in items)
+
+
+def test_cancel_and_deadline_free_the_real_engines_pages(server) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        before = server.wait_metrics(_idle)
+        params = pb.SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+        call = stub.Generate(generate_request([5, 6, 7, 8], params), timeout=60)
+        got = [t for _ in range(3) for t in next(call).token_ids]
+        assert len(got) >= 3
+        call.cancel()
+        m = server.wait_metrics(
+            lambda m: _idle(m) and m.get("energon_requests_finished_total{reason=cancelled}", 0) == before.get("energon_requests_finished_total{reason=cancelled}", 0) + 1
+        )
+        assert m["energon_kv_pages_used"] == 0
+
+        late = stub.Generate(generate_request([9, 10, 11], params), timeout=0.05)
+        with pytest.raises(grpc.RpcError) as e:
+            list(late)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        server.wait_metrics(_idle)
+
+
+@pytest.mark.parametrize(
+    ("field", "prompt", "params"),
+    [
+        ("top_p", [5, 6], dict(top_p=0.0)),
+        ("repetition_penalty", [5, 6], dict(repetition_penalty=0.0)),
+        ("prompt", "", dict(max_tokens=2)),
+        ("prompt_token_ids", [], dict(max_tokens=2)),
+        ("prompt_token_ids[1]", [5, VOCAB], dict(max_tokens=2)),
+        ("max_model_len", list(range(3, 3 + 129)), dict(max_tokens=1)),
+        ("max_tokens=20", list(range(3, 3 + 120)), dict(max_tokens=20)),
+        ("stop_token_ids[0]", [5], dict(stop_token_ids=[VOCAB + 1])),
+    ],
+)
+def test_bad_input_is_invalid_argument_from_the_real_engine(server, field, prompt, params) -> None:
+    async def go():
+        async with InferenceClient(ClientConfig(target=server.target)) as c:
+            return await c.generate_all(prompt, sampling_params(**params), timeout=30)
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        _run(go())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
