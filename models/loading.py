@@ -46,6 +46,8 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 ALWAYS_IGNORED = (r"(.*\.)?rotary_emb\.inv_freq",)
 # Show a progress bar when the checkpoint is at least this big.
 PROGRESS_MIN_BYTES = 256 * 1024**2
+# Reopen a safetensors file after reading this much from it (see _TensorReader).
+REOPEN_BYTES = 64 * 1024**2
 
 # ``(param path, logical axes, shape) -> Sharding | None`` (None: the default device).
 ParamSharding = Callable[[tuple[str, ...], tuple, tuple[int, ...]], "jax.sharding.Sharding | None"]
@@ -305,7 +307,6 @@ def fill_from_safetensors(
     param_sharding: ParamSharding | None = None,
 ) -> None:
     """Fill the abstract ``model`` in place from the safetensors files in ``path``."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     files = safetensors_files(path)
@@ -323,22 +324,56 @@ def fill_from_safetensors(
     for name, spec in resolved:
         by_file.setdefault(files[name], []).append((name, spec))
     total_bytes = sum(f.stat().st_size for f in by_file)
-    host = _host_device()
     with tqdm(total=len(resolved), desc="loading weights", unit="tensor", disable=total_bytes < PROGRESS_MIN_BYTES) as bar:
         for file, entries in by_file.items():
-            with safe_open(file, framework="flax") as f:
-                for name, spec in entries:
-                    var = variables[spec.path]
-                    dtype = var.get_value().dtype
-                    with jax.default_device(host):
-                        tensor = f.get_tensor(name)
-                    array = spec.apply(np.asarray(tensor)).astype(dtype)
-                    del tensor
-                    if spec.index is None:
-                        var.set_value(jax.device_put(array, target_sharding(param_sharding, spec.path, var)))
-                    else:
-                        _fill_stacked(stacks, spec, var, array, param_sharding)
-                    bar.update(1)
+            reader = _TensorReader(file)
+            for name, spec in entries:
+                var = variables[spec.path]
+                array = spec.apply(reader.read(name)).astype(var.get_value().dtype, copy=False)
+                if spec.index is None:
+                    var.set_value(jax.device_put(array, target_sharding(param_sharding, spec.path, var)))
+                else:
+                    _fill_stacked(stacks, spec, var, array, param_sharding)
+                del array
+                bar.update(1)
+            reader.close()
+
+
+class _TensorReader:
+    """Reads tensors of one safetensors file as numpy arrays, one at a time.
+
+    safetensors memory-maps the file and every page read stays mapped (and counted in
+    our resident memory) until the file is closed, so the file is reopened after every
+    ``REOPEN_BYTES`` read: the mapped part never grows past that, whatever the file size.
+    bfloat16 goes through the flax reader on the CPU device (numpy cannot read it).
+    """
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.handles: dict[str, object] = {}  # framework -> open safe_open handle
+        self.bytes_read = 0
+
+    def _handle(self, framework: str):
+        from safetensors import safe_open
+
+        if framework not in self.handles:
+            self.handles[framework] = safe_open(self.file, framework=framework)
+        return self.handles[framework]
+
+    def read(self, name: str) -> np.ndarray:
+        if self._handle("numpy").get_slice(name).get_dtype() == "BF16":
+            with jax.default_device(_host_device()):
+                array = np.asarray(self._handle("flax").get_tensor(name))
+        else:
+            array = self._handle("numpy").get_tensor(name)
+        self.bytes_read += array.nbytes
+        if self.bytes_read >= REOPEN_BYTES:
+            self.close()
+        return array
+
+    def close(self) -> None:
+        self.handles.clear()  # dropping a handle unmaps its file
+        self.bytes_read = 0
 
 
 def _fill_stacked(stacks: dict, spec: WeightSpec, var: nnx.Variable, array: np.ndarray, param_sharding) -> None:

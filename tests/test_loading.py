@@ -177,3 +177,47 @@ def test_abstract_model_allocates_nothing(tiny_checkpoint):
         if isinstance(v, nnx.Param):
             assert isinstance(v.get_value(), jax.ShapeDtypeStruct), p
             assert v.get_value().dtype == jnp.bfloat16
+
+
+_MAKE_BIG = """
+import sys, transformers as tf
+cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                     num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=256)
+tf.LlamaForCausalLM(cfg).save_pretrained(sys.argv[1])
+"""
+
+_LOAD_AND_MEASURE = """
+import json, sys
+import jax, jax.numpy as jnp
+jnp.zeros(1).block_until_ready()
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+before = status("VmRSS")
+from models.loading import load
+model, _ = load(sys.argv[1], "float32")
+print(json.dumps({"before": before, "peak": status("VmHWM")}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_host_memory_about_one_model(tmp_path):
+    """Loading a ~600 MiB float32 checkpoint raises peak RSS by about one model, not two."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    subprocess.run([sys.executable, "-c", _MAKE_BIG, str(tmp_path)], env=env, check=True, capture_output=True)
+    model_bytes = (tmp_path / "model.safetensors").stat().st_size
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_MEASURE, str(tmp_path)], env=env, check=True, capture_output=True, text=True
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = report["peak"] - report["before"]
+    # One model, plus the reopen window of the reader and one transient copy of the largest tensor.
+    assert growth <= model_bytes + loading.REOPEN_BYTES + 2 * 32000 * 1024 * 4, (growth, model_bytes)
