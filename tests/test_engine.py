@@ -214,3 +214,47 @@ def test_engine_arguments_are_validated(model, tokenizer):
     tiny_pool = Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, warmup=False)
     with pytest.raises(ValueError, match="KV pages"):
         tiny_pool.add_request(list(range(3, 10)), SamplingParams(max_tokens=4))
+
+
+# -- real checkpoints against transformers ------------------------------------------------
+
+HF_KW = dict(max_model_len=128, page_size=4, max_num_seqs=4, max_num_batched_tokens=32)
+DEFAULT_VARIANTS = ["llama", "gpt2"]
+SLOW_VARIANTS = ["llama_gqa", "llama3_rope", "llama_tied", "mistral", "qwen2", "mixtral", "opt"]
+
+
+def _hf_greedy(path, variant, prompt, max_new):
+    import torch
+    from hf_fixtures import load_hf_model
+
+    hf = load_hf_model(path, variant)
+    hf.generation_config.eos_token_id = None  # the engine side runs with ignore_eos
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+def _check_against_transformers(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    engine = Engine.from_pretrained(path, dtype="float32", **HF_KW)
+    rng = np.random.default_rng(11)
+    lengths, max_new = [5, 40, 13, 1, 27], [10, 6, 14, 9, 4]
+    prompts = [rng.integers(3, 300, n).tolist() for n in lengths]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_new]
+    warm = engine.num_compiles
+    got = _run_staggered(engine, prompts, params, arrivals=[0, 0, 1, 3, 4])
+    want = [_hf_greedy(path, variant, p, m) for p, m in zip(prompts, max_new)]
+    assert got == want
+    assert engine.scheduler.pages_used == 0
+    assert engine.num_compiles == warm
+
+
+@pytest.mark.parametrize("variant", DEFAULT_VARIANTS)
+def test_greedy_matches_transformers(tiny_checkpoint, variant):
+    _check_against_transformers(tiny_checkpoint, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", SLOW_VARIANTS)
+def test_greedy_matches_transformers_every_family(tiny_checkpoint, variant):
+    _check_against_transformers(tiny_checkpoint, variant)
