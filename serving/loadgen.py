@@ -96,10 +96,11 @@ def synthetic_workload(
     if not 1 <= prompt_len[0] <= prompt_len[1] or not 1 <= output_len[0] <= output_len[1]:
         raise ValueError(f"{prompt_len=} and {output_len=} must be (lo, hi) with 1 <= lo <= hi")
     rng = random.Random(seed)
+    arrivals = random.Random(seed + 1)  # separate stream: the same requests at any rate
     items, t = [], 0.0
     for i in range(n):
         if rate is not None:
-            t += rng.expovariate(rate)
+            t += arrivals.expovariate(rate)
         prompt = [rng.randrange(low_token, vocab_size) for _ in range(_long_tailed(rng, *prompt_len))]
         params = pb.SamplingParams(
             max_tokens=_long_tailed(rng, *output_len), temperature=temperature, seed=rng.randrange(2**31), ignore_eos=True

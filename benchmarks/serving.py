@@ -1,0 +1,198 @@
+"""Serving benchmark: what gRPC serving costs over the engine, and latency under load.
+
+Usage::
+
+    python benchmarks/serving.py [--model PATH] [--num-requests 256] [--rates 4 16 64]
+
+Starts ``energon serve`` on 127.0.0.1 (a free port) over ``--model`` (default:
+the embedded demo model), then, with one seeded workload (long-tailed prompt and
+output lengths, per-request sampling seeds, ``ignore_eos``):
+
+1. baseline: the workload as a burst straight into an in-process ``AsyncEngine``
+   with the same engine settings (no gRPC, no second process);
+2. the same burst through the server, from an asyncio gRPC client;
+3. Poisson arrivals at each of ``--rates`` requests/s through the server.
+
+It prints, for each, TTFT, TPOT, inter-token latency and end-to-end latency at
+p50/p90/p99, throughput and goodput under the TTFT/TPOT SLOs, then the ratio of
+served to direct throughput and TTFT measured in this same run. Copy the output
+into benchmarks/RESULTS.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from serving.client import ClientConfig, InferenceClient  # noqa: E402
+from serving.loadgen import (  # noqa: E402
+    Record,
+    WorkItem,
+    format_summary,
+    run_open_loop,
+    summarize,
+    synthetic_workload,
+)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    return dict(
+        max_model_len=args.max_model_len,
+        page_size=args.page_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def start_server(args: argparse.Namespace, port_file: Path, log_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0"]
+    cmd += ["--port-file", str(port_file), "--max-queue", str(max(256, args.num_requests))]
+    if args.model:
+        cmd += ["--model", args.model]
+    for k, v in _engine_kwargs(args).items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    log = open(log_path, "wb")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
+async def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    from grpc_health.v1 import health_pb2
+
+    deadline = time.monotonic() + timeout_s
+    async with InferenceClient(ClientConfig(target=target)) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if await client.health(timeout=5) == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except Exception:  # not up yet
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"server not SERVING within {timeout_s} s")
+
+
+async def run_direct(engine, items: list[WorkItem]) -> list[Record]:
+    """The baseline: the same requests into an in-process AsyncEngine, timed the same way."""
+    from energon_jax import SamplingParams
+
+    async def one(item: WorkItem) -> Record:
+        p = item.params
+        params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, seed=p.seed, ignore_eos=True)
+        rec = Record(item.request_id, sent=time.perf_counter())
+        async for delta in engine.submit(item.prompt, params, request_id=item.request_id):
+            now = time.perf_counter()
+            rec.token_ids.extend(delta.token_ids)
+            rec.token_times.extend([now] * len(delta.token_ids))
+            if delta.finished:
+                rec.finish_reason = delta.finish_reason or ""
+        rec.done = time.perf_counter()
+        return rec
+
+    return list(await asyncio.gather(*(one(it) for it in items)))
+
+
+async def served(target: str, items: list[WorkItem]) -> list[Record]:
+    async with InferenceClient(ClientConfig(target=target)) as client:
+        return await run_open_loop(client, items, timeout_s=900)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint (default: the embedded demo model)")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rates", type=float, nargs="*", default=[8.0, 32.0])
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(8, 192))
+    ap.add_argument("--output-len", type=int, nargs=2, default=(8, 64))
+    ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    ap.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    from energon_jax import AsyncEngine
+
+    slo = dict(ttft_slo_s=args.ttft_slo_ms / 1000, tpot_slo_s=args.tpot_slo_ms / 1000)
+    print(f"# energon serving benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(f"model: {args.model or 'embedded demo model'}, engine {_engine_kwargs(args)}")
+
+    t0 = time.perf_counter()
+    engine = AsyncEngine.from_pretrained(args.model, **_engine_kwargs(args))
+    engine.start()
+    vocab = engine.info.vocab_size
+    print(f"in-process engine ready in {time.perf_counter() - t0:.1f} s (load + compile)")
+
+    def workload(rate: float | None) -> list[WorkItem]:
+        return synthetic_workload(
+            args.num_requests, seed=args.seed, vocab_size=vocab, prompt_len=tuple(args.prompt_len),
+            output_len=tuple(args.output_len), rate=rate,
+        )  # fmt: skip
+
+    results = {}
+    asyncio.run(run_direct(engine, workload(None)[:8]))  # touch every path once, untimed
+    direct = summarize(asyncio.run(run_direct(engine, workload(None))), **slo)
+    engine.shutdown()
+    results["direct burst"] = direct
+    print(format_summary(direct, "\n## baseline: burst into an in-process AsyncEngine (no gRPC)"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port_file, log_path = Path(tmp) / "ports.json", Path(tmp) / "server.log"
+        proc = start_server(args, port_file, log_path)
+        try:
+            while not port_file.exists():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{log_path.read_text()}")
+                time.sleep(0.2)
+            target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
+            asyncio.run(wait_serving(target, proc, 900))
+            asyncio.run(served(target, workload(None)[:8]))  # same untimed touch as the baseline
+            runs = [("burst", None)] + [(f"Poisson {r:g} req/s", r) for r in args.rates]
+            for name, rate in runs:
+                recs = asyncio.run(served(target, workload(rate)))
+                s = summarize(recs, **slo)
+                results[f"served {name}"] = s
+                print(format_summary(s, f"\n## served over gRPC: {name}"))
+                errs = sorted({f"{r.error}: {r.error_details}" for r in recs if r.error})
+                for e in errs[:5]:
+                    print(f"error: {e}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        print(f"\nserver exit code after SIGTERM: {proc.returncode}")
+
+    burst = results["served burst"]
+    print("\n## served / direct, same workload, same run")
+    print(f"throughput ratio (served tok/s / direct tok/s): {burst.token_throughput / direct.token_throughput:.3f}")
+    print(f"TTFT p50 ratio (served / direct): {burst.ttft_s['p50'] / direct.ttft_s['p50']:.3f}")
+    print(f"TPOT p50 ratio (served / direct): {burst.tpot_s['p50'] / direct.tpot_s['p50']:.3f}")
+    if args.json is not None:
+        from dataclasses import asdict
+
+        args.json.write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
