@@ -40,9 +40,9 @@ class Linear(nnx.Module):
         self.bias = param(rngs, (out_features,), (axes[1],), dtype, init="zeros") if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel.value.astype(x.dtype))
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias.value.astype(x.dtype)
+            y = y + self.bias[...].astype(x.dtype)
         return y
 
 
@@ -53,10 +53,10 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, (num_embeddings, features), axes, dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding.value, ids, axis=0)
+        return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("TD,VD->TV", x, self.embedding.value.astype(x.dtype))
+        return jnp.einsum("TD,VD->TV", x, self.embedding[...].astype(x.dtype))
 
 
 class RMSNorm(nnx.Module):
@@ -67,7 +67,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -80,9 +80,9 @@ class LayerNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value.astype(jnp.float32)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
 
