@@ -71,15 +71,16 @@ def test_tp_matches_single_device(family):
 # ----------------------------------------------------------------- the child
 
 
-def build_model(family: str, seed: int = 0):
-    """The family's NNX model from ``HF_CONFIGS``, every parameter perturbed (deterministic in ``seed``)."""
+def build_model(family: str, seed: int = 0, **overrides):
+    """The family's NNX model from ``HF_CONFIGS`` (plus ``overrides``), every parameter
+    perturbed (deterministic in ``seed``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from models.registry import family_for
 
-    hf = HF_CONFIGS[family]
+    hf = {**HF_CONFIGS[family], **overrides}
     arch, module = family_for(hf)
     config = module.config_from_hf(hf)
     model = getattr(module, arch)(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
