@@ -300,8 +300,42 @@ def expected_tokens(prompt: Sequence[int], params: SamplingParams, vocab_size: i
 
 
 def serve_binding(model: str | None, engine_kwargs: dict[str, Any]):
-    """Engine factory for ``energon serve --engine-factory mock_engine:serve_binding``."""
+    """Engine factory for ``energon serve --engine-factory mock_engine:serve_binding``.
+
+    ``load_s`` (an ``--engine-arg``) makes loading take that long, as a real checkpoint does.
+    """
     from serving.binding import EngineBinding
 
-    engine = MockAsyncEngine(**engine_kwargs)
+    kwargs = dict(engine_kwargs)
+    time.sleep(float(kwargs.pop("load_s", 0.0)))
+    engine = MockAsyncEngine(**kwargs)
     return EngineBinding(engine=engine, params_cls=SamplingParams, queue_full_error=QueueFullError)
+
+
+def real_binding_failing_on_token(model: str | None, engine_kwargs: dict[str, Any]):
+    """The real AsyncEngine, except that a step raises once a prompt holding ``fail_on_token`` was added.
+
+    For the fault test against the real engine's failure path
+    (``--engine-factory mock_engine:real_binding_failing_on_token --engine-arg fail_on_token=X``).
+    """
+    from serving.binding import energon_binding
+
+    kwargs = dict(engine_kwargs)
+    poison = int(kwargs.pop("fail_on_token"))
+    binding = energon_binding(model, kwargs)
+    engine = binding.engine.engine  # the Engine the step thread drives
+    add_request, step = engine.add_request, engine.step
+    poisoned = threading.Event()
+
+    def add_request_watching(prompt, params=None, *, request_id=None):
+        if not isinstance(prompt, str) and poison in list(prompt):
+            poisoned.set()
+        return add_request(prompt, params, request_id=request_id)
+
+    def failing_step():
+        if poisoned.is_set():
+            raise RuntimeError("injected failure in a real engine step")
+        return step()
+
+    engine.add_request, engine.step = add_request_watching, failing_step
+    return binding

@@ -153,3 +153,23 @@ def test_bad_input_is_invalid_argument_from_the_real_engine(server, field, promp
         _run(go())
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in e.value.details()
+
+
+def test_real_engine_step_failure_is_internal_and_exit_nonzero(checkpoint) -> None:
+    args = ["--model", str(checkpoint), "--max-model-len", "64", "--page-size", "4", "--max-num-seqs", "4"]
+    args += ["--max-num-batched-tokens", "16", "--engine-arg", "fail_on_token=77"]
+    with ServerProcess(*args, factory="mock_engine:real_binding_failing_on_token") as srv:
+        srv.wait_serving(timeout_s=300)
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            params = pb.SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+            calls = [stub.Generate(generate_request([5 + i, 6], params), timeout=120) for i in range(3)]
+            for c in calls:
+                next(c)
+            poison = stub.Generate(generate_request([77, 78], params), timeout=120)
+            for c in [*calls, poison]:
+                with pytest.raises(grpc.RpcError) as e:
+                    list(c)
+                assert e.value.code() == grpc.StatusCode.INTERNAL, e.value
+        assert srv.wait_exit(60) == 1
+        assert "injected failure in a real engine step" in srv.log()

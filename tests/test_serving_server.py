@@ -264,3 +264,34 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
                 assert [t for r in resps for t in r.token_ids] == list(range(i * 100 + 1, i * 100 + 41))
                 assert resps[-1].finish_reason == "length"
         assert srv.wait_exit(30) == 0
+
+
+def test_not_serving_and_unavailable_until_the_model_is_loaded() -> None:
+    with ServerProcess("--engine-arg", "load_s=3") as srv:
+        srv.wait_ports()
+        with grpc.insecure_channel(srv.target) as channel:
+            assert srv.health(channel) == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                list(pb_grpc.InferenceStub(channel).Generate(generate_request([1], pb.SamplingParams(max_tokens=1)), timeout=10))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details()
+            srv.wait_serving(channel=channel)
+            ids = [t for r in pb_grpc.InferenceStub(channel).Generate(generate_request([1], pb.SamplingParams(max_tokens=2, temperature=0)), timeout=10) for t in r.token_ids]
+            assert ids == [2, 3]
+
+
+def test_sigterm_cancels_streams_still_running_after_the_grace_period() -> None:
+    with ServerProcess("--engine-arg", "step_s=0.05", "--grace", "0.5") as srv:
+        srv.wait_serving()
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            call = stub.Generate(generate_request([1], pb.SamplingParams(max_tokens=200, temperature=0)), timeout=60)
+            first = next(call)
+            srv.signal(signal.SIGTERM)
+            tokens = list(first.token_ids)
+            with pytest.raises(grpc.RpcError) as e:
+                for r in call:
+                    tokens.extend(r.token_ids)
+            assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert tokens == list(range(2, 2 + len(tokens))) and len(tokens) < 200
+        assert srv.wait_exit(30) == 0
+        assert "still in flight" in srv.log()
