@@ -324,7 +324,8 @@ def fill_from_safetensors(
     for name, spec in resolved:
         by_file.setdefault(files[name], []).append((name, spec))
     total_bytes = sum(f.stat().st_size for f in by_file)
-    with tqdm(total=len(resolved), desc="loading weights", unit="tensor", disable=total_bytes < PROGRESS_MIN_BYTES) as bar:
+    show = total_bytes >= PROGRESS_MIN_BYTES
+    with tqdm(total=len(resolved), desc="loading weights", unit="tensor", disable=not show) as bar:
         for file, entries in by_file.items():
             reader = _TensorReader(file)
             for name, spec in entries:

@@ -76,7 +76,9 @@ def restore_into(model: nnx.Module, path: str | Path, *, param_sharding: ParamSh
         raise ValueError(f"{MARKER} in {str(root)!r} has format={marker.get('format')!r}; expected {FORMAT!r}")
     variables = param_variables(model)
     target = _nest({
-        p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=target_sharding(param_sharding, p, v))
+        p: jax.ShapeDtypeStruct(
+            v.get_value().shape, v.get_value().dtype, sharding=target_sharding(param_sharding, p, v)
+        )
         for p, v in variables.items()
     })
     params_dir = root / marker.get("params", PARAMS_DIR)

@@ -19,7 +19,9 @@ from models import loading
 
 
 def _params(model) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    return {
+        ".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)
+    }
 
 
 def _logits(model, n=11):
