@@ -171,13 +171,13 @@ class Engine:
         cls, path: str | Path | None = None, *, dtype: str = "float32", **engine_kwargs: Any
     ) -> Engine:
         """Load a Hugging Face checkpoint directory (``None``: the embedded demo model)."""
-        import models
+        from models.loading import load
         from models.pooling import read_pooling_config
 
         from energon_jax.tokenizer import Tokenizer
 
         root = demo_model_path() if path is None else Path(path)
-        model, config = models.load(root, dtype)
+        model, config = load(root, dtype)
         tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
         pooling = read_pooling_config(root) if config.is_encoder else None
         return cls(model, config, tokenizer, pooling=pooling, model_path=str(root), **engine_kwargs)

@@ -1,0 +1,65 @@
+"""``energon generate [--model PATH] PROMPT``: stream a completion to the terminal.
+
+Without ``--model`` the embedded demo model (``energon_jax/demo``) is used. Text is
+printed as the engine produces it (``Engine.stream``), the prompt first. The engine is
+sized for one sequence and compiles lazily (no warm-up of every bucket), so the first
+token comes after two small compiles rather than a full warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "generate"
+HELP = "generate text from a prompt, streamed to the terminal (default model: the embedded demo)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: embedded demo)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's maximum")
+    parser.add_argument("--no-prompt", action="store_true", help="print only the generated text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from energon_jax.engine import Engine
+    from energon_jax.request import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop),
+        )
+        engine = Engine.from_pretrained(
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1,
+            max_num_batched_tokens=256, warmup=False,
+        )
+        if engine.tokenizer is None:
+            raise ValueError(f"model {engine.model_path!r} has no tokenizer.json: generate needs one for text prompts")
+        max_len = engine.config.max_model_len
+        n_prompt = len(engine.tokenizer.encode(args.prompt))
+        if n_prompt + params.max_tokens > max_len:  # shorten the output rather than refuse
+            if n_prompt >= max_len:
+                raise ValueError(f"the prompt has {n_prompt} tokens; max_model_len={max_len}")
+            params = SamplingParams(**{**params.__dict__, "max_tokens": max_len - n_prompt})
+        out = sys.stdout
+        if not args.no_prompt:
+            out.write(args.prompt)
+            out.flush()
+        for delta in engine.stream(args.prompt, params):
+            out.write(delta.text)
+            out.flush()
+        out.write("\n")
+        return 0
+    except ValueError as e:
+        print(f"energon generate: {e}", file=sys.stderr)
+        return 2
