@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import FlashBlockSizes
+from pallas_kernels.dispatch import gpu_compiler_params
 
 # Finite "minus infinity": exp(MASK - m) underflows to 0 without producing NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -187,6 +188,7 @@ def flash_attention_pallas(
         out_specs=pl.BlockSpec((block_q, None, hp), lambda hd, i: (i, hd, 0)),
         out_shape=jax.ShapeDtypeStruct((tp, n, hp), q.dtype),
         interpret=interpret,
+        compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4 if hp <= 64 else 8, num_stages=2),
         name="flash_attention_packed",
     )(lo, hi, needed.reshape(-1).astype(jnp.int32), q_seg, q_pos, kv_seg, kv_pos, q_p, k_p, v_p)
     return out[:t, :, :h]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import PagedBlockSizes
+from pallas_kernels.dispatch import gpu_compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -169,6 +170,7 @@ def paged_attention_pallas(
             jax.ShapeDtypeStruct((t, kh, num_splits, rows), jnp.float32),
         ],
         interpret=interpret,
+        compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=2),
         name="paged_attention",
     )(*args)
     out = combine_splits(acc, m, l)[:, :, :group]  # [T, K, G, H]

@@ -44,3 +44,18 @@ def backend() -> str:
 def use_interpret(interpret: bool) -> bool:
     """``interpret`` as asked, or True on CPU, where Pallas can only interpret."""
     return interpret or backend() == "cpu"
+
+
+def gpu_compiler_params(*, interpret: bool, num_warps: int | None = None, num_stages: int | None = None):
+    """Triton compiler parameters when compiling for a GPU, else None.
+
+    The kernels here are written for the Triton lowering (generic ``pallas_call`` with
+    BlockSpecs); recent jax sends a ``pallas_call`` without compiler parameters to Mosaic
+    GPU instead, which these kernels do not target. Passing Triton parameters picks the
+    Triton lowering explicitly.
+    """
+    if interpret or backend() != "gpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

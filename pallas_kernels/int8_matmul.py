@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import MatmulBlockSizes
-from pallas_kernels.dispatch import resolve_implementation, use_interpret
+from pallas_kernels.dispatch import gpu_compiler_params, resolve_implementation, use_interpret
 
 
 def int8_matmul(
@@ -127,6 +127,7 @@ def int8_matmul_pallas(
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
         interpret=interpret,
+        compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=3),
         name="int8_matmul",
     )(x_p, w_p, s_p)
     return out[:m, :n]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import resolve_implementation, use_interpret
+from pallas_kernels.dispatch import gpu_compiler_params, resolve_implementation, use_interpret
 from pallas_kernels.int8_matmul import _round_up
 
 
@@ -102,7 +102,7 @@ def _expand_tile(bitmap_ref, values_ref, offsets_ref, t, tile_k: int, tile_n: in
     words = bitmap_ref[t * words_per_tile + e // 32]  # [tk, tn] uint32 (gather load)
     bits = ((words >> (e % 32).astype(jnp.uint32)) & 1).astype(jnp.int32)
     in_row = jnp.cumsum(bits, axis=1)  # inclusive rank inside the row
-    row_nnz = in_row[:, tile_n - 1:tile_n]  # [tk, 1]
+    row_nnz = jnp.sum(bits, axis=1, keepdims=True)  # [tk, 1]
     row_start = jnp.cumsum(row_nnz, axis=0) - row_nnz  # exclusive
     rank = row_start + in_row - bits
     idx = jnp.where(bits != 0, offsets_ref[t] + rank, 0)
@@ -184,6 +184,7 @@ def sparse_matmul_pallas(x: jax.Array, packed: PackedSparse, *, interpret: bool 
         out_specs=pl.BlockSpec((block_m, tn), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((mp, nt * tn), x.dtype),
         interpret=interpret,
+        compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=2),
         name="sparse_matmul",
     )(packed.tile_offsets, packed.bitmap, values, x_p)
     return out[:m, : packed.shape[1]]
