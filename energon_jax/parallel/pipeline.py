@@ -123,6 +123,9 @@ class PipelineRunner:
 
         return jax.jit(fn, donate_argnums=(1,))
 
+    def reset_stats(self) -> None:
+        self.stats = PipelineStats(busy=[0] * self.pp, entered=self.stats.in_flight, completed=0)
+
     @property
     def empty(self) -> bool:
         return all(slot is None for slot in self._slots)

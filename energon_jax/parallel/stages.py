@@ -88,13 +88,17 @@ def run_embed(parts: DecoderParts, embed_state: Any, input_ids: jax.Array) -> ja
 
 def run_layers(parts: DecoderParts, first: int, layer_states: Any, kv_pages: tuple, x: jax.Array, batch: Any):
     """Layers ``first, first + 1, ...`` (one state and one KVPages each) over ``x [T, D]``."""
-    inv_freq = _rope(parts)
     new_pages = []
     for i, (state, pages) in enumerate(zip(layer_states, kv_pages)):
-        layer = nnx.merge(parts.layers[first + i][0], state)
-        x, pages = layer(x, batch.positions, batch.segment_ids, inv_freq, pages, batch.attn)
+        x, pages = run_layer(parts, parts.layers[first + i][0], state, pages, x, batch)
         new_pages.append(pages)
     return x, tuple(new_pages)
+
+
+def run_layer(parts: DecoderParts, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
+    """One layer (``graphdef`` + ``state``) over ``x [T, D]``; returns ``(x, pages)``."""
+    layer = nnx.merge(graphdef, state)
+    return layer(x, batch.positions, batch.segment_ids, _rope(parts), pages, batch.attn)
 
 
 def run_head(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, batch: Any):

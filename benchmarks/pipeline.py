@@ -1,0 +1,154 @@
+"""Pipeline stage utilisation under a steady decode load, and the cost of layer offloading.
+
+    python benchmarks/pipeline.py                      # 8 simulated CPU devices
+    python benchmarks/pipeline.py --layers 8 --requests 16 --max-tokens 48
+
+Part 1, pipeline (``parallel/pipeline.py``): a random Llama (``--layers`` layers) serves
+``--requests`` greedy requests of ``--max-tokens`` tokens each, split into ``pp``
+sequence groups, for pp = 2 and 4. It prints each stage's utilisation, busy ticks
+over all ticks of the run (fill, steady state and drain included; target >= 85%), the
+most micro-batches in flight at once, and the wall time against the pp=1 run of the
+same requests measured in the same process (on simulated CPU devices the stages share
+the host's cores, so the wall-time ratio says nothing about real devices; utilisation
+is the schedule's property and holds anywhere).
+
+Part 2, memory pool (``parallel/memory_pool.py``): the same model decoding with only
+``k`` layers' weights resident on the device (the rest in host memory, prefetched a
+layer ahead), against fully resident, in the same run: the slowdown ratio, and the
+peak weight bytes resident on the device against one layer's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if "jax" not in sys.modules:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if os.environ["JAX_PLATFORMS"] == "cpu":
+        os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+
+def _requests(n: int, max_tokens: int, vocab: int):
+    import numpy as np
+
+    from energon_jax.request import Request, SamplingParams
+
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [Request(request_id=f"r{i}", prompt_token_ids=rng.integers(3, vocab, int(rng.integers(2, 9))).tolist(),
+                    params=params) for i in range(n)]
+
+
+def _scheduler(num_pages: int, max_seqs: int, max_len: int):
+    from energon_jax.scheduler import Scheduler, SchedulerConfig
+
+    return Scheduler(SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max(16, max_seqs),
+                                     max_model_len=max_len, page_size=4, num_pages=num_pages))
+
+
+def run_pipeline(args) -> None:
+    from energon_jax.batch import Buckets
+    from energon_jax.parallel.mesh import ParallelConfig, make_mesh, sharding_rules
+    from energon_jax.parallel.pipeline import PipelinedGeneration, PipelineRunner
+    from energon_jax.parallel.stages import decoder_parts
+    from test_parallel_tp_models import build_model
+
+    max_len = 16 + args.max_tokens
+    max_seqs = max(4, args.requests)
+    buckets = Buckets.create(max_num_batched_tokens=max(16, max_seqs), max_num_seqs=max_seqs, max_model_len=max_len,
+                             page_size=4, min_tokens=4)
+    per_group = 1 + max_seqs * -(-max_len // 4)
+    print(f"pipeline: llama layers={args.layers}, {args.requests} requests x {args.max_tokens} tokens, "
+          f"{len(__import__('jax').devices())} devices")
+    base_time = None
+    for pp in (1, 2, 4):
+        model, config = build_model("llama", num_hidden_layers=args.layers)
+        mesh = make_mesh(ParallelConfig(pp=pp))
+        runner = PipelineRunner(decoder_parts(model), mesh, sharding_rules(1, num_kv_heads=config.num_kv_heads),
+                                num_pages=1 + pp * (per_group - 1), page_size=4)
+        times = []
+        for _ in range(2):  # the first round compiles; the second is timed
+            runner.reset_stats()
+            schedulers = [_scheduler(per_group, max_seqs, max_len) for _ in range(pp)]
+            for i, r in enumerate(_requests(args.requests, args.max_tokens, config.vocab_size)):
+                schedulers[i % pp].add(r)
+            start = time.perf_counter()
+            deltas = PipelinedGeneration(runner, schedulers, buckets, per_group).run()
+            times.append(time.perf_counter() - start)
+        tokens = sum(len(d.new_token_ids) for d in deltas)
+        st = runner.stats
+        util = st.utilisation()
+        base_time = base_time or times[-1]
+        print(f"  pp={pp}: ticks={st.ticks} utilisation per stage={[f'{u:.1%}' for u in util]} "
+              f"(min {min(util):.1%}) max_in_flight={st.max_in_flight} tokens={tokens} "
+              f"wall={times[-1]:.2f}s ({times[-1] / base_time:.2f}x pp=1)")
+
+
+def run_memory_pool(args) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from energon_jax.batch import Buckets, pack
+    from energon_jax.parallel.memory_pool import OFFLOAD_KINDS, OffloadConfig, OffloadedRunner
+    from energon_jax.parallel.stages import decoder_parts
+    from energon_jax.runner import ModelRunner
+    from pallas_kernels import make_kv_pages
+    from test_parallel_tp_models import build_model
+
+    layers, k = args.layers, args.resident
+    buckets = Buckets.create(max_num_batched_tokens=16, max_num_seqs=16, max_model_len=64, page_size=4, min_tokens=16)
+    sched = _scheduler(1 + 16 * 16, 16, 64)
+    for r in _requests(16, 32, 96):
+        sched.add(r)
+    plan = sched.schedule()
+    batch = pack(plan, buckets)  # a real mixed prefill step of 16 rows
+    model, config = build_model("llama", num_hidden_layers=layers, hidden_size=256, intermediate_size=1024,
+                                num_attention_heads=8, num_key_value_heads=2)
+    num_pages = 1 + 16 * 16
+    kv = tuple(make_kv_pages(num_pages, 4, config.num_kv_heads, config.head_dim, jnp.float32) for _ in range(layers))
+    runners = [("resident", ModelRunner(model, kv))]
+    for kind in OFFLOAD_KINDS:
+        if kind == "peer" and len(jax.local_devices()) < 2:
+            continue
+        runners.append((f"offload={kind} k={k}", OffloadedRunner(decoder_parts(model), OffloadConfig(kind, k),
+                                                                  num_pages=num_pages, page_size=4)))
+    print(f"memory pool: llama layers={layers}, hidden 256, step of {batch.num_tokens_bucket} tokens")
+    base = None
+    for name, runner in runners:
+        runner.step(batch)  # compile
+        start = time.perf_counter()
+        for _ in range(args.pool_steps):
+            runner.step(batch)
+        per_step = (time.perf_counter() - start) / args.pool_steps
+        base = base or per_step
+        extra = ""
+        if isinstance(runner, OffloadedRunner):
+            st = runner.stats
+            extra = (f"; peak resident weights {st.peak_resident_layers} layers = {st.peak_resident_bytes} B "
+                     f"(limit k+1 = {k + 1} layers = {(k + 1) * st.max_layer_bytes} B, all layers "
+                     f"{sum(st.layer_bytes)} B)")
+        print(f"  {name}: {per_step * 1e3:.2f} ms/step ({per_step / base:.2f}x resident){extra}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--resident", type=int, default=1, help="memory pool: layers resident on the device")
+    p.add_argument("--pool-steps", type=int, default=8, help="memory pool: decode steps timed")
+    p.add_argument("--skip-pool", action="store_true")
+    args = p.parse_args()
+    run_pipeline(args)
+    if not args.skip_pool:
+        run_memory_pool(args)
+
+
+if __name__ == "__main__":
+    main()
