@@ -10,8 +10,10 @@ output lengths, per-request sampling seeds, ``ignore_eos``):
 
 1. baseline: the workload as a burst straight into an in-process ``AsyncEngine``
    with the same engine settings (no gRPC, no second process);
-2. the same burst through the server, from an asyncio gRPC client;
-3. Poisson arrivals at each of ``--rates`` requests/s through the server.
+2. the same burst through the server, from an asyncio gRPC client; 1 and 2
+   alternate ``--repeats`` times so drift in the machine's load hits both;
+3. Poisson arrivals at each of ``--rates`` requests/s through the server;
+4. the offline ceiling: the whole workload through ``Engine.generate`` at once.
 
 It prints, for each, TTFT, TPOT, inter-token latency and end-to-end latency at
 p50/p90/p99, throughput and goodput under the TTFT/TPOT SLOs, then the ratio of
@@ -104,6 +106,11 @@ async def run_direct(engine, items: list[WorkItem]) -> list[Record]:
     return list(await asyncio.gather(*(one(it) for it in items)))
 
 
+def _print_errors(records: list[Record]) -> None:
+    for e in sorted({f"{r.error}: {r.error_details}" for r in records if r.error})[:5]:
+        print(f"error: {e}")
+
+
 async def served(target: str, items: list[WorkItem]) -> list[Record]:
     async with InferenceClient(ClientConfig(target=target)) as client:
         return await run_open_loop(client, items, timeout_s=900)
@@ -123,6 +130,7 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     ap.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating direct/served burst pairs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -146,13 +154,9 @@ def main() -> int:
             output_len=tuple(args.output_len), rate=rate,
         )  # fmt: skip
 
-    results = {}
+    results: dict[str, object] = {}
     asyncio.run(run_direct(engine, workload(None)[:8]))  # touch every path once, untimed
-    direct = summarize(asyncio.run(run_direct(engine, workload(None))), **slo)
-    engine.shutdown()
-    results["direct burst"] = direct
-    print(format_summary(direct, "\n## baseline: burst into an in-process AsyncEngine (no gRPC)"))
-
+    pairs = []
     with tempfile.TemporaryDirectory() as tmp:
         port_file, log_path = Path(tmp) / "ports.json", Path(tmp) / "server.log"
         proc = start_server(args, port_file, log_path)
@@ -164,16 +168,24 @@ def main() -> int:
             target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
             asyncio.run(wait_serving(target, proc, 900))
             asyncio.run(served(target, workload(None)[:8]))  # same untimed touch as the baseline
-            runs = [("burst", None)] + [(f"Poisson {r:g} req/s", r) for r in args.rates]
-            for name, rate in runs:
+            # Direct and served bursts alternate, so drift in the machine's load hits both.
+            for rep in range(args.repeats):
+                direct = summarize(asyncio.run(run_direct(engine, workload(None))), **slo)
+                print(format_summary(direct, f"\n## [{rep}] baseline: burst into an in-process AsyncEngine (no gRPC)"))
+                recs = asyncio.run(served(target, workload(None)))
+                burst = summarize(recs, **slo)
+                print(format_summary(burst, f"\n## [{rep}] served over gRPC: the same burst"))
+                _print_errors(recs)
+                pairs.append((direct, burst))
+                results[f"direct burst {rep}"], results[f"served burst {rep}"] = direct, burst
+            for rate in args.rates:
                 recs = asyncio.run(served(target, workload(rate)))
                 s = summarize(recs, **slo)
-                results[f"served {name}"] = s
-                print(format_summary(s, f"\n## served over gRPC: {name}"))
-                errs = sorted({f"{r.error}: {r.error_details}" for r in recs if r.error})
-                for e in errs[:5]:
-                    print(f"error: {e}")
+                results[f"served Poisson {rate:g}"] = s
+                print(format_summary(s, f"\n## served over gRPC: Poisson {rate:g} req/s"))
+                _print_errors(recs)
         finally:
+            engine.shutdown()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=120)
@@ -182,11 +194,30 @@ def main() -> int:
                 proc.wait()
         print(f"\nserver exit code after SIGTERM: {proc.returncode}")
 
-    burst = results["served burst"]
-    print("\n## served / direct, same workload, same run")
-    print(f"throughput ratio (served tok/s / direct tok/s): {burst.token_throughput / direct.token_throughput:.3f}")
-    print(f"TTFT p50 ratio (served / direct): {burst.ttft_s['p50'] / direct.ttft_s['p50']:.3f}")
-    print(f"TPOT p50 ratio (served / direct): {burst.tpot_s['p50'] / direct.tpot_s['p50']:.3f}")
+    # Offline ceiling: the whole workload handed to Engine.generate at once, no asyncio,
+    # no client in the way (the AsyncEngine's step thread has stopped; its Engine is idle).
+    from energon_jax import SamplingParams
+
+    items = workload(None)
+    params = [
+        SamplingParams(max_tokens=i.params.max_tokens, temperature=i.params.temperature, seed=i.params.seed, ignore_eos=True)
+        for i in items
+    ]
+    t0 = time.perf_counter()
+    outs = engine.engine.generate([i.prompt for i in items], params, use_tqdm=False)
+    offline_s = time.perf_counter() - t0
+    offline_tps = sum(len(o.token_ids) for o in outs) / offline_s
+    print(f"\n## offline Engine.generate, same workload: {offline_s:.2f} s, {offline_tps:.1f} tok/s")
+
+    print("\n## served / baselines, same burst, same run (one line per alternating pair)")
+    print("served tok/s / offline Engine.generate tok/s: " + ", ".join(f"{b.token_throughput / offline_tps:.3f}" for _, b in pairs))
+    print("| pair | tok/s ratio | TTFT p50 ratio | TPOT p50 ratio |")
+    print("|---|---|---|---|")
+    for i, (d, b) in enumerate(pairs):
+        print(
+            f"| {i} | {b.token_throughput / d.token_throughput:.3f} | {b.ttft_s['p50'] / d.ttft_s['p50']:.3f} "
+            f"| {b.tpot_s['p50'] / d.tpot_s['p50']:.3f} |"
+        )
     if args.json is not None:
         from dataclasses import asdict
 

@@ -295,3 +295,18 @@ def test_sigterm_cancels_streams_still_running_after_the_grace_period() -> None:
             assert tokens == list(range(2, 2 + len(tokens))) and len(tokens) < 200
         assert srv.wait_exit(30) == 0
         assert "still in flight" in srv.log()
+
+
+def test_energon_client_streams_to_the_terminal(server) -> None:
+    import subprocess
+    import sys
+
+    from serving_harness import REPO
+
+    cmd = [sys.executable, "-m", "energon_jax.cli", "client", "--target", server.target]
+    ok = subprocess.run([*cmd, "5 6 7", "--max-tokens", "3", "--temperature", "0", "--usage"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == " 8 9 10\n[finish_reason=length prompt_tokens=3 completion_tokens=3]\n"
+    bad = subprocess.run([*cmd, "5 6 7", "--top-p", "2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr

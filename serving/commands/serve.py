@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=None,
-        help="require 'authorization: Bearer KEY' on every method but health (default: $ENERGON_API_KEY)",
+        help="require 'authorization: Bearer KEY' on every method but health (default: $ENERGON_API_KEY; "
+        "prefer the variable: a key on the command line is visible to other users in ps)",
     )
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM); enables TLS")
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
