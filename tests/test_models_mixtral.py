@@ -1,6 +1,5 @@
 """Mixtral against transformers, and the sorted-experts MoE against a dense reference."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,11 +90,16 @@ def test_moe_matches_dense_reference(experts, top_k, tokens):
         num_kv_heads=1, head_dim=8, intermediate_size=24, max_position_embeddings=64,
         num_experts=experts, num_experts_per_tok=top_k,
     )
-    moe = MixtralMoE(config, dtype=jnp.float32, rngs=nnx.Rngs(experts))
-    moe.router.set_value(jax.random.normal(jax.random.key(1), moe.router[...].shape))
-    x = jax.random.normal(jax.random.key(tokens), (tokens, 16), jnp.float32)
-    got = np.asarray(moe(x))
-    params = [np.asarray(p[...], np.float64) for p in (moe.router, moe.w_gate, moe.w_up, moe.w_down)]
+    # Abstract init, then fresh random values from numpy (no eager per-op compiles).
+    moe = nnx.eval_shape(lambda: MixtralMoE(config, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(experts * 100 + tokens)
+    params = []
+    for p in (moe.router, moe.w_gate, moe.w_up, moe.w_down):
+        value = rng.standard_normal(p.get_value().shape) * (1.0 if p is moe.router else 0.2)
+        p.set_value(jnp.asarray(value, jnp.float32))
+        params.append(np.asarray(p[...], np.float64))
+    x = jnp.asarray(rng.standard_normal((tokens, 16)), jnp.float32)
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(moe, x))
     want = _dense_moe_reference(np.asarray(x, np.float64), *params, top_k)
     assert rel_err(got, want) <= 1e-5
     _, chosen = moe.route(x)
