@@ -52,11 +52,23 @@ def convert(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", 
         raise ValueError(f"hf_dir={str(hf_dir)!r} is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"out_dir={str(out)!r} is not empty; pass --overwrite to write into it")
-    model, _ = load(hf_dir, dtype)
+    # Parameters stay in host memory: a model bigger than one accelerator still converts.
+    model, _ = load(hf_dir, dtype, param_sharding=_on_host())
     out.mkdir(parents=True, exist_ok=True)
     copy_side_files(hf_dir, out)
     save_params(model, out)
     return out
+
+
+def _on_host():
+    """A ``param_sharding`` that keeps every parameter on the CPU device (None: no CPU backend)."""
+    import jax
+
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError:
+        return None
+    return lambda path, axes, shape: cpu
 
 
 def run(args: argparse.Namespace) -> int:
