@@ -234,12 +234,18 @@ def _save_tokenizer(variant: str, out_dir: Path) -> None:
 
 
 def make_tiny_checkpoint(
-    out_dir: str | Path, variant: str, *, seed: int = 0, max_shard_size: str | int | None = None
+    out_dir: str | Path,
+    variant: str,
+    *,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Build a tiny random checkpoint of ``variant`` in ``out_dir``; returns ``out_dir`` as a Path.
 
     ``max_shard_size`` (e.g. ``"40KB"``) splits the weights into several safetensors
-    shards with a ``model.safetensors.index.json``.
+    shards with a ``model.safetensors.index.json``. ``overrides`` sets config attributes
+    before the model is built (e.g. ``{"attention_bias": True}`` for a Llama variant).
     """
     import torch
 
@@ -249,6 +255,8 @@ def make_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = _hf_config(variant)
+    for key, value in (overrides or {}).items():
+        setattr(config, key, value)
     model = _hf_model(variant, config).to(torch.float32).eval()
     _randomize(model, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

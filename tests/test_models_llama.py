@@ -147,3 +147,20 @@ def test_logical_axes_on_every_param(loaded):
     assert axes["lm_head.kernel"] == ("embed", "vocab")
     for name, value in axes.items():
         assert value is not None and len(value) >= 1, name
+
+
+def test_llama_attention_and_mlp_bias(tmp_path):
+    """``attention_bias`` (q/k/v/o biases) and ``mlp_bias`` map to the right parameters."""
+    from hf_fixtures import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path, "llama_gqa", overrides={"attention_bias": True, "mlp_bias": True})
+    model, config = models.load(path)
+    assert config.qkv_bias and config.o_bias and config.mlp_bias
+    ref = load_hf_model(path, "llama_gqa")
+    seqs = random_seqs(np.random.default_rng(5), LENS, config.vocab_size)
+    ids, pos, seg = packed(seqs)
+    logits = np.asarray(forward(model, ids, pos, seg))
+    start = 0
+    for seq in seqs:
+        assert rel_err(logits[start:start + len(seq)], hf_logits(ref, seq)) <= F32_TOL
+        start += len(seq)
