@@ -223,3 +223,12 @@ def test_peak_host_memory_about_one_model(tmp_path):
     growth = report["peak"] - report["before"]
     # One model, plus the reopen window of the reader and one transient copy of the largest tensor.
     assert growth <= model_bytes + loading.REOPEN_BYTES + 2 * 32000 * 1024 * 4, (growth, model_bytes)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama_tied", "qwen2", "mixtral"])
+def test_clean_checkpoints_load_without_warnings(tiny_checkpoint, variant):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        models.load(tiny_checkpoint(variant))
