@@ -110,7 +110,16 @@ class Engine:
         warmup: bool = True,
         pooling: Any | None = None,
         model_path: str | None = None,
+        tp: int = 1,
+        pp: int = 1,
+        dp: int = 1,
+        offload: str | None = None,
+        resident_layers: int | None = None,
     ) -> None:
+        from energon_jax.parallel.runtime import ParallelOptions
+
+        # Parallel layout (energon_jax/parallel): validated here, applied in _build_decoder.
+        self.parallel = ParallelOptions(dp=dp, pp=pp, tp=tp, offload=offload, resident_layers=resident_layers)
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -156,6 +165,17 @@ class Engine:
             max_model_len=c.max_model_len, page_size=c.page_size,
         )
         dtype = _param_dtype(model)
+        if self.parallel != self.parallel.__class__() or jax.process_count() > 1:
+            from energon_jax.parallel.runtime import build_runner
+
+            # Sharded / pipelined / offloaded runner, wrapped in a Controller across processes.
+            self._runner = build_runner(
+                model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=dtype,
+                options=self.parallel, templates=batch_lib.warmup_batches(self._buckets),
+            )
+            if warmup:
+                self.warmup()
+            return
         kv = tuple(
             make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
             for _ in range(model_config.num_layers)

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from energon_jax.parallel.mesh import MESH_AXES, ShardingRules, kv_pages_sharding, state_shardings, place
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, run_embed, run_head, run_layers
-from energon_jax.runner import StepHandle
+from energon_jax.runner import StepHandle, shape_key
 
 
 def stage_meshes(mesh: Mesh) -> list[Mesh]:
@@ -107,6 +107,7 @@ class PipelineRunner:
         self._act_sharding = [NamedSharding(m, PartitionSpec()) for m in self.meshes]
         self._fns = [self._stage_fn(s) for s in range(self.pp)]
         self._slots: list[_Slot | None] = [None] * self.pp
+        self._shapes: set = set()
         self.stats = PipelineStats(busy=[0] * self.pp)
 
     def _stage_fn(self, s: int):
@@ -159,14 +160,38 @@ class PipelineRunner:
         self.stats.ticks += 1
         return out
 
-    def step(self, batch: Any) -> Any:
-        """One micro-batch through every stage, waiting for it: the blocking baseline."""
+    # -- the runner's interface, for an engine that keeps one step in flight ---------------
+
+    @property
+    def kv_cache(self) -> tuple:
+        """Every layer's pages, in layer order (each on its stage's devices)."""
+        return tuple(pages for stage in self.kv for pages in stage)
+
+    @property
+    def num_compiles(self) -> int:
+        return len(self._shapes)
+
+    def warmup(self, batches: Any) -> int:
+        for batch in batches:
+            self.step(batch)  # all-padding batches write only the null page
+        return self.num_compiles
+
+    def step_async(self, batch: Any) -> StepHandle:
+        """One micro-batch through every stage: dispatched stage after stage, nothing waited on.
+
+        With a single step in flight the stages take turns; the non-blocking schedule
+        needs ``pp`` groups in flight (``PipelinedGeneration``).
+        """
         if not self.empty:
-            raise RuntimeError("step() needs an empty pipeline")
+            raise RuntimeError("step_async() needs an empty pipeline (PipelinedGeneration drives tick())")
+        self._shapes.add(shape_key(batch))
         out = self.tick(batch)
         while out is None:
             out = self.tick()
-        return out[1].result()
+        return out[1]
+
+    def step(self, batch: Any) -> Any:
+        return self.step_async(batch).result()
 
 
 def shift_pages(batch: Any, offset: int, page_size: int) -> Any:

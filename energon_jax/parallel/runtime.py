@@ -1,0 +1,114 @@
+"""One entry point for the engine: the step runner for a parallel configuration.
+
+``Engine(..., tp=, pp=, dp=, offload=, resident_layers=)`` hands its options here and
+gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``,
+``warmup``, ``num_compiles``, ``kv_cache``):
+
+- nothing asked, one process: a plain ``ModelRunner`` on the default device;
+- ``tp`` / ``dp``: the model sharded over a ``(dp, 1, tp)`` mesh by its logical axes,
+  KV pages split by KV head (``mesh.py``), one ``ModelRunner`` over all of it;
+- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``);
+- ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
+- more than one process: whatever the above gave, wrapped in a ``Controller`` so that
+  process 0's steps are broadcast and every process runs them (workers call
+  ``controller.serve()``).
+
+The model is validated against the layout first, so an impossible configuration is a
+``ValueError`` that says why before anything is placed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from energon_jax.parallel.mesh import (
+    ParallelConfig, kv_pages_sharding, make_mesh, shard_model, sharding_rules, validate_model_parallelism,
+)
+from energon_jax.parallel.memory_pool import OffloadConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelOptions:
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    offload: str | None = None  # "host" | "peer"
+    resident_layers: int | None = None
+    expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        ParallelConfig(self.dp, self.pp, self.tp)  # validates the sizes
+        if self.offload is None:
+            if self.resident_layers is not None:
+                raise ValueError(f"resident_layers={self.resident_layers} needs offload='host' or 'peer'")
+            return
+        OffloadConfig(self.offload, self.resident_layers if self.resident_layers is not None else 1)
+        if (self.dp, self.pp, self.tp) != (1, 1, 1):
+            raise ValueError(
+                f"offload={self.offload!r} runs on one compute device: dp={self.dp}, pp={self.pp}, tp={self.tp} "
+                "must all be 1"
+            )
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.dp, self.pp, self.tp)
+
+
+def build_runner(
+    model: Any,
+    model_config: Any,
+    *,
+    num_pages: int,
+    page_size: int,
+    kv_dtype: Any,
+    options: ParallelOptions,
+    templates: Sequence[Any] = (),
+) -> Any:
+    """The runner for ``options`` (see the module docstring). ``templates``: one batch per step
+    shape (``batch.warmup_batches``), needed only across processes."""
+    from energon_jax.runner import ModelRunner
+    from pallas_kernels import make_kv_pages
+
+    c = model_config
+    validate_model_parallelism(
+        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
+        intermediate_size=getattr(c, "intermediate_size", None),
+    )
+    if options.offload is not None:
+        from energon_jax.parallel.memory_pool import OffloadedRunner
+        from energon_jax.parallel.stages import decoder_parts
+
+        if jax.process_count() > 1:
+            raise ValueError("offload is single-process: run it without jax.distributed")
+        k = options.resident_layers if options.resident_layers is not None else 1
+        runner = OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
+                                 num_pages=num_pages, page_size=page_size)
+        return runner
+    mesh = make_mesh(options.parallel)
+    rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
+    if options.pp > 1:
+        from energon_jax.parallel.pipeline import PipelineRunner
+
+        if jax.process_count() > 1:
+            raise ValueError(f"pp={options.pp} is single-process for now: use tp/dp across processes")
+        from energon_jax.parallel.stages import decoder_parts
+
+        runner = PipelineRunner(decoder_parts(model), mesh, rules, num_pages=num_pages, page_size=page_size,
+                                kv_dtype=kv_dtype)
+    else:
+        shard_model(model, mesh, rules)
+        sharding = kv_pages_sharding(mesh, rules)
+        kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
+                   for _ in range(c.num_layers))
+        runner = ModelRunner(model, kv)
+    if jax.process_count() > 1:
+        from energon_jax.parallel.controller import Controller
+
+        if not templates:
+            raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")
+        return Controller(runner, templates)
+    return runner
