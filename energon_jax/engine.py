@@ -107,6 +107,7 @@ class Engine:
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 512,
         static_batching: bool = False,
+        min_token_bucket: int = 16,
         warmup: bool = True,
         pooling: Any | None = None,
         model_path: str | None = None,
@@ -144,6 +145,9 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
             kv_dtype=_param_dtype(model),
         )
+        if min_token_bucket < 1:
+            raise ValueError(f"{min_token_bucket=} must be >= 1")
+        self._min_token_bucket = min_token_bucket
         self._build_decoder(model, model_config, warmup)
 
     def _build_decoder(self, model: Any, model_config: Any, warmup: bool) -> None:
@@ -162,7 +166,7 @@ class Engine:
         )
         self._buckets = batch_lib.Buckets.create(
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
-            max_model_len=c.max_model_len, page_size=c.page_size,
+            max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
         )
         dtype = _param_dtype(model)
         if self.parallel != self.parallel.__class__() or jax.process_count() > 1:

@@ -258,3 +258,52 @@ def test_greedy_matches_transformers(tiny_checkpoint, variant):
 @pytest.mark.parametrize("variant", SLOW_VARIANTS)
 def test_greedy_matches_transformers_every_family(tiny_checkpoint, variant):
     _check_against_transformers(tiny_checkpoint, variant)
+
+
+# -- embeddings (encoders) ------------------------------------------------------------------
+
+def _hf_embeddings(path, texts, mode):
+    import torch
+    from hf_fixtures import load_hf_model
+    from transformers import PreTrainedTokenizerFast
+
+    hf = load_hf_model(path, "bert")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tok(text, return_tensors="pt")
+            hidden = hf(**enc).last_hidden_state[0]  # [T, D]
+            out.append((hidden[0] if mode == "cls" else hidden.mean(0)).numpy())
+    return np.stack(out)
+
+
+def test_embed_matches_transformers_and_honours_pooling_config(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    src = tiny_checkpoint("bert")
+    texts = ["The quick brown fox.", "hello", "Paged attention keeps the key value cache in fixed size pages. " * 3]
+    engine = Engine.from_pretrained(src, max_num_batched_tokens=64, max_num_seqs=2)
+    got = engine.embed(texts, normalize=False)
+    want = _hf_embeddings(src, texts, "mean")  # no pooling config: mean pooling
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    unit = engine.embed(texts)
+    np.testing.assert_allclose(unit, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+    st = tmp_path / "st"
+    shutil.copytree(src, st)
+    (st / "1_Pooling").mkdir()
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                              "pooling_mode_cls_token": True}))
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]))
+    cls_engine = Engine.from_pretrained(st, max_num_batched_tokens=64, max_num_seqs=2)
+    np.testing.assert_allclose(cls_engine.embed(texts, normalize=False), _hf_embeddings(src, texts, "cls"),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="encoder"):
+        cls_engine.generate(["hi"], use_tqdm=False)
+    with pytest.raises(ValueError, match="texts must not be empty"):
+        engine.embed([])
