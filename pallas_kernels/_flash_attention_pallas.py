@@ -151,8 +151,10 @@ def flash_attention_pallas(
     c, kh, _ = k.shape
     group = n // kh
     bs = block_sizes or FlashBlockSizes()
-    block_q = min(bs.block_q, pl.next_power_of_2(t))
-    block_k = min(bs.block_k, pl.next_power_of_2(c))
+    # Short inputs get smaller blocks, but never below 16 on a GPU (tl.dot's minimum).
+    smallest = 16 if gpu_compiler_params(interpret=interpret) is not None else 1
+    block_q = min(bs.block_q, max(pl.next_power_of_2(t), smallest))
+    block_k = min(bs.block_k, max(pl.next_power_of_2(c), smallest))
     tp, cp, hp = _round_up(t, block_q), _round_up(c, block_k), pl.next_power_of_2(h)
     nq, nk = tp // block_q, cp // block_k
     scale = h**-0.5 if sm_scale is None else sm_scale

@@ -61,10 +61,12 @@ def two_prompts(rng: np.random.Generator, lengths=(9, 6), vocab: int = 300) -> l
 def greedy_no_cache(model, prompts: list[list[int]], steps: int) -> list[list[int]]:
     """Greedy decoding by re-running the whole packed prefix each step (flash_attention path)."""
     seqs = [list(p) for p in prompts]
+    bucket = sum(map(len, prompts)) + steps * len(prompts)  # one shape for every step: compile once
     for _ in range(steps):
-        ids = np.concatenate([np.asarray(s) for s in seqs]).astype(np.int32)
-        seg = np.concatenate([np.full(len(s), r) for r, s in enumerate(seqs)]).astype(np.int32)
-        pos = np.concatenate([np.arange(len(s)) for s in seqs]).astype(np.int32)
+        pad = bucket - sum(map(len, seqs))
+        ids = np.concatenate([np.asarray(s) for s in seqs] + [np.zeros(pad)]).astype(np.int32)
+        seg = np.concatenate([np.full(len(s), r) for r, s in enumerate(seqs)] + [np.full(pad, -1)]).astype(np.int32)
+        pos = np.concatenate([np.arange(len(s)) for s in seqs] + [np.zeros(pad)]).astype(np.int32)
         last = np.cumsum([len(s) for s in seqs]) - 1
         logits, _ = model(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg), logits_indices=jnp.asarray(last))
         for r, tok in enumerate(np.asarray(jnp.argmax(logits, axis=-1))):
