@@ -93,13 +93,19 @@ class InferenceClient:
         timeout: float | None = None,
     ) -> aio.UnaryStreamCall:
         """The streaming call; iterate it (``async for resp in call``) or ``call.cancel()`` it."""
-        return self._stub.Generate(generate_request(prompt, params, request_id), timeout=timeout, metadata=self._metadata)
+        request = generate_request(prompt, params, request_id)
+        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
-    async def generate_all(self, prompt: str | Sequence[int], params: pb.SamplingParams | None = None, **kw: Any) -> list[pb.GenerateResponse]:
+    async def generate_all(
+        self, prompt: str | Sequence[int], params: pb.SamplingParams | None = None, **kw: Any
+    ) -> list[pb.GenerateResponse]:
         return [resp async for resp in self.generate(prompt, params, **kw)]
 
-    async def embed(self, texts: Sequence[str], normalize: bool = True, timeout: float | None = None) -> list[list[float]]:
-        resp = await self._stub.Embed(pb.EmbedRequest(texts=list(texts), normalize=normalize), timeout=timeout, metadata=self._metadata)
+    async def embed(
+        self, texts: Sequence[str], normalize: bool = True, timeout: float | None = None
+    ) -> list[list[float]]:
+        request = pb.EmbedRequest(texts=list(texts), normalize=normalize)
+        resp = await self._stub.Embed(request, timeout=timeout, metadata=self._metadata)
         return [list(e.values) for e in resp.embeddings]
 
     async def tokenize(self, text: str, timeout: float | None = None) -> list[int]:

@@ -103,7 +103,10 @@ def synthetic_workload(
             t += arrivals.expovariate(rate)
         prompt = [rng.randrange(low_token, vocab_size) for _ in range(_long_tailed(rng, *prompt_len))]
         params = pb.SamplingParams(
-            max_tokens=_long_tailed(rng, *output_len), temperature=temperature, seed=rng.randrange(2**31), ignore_eos=True
+            max_tokens=_long_tailed(rng, *output_len),
+            temperature=temperature,
+            seed=rng.randrange(2**31),
+            ignore_eos=True,
         )
         items.append(WorkItem(f"load-{seed}-{i}", prompt, params, t if rate is not None else 0.0))
     return items
@@ -126,7 +129,9 @@ async def run_one(client: InferenceClient, item: WorkItem, timeout_s: float | No
     return rec
 
 
-async def run_open_loop(client: InferenceClient, items: Sequence[WorkItem], timeout_s: float | None = None) -> list[Record]:
+async def run_open_loop(
+    client: InferenceClient, items: Sequence[WorkItem], timeout_s: float | None = None
+) -> list[Record]:
     start = time.perf_counter()
 
     async def send(item: WorkItem) -> Record:
@@ -208,7 +213,9 @@ def summarize(records: Sequence[Record], *, ttft_slo_s: float, tpot_slo_s: float
 def format_summary(s: Summary, title: str = "") -> str:
     ms = 1000.0
     lines = [title] if title else []
-    lines.append(f"requests {s.requests}  errors {s.errors}  duration {s.duration_s:.2f} s  output tokens {s.output_tokens}")
+    lines.append(
+        f"requests {s.requests}  errors {s.errors}  duration {s.duration_s:.2f} s  output tokens {s.output_tokens}"
+    )
     lines.append("| metric | p50 | p90 | p99 |")
     lines.append("|---|---|---|---|")
     for name, d in (("TTFT (ms)", s.ttft_s), ("TPOT (ms)", s.tpot_s), ("ITL (ms)", s.itl_s), ("E2E (ms)", s.e2e_s)):

@@ -41,14 +41,15 @@ class ServingMetrics:
     def __init__(self, engine_stats: Callable[[], Any | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        b = _LATENCY_BUCKETS
         self.ttft = Histogram(
-            "energon_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=_LATENCY_BUCKETS, registry=r
+            "energon_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=b, registry=r
         )
         self.inter_token = Histogram(
-            "energon_inter_token_latency_seconds", "Time between consecutive streamed tokens", buckets=_LATENCY_BUCKETS, registry=r
+            "energon_inter_token_latency_seconds", "Time between consecutive streamed tokens", buckets=b, registry=r
         )
         self.e2e = Histogram(
-            "energon_e2e_request_latency_seconds", "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS, registry=r
+            "energon_e2e_request_latency_seconds", "Time from request arrival to its last token", buckets=b, registry=r
         )
         self.prompt_tokens = Counter("energon_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("energon_generation_tokens", "Tokens streamed to clients", registry=r)

@@ -115,7 +115,10 @@ class InferenceServer:
                 self.metrics_port = metrics_http.port
             self._write_port_file()
             self._install_signal_handlers()
-            log.info("listening on %s:%d (metrics port %s); loading the model", self._config.host, self.port, self.metrics_port)
+            log.info(
+                "listening on %s:%d (metrics port %s); loading the model",
+                self._config.host, self.port, self.metrics_port,
+            )  # fmt: skip
             if not await self._load(factory, model, engine_kwargs):
                 self._exit_code = 1
             else:

@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -85,7 +86,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._binding
 
     # -- Generate ----------------------------------------------------------------------------
-    async def Generate(self, request: pb.GenerateRequest, context: aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
         binding = await self._ready(context)
         arrived = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
@@ -107,7 +110,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._leave()
 
     async def _generate(
-        self, binding: EngineBinding, request_id: str, prompt, params, arrived: float, context: aio.ServicerContext
+        self,
+        binding: EngineBinding,
+        request_id: str,
+        prompt: str | list[int],
+        params: Any,
+        arrived: float,
+        context: aio.ServicerContext,
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = binding.engine
         stream = engine.submit(prompt, params, request_id=request_id)

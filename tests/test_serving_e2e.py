@@ -86,10 +86,13 @@ def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) ->
 
     ref = Engine.from_pretrained(checkpoint, warmup=False, **ENGINE_KW)
     params = [
-        SamplingParams(max_tokens=i.params.max_tokens, temperature=i.params.temperature, seed=i.params.seed, ignore_eos=True)
+        SamplingParams(
+            max_tokens=i.params.max_tokens, temperature=i.params.temperature, seed=i.params.seed, ignore_eos=True
+        )
         for i in items
     ]
-    expected = {i.request_id: o.token_ids for i, o in zip(items, ref.generate([i.prompt for i in items], params, use_tqdm=False))}
+    outs = ref.generate([i.prompt for i in items], params, use_tqdm=False)
+    expected = {i.request_id: o.token_ids for i, o in zip(items, outs, strict=True)}
     by_id = {r.request_id: r for r in records}
     assert len(by_id) == 256
     for item in items:
@@ -119,9 +122,8 @@ def test_cancel_and_deadline_free_the_real_engines_pages(server) -> None:
         got = [t for _ in range(3) for t in next(call).token_ids]
         assert len(got) >= 3
         call.cancel()
-        m = server.wait_metrics(
-            lambda m: _idle(m) and m.get("energon_requests_finished_total{reason=cancelled}", 0) == before.get("energon_requests_finished_total{reason=cancelled}", 0) + 1
-        )
+        cancelled = "energon_requests_finished_total{reason=cancelled}"
+        m = server.wait_metrics(lambda m: _idle(m) and m.get(cancelled, 0) == before.get(cancelled, 0) + 1)
         assert m["energon_kv_pages_used"] == 0
 
         late = stub.Generate(generate_request([9, 10, 11], params), timeout=0.05)

@@ -63,9 +63,11 @@ def test_bench_serving_command_against_a_server(tmp_path) -> None:
     with ServerProcess("--max-num-seqs", "16") as srv:
         srv.wait_serving()
         out = tmp_path / "bench.json"
-        cmd = [sys.executable, "-m", "energon_jax.cli", "bench", "serving", "--target", srv.target, "--num-requests", "40"]
+        cmd = [sys.executable, "-m", "energon_jax.cli", "bench", "serving", "--target", srv.target]
+        cmd += ["--num-requests", "40"]
         cmd += ["--rate", "200", "--prompt-len", "2", "20", "--output-len", "2", "12", "--json", str(out)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, env={"PYTHONPATH": f"{TESTS}:{REPO}", "PATH": ""})
+        env = {"PYTHONPATH": f"{TESTS}:{REPO}", "PATH": ""}
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, env=env)
         assert proc.returncode == 0, proc.stderr
         assert "TTFT (ms)" in proc.stdout and "goodput" in proc.stdout
         summary = json.loads(out.read_text())

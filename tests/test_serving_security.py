@@ -68,7 +68,8 @@ def test_api_key_required_everywhere_but_health_and_never_logged() -> None:
             with pytest.raises(grpc.RpcError) as e:
                 list(stub.ServerReflectionInfo(iter([req]), timeout=10))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            [ok] = list(stub.ServerReflectionInfo(iter([req]), timeout=10, metadata=(("authorization", f"Bearer {KEY}"),)))
+            auth = (("authorization", f"Bearer {KEY}"),)
+            [ok] = list(stub.ServerReflectionInfo(iter([req]), timeout=10, metadata=auth))
             assert "energon.v1.Inference" in {s.name for s in ok.list_services_response.service}
         srv.signal(15)
         assert srv.wait_exit(30) == 0
@@ -95,18 +96,24 @@ def _make_certs(d: Path) -> None:
         import cryptography  # noqa: F401
     except ImportError:
         if shutil.which("openssl") is None:
-            pytest.fail("neither the cryptography package nor the openssl command is available to make test certificates")
+            pytest.fail("neither the cryptography package nor the openssl command can make test certificates")
         _make_certs_openssl(d)
         return
     _make_certs_cryptography(d)
 
 
 def _make_certs_openssl(d: Path) -> None:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=energon-test-ca", cwd=d)
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=energon-test-ca", cwd=d,
+    )  # fmt: skip
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
     for who in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN=energon-test-{who}", cwd=d)
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out", f"{who}.csr",
+            "-subj", f"/CN=energon-test-{who}", cwd=d,
+        )  # fmt: skip
         _openssl(
             "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", f"{who}.pem", "-days", "2", "-extfile", f"{who}.ext", cwd=d,
@@ -126,7 +133,9 @@ def _make_certs_cryptography(d: Path) -> None:
 
     def write(name: str, key, cert) -> None:
         (d / f"{name}.key").write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
         (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -148,7 +157,8 @@ def _make_certs_cryptography(d: Path) -> None:
         ("client", ExtendedKeyUsageOID.CLIENT_AUTH, []),
     ):
         key = ec.generate_private_key(ec.SECP256R1())
-        write(who, key, build(f"energon-test-{who}", key, ca_name, ca_key, [(x509.ExtendedKeyUsage([usage]), False), *extra]))
+        exts = [(x509.ExtendedKeyUsage([usage]), False), *extra]
+        write(who, key, build(f"energon-test-{who}", key, ca_name, ca_key, exts))
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +195,13 @@ def test_tls_server_accepts_tls_clients_and_refuses_plaintext(certs: Path) -> No
 
 
 def test_mutual_tls_requires_a_client_certificate(certs: Path) -> None:
-    args = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"), "--tls-client-ca", str(certs / "ca.pem"))
+    args = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"))
+    args += ("--tls-client-ca", str(certs / "ca.pem"))
     with ServerProcess(*args) as srv:
         srv.wait_ports()
-        mtls = ClientConfig(target=srv.target, tls_ca=certs / "ca.pem", tls_cert=certs / "client.pem", tls_key=certs / "client.key")
+        mtls = ClientConfig(
+            target=srv.target, tls_ca=certs / "ca.pem", tls_cert=certs / "client.pem", tls_key=certs / "client.key"
+        )
         _wait_serving_tls(mtls)
         assert _run(_generate_ids(mtls)) == [7, 8, 9]
         no_cert = ClientConfig(target=srv.target, tls_ca=certs / "ca.pem")

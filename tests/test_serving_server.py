@@ -36,6 +36,15 @@ def _finished(m: dict[str, float], reason: str) -> float:
     return m.get(f"energon_requests_finished_total{{reason={reason}}}", 0.0)
 
 
+def _call(stub, prompt, timeout: float = 30, **params):
+    """Start a Generate stream with these sampling parameters."""
+    return stub.Generate(generate_request(prompt, pb.SamplingParams(**params)), timeout=timeout)
+
+
+def _ids(responses) -> list[int]:
+    return [t for r in responses for t in r.token_ids]
+
+
 @pytest.fixture(scope="module")
 def server():
     # A slow-ish step (20 ms) so that cancellation and deadlines land mid-stream.
@@ -62,21 +71,23 @@ def test_generate_streams_the_hand_arithmetic(server, stub) -> None:
 
     seeded = pb.SamplingParams(max_tokens=5, temperature=0.7, seed=10, stop_token_ids=[900])
     ids = [t for r in stub.Generate(generate_request([20, 30], seeded), timeout=30) for t in r.token_ids]
-    assert ids == expected_tokens([20, 30], SamplingParams(max_tokens=5, temperature=0.7, seed=10)) == [34, 38, 42, 46, 50]
+    by_hand = [34, 38, 42, 46, 50]  # 30 + k * (1 + 10 % 7)
+    assert ids == expected_tokens([20, 30], SamplingParams(max_tokens=5, temperature=0.7, seed=10)) == by_hand
 
 
 def test_logprobs_when_asked(stub) -> None:
-    resps = list(stub.Generate(generate_request([1], pb.SamplingParams(max_tokens=3, temperature=0, logprobs=2)), timeout=30))
+    resps = list(_call(stub, [1], max_tokens=3, temperature=0, logprobs=2))
     lps = [lp for r in resps for lp in r.logprobs]
     assert [lp.token_id for lp in lps] == [2, 3, 4]
     assert [lp.logprob for lp in lps] == [-0.5] * 3
-    assert [[(t.token_id, t.logprob) for t in lp.top] for lp in lps] == [[(2, -0.5), (3, -1.5)], [(3, -0.5), (4, -1.5)], [(4, -0.5), (5, -1.5)]]
+    tops = [[(t.token_id, t.logprob) for t in lp.top] for lp in lps]
+    assert tops == [[(2, -0.5), (3, -1.5)], [(3, -0.5), (4, -1.5)], [(4, -0.5), (5, -1.5)]]
     plain = list(stub.Generate(generate_request([1], pb.SamplingParams(max_tokens=2, temperature=0)), timeout=30))
     assert all(len(r.logprobs) == 0 for r in plain)
 
 
 def test_stop_token_ends_with_reason_stop(stub) -> None:
-    resps = list(stub.Generate(generate_request([10], pb.SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[13])), timeout=30))
+    resps = list(_call(stub, [10], max_tokens=20, temperature=0, stop_token_ids=[13]))
     assert [t for r in resps for t in r.token_ids] == [11, 12, 13]
     assert resps[-1].finish_reason == "stop"
 
@@ -101,7 +112,8 @@ def test_health_and_reflection(server) -> None:
         for name in ("", "energon.v1.Inference"):
             assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        [resp] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        ask = reflection_pb2.ServerReflectionRequest(list_services="")
+        [resp] = list(refl.ServerReflectionInfo(iter([ask]), timeout=5))
         names = {s.name for s in resp.list_services_response.service}
         assert {"energon.v1.Inference", "grpc.health.v1.Health"} <= names
 
@@ -135,7 +147,7 @@ def test_message_over_the_receive_limit_is_resource_exhausted(server, stub) -> N
         list(stub.Generate(big, timeout=10))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The server is unharmed.
-    assert [t for r in stub.Generate(generate_request("1", pb.SamplingParams(max_tokens=1, temperature=0)), timeout=10) for t in r.token_ids] == [2]
+    assert _ids(_call(stub, "1", max_tokens=1, temperature=0)) == [2]
 
 
 def test_cancel_mid_stream_aborts_and_frees_pages(server, stub) -> None:
@@ -155,7 +167,7 @@ def test_cancel_and_deadline_while_queued(server) -> None:
         stub = pb_grpc.InferenceStub(channel)
         server.wait_metrics(_idle)
         before = server.metrics()
-        long_calls = [stub.Generate(generate_request([1], pb.SamplingParams(max_tokens=60, temperature=0)), timeout=60) for _ in range(8)]
+        long_calls = [_call(stub, [1], 60, max_tokens=60, temperature=0) for _ in range(8)]
         for c in long_calls:
             next(c)
         queued = stub.Generate(generate_request([2], pb.SamplingParams(max_tokens=5, temperature=0)), timeout=60)
@@ -167,7 +179,10 @@ def test_cancel_and_deadline_while_queued(server) -> None:
         with pytest.raises(grpc.RpcError) as e:
             next(late)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        m = server.wait_metrics(lambda m: m["energon_requests_queued"] == 0 and _finished(m, "deadline") == _finished(before, "deadline") + 1)
+        deadlines = _finished(before, "deadline")
+        m = server.wait_metrics(
+            lambda m: m["energon_requests_queued"] == 0 and _finished(m, "deadline") == deadlines + 1
+        )
         assert m["energon_requests_running"] == 8
         for c in long_calls:
             c.cancel()
@@ -193,7 +208,7 @@ def test_full_queue_is_resource_exhausted_at_once_while_accepted_complete() -> N
             stub = pb_grpc.InferenceStub(channel)
             running = stub.Generate(generate_request([10], pb.SamplingParams(max_tokens=20, temperature=0)), timeout=60)
             first = next(running)
-            waiting = [stub.Generate(generate_request([p], pb.SamplingParams(max_tokens=3, temperature=0)), timeout=60) for p in (100, 200)]
+            waiting = [_call(stub, [p], 60, max_tokens=3, temperature=0) for p in (100, 200)]
             srv.wait_metrics(lambda m: m["energon_requests_queued"] == 2)
             with pytest.raises(grpc.RpcError) as e:
                 list(stub.Generate(generate_request([300], pb.SamplingParams(max_tokens=3)), timeout=60))
@@ -226,7 +241,7 @@ def test_engine_step_failure_is_internal_not_serving_and_nonzero_exit() -> None:
         watcher.start()
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
-            calls = [stub.Generate(generate_request([i], pb.SamplingParams(max_tokens=60, temperature=0)), timeout=60) for i in (1, 2, 3)]
+            calls = [_call(stub, [i], 60, max_tokens=60, temperature=0) for i in (1, 2, 3)]
             for c in calls:
                 next(c)
             poison = stub.Generate(generate_request([500], pb.SamplingParams(max_tokens=5)), timeout=60)
@@ -248,7 +263,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
         watcher.start()
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
-            calls = [stub.Generate(generate_request([i * 100], pb.SamplingParams(max_tokens=40, temperature=0)), timeout=60) for i in (1, 2, 3, 4)]
+            calls = [_call(stub, [i * 100], 60, max_tokens=40, temperature=0) for i in (1, 2, 3, 4)]
             firsts = [next(c) for c in calls]
             srv.signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -272,11 +287,10 @@ def test_not_serving_and_unavailable_until_the_model_is_loaded() -> None:
         with grpc.insecure_channel(srv.target) as channel:
             assert srv.health(channel) == NOT_SERVING
             with pytest.raises(grpc.RpcError) as e:
-                list(pb_grpc.InferenceStub(channel).Generate(generate_request([1], pb.SamplingParams(max_tokens=1)), timeout=10))
+                list(_call(pb_grpc.InferenceStub(channel), [1], 10, max_tokens=1))
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details()
             srv.wait_serving(channel=channel)
-            ids = [t for r in pb_grpc.InferenceStub(channel).Generate(generate_request([1], pb.SamplingParams(max_tokens=2, temperature=0)), timeout=10) for t in r.token_ids]
-            assert ids == [2, 3]
+            assert _ids(_call(pb_grpc.InferenceStub(channel), [1], 10, max_tokens=2, temperature=0)) == [2, 3]
 
 
 def test_sigterm_cancels_streams_still_running_after_the_grace_period() -> None:
@@ -304,7 +318,8 @@ def test_energon_client_streams_to_the_terminal(server) -> None:
     from serving_harness import REPO
 
     cmd = [sys.executable, "-m", "energon_jax.cli", "client", "--target", server.target]
-    ok = subprocess.run([*cmd, "5 6 7", "--max-tokens", "3", "--temperature", "0", "--usage"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    flags = ["--max-tokens", "3", "--temperature", "0", "--usage"]
+    ok = subprocess.run([*cmd, "5 6 7", *flags], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == " 8 9 10\n[finish_reason=length prompt_tokens=3 completion_tokens=3]\n"
     bad = subprocess.run([*cmd, "5 6 7", "--top-p", "2"], cwd=REPO, capture_output=True, text=True, timeout=60)

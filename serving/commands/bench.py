@@ -54,7 +54,10 @@ async def bench(args: argparse.Namespace):
         # Keep every request within the model's length: nothing gets rejected for size.
         hi = min(hi, info.max_model_len - out_hi)
         if hi < lo:
-            raise ValueError(f"prompt_len={args.prompt_len} + output_len max {out_hi} does not fit max_model_len={info.max_model_len}")
+            raise ValueError(
+                f"prompt_len={args.prompt_len} with output_len max {out_hi} "
+                f"does not fit max_model_len={info.max_model_len}"
+            )
         items = synthetic_workload(
             args.num_requests, seed=args.seed, vocab_size=info.vocab_size, prompt_len=(lo, hi),
             output_len=(out_lo, out_hi), rate=args.rate, temperature=args.temperature,
@@ -72,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     load = f"{args.rate} req/s Poisson" if args.rate else "burst"
-    print(format_summary(summary, f"energon bench serving: {args.target}, {args.num_requests} requests, {load}, seed {args.seed}"))
+    title = f"energon bench serving: {args.target}, {args.num_requests} requests, {load}, seed {args.seed}"
+    print(format_summary(summary, title))
     errors = sorted({f"{r.error}: {r.error_details}" for r in records if r.error})
     for e in errors[:10]:
         print(f"error: {e}", file=sys.stderr)

@@ -67,7 +67,10 @@ async def _stream(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             if args.usage and last is not None:
                 u = last.usage
-                print(f"[finish_reason={last.finish_reason} prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}]")
+                print(
+                    f"[finish_reason={last.finish_reason} prompt_tokens={u.prompt_tokens} "
+                    f"completion_tokens={u.completion_tokens}]"
+                )
         except grpc.RpcError as e:
             print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

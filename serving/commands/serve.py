@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None}
+    kwargs: dict[str, Any] = {
+        name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None
+    }
     for item in args.engine_arg:
         key, sep, raw = item.partition("=")
         if not sep or not key:
