@@ -154,6 +154,35 @@ def test_killed_worker_ends_the_run_within_30s(tmp_path):
     assert not any(_alive(p) for p in pids)
 
 
+def test_killed_worker_without_launcher_ends_process_0_within_30s(tmp_path):
+    """No launcher (a TPU pod): the coordination service's heartbeat tells process 0."""
+    from energon_jax.parallel.launch import free_port
+
+    env = _env()
+    env.update(JAX_NUM_CPU_DEVICES="2", ENERGON_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
+               ENERGON_NUM_PROCESSES="2")
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, __file__, "hang", str(tmp_path)], env={**env, "ENERGON_PROCESS_ID": str(i)},
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in (0, 1)]
+    try:
+        _wait_files([tmp_path / f"{i}.pid" for i in (0, 1)], 120)
+        t0 = time.monotonic()
+        procs[1].kill()
+        rc = procs[0].wait(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+    log = (tmp_path / "p0.log").read_text()
+    assert elapsed < 30 and rc != 0
+    # The coordination service names the dead task (wording differs across jax releases).
+    assert "heartbeat" in log.lower() or "unhealthy" in log.lower(), log[-3000:]
+
+
 def test_sigterm_to_launcher_ends_every_process(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "energon_jax.cli", "launch", "-n", "2", "--grace-seconds", "5", "--raw", "--",
