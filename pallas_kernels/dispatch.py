@@ -18,10 +18,19 @@ import jax
 
 IMPLEMENTATIONS = ("auto", "pallas", "reference")
 ENV_VAR = "ENERGON_KERNELS"
+# Kernels written for the Triton lowering only: on TPU, "auto" uses the reference until a
+# Mosaic variant exists (flash_attention has one).
+GPU_ONLY = ("gpu",)
 
 
-def resolve_implementation(implementation: str, *, interpret: bool = False) -> str:
-    """Return ``"pallas"`` or ``"reference"`` for this call."""
+def resolve_implementation(
+    implementation: str, *, interpret: bool = False, backends: tuple[str, ...] = ("tpu", "gpu")
+) -> str:
+    """Return ``"pallas"`` or ``"reference"`` for this call.
+
+    ``backends``: where ``"auto"`` picks the kernel (an op whose kernel has no variant for
+    a backend yet lists only the others, and ``"auto"`` falls back to the reference there).
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
     if implementation != "auto":
@@ -33,7 +42,7 @@ def resolve_implementation(implementation: str, *, interpret: bool = False) -> s
         return env
     if interpret:
         return "pallas"
-    return "pallas" if backend() in ("tpu", "gpu") else "reference"
+    return "pallas" if backend() in backends else "reference"
 
 
 def backend() -> str:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import FlashBlockSizes
-from pallas_kernels.dispatch import resolve_implementation, use_interpret
+from pallas_kernels.dispatch import backend, resolve_implementation, use_interpret
 
 
 def flash_attention(
@@ -36,11 +36,19 @@ def flash_attention(
 ) -> jax.Array:
     """Packed variable-length attention; returns ``[T, N, H]`` in ``q.dtype``.
 
-    ``implementation="pallas"`` runs the tiled FlashAttention-2 kernel in
-    ``_flash_attention_pallas`` (``interpret=True`` on CPU); ``block_sizes`` tunes it.
+    ``implementation="pallas"`` runs the tiled FlashAttention-2 kernel: on TPU the Mosaic
+    variant in ``_flash_attention_tpu``, elsewhere the Triton-style ``_flash_attention_pallas``
+    (``interpret=True`` on CPU); ``block_sizes`` tunes either.
     """
     _check_shapes(q, k, v)
     impl = resolve_implementation(implementation, interpret=interpret)
+    if impl == "pallas" and backend() == "tpu" and not interpret:
+        from pallas_kernels._flash_attention_tpu import flash_attention_tpu
+
+        return flash_attention_tpu(
+            q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
+            kv_segment_ids=kv_segment_ids, kv_positions=kv_positions, block_sizes=block_sizes,
+        )
     if impl == "pallas":
         from pallas_kernels import _flash_attention_pallas as kernel
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import MatmulBlockSizes
-from pallas_kernels.dispatch import gpu_compiler_params, resolve_implementation, use_interpret
+from pallas_kernels.dispatch import GPU_ONLY, gpu_compiler_params, resolve_implementation, use_interpret
 
 
 def int8_matmul(
@@ -38,7 +38,7 @@ def int8_matmul(
         raise ValueError(f"w_int8.dtype={w_int8.dtype} must be int8")
     if x.shape[-1] != w_int8.shape[0] or scales.shape != (w_int8.shape[1],):
         raise ValueError(f"shapes do not chain: {x.shape=}, {w_int8.shape=}, {scales.shape=}")
-    if resolve_implementation(implementation, interpret=interpret) == "pallas":
+    if resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY) == "pallas":
         lead = x.shape[:-1]
         y = int8_matmul_pallas(x.reshape(-1, x.shape[-1]), w_int8, scales, interpret=use_interpret(interpret),
                                block_sizes=block_sizes)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
-from pallas_kernels.dispatch import resolve_implementation, use_interpret
+from pallas_kernels.dispatch import GPU_ONLY, resolve_implementation, use_interpret
 
 # Pages read per iteration of the reference loop: large enough to keep the CPU busy,
 # small enough that the per-iteration gather ([T, pages * S, K, H]) stays modest.
@@ -46,7 +46,7 @@ def paged_attention(
     ``segment_ids``/``positions`` is supported, not only decode). ``block_sizes`` tunes it.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
-    impl = resolve_implementation(implementation, interpret=interpret)
+    impl = resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY)
     if impl == "pallas":
         from pallas_kernels import _paged_attention_pallas as kernel
 

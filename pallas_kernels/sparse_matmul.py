@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import gpu_compiler_params, resolve_implementation, use_interpret
+from pallas_kernels.dispatch import GPU_ONLY, gpu_compiler_params, resolve_implementation, use_interpret
 from pallas_kernels.int8_matmul import _round_up
 
 
@@ -132,7 +132,7 @@ def sparse_matmul(
     """``x [..., K] @ W [K, N] -> [..., N]`` in ``x.dtype``, ``W`` given packed."""
     if x.shape[-1] != packed_w.shape[0]:
         raise ValueError(f"shapes do not chain: {x.shape=}, packed_w.shape={packed_w.shape}")
-    if resolve_implementation(implementation, interpret=interpret) == "pallas":
+    if resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY) == "pallas":
         lead = x.shape[:-1]
         y = sparse_matmul_pallas(
             x.reshape(-1, x.shape[-1]), packed_w, interpret=use_interpret(interpret), block_m=block_m
