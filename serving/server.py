@@ -183,11 +183,20 @@ class InferenceServer:
         return True
 
     async def _warm_up(self, binding: EngineBinding) -> None:
-        """One tiny greedy request through the whole path, so the first client pays no compile."""
+        """One tiny request through the whole path, so the first client pays no compile.
+
+        A decoder gets a one-token greedy generation; a model that refuses it with a
+        ValueError (an encoder) gets one embedding instead. If that fails too, the
+        model cannot serve and loading fails.
+        """
         params = binding.params_cls(max_tokens=1, temperature=0.0)
-        async for delta in binding.engine.submit([1], params, request_id=f"warmup-{uuid.uuid4().hex}"):
-            if delta.finished:
-                break
+        try:
+            async for delta in binding.engine.submit([1], params, request_id=f"warmup-{uuid.uuid4().hex}"):
+                if delta.finished:
+                    return
+        except ValueError as generate_error:
+            log.info("warm-up: generation refused (%s); warming up embeddings", generate_error)
+            await binding.engine.embed(["warm-up"], normalize=True)
 
     async def _drain(self, server: aio.Server) -> None:
         grace = self._config.grace_s if self._exit_code == 0 else min(self._config.grace_s, 5.0)

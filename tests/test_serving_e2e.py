@@ -175,3 +175,42 @@ def test_real_engine_step_failure_is_internal_and_exit_nonzero(checkpoint) -> No
                 assert e.value.code() == grpc.StatusCode.INTERNAL, e.value
         assert srv.wait_exit(60) == 1
         assert "injected failure in a real engine step" in srv.log()
+
+
+def test_embed_on_a_decoder_is_invalid_argument(server) -> None:
+    async def go():
+        async with InferenceClient(ClientConfig(target=server.target)) as c:
+            return await c.embed(["hello"], timeout=30)
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        _run(go())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decoder" in e.value.details()
+
+
+def test_encoder_server_embeds_like_engine_embed(tiny_checkpoint) -> None:
+    import numpy as np
+
+    from energon_jax import Engine
+
+    bert = tiny_checkpoint("bert")
+    texts = ["The quick brown fox", "hello world", "Paged attention keeps the key value cache in pages."]
+    with ServerProcess("--model", str(bert), factory=None) as srv:
+        srv.wait_serving(timeout_s=300)
+
+        async def go():
+            async with InferenceClient(ClientConfig(target=srv.target)) as c:
+                vecs = await c.embed(texts, normalize=True, timeout=60)
+                raw = await c.embed(texts, normalize=False, timeout=60)
+                try:
+                    await c.generate_all("hello", sampling_params(max_tokens=2), timeout=30)
+                except grpc.aio.AioRpcError as e:
+                    return vecs, raw, e
+                return vecs, raw, None
+
+        vecs, raw, gen_error = _run(go())
+    ref = Engine.from_pretrained(bert)
+    np.testing.assert_allclose(np.asarray(vecs), ref.embed(texts, normalize=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(raw), ref.embed(texts, normalize=False), rtol=1e-5, atol=1e-6)
+    assert np.allclose(np.linalg.norm(np.asarray(vecs), axis=1), 1.0, atol=1e-5)
+    assert gen_error is not None and gen_error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "encoder" in gen_error.details()
