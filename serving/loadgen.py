@@ -44,6 +44,7 @@ class Record:
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # arrival time of each token
     text: str = ""
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # one per token, when asked
     finish_reason: str = ""
     prompt_tokens: int = 0
     error: str | None = None  # status code name when the call failed
@@ -120,6 +121,7 @@ async def run_one(client: InferenceClient, item: WorkItem, timeout_s: float | No
             rec.token_ids.extend(resp.token_ids)
             rec.token_times.extend([now] * len(resp.token_ids))
             rec.text += resp.text
+            rec.logprobs.extend(resp.logprobs)
             if resp.finish_reason:
                 rec.finish_reason = resp.finish_reason
                 rec.prompt_tokens = resp.usage.prompt_tokens

@@ -74,6 +74,8 @@ def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) ->
     from energon_jax import Engine, SamplingParams
 
     items = synthetic_workload(256, seed=1234, vocab_size=VOCAB, prompt_len=(2, 24), output_len=(2, 16))
+    for k in range(0, 256, 8):  # every 8th request also asks for top-3 logprobs
+        items[k].params.logprobs = 3
     before = server.wait_metrics(_idle)
 
     async def go():
@@ -82,35 +84,66 @@ def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) ->
 
     records = _run(go())
     assert [r.error for r in records if r.error] == []
-    after = server.wait_metrics(_idle, timeout_s=30)  # zero leaked pages
+    server.wait_metrics(_idle, timeout_s=30)  # zero leaked pages
 
     ref = Engine.from_pretrained(checkpoint, warmup=False, **ENGINE_KW)
     params = [
         SamplingParams(
-            max_tokens=i.params.max_tokens, temperature=i.params.temperature, seed=i.params.seed, ignore_eos=True
+            max_tokens=i.params.max_tokens,
+            temperature=i.params.temperature,
+            seed=i.params.seed,
+            ignore_eos=True,
+            logprobs=i.params.logprobs if i.params.HasField("logprobs") else None,
         )
         for i in items
     ]
     outs = ref.generate([i.prompt for i in items], params, use_tqdm=False)
-    expected = {i.request_id: o.token_ids for i, o in zip(items, outs, strict=True)}
+    expected = {i.request_id: o for i, o in zip(items, outs, strict=True)}
     by_id = {r.request_id: r for r in records}
     assert len(by_id) == 256
     for item in items:
-        rec = by_id[item.request_id]
-        assert rec.token_ids == expected[item.request_id], item.request_id
+        rec, ref_out = by_id[item.request_id], expected[item.request_id]
+        assert rec.token_ids == ref_out.token_ids, item.request_id
+        if item.params.HasField("logprobs"):
+            assert [lp.token_id for lp in rec.logprobs] == rec.token_ids
+            for lp, ref_lp in zip(rec.logprobs, ref_out.logprobs, strict=True):
+                assert lp.logprob == pytest.approx(ref_lp[lp.token_id], rel=1e-5, abs=1e-5)
+                assert {t.token_id: t.logprob for t in lp.top} == pytest.approx(ref_lp, rel=1e-5, abs=1e-5)
+        else:
+            assert rec.logprobs == []
         assert len(rec.token_ids) == item.params.max_tokens and rec.finish_reason == "length"
         assert rec.prompt_tokens == len(item.prompt)
+
+    # Text prompts with a stop string: the same text and tokens as Engine.generate.
+    text_params = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=12, temperature=0.5, seed=3)]
+    prompts = ["The quick brown fox", "def fib(n):"]
+    ref_text = ref.generate(prompts, text_params, use_tqdm=False)
+
+    async def texts():
+        async with InferenceClient(ClientConfig(target=server.target)) as c:
+            return [
+                await c.generate_all(p, sampling_params(max_tokens=12, temperature=sp.temperature, seed=sp.seed))
+                for p, sp in zip(prompts, text_params)
+            ]
+
+    for resps, out in zip(_run(texts()), ref_text, strict=True):
+        assert [t for r in resps for t in r.token_ids] == out.token_ids
+        assert "".join(r.text for r in resps) == out.text
+        assert resps[-1].finish_reason == out.finish_reason
+    after = server.wait_metrics(_idle, timeout_s=30)
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    assert delta("energon_requests_finished_total{reason=length}") == 256
-    assert delta("energon_time_to_first_token_seconds_count") == 256
-    assert delta("energon_e2e_request_latency_seconds_count") == 256
-    total = sum(len(r.token_ids) for r in records)
+    finished = sum(delta(f"energon_requests_finished_total{{reason={r}}}") for r in ("length", "stop"))
+    assert finished == 258 and delta("energon_requests_finished_total{reason=length}") >= 256
+    assert delta("energon_time_to_first_token_seconds_count") == 258
+    assert delta("energon_e2e_request_latency_seconds_count") == 258
+    total = sum(len(r.token_ids) for r in records) + sum(len(o.token_ids) for o in ref_text)
     assert delta("energon_generation_tokens_total") == total
-    assert delta("energon_inter_token_latency_seconds_count") == total - 256
-    assert delta("energon_prompt_tokens_total") == sum(len(i.prompt) for i in items)
+    assert delta("energon_inter_token_latency_seconds_count") == total - 258
+    prompt_total = sum(len(i.prompt) for i in items) + sum(len(o.prompt_token_ids) for o in ref_text)
+    assert delta("energon_prompt_tokens_total") == prompt_total
 
 
 def test_cancel_and_deadline_free_the_real_engines_pages(server) -> None:
