@@ -187,8 +187,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: aio.ServicerContext) -> pb.TokenizeResponse:
         binding = await self._ready(context)
+        tokenizer = binding.engine.tokenizer
+        if tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)")
         try:
-            ids = binding.engine.tokenizer.encode(request.text)
+            ids = tokenizer.encode(request.text)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=[int(t) for t in ids])
