@@ -1,0 +1,256 @@
+"""Offline throughput of ``Engine.generate`` against baselines measured in the same run.
+
+Workload: ``--num-requests`` requests (256 by default) from a fixed seed, prompt lengths
+16..1024 and output lengths 8..256, both long-tailed (clipped log-normal); every request
+generates exactly its output length (greedy, eos ignored). Model: a random
+Llama-architecture checkpoint of about 50M parameters (float32), built with
+``transformers`` and loaded through the normal path.
+
+Printed (a markdown table, for ``benchmarks/RESULTS.md``):
+
+1. output tokens/s of ``Engine.generate`` vs ``transformers`` ``generate`` on static,
+   left-padded batches of 16 (same prompts, each batch runs to its longest output);
+2. the Engine vs the same Engine with ``static_batching=True`` (a batch of
+   ``max_num_seqs`` is admitted only when the previous one has finished);
+3. batch-1 decode tokens/s vs the memory-bandwidth roofline: bandwidth measured by a
+   large array copy, roofline = bandwidth / weight bytes read per token;
+4. the share of computed token slots that are padding (the Engine's bucketed, packed
+   steps vs padded static batches) and the number of compiles.
+
+``--quick`` runs a smoke version (16 requests, shorter lengths). Run on the CPU:
+``JAX_PLATFORMS=cpu python benchmarks/offline.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HF_BATCH = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def make_workload(n: int, *, seed: int, vocab: int, max_prompt: int, max_output: int) -> Workload:
+    """Long-tailed (log-normal) prompt and output lengths, clipped to [16, max_prompt] / [8, max_output]."""
+    rng = np.random.default_rng(seed)
+    plen = np.clip(rng.lognormal(np.log(120), 0.9, n), 16, max_prompt).astype(int)
+    olen = np.clip(rng.lognormal(np.log(40), 0.8, n), 8, max_output).astype(int)
+    prompts = [rng.integers(3, vocab, int(p)).tolist() for p in plen]
+    return Workload(prompts, [int(o) for o in olen])
+
+
+def make_checkpoint(out: Path, *, layers: int, hidden: int, vocab: int, max_len: int) -> Path:
+    """A random Llama checkpoint (untied head) saved as safetensors; returns ``out``."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=max_len,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    model = tf.LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model.save_pretrained(str(out))
+    return out
+
+
+def measure_bandwidth(nbytes: int = 512 * 1024**2) -> float:
+    """Bytes/s of a large array copy (read + write), best of 5, the faster of numpy and XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    x = jnp.asarray(src)
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCounts:
+    slots: int
+    real: int
+    steps: int
+
+
+class StepRecorder:
+    """Wraps the runner to count real and padded token slots of every step."""
+
+    def snapshot(self) -> StepCounts:
+        return StepCounts(self.slots, self.real, self.steps)
+
+    def __init__(self, runner) -> None:
+        self.slots = 0
+        self.real = 0
+        self.steps = 0
+        self._inner = runner.step_async
+        runner.step_async = self._step
+
+    def _step(self, batch):
+        self.slots += int(batch.input_ids.shape[0])
+        self.real += int((np.asarray(batch.segment_ids) >= 0).sum())
+        self.steps += 1
+        return self._inner(batch)
+
+
+def run_engine(engine, w: Workload) -> tuple[float, StepRecorder]:
+    from energon_jax import SamplingParams
+
+    # One small untimed run first: the first execution of each step touches fresh memory.
+    engine.generate(w.prompts[:2], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    rec = StepRecorder(engine.runner)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in w.output_lens]
+    t = time.perf_counter()
+    outs = engine.generate(w.prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    got = sum(len(o.token_ids) for o in outs)
+    if got != w.output_tokens:
+        raise RuntimeError(f"engine produced {got} tokens, expected {w.output_tokens}")
+    return dt, rec.snapshot()
+
+
+def run_transformers(path: Path, w: Workload, threads: int) -> tuple[float, int, int]:
+    """Static left-padded batches of HF_BATCH; returns (seconds, padded slots, real tokens)."""
+    import torch
+    import transformers as tf
+
+    torch.set_num_threads(threads)
+    model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    slots = real = 0
+    t = time.perf_counter()
+    for i in range(0, len(w.prompts), HF_BATCH):
+        prompts, outs = w.prompts[i : i + HF_BATCH], w.output_lens[i : i + HF_BATCH]
+        width, new = max(map(len, prompts)), max(outs)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        with torch.no_grad():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=0)
+        slots += len(prompts) * (width + new)
+        real += sum(len(p) + o for p, o in zip(prompts, outs))
+    return time.perf_counter() - t, slots, real
+
+
+def batch1_decode(engine, vocab: int, n: int = 64) -> float:
+    """Decode tokens/s of one request alone: (n - 1) tokens over the time after the first."""
+    from energon_jax import SamplingParams
+
+    prompt = list(range(3, 3 + 16))
+    engine.generate([prompt], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    out = engine.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    return (n - 1) / (out.latency_s - out.ttft_s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16 requests, prompts <= 256, outputs <= 64")
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--min-token-bucket", type=int, default=1, help="smallest step bucket (1: batch-1 decode unpadded)")
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.num_requests, args.max_prompt, args.max_output, args.max_num_seqs = 16, 256, 64, 8
+
+    import jax
+
+    from energon_jax import Engine
+
+    w = make_workload(args.num_requests, seed=args.seed, vocab=args.vocab, max_prompt=args.max_prompt,
+                      max_output=args.max_output)
+    max_len = args.max_prompt + args.max_output
+    kw = dict(max_model_len=max_len, page_size=16, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, min_token_bucket=args.min_token_bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(Path(tmp), layers=args.layers, hidden=args.hidden, vocab=args.vocab, max_len=max_len)
+        t = time.perf_counter()
+        engine = Engine.from_pretrained(path, dtype="float32", **kw)
+        warmup_s = time.perf_counter() - t
+        n_params = sum(x.size for x in jax.tree.leaves(engine.runner._state))
+        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.runner._state))
+
+        compiles_warm = engine.num_compiles
+        engine_s, rec = run_engine(engine, w)
+        compiles_after = engine.num_compiles
+        static = Engine.from_pretrained(path, dtype="float32", static_batching=True, **kw)
+        static_s, static_rec = run_engine(static, w)
+        del static
+        b1 = batch1_decode(engine, args.vocab)
+        bw = measure_bandwidth()
+        if not args.skip_transformers:
+            hf_s, hf_slots, hf_real = run_transformers(path, w, threads=os.cpu_count() or 1)
+
+    out_tok = w.output_tokens
+    roofline = bw / weight_bytes
+    lines = [
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU threads, "
+        f"jax {jax.__version__} ({jax.default_backend()}); {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        f"workload: {len(w.prompts)} requests (seed {args.seed}), prompt {min(map(len, w.prompts))}..."
+        f"{max(map(len, w.prompts))} (mean {np.mean([len(p) for p in w.prompts]):.0f}), output "
+        f"{min(w.output_lens)}...{max(w.output_lens)} (mean {np.mean(w.output_lens):.0f}), {out_tok} output tokens",
+        f"model: random Llama, {n_params / 1e6:.1f}M params float32 ({args.layers} layers, hidden {args.hidden}, "
+        f"vocab {args.vocab}); engine max_num_seqs={args.max_num_seqs}, "
+        f"max_num_batched_tokens={args.max_num_batched_tokens}, min_token_bucket={args.min_token_bucket}, "
+        f"page_size=16; warm-up {warmup_s:.1f}s",
+        "",
+        "| measurement | value | baseline | ratio |",
+        "|---|---|---|---|",
+    ]
+    eng_tps = out_tok / engine_s
+    if not args.skip_transformers:
+        lines.append(f"| Engine.generate vs transformers generate (static batches of {HF_BATCH}), output tok/s "
+                     f"| {eng_tps:.1f} | {out_tok / hf_s:.1f} | {hf_s / engine_s:.2f}x |")
+    lines.append(f"| Engine (continuous) vs Engine static_batching, output tok/s | {eng_tps:.1f} | "
+                 f"{out_tok / static_s:.1f} | {static_s / engine_s:.2f}x |")
+    lines.append(f"| batch-1 decode tok/s vs roofline ({bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB per token) "
+                 f"| {b1:.1f} | {roofline:.1f} | {b1 / roofline:.0%} |")
+    lines.append(f"| padding share of computed token slots: Engine (packed, bucketed) | "
+                 f"{1 - rec.real / rec.slots:.1%} ({rec.steps} steps) | | |")
+    if not args.skip_transformers:
+        lines.append(f"| padding share: transformers static padded batches | {1 - hf_real / hf_slots:.1%} | | |")
+    lines.append(f"| padding share: Engine static_batching | {1 - static_rec.real / static_rec.slots:.1%} "
+                 f"({static_rec.steps} steps) | | |")
+    lines.append(f"| compiles: after warm-up / after the workload | {compiles_warm} / {compiles_after} | | |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
