@@ -12,7 +12,7 @@ from pallas_kernels.page_layout import (
     page_bytes,
     write_kv,
 )
-from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, quantize_weight_int8
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.sparse_matmul import (
     PackedSparse,
@@ -30,6 +30,7 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_reference",
     "pack_sparse",
+    "quantize_weight_int8",
     "sparse_matmul",
     "sparse_matmul_reference",
     "unpack_sparse",
