@@ -146,12 +146,13 @@ class InferenceServer:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{c.host}:{c.port}"
-        if c.tls is not None:
-            self.port = server.add_secure_port(address, c.tls.server_credentials())
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise ValueError(f"could not bind {address}")
+        try:
+            if c.tls is not None:
+                self.port = server.add_secure_port(address, c.tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:  # grpc reports a failed bind as RuntimeError
+            raise OSError(f"cannot listen on {address} (in use, or not an address of this host)") from e
         return server
 
     def _write_port_file(self) -> None:

@@ -325,3 +325,18 @@ def test_energon_client_streams_to_the_terminal(server) -> None:
     bad = subprocess.run([*cmd, "5 6 7", "--top-p", "2"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+
+
+def test_a_port_in_use_is_a_clear_error_and_exit_1() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        srv = ServerProcess("--port", str(port))  # the later --port wins over the harness's --port 0
+        try:
+            assert srv.wait_exit(60) == 1
+            assert f"cannot listen on 127.0.0.1:{port}" in srv.log()
+        finally:
+            srv.stop()

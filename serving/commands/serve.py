@@ -116,4 +116,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         logging.getLogger("energon.serving").error("%s", e)
         return 2
-    return asyncio.run(serve(config, factory, args.model, kwargs))
+    try:
+        return asyncio.run(serve(config, factory, args.model, kwargs))
+    except (OSError, ValueError) as e:  # a port that cannot be bound, a TLS file that is missing
+        logging.getLogger("energon.serving").error("%s", e)
+        return 1
