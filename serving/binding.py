@@ -57,7 +57,13 @@ def load_factory(spec: str) -> EngineFactory:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"engine factory {spec=} must look like 'module:function'")
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:  # the module exists but one of its imports is missing: a real error
+            raise
+        raise ValueError(f"engine factory {spec=}: no module named {module_name!r}") from e
+    factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"engine factory {spec=}: {attr!r} is not a callable in {module_name!r}")
     return factory
