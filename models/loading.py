@@ -158,7 +158,8 @@ def target_sharding(
     sharding = None
     if param_sharding is not None:
         sharding = param_sharding(tuple(str(p) for p in path), logical_axes(var), tuple(var.get_value().shape))
-    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # local_devices: in a multi-process run jax.devices()[0] belongs to process 0.
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def load(
