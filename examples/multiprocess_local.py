@@ -50,15 +50,15 @@ def main() -> int:
     import jax
 
     from energon_jax import engine as engine_lib
+    from energon_jax.parallel.controller import serve_if_worker, shutdown_workers
     from energon_jax.request import SamplingParams
 
     tp = args.tp or jax.device_count()
     engine = engine_lib.Engine.from_pretrained(args.model, tp=tp, max_model_len=256, max_num_seqs=4,
                                                max_num_batched_tokens=64)
     runner = engine.runner  # a Controller when there is more than one process
-    if jax.process_index() != 0:
-        steps = runner.serve()
-        print(f"[process {jax.process_index()}] ran {steps} steps", file=sys.stderr)
+    if serve_if_worker(runner):  # workers: run process 0's steps until it is done
+        print(f"[process {jax.process_index()}] ran {runner.steps} steps", file=sys.stderr)
         distributed.shutdown()
         return 0
     try:
@@ -68,8 +68,7 @@ def main() -> int:
             print(delta.text, end="", flush=True)
         print()
     finally:
-        if hasattr(runner, "shutdown"):
-            runner.shutdown()  # the workers return from serve()
+        shutdown_workers(runner)  # the workers return from serve()
     distributed.shutdown()
     return 0
 

@@ -122,7 +122,53 @@ def test_tensor_parallel_matches_single_device():
     assert sorted(c["tp"] for c in out["cases"]) == [2, 4, 8]
 
 
-# ----------------------------------------------------------------- the child
+def test_checkpoint_loads_straight_into_shards(tmp_path):
+    """models.load(param_sharding=param_sharding_fn(...)) at tp=4 == load on one device."""
+    out = run_child(__file__, "load", str(tmp_path))
+    assert out["q_spec"] == [None, "tp"] and out["embed_spec"] == ["tp", None]
+    assert out["q_local_shape"][1] * 4 == out["q_shape"][1]  # each device holds a quarter
+    assert out["max_diff"] <= 1e-5 and out["same_greedy"]
+
+
+# ----------------------------------------------------------------- the children
+
+
+def _child_load(tmp: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import models
+    from energon_jax.parallel.mesh import ParallelConfig, make_mesh, param_sharding_fn, replicated, sharding_rules
+    from hf_fixtures import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(os.path.join(tmp, "llama"), "llama")
+    ref_model, config = models.load(path, "float32")
+    mesh = make_mesh(ParallelConfig(tp=4))
+    rules = sharding_rules(4, num_kv_heads=config.num_kv_heads)
+    model, _ = models.load(path, "float32", param_sharding=param_sharding_fn(mesh, rules))
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(3, config.vocab_size, 12), jnp.int32)
+    pos = jnp.arange(12, dtype=jnp.int32)
+    seg = jnp.zeros(12, jnp.int32)
+
+    def logits(m, put):
+        graphdef, state = nnx.split(m)
+        fn = jax.jit(lambda st, a, b, c: nnx.merge(graphdef, st)(a, b, c)[0])
+        return np.asarray(fn(state, put(ids), put(pos), put(seg)))
+
+    want = logits(ref_model, lambda a: a)
+    got = logits(model, lambda a: jax.device_put(a, replicated(mesh)))
+    q = model.layers[0].self_attn.q_proj.kernel.get_value()
+    emb = model.embed_tokens.embedding.get_value()
+    return {
+        "q_spec": list(q.sharding.spec), "embed_spec": list(emb.sharding.spec),
+        "q_shape": list(q.shape), "q_local_shape": list(q.addressable_shards[0].data.shape),
+        "max_diff": float(np.max(np.abs(got - want))),
+        "same_greedy": bool(np.array_equal(got.argmax(-1), want.argmax(-1))),
+    }
+
 
 
 def _tiny_model_cls():
@@ -249,5 +295,6 @@ def _child_tp() -> dict:
 
 if __name__ == "__main__":
     sys.path[:0] = [ROOT]
-    result = {"tp": _child_tp}[sys.argv[1]]()
+    sys.path[:0] = [HERE]
+    result = _child_tp() if sys.argv[1] == "tp" else _child_load(sys.argv[2])
     print(json.dumps(result))

@@ -148,3 +148,22 @@ class Controller:
 
         out = multihost_utils.broadcast_one_to_all(tree, is_source=self.is_controller)
         return jax.tree.map(np.asarray, out)
+
+
+def serve_if_worker(runner: Any) -> bool:
+    """For commands (``energon serve``, ``generate``) after building the engine:
+
+    ``if serve_if_worker(engine.runner): return 0``. A worker process runs every step
+    process 0 broadcasts and returns ``True`` when process 0 shuts down; process 0 (or a
+    single process) returns ``False`` at once and goes on to serve the API.
+    """
+    if isinstance(runner, Controller) and runner.multi_process and not runner.is_controller:
+        runner.serve()
+        return True
+    return False
+
+
+def shutdown_workers(runner: Any) -> None:
+    """For process 0 when it stops serving: the workers return from ``serve()``."""
+    if isinstance(runner, Controller):
+        runner.shutdown()

@@ -260,6 +260,16 @@ def place(value, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def param_sharding_fn(mesh: Mesh, rules: ShardingRules):
+    """A ``models.load(..., param_sharding=...)`` callback: each weight is read straight into
+    its shards, so no device ever holds a whole copy of a model that only fits sharded."""
+
+    def for_param(path: tuple[str, ...], logical_axes: tuple, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(mesh, rules.partition_spec(logical_axes, shape, mesh, name=".".join(path)))
+
+    return for_param
+
+
 def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
     """Sharding of one layer's KV pages ``[P, S, K, H]``: split by KV head (``K``) over ``tp``."""
     return NamedSharding(mesh, PartitionSpec(None, None, rules.mesh_axis("kv_heads"), None))
