@@ -24,7 +24,6 @@ during the next device step.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import itertools
 import logging
 import time
@@ -33,9 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from energon_jax.engine_config import (
+    EngineConfig,
+    PromptInput,
+    as_params_list,
+    as_prompt_list,
+    demo_model_path,
+    engine_config,
+    param_dtype,
+)
 from energon_jax.output import OutputTracker
 from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
 from energon_jax.runner import ModelRunner
@@ -43,41 +50,8 @@ from pallas_kernels import make_kv_pages
 
 logger = logging.getLogger(__name__)
 
-PromptInput = str | Sequence[int]
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
-
-
-def demo_model_path() -> Path:
-    """The embedded demo checkpoint shipped inside the package (``energon_jax/demo``)."""
-    path = Path(str(importlib.resources.files("energon_jax") / "demo"))
-    if not (path / "config.json").is_file():
-        raise ValueError(f"the embedded demo model is missing: {str(path)!r} has no config.json")
-    return path
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Sizes of the runtime; ``Engine.from_pretrained`` fills in the defaults from the model."""
-
-    max_model_len: int
-    page_size: int
-    num_pages: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    static_batching: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_model_len", "page_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.num_pages < 2:
-            raise ValueError(f"kv_cache_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page)")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs} "
-                "(every running sequence decodes one token per step)"
-            )
 
 
 @dataclasses.dataclass
@@ -139,11 +113,11 @@ class Engine:
             )
             self._scheduler = self._runner = self._buckets = None
             return
-        self.config = _engine_config(
+        self.config = engine_config(
             model_config, max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
             kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
-            kv_dtype=_param_dtype(model),
+            kv_dtype=param_dtype(model),
         )
         if min_token_bucket < 1:
             raise ValueError(f"{min_token_bucket=} must be >= 1")
@@ -168,7 +142,7 @@ class Engine:
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
             max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
         )
-        dtype = _param_dtype(model)
+        dtype = param_dtype(model)
         if self.parallel != self.parallel.__class__() or jax.process_count() > 1:
             from energon_jax.parallel.runtime import build_runner
 
@@ -378,8 +352,8 @@ class Engine:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs in input order."""
-        prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        prompt_list = as_prompt_list(prompts)
+        params_list = as_params_list(sampling_params, len(prompt_list))
         rids = []
         try:
             for prompt, params in zip(prompt_list, params_list):
@@ -429,65 +403,3 @@ class Engine:
         from energon_jax.embedding import embed_texts
 
         return embed_texts(self, texts, normalize=normalize)
-
-
-def _param_dtype(model: Any) -> jnp.dtype:
-    from flax import nnx
-
-    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
-    floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-    return floats[0] if floats else jnp.dtype(jnp.float32)
-
-
-def _engine_config(
-    model_config: Any, *, max_model_len, page_size, kv_cache_pages, kv_cache_bytes, max_num_seqs,
-    max_num_batched_tokens, static_batching, kv_dtype,
-) -> EngineConfig:
-    from energon_jax.kv_cache import kv_cache_pages_for_bytes
-
-    limit = model_config.max_position_embeddings
-    if max_model_len is None:
-        max_model_len = limit
-    if max_model_len > limit:
-        raise ValueError(f"{max_model_len=} must be <= the model's max_position_embeddings={limit}")
-    if page_size < 1:
-        raise ValueError(f"{page_size=} must be >= 1")
-    if kv_cache_pages is not None and kv_cache_bytes is not None:
-        raise ValueError("give kv_cache_pages or kv_cache_bytes, not both")
-    if kv_cache_bytes is not None:
-        num_pages = kv_cache_pages_for_bytes(
-            kv_cache_bytes, model_config.num_layers, page_size, model_config.num_kv_heads, model_config.head_dim,
-            kv_dtype,
-        )
-    elif kv_cache_pages is not None:
-        num_pages = kv_cache_pages
-    else:  # room for every sequence at full length, plus the null page
-        num_pages = 1 + max_num_seqs * -(-max_model_len // page_size)
-    return EngineConfig(
-        max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
-    )
-
-
-def _is_token_list(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, (int, np.integer)) for t in x)
-
-
-def _as_prompt_list(prompts: Any) -> list[PromptInput]:
-    if isinstance(prompts, str) or _is_token_list(prompts):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a str, a list of str, a list of token ids or a list of lists; got {prompts!r}")
-    for i, p in enumerate(prompts):
-        if not (isinstance(p, str) or isinstance(p, (list, tuple))):
-            raise ValueError(f"prompts[{i}] must be a str or a list of token ids, got {type(p).__name__}")
-    return list(prompts)
-
-
-def _as_params_list(params: Any, n: int) -> list[SamplingParams]:
-    if params is None or isinstance(params, SamplingParams):
-        return [params or SamplingParams()] * n
-    params = list(params)
-    if len(params) != n:
-        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts; give one or one per prompt")
-    return params
