@@ -44,7 +44,8 @@ def test_engine_tp4_across_two_processes(tmp_path):
     from energon_jax.parallel.launch import LaunchConfig, launch
 
     base = run_child(__file__, "base", devices=1)["base"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     code = launch([sys.executable, __file__, "multi", str(tmp_path)],
                   LaunchConfig(num_processes=2, cpu_devices_per_process=2, grace_s=10), env=env)
     assert code == 0

