@@ -75,6 +75,7 @@ class InferenceServer:
         self._metrics = ServingMetrics(lambda: self._binding.engine.stats if self._binding else None)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
+        self._health_task: asyncio.Task | None = None
         self._exit_code = 0
         self._servicer = InferenceServicer(self._metrics, self._engine_failed)
         self.port: int | None = None
@@ -96,7 +97,9 @@ class InferenceServer:
     def _begin_drain(self) -> None:
         self._servicer.start_draining()
         # NOT_SERVING before anything else; the health servicer refuses later changes.
-        asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
+        # (Keep the task: the event loop holds only a weak reference to it.)
+        if self._health_task is None:
+            self._health_task = asyncio.get_running_loop().create_task(self._health.enter_graceful_shutdown())
         self._stop.set()
 
     async def _set_health(self, status: int) -> None:

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 NAME = "bench"
-HELP = "Benchmark a running server: energon bench serving --target HOST:PORT (TTFT, TPOT, goodput)."
+HELP = "benchmark a running server: energon bench serving --target HOST:PORT (TTFT, TPOT, goodput)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 NAME = "client"
-HELP = "Stream a completion from an energon gRPC server (energon serve)."
+HELP = "stream a completion from an energon gRPC server (energon serve) to the terminal"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

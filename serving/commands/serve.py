@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "serve"
-HELP = "Run the gRPC inference service (health, reflection, Prometheus metrics)."
+HELP = "run the gRPC inference service (health, reflection, Prometheus metrics)"
 
 # Engine flags passed to AsyncEngine.from_pretrained only when given, so the
 # engine's own defaults hold otherwise.
