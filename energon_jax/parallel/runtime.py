@@ -6,7 +6,9 @@ gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``
 
 - nothing asked, one process: a plain ``ModelRunner`` on the default device;
 - ``tp`` / ``dp``: the model sharded over a ``(dp, 1, tp)`` mesh by its logical axes,
-  KV pages split by KV head (``mesh.py``), one ``ModelRunner`` over all of it;
+  KV pages split by KV head (``mesh.py``), one ``ModelRunner`` over all of it. Not yet
+  done: splitting the step's rows over ``dp``; today every ``dp`` replica computes the
+  whole step, so ``dp`` is correct but buys no throughput;
 - ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``);
 - ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
 - more than one process: whatever the above gave, wrapped in a ``Controller`` so that
