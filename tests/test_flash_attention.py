@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
-from kernel_cases import TOLERANCE, case_id, packed_batch, pairwise, randn, rel_err
+from kernel_cases import INTERPRET, TOLERANCE, case_id, packed_batch, pairwise, randn, rel_err
 from pallas_kernels import flash_attention, flash_attention_reference
 from pallas_kernels._flash_attention_pallas import block_schedule
 from pallas_kernels.block_sizes import FlashBlockSizes
@@ -35,7 +35,7 @@ def _run(case: dict, seed: int) -> None:
     k = randn(rng, (total, NUM_KV_HEADS, h), dtype)
     v = randn(rng, (total, NUM_KV_HEADS, h), dtype)
     kw = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), causal=case["causal"])
-    out = flash_attention(q, k, v, **kw, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    out = flash_attention(q, k, v, **kw, implementation="pallas", interpret=INTERPRET, block_sizes=BLOCKS)
     ref = flash_attention_reference(q, k, v, **kw)
     assert out.shape == q.shape and out.dtype == dtype
     # Interpret mode starts every output buffer as NaN (see test_interpret_poisons_outputs):
@@ -89,7 +89,7 @@ def test_masked_kv_blocks_are_skipped():
         segment_ids=jnp.zeros(t, jnp.int32), positions=jnp.arange(t, dtype=jnp.int32), causal=True,
         kv_segment_ids=jnp.asarray(kv_seg), kv_positions=jnp.asarray(kv_pos),
     )
-    out = flash_attention(q, jnp.asarray(k), jnp.asarray(v), **kw, implementation="pallas", interpret=True,
+    out = flash_attention(q, jnp.asarray(k), jnp.asarray(v), **kw, implementation="pallas", interpret=INTERPRET,
                           block_sizes=BLOCKS)
     ref = flash_attention_reference(q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), **kw)
     assert bool(jnp.all(jnp.isfinite(out)))
@@ -114,7 +114,7 @@ def test_env_var_forces_the_kernel(monkeypatch):
     q, k, v = (randn(rng, (19, 2, 64), jnp.float32) for _ in range(3))
     kw = dict(segment_ids=jnp.zeros(19, jnp.int32), positions=jnp.arange(19, dtype=jnp.int32))
     monkeypatch.setenv("ENERGON_KERNELS", "pallas")
-    out = flash_attention(q, k, v, **kw, interpret=True, block_sizes=BLOCKS)
+    out = flash_attention(q, k, v, **kw, interpret=INTERPRET, block_sizes=BLOCKS)
     assert rel_err(out, flash_attention_reference(q, k, v, **kw)) <= 1e-5
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import TOLERANCE, case_id, pairwise, randn, rel_err
+from kernel_cases import INTERPRET, MIN_ROWS, TOLERANCE, case_id, pairwise, randn, rel_err
 from pallas_kernels.block_sizes import MatmulBlockSizes
 from pallas_kernels.int8_matmul import fit_block, int8_matmul, int8_matmul_reference
 
@@ -15,7 +15,7 @@ FACTORS = {
     "kn": ((96, 64), (100, 72), (64, 200)),  # block multiples and not
     "dtype": (jnp.float32, jnp.bfloat16),
 }
-BLOCKS = MatmulBlockSizes(block_m=8, block_n=32, block_k=32)
+BLOCKS = MatmulBlockSizes(block_m=MIN_ROWS, block_n=32, block_k=32)
 
 
 @pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
@@ -25,7 +25,7 @@ def test_matches_reference(case):
     x = randn(rng, (case["m"], k), dtype)
     w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     scales = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
-    out = int8_matmul(x, w, scales, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    out = int8_matmul(x, w, scales, implementation="pallas", interpret=INTERPRET, block_sizes=BLOCKS)
     ref = int8_matmul_reference(x, w, scales)
     assert out.shape == (case["m"], n) and out.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # interpret mode starts outputs as NaN
@@ -37,7 +37,7 @@ def test_leading_dims_are_kept():
     x = randn(rng, (2, 3, 64), jnp.float32)
     w = jnp.asarray(rng.integers(-127, 128, (64, 32)), jnp.int8)
     s = jnp.ones(32, jnp.float32)
-    out = int8_matmul(x, w, s, implementation="pallas", interpret=True, block_sizes=BLOCKS)
+    out = int8_matmul(x, w, s, implementation="pallas", interpret=INTERPRET, block_sizes=BLOCKS)
     assert out.shape == (2, 3, 32)
     assert rel_err(out, int8_matmul_reference(x, w, s)) <= 1e-5
 

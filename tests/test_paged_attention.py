@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import TOLERANCE, case_id, pairwise, randn, rel_err
+from kernel_cases import INTERPRET, TOLERANCE, case_id, pairwise, randn, rel_err
 from pallas_kernels import paged_attention, paged_attention_reference
 from pallas_kernels._paged_attention_pallas import combine_splits
 from pallas_kernels.block_sizes import PagedBlockSizes
@@ -63,7 +63,7 @@ def _problem(rng, case):
 def _run(case, seed):
     rng = np.random.default_rng(seed)
     args, kw = _problem(rng, case)
-    out = paged_attention(*args, **kw, implementation="pallas", interpret=True,
+    out = paged_attention(*args, **kw, implementation="pallas", interpret=INTERPRET,
                           block_sizes=PagedBlockSizes(num_splits=case["splits"]))
     ref = paged_attention_reference(*args, **kw)
     q = args[0]
@@ -98,7 +98,8 @@ def test_pages_past_the_length_are_not_read():
         k[page], v[page] = np.nan, np.nan
     q = randn(rng, (2, 4 * NUM_KV_HEADS, h), jnp.float32)
     args = (q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(tables), jnp.asarray(lengths))
-    out = paged_attention(*args, implementation="pallas", interpret=True, block_sizes=PagedBlockSizes(num_splits=3))
+    out = paged_attention(*args, implementation="pallas", interpret=INTERPRET,
+                          block_sizes=PagedBlockSizes(num_splits=3))
     clean = (q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), jnp.asarray(tables), jnp.asarray(lengths))
     assert bool(jnp.all(jnp.isfinite(out)))
     assert rel_err(out, paged_attention_reference(*clean)) <= 1e-5

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import TOLERANCE, case_id, pairwise, randn, rel_err
+from kernel_cases import INTERPRET, MIN_ROWS, TOLERANCE, case_id, pairwise, randn, rel_err
 from pallas_kernels.sparse_matmul import pack_sparse, sparse_matmul, sparse_matmul_reference, unpack_sparse
 
 FACTORS = {
@@ -30,7 +30,7 @@ def test_matches_dense(case):
     w = _pruned(rng, k, n, case["sparsity"], dtype)
     packed = pack_sparse(w, tile_k=16, tile_n=32)
     x = randn(rng, (case["m"], k), dtype)
-    out = sparse_matmul(x, packed, implementation="pallas", interpret=True, block_m=8)
+    out = sparse_matmul(x, packed, implementation="pallas", interpret=INTERPRET, block_m=MIN_ROWS)
     dense = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     assert out.shape == (case["m"], n) and out.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # interpret mode starts outputs as NaN
@@ -59,7 +59,7 @@ def test_empty_and_full_tiles():
     x = randn(rng, (3, 32), jnp.float32)
     for weight in (w, np.zeros_like(w)):
         packed = pack_sparse(jnp.asarray(weight), tile_k=16, tile_n=32)
-        out = sparse_matmul(x, packed, implementation="pallas", interpret=True, block_m=8)
+        out = sparse_matmul(x, packed, implementation="pallas", interpret=INTERPRET, block_m=MIN_ROWS)
         np.testing.assert_allclose(np.asarray(out), np.asarray(x) @ weight, rtol=1e-5, atol=1e-5)
 
 
