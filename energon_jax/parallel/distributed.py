@@ -28,8 +28,6 @@ import logging
 import os
 from collections.abc import Mapping
 
-import jax
-
 log = logging.getLogger(__name__)
 
 ENV_ADDRESS = "ENERGON_COORDINATOR_ADDRESS"
@@ -129,6 +127,8 @@ def initialize(config: DistributedConfig) -> bool:
     """
     if not config.enabled:
         return False
+    import jax  # here, not at module level: `energon launch` reads this module without starting jax
+
     if jax.distributed.is_initialized():
         return True
     # gloo must be chosen before the CPU backend starts; harmless on GPU/TPU.
@@ -155,10 +155,14 @@ def initialize_from_env(env: Mapping[str, str] | None = None) -> bool:
 
 
 def shutdown() -> None:
+    import jax
+
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
 
 
 def is_coordinator() -> bool:
     """Process 0 owns the scheduler and the API."""
+    import jax
+
     return jax.process_index() == 0

@@ -16,7 +16,10 @@ partial success: one dead process leaves the others blocked in a collective.
 - when every child exits 0 the launcher returns 0; once one has exited 0 the rest
   get ``grace_s`` to follow before they are stopped and reported;
 - on Linux each child is also tied to the launcher's life (``PR_SET_PDEATHSIG``),
-  so killing the launcher with SIGKILL does not leave orphans.
+  so killing the launcher with SIGKILL does not leave orphans. That needs code run
+  between fork and exec, which is unsafe in a multi-threaded parent, so it is done
+  only when the launcher is single-threaded and has not started jax (the ``energon
+  launch`` command; not a test process that already runs jax).
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ def _die_with_parent() -> None:
         pass
 
 
+def _can_preexec() -> bool:
+    return sys.platform.startswith("linux") and threading.active_count() == 1 and "jax" not in sys.modules
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -143,7 +150,7 @@ def launch(
     for i in range(config.num_processes):
         procs.append(subprocess.Popen(
             list(argv), env=worker_env(base, config, i, address), start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent if _can_preexec() else None,
         ))
     say(f"started {config.num_processes} processes (coordinator {address}): "
         + ", ".join(f"{i}:pid {p.pid}" for i, p in enumerate(procs)))
