@@ -15,6 +15,9 @@ One step::
     sampled = handle.result()             # the only device -> host transfer: ids, logprobs
     deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
 
+On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
+runs as two device calls, decode rows then prefill rows (``step_split.py`` says why).
+
 Stop strings are matched on detokenized text, which the engine owns (``output.py``):
 requests with stop strings are detokenized right after their step, so that a match
 finishes them before the next step is planned; the other requests' text is produced
@@ -46,6 +49,7 @@ from energon_jax.engine_config import (
 from energon_jax.output import OutputTracker
 from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
 from energon_jax.runner import ModelRunner
+from energon_jax.step_split import merge_sampled, split_plan
 from pallas_kernels import make_kv_pages
 
 logger = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class Engine:
         max_num_batched_tokens: int = 512,
         static_batching: bool = False,
         min_token_bucket: int = 16,
+        split_prefill_decode: bool | None = None,
         warmup: bool = True,
         pooling: Any | None = None,
         model_path: str | None = None,
@@ -122,6 +127,11 @@ class Engine:
         if min_token_bucket < 1:
             raise ValueError(f"{min_token_bucket=} must be >= 1")
         self._min_token_bucket = min_token_bucket
+        if split_prefill_decode is None:  # see step_split.py: only the jnp reference attention gains
+            from pallas_kernels import resolve_implementation
+
+            split_prefill_decode = resolve_implementation("auto") == "reference"
+        self.split_prefill_decode = split_prefill_decode
         self._build_decoder(model, model_config, warmup)
 
     def _build_decoder(self, model: Any, model_config: Any, warmup: bool) -> None:
@@ -273,10 +283,10 @@ class Engine:
             if not out and self._live and not self._scheduler.has_work():
                 raise RuntimeError(f"scheduler has no work but requests {sorted(self._live)} are unfinished")
             return out
-        batch = self._batch_lib.pack(plan, self._buckets)
-        handle = self._runner.step_async(batch)
+        parts = split_plan(plan) if self.split_prefill_decode else [(plan, list(range(plan.num_rows)))]
+        handles = [(idx, self._runner.step_async(self._batch_lib.pack(sub, self._buckets))) for sub, idx in parts]
         out = self._drain_deferred()  # host work overlapping the device step
-        sampled = handle.result()
+        sampled = merge_sampled([(idx, h.result()) for idx, h in handles], plan.num_rows)
         now = time.monotonic()
         for delta in self._scheduler.update(plan, sampled):
             req = delta.request

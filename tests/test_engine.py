@@ -63,6 +63,27 @@ def test_greedy_matches_reference_with_staggered_arrivals_and_chunked_prefill(en
     assert not engine.has_unfinished()
 
 
+def test_split_and_fused_steps_give_the_same_tokens(engine, model, tokenizer):
+    fused = Engine(model, CONFIG, tokenizer, split_prefill_decode=False, **ENGINE_KW)
+    assert engine.split_prefill_decode  # the CPU default: reference attention
+    prompts = _prompts(8, [30, 4, 50, 12])
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (8, 14, 6, 10)]
+    calls, plans = [], []
+    real_step, real_schedule = engine.runner.step_async, engine.scheduler.schedule
+    engine.runner.step_async = lambda batch: calls.append(batch) or real_step(batch)
+    engine.scheduler.schedule = lambda: (lambda p: plans.append(p) or p)(real_schedule())
+    try:
+        split_tokens = _run_staggered(engine, prompts, params, arrivals=[0, 1, 2, 4])
+    finally:
+        del engine.runner.step_async, engine.scheduler.schedule
+    fused_tokens = _run_staggered(fused, prompts, params, arrivals=[0, 1, 2, 4])
+    assert split_tokens == fused_tokens == [greedy_reference(model, p, x.max_tokens) for p, x in zip(prompts, params)]
+    # Mixed steps (decode rows and a prefill chunk) really ran as two calls.
+    plans = [p for p in plans if p is not None]
+    mixed = sum(1 for p in plans if {r.num_tokens == 1 for r in p.rows} == {True, False})
+    assert mixed > 0 and len(calls) == len(plans) + mixed
+
+
 def test_no_compile_after_warmup(engine):
     n = engine.num_compiles
     assert n == len(engine._buckets.all_shapes())
