@@ -1,9 +1,11 @@
-"""Choosing an implementation for each op: the Pallas kernel for the backend, or the jnp reference.
+"""Choosing an implementation for each op: the Pallas kernel for the backend, an XLA path, or the jnp reference.
 
-``implementation="auto"`` resolves to ``"pallas"`` on TPU and GPU and to ``"reference"``
-on CPU (interpret mode is for tests only). The environment variable
-``ENERGON_KERNELS=reference|pallas|auto`` overrides ``"auto"`` for a whole run; an
-explicit ``"pallas"`` or ``"reference"`` argument always wins.
+``implementation="auto"`` resolves to ``"pallas"`` on TPU and GPU and, elsewhere (CPU;
+interpret mode is for tests only), to ``"xla"`` for an op that has an XLA path (one
+written for speed with plain XLA ops; ``paged_attention`` only) and to ``"reference"``
+for the others. An op without an XLA path treats ``"xla"`` as ``"reference"``. The
+environment variable ``ENERGON_KERNELS=reference|xla|pallas|auto`` overrides ``"auto"``
+for a whole run; an explicit ``"pallas"``, ``"xla"`` or ``"reference"`` argument always wins.
 
 Pallas has no compiled CPU backend, so a Pallas kernel chosen on CPU (forced by the
 argument or the environment) runs in interpret mode (``use_interpret``): that is how
@@ -16,7 +18,7 @@ import os
 
 import jax
 
-IMPLEMENTATIONS = ("auto", "pallas", "reference")
+IMPLEMENTATIONS = ("auto", "pallas", "xla", "reference")
 ENV_VAR = "ENERGON_KERNELS"
 # Kernels written for the Triton lowering only: on TPU, "auto" uses the reference until a
 # Mosaic variant exists (flash_attention has one).
@@ -24,25 +26,35 @@ GPU_ONLY = ("gpu",)
 
 
 def resolve_implementation(
-    implementation: str, *, interpret: bool = False, backends: tuple[str, ...] = ("tpu", "gpu")
+    implementation: str,
+    *,
+    interpret: bool = False,
+    backends: tuple[str, ...] = ("tpu", "gpu"),
+    has_xla: bool = False,
 ) -> str:
-    """Return ``"pallas"`` or ``"reference"`` for this call.
+    """Return ``"pallas"``, ``"xla"`` or ``"reference"`` for this call.
 
     ``backends``: where ``"auto"`` picks the kernel (an op whose kernel has no variant for
-    a backend yet lists only the others, and ``"auto"`` falls back to the reference there).
+    a backend yet lists only the others, and ``"auto"`` falls back there). ``has_xla``:
+    whether the op has an XLA path; ``"auto"`` falls back to it where there is no kernel,
+    and without one ``"xla"`` (argument or environment) means ``"reference"``, so the
+    result is never ``"xla"`` for such an op.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{implementation=} must be one of {IMPLEMENTATIONS}")
-    if implementation != "auto":
-        return implementation
-    env = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if env not in IMPLEMENTATIONS:
-        raise ValueError(f"{ENV_VAR}={env!r} must be one of {IMPLEMENTATIONS}")
-    if env != "auto":
-        return env
-    if interpret:
-        return "pallas"
-    return "pallas" if backend() in backends else "reference"
+    if implementation == "auto":
+        env = os.environ.get(ENV_VAR, "auto").strip().lower()
+        if env not in IMPLEMENTATIONS:
+            raise ValueError(f"{ENV_VAR}={env!r} must be one of {IMPLEMENTATIONS}")
+        if env != "auto":
+            implementation = env
+        elif interpret:
+            implementation = "pallas"
+        else:
+            implementation = "pallas" if backend() in backends else "xla"
+    if implementation == "xla" and not has_xla:
+        return "reference"
+    return implementation
 
 
 def backend() -> str:

@@ -8,6 +8,14 @@ padding, output zeros) and sits at ``positions[t]``; it attends to cache positio
 query per row (``T == B``) at position ``lengths - 1``: plain decode.
 
 int8 pages pass ``k_scale, v_scale [P, S, K]``.
+
+Three implementations: the Pallas split-K kernel (GPU), ``paged_attention_reference``
+(plain jnp, the numerical reference: it walks the page table a block of pages at a time
+and gathers, for every query token, its own copy of its row's context, so a prefill
+chunk of ``T`` tokens pays ``T x context`` of gather) and ``paged_attention_xla``, the
+CPU default, which gathers each row's context once into a packed key list and runs
+ordinary masked attention over it (``flash_attention_reference``) whenever the step's
+contexts fit a static budget, and falls back to the reference walk otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.dispatch import GPU_ONLY, resolve_implementation, use_interpret
+from pallas_kernels.flash_attention import flash_attention_reference
 
 # Pages read per iteration of the reference loop: large enough to keep the CPU busy,
 # small enough that the per-iteration gather ([T, pages * S, K, H]) stays modest.
@@ -44,9 +53,16 @@ def paged_attention(
     ``implementation="pallas"`` runs the split-K kernel in ``_paged_attention_pallas``
     (one program per query token, KV head and split; the general packed form with
     ``segment_ids``/``positions`` is supported, not only decode). ``block_sizes`` tunes it.
+    ``"xla"`` runs ``paged_attention_xla``; ``"reference"`` the jnp reference.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
-    impl = resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY)
+    impl = resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY, has_xla=True)
+    if impl == "xla":
+        return paged_attention_xla(
+            q, k_pages, v_pages, page_tables, lengths,
+            segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
+            k_scale=k_scale, v_scale=v_scale,
+        )
     if impl == "pallas":
         from pallas_kernels import _paged_attention_pallas as kernel
 
@@ -140,3 +156,77 @@ def paged_attention_reference(
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
     return o.reshape(t, n, h).astype(q.dtype)
+
+
+def packed_context_budget(num_tokens: int, max_pages: int, page_size: int) -> int:
+    """Static key budget ``C`` of ``paged_attention_xla``'s packed path: ``T + M * S``.
+
+    A row never holds more than ``M * S`` cached tokens, and a row's context beyond its
+    query tokens is what it had cached before the step, so every step in which at most
+    one row brings earlier context (a lone prefill chunk, any number of fresh prompts,
+    a single decode row) fits. Steps with many long decode rows take the page walk.
+    """
+    return num_tokens + max_pages * page_size
+
+
+def paged_attention_xla(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    sm_scale: float | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+) -> jax.Array:
+    """Same contract as ``paged_attention_reference``; picks a path at run time.
+
+    Row ``b`` needs the first ``need[b] = min(lengths[b], 1 + max position of its
+    tokens)`` cache positions (0 for a row without tokens). When ``sum(need)`` fits
+    ``packed_context_budget`` the rows' contexts are gathered once, back to back, into
+    ``[C, K, H]`` and attended with ``flash_attention_reference`` (key segment = row,
+    key position = cache position, causal): cost ``T x C`` in dense matmuls instead of
+    the walk's per-token gathers. Otherwise the reference page walk runs.
+    """
+    segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    t = q.shape[0]
+    num_rows, max_pages = page_tables.shape
+    num_pages, page_size, kh, h = k_pages.shape
+    budget = packed_context_budget(t, max_pages, page_size)
+
+    valid_tok = segment_ids >= 0
+    rows = jnp.where(valid_tok, segment_ids, 0)
+    # Highest cache position + 1 any token of each row looks at; 0 for rows without tokens.
+    reach = jnp.zeros((num_rows,), jnp.int32).at[rows].max(jnp.where(valid_tok, positions + 1, 0))
+    need = jnp.minimum(reach, lengths.astype(jnp.int32))  # [B]
+    ends = jnp.cumsum(need)  # [B]
+    total = ends[-1]
+
+    def packed(_):
+        c = jnp.arange(budget, dtype=jnp.int32)
+        kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
+        valid = c < total
+        kv_pos = c - (ends[kv_row] - need[kv_row])  # position inside its row
+        page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
+        slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
+        slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
+        k_ctx = k_pages.reshape(num_pages * page_size, kh, h)[slot]  # [C, K, H]
+        v_ctx = v_pages.reshape(num_pages * page_size, kh, h)[slot]
+        if k_scale is not None:
+            k_ctx = k_ctx.astype(jnp.float32) * k_scale.reshape(-1, kh)[slot][..., None]
+            v_ctx = v_ctx.astype(jnp.float32) * v_scale.reshape(-1, kh)[slot][..., None]
+        return flash_attention_reference(
+            q, k_ctx, v_ctx, segment_ids=jnp.where(valid_tok, segment_ids, -1), positions=positions,
+            causal=True, sm_scale=sm_scale, kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
+        )
+
+    def walk(_):
+        return paged_attention_reference(
+            q, k_pages, v_pages, page_tables, lengths, segment_ids=segment_ids, positions=positions,
+            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
+        )
+
+    return jax.lax.cond(total <= budget, packed, walk, None)

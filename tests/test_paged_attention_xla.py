@@ -1,0 +1,179 @@
+"""paged_attention_xla (the CPU default) against the jnp reference, both of its run-time
+paths; the dispatch of "xla"; and an engine whose greedy tokens do not depend on it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_cases import TOLERANCE, randn, rel_err
+from pallas_kernels import paged_attention, paged_attention_reference
+from pallas_kernels.dispatch import resolve_implementation
+from pallas_kernels.page_layout import quantize_kv
+from pallas_kernels.paged_attention import packed_context_budget, paged_attention_xla
+
+NUM_KV_HEADS, HEAD_DIM = 2, 32
+
+
+def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
+    """Random pool, page tables and a packed step; ``path`` picks which side of the budget it falls.
+
+    "packed": one row resumes a chunked prefill (first position > 0), two fresh prompts,
+    a decode row with short context, one token placed past its row's length (sees only
+    ``j < lengths``), and an idle row with cached tokens but no query. "walk": several
+    decode rows and a short chunk whose contexts together exceed the budget.
+    """
+    max_pages = 9
+    cap = max_pages * page_size
+    if path == "packed":
+        # (length, first query position, query tokens); lengths rarely page multiples
+        rows = [(cap - 3, cap - 3 - 11, 11), (13, 0, 13), (7, 0, 7), (5, 4, 1), (2 * page_size + 1, None, 0)]
+    else:
+        rows = [(cap - 1, cap - 2, 1), (cap - page_size + 3, cap - page_size + 2, 1), (cap - 5, cap - 9, 4),
+                (3 * page_size + 2, 3 * page_size + 1, 1)]
+    b = len(rows)
+    lengths = np.array([r[0] for r in rows], np.int32)
+    num_pages = 1 + sum(-(-int(n) // page_size) for n in lengths) + 3
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((b, max_pages), np.int32)
+    used = 0
+    for r, n in enumerate(lengths):
+        need = -(-int(n) // page_size)
+        tables[r, :need] = perm[used:used + need]
+        used += need
+    seg, pos = [], []
+    for r, (n, first, count) in enumerate(rows):
+        seg += [r] * count
+        pos += list(range(first, first + count)) if count else []
+    if path == "packed":
+        seg.append(3)  # a second token of the decode row, one past its length: must see j < 5 only
+        pos.append(9)
+    seg += [-1, -1, -1]  # padding
+    pos += [0, 0, 0]
+    seg, pos = np.array(seg, np.int32), np.array(pos, np.int32)
+    order = rng.permutation(len(seg))  # tokens of a row need not be contiguous
+    seg, pos = seg[order], pos[order]
+
+    shape = (num_pages, page_size, NUM_KV_HEADS, HEAD_DIM)
+    k, v = randn(rng, shape, jnp.float32), randn(rng, shape, jnp.float32)
+    scales = {}
+    if int8:
+        k, ks = quantize_kv(k.reshape(-1, NUM_KV_HEADS, HEAD_DIM))
+        v, vs = quantize_kv(v.reshape(-1, NUM_KV_HEADS, HEAD_DIM))
+        k, v = k.reshape(shape), v.reshape(shape)
+        scales = dict(k_scale=ks.reshape(shape[:3]), v_scale=vs.reshape(shape[:3]))
+    else:
+        k, v = k.astype(dtype), v.astype(dtype)
+    q = randn(rng, (len(seg), NUM_KV_HEADS * group, HEAD_DIM), dtype)
+
+    # The case must really sit on the intended side of the budget (same rule as the kernel).
+    reach = np.zeros(b, np.int64)
+    for s, p in zip(seg, pos):
+        if s >= 0:
+            reach[s] = max(reach[s], p + 1)
+    total = int(np.minimum(reach, lengths).sum())
+    budget = packed_context_budget(len(seg), max_pages, page_size)
+    assert (total <= budget) == (path == "packed"), (total, budget)
+    args = (q, k, v, jnp.asarray(tables), jnp.asarray(lengths))
+    return args, dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), **scales)
+
+
+def _check(out, ref, seg, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert out.shape == ref.shape
+    assert np.isfinite(out).all() and np.isfinite(ref).all()
+    pad = np.asarray(seg) < 0
+    assert (out[pad] == 0).all() and (ref[pad] == 0).all()
+    assert np.abs(ref[~pad]).max() > 0
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("path", ["packed", "walk"])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("int8", [False, True])
+def test_xla_matches_reference(path, group, int8):
+    page_size = 5 if group != 2 else 8  # 5 divides none of the lengths
+    rng = np.random.default_rng(hash((path, group, int8)) % 2**32)
+    args, kw = _problem(rng, path=path, group=group, int8=int8, page_size=page_size)
+    out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
+    ref = paged_attention_reference(*args, **kw)
+    _check(out, ref, kw["segment_ids"], jnp.float32)
+
+
+@pytest.mark.parametrize("path", ["packed", "walk"])
+def test_xla_bfloat16_and_sm_scale(path):
+    rng = np.random.default_rng(11)
+    args, kw = _problem(rng, path=path, group=2, int8=False, page_size=5, dtype=jnp.bfloat16)
+    out = paged_attention_xla(*args, **kw, sm_scale=0.3)
+    assert out.dtype == jnp.bfloat16
+    _check(out, paged_attention_reference(*args, **kw, sm_scale=0.3), kw["segment_ids"], jnp.bfloat16)
+
+
+def test_plain_decode_without_segment_ids():
+    rng = np.random.default_rng(5)
+    page_size, b, max_pages = 4, 3, 6
+    lengths = jnp.asarray([1, 9, 23], jnp.int32)  # total 33 > budget 3 + 24: walk; then a short one: packed
+    tables = jnp.asarray(1 + rng.permutation(b * max_pages).reshape(b, max_pages), jnp.int32)
+    k = randn(rng, (1 + b * max_pages, page_size, NUM_KV_HEADS, HEAD_DIM), jnp.float32)
+    v = randn(rng, k.shape, jnp.float32)
+    q = randn(rng, (b, 2 * NUM_KV_HEADS, HEAD_DIM), jnp.float32)
+    seg = jnp.arange(b)
+    for lens in (lengths, jnp.asarray([1, 9, 7], jnp.int32)):
+        _check(paged_attention_xla(q, k, v, tables, lens), paged_attention_reference(q, k, v, tables, lens),
+               seg, jnp.float32)
+
+
+def test_dispatch_of_xla(monkeypatch):
+    monkeypatch.delenv("ENERGON_KERNELS", raising=False)
+    cpu = jax.default_backend() == "cpu"
+    assert resolve_implementation("auto", has_xla=True) == ("xla" if cpu else "pallas")
+    assert resolve_implementation("auto") == ("reference" if cpu else "pallas")  # ops without an XLA path
+    assert resolve_implementation("xla") == "reference"
+    assert resolve_implementation("xla", has_xla=True) == "xla"
+    assert resolve_implementation("reference", has_xla=True) == "reference"
+    monkeypatch.setenv("ENERGON_KERNELS", "xla")
+    assert resolve_implementation("auto", has_xla=True) == "xla"
+    assert resolve_implementation("auto") == "reference"
+    with pytest.raises(ValueError, match="implementation"):
+        resolve_implementation("jnp")
+
+    rng = np.random.default_rng(2)
+    args, kw = _problem(rng, path="packed", group=2, int8=False, page_size=5)
+    via_env = paged_attention(*args, **kw)  # ENERGON_KERNELS=xla
+    monkeypatch.setenv("ENERGON_KERNELS", "reference")
+    ref = paged_attention(*args, **kw)
+    _check(via_env, ref, kw["segment_ids"], jnp.float32)
+
+
+def test_engine_greedy_tokens_same_with_reference_and_default(monkeypatch, tiny_checkpoint):
+    from energon_jax import Engine, SamplingParams
+    from energon_jax.tokenizer import Tokenizer
+    from tiny_decoder import TinyConfig, TinyDecoder
+
+    config = TinyConfig(vocab_size=300, max_position_embeddings=64)
+    model = TinyDecoder(config, seed=4)
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint("llama"))
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 30, 11)]  # 30 > 24: chunked
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    def run(env: str | None) -> list[list[int]]:
+        if env is None:
+            monkeypatch.delenv("ENERGON_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("ENERGON_KERNELS", env)
+        engine = Engine(model, config, tokenizer, max_model_len=64, page_size=4, max_num_seqs=4,
+                        max_num_batched_tokens=24, warmup=False, split_prefill_decode=False)
+        ids = [engine.add_request(p, params) for p in prompts]
+        out: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for delta in engine.step():
+                out.setdefault(delta.request_id, []).extend(delta.token_ids)
+        return [out[i] for i in ids]
+
+    ref = run("reference")
+    default = run(None)
+    assert all(len(t) == 6 for t in ref)
+    assert default == ref
