@@ -69,6 +69,27 @@ class _Live:
     finish_reason: str | None = None
 
 
+def _param_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
+    """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
+
+    Only the plain tp/dp layout loads into shards: the pipeline and offload runners place
+    the layers themselves, and ``build_runner`` validates the layout again either way."""
+    from energon_jax.parallel.mesh import make_mesh, param_sharding_fn, sharding_rules, validate_model_parallelism
+    from energon_jax.parallel.runtime import ParallelOptions
+
+    keys = ("dp", "pp", "tp", "offload", "resident_layers")
+    options = ParallelOptions(**{k: engine_kwargs[k] for k in keys if k in engine_kwargs})
+    if options.tp <= 1 or options.pp > 1 or options.offload is not None or model_config.is_encoder:
+        return None
+    c = model_config
+    validate_model_parallelism(  # the same ValueError build_runner would give, before any weight is read
+        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
+        intermediate_size=getattr(c, "intermediate_size", None),
+    )
+    rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
+    return param_sharding_fn(make_mesh(options.parallel), rules)
+
+
 class Engine:
     """Offline and streaming generation over one model (see the module docstring)."""
 
@@ -176,16 +197,41 @@ class Engine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, *, dtype: str = "float32", **engine_kwargs: Any
+        cls,
+        path: str | Path | None = None,
+        *,
+        dtype: str = "float32",
+        quantize: str | None = None,
+        sparsity: float | None = None,
+        **engine_kwargs: Any,
     ) -> Engine:
-        """Load a Hugging Face checkpoint directory (``None``: the embedded demo model)."""
-        from models.loading import load
+        """Load a Hugging Face checkpoint directory (``None``: the embedded demo model).
+
+        ``quantize="int8"`` or ``sparsity=0.8`` compress the linear layers after loading
+        (``energon_jax/quantize.py``). With ``tp > 1`` (no pipeline, no offload) each weight is
+        read straight into its tensor-parallel shards.
+        """
+        from models.loading import load, load_config
         from models.pooling import read_pooling_config
 
         from energon_jax.tokenizer import Tokenizer
 
+        if quantize is not None and quantize != "int8":
+            raise ValueError(f"{quantize=} must be 'int8' or None")
+        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+            raise ValueError(f"{sparsity=} must be a float in [0, 1) or None")
+        if quantize is not None and sparsity is not None:
+            raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
         root = demo_model_path() if path is None else Path(path)
-        model, config = load(root, dtype)
+        model, config = load(root, dtype, param_sharding=_param_sharding(load_config(root), engine_kwargs))
+        if quantize is not None or sparsity is not None:
+            from energon_jax.quantize import quantize_model
+
+            if config.is_encoder:
+                raise ValueError(f"quantize={quantize!r} / sparsity={sparsity} apply to decoder models only")
+            mode = "int8" if quantize is not None else "sparse"
+            report = quantize_model(model, mode, sparsity=0.8 if sparsity is None else float(sparsity))
+            logger.info("quantized: %s", report.summary())
         tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
         pooling = read_pooling_config(root) if config.is_encoder else None
         return cls(model, config, tokenizer, pooling=pooling, model_path=str(root), **engine_kwargs)

@@ -4,6 +4,11 @@ Without ``--model`` the embedded demo model (``energon_jax/demo``) is used. Text
 printed as the engine produces it (``Engine.stream``), the prompt first. The engine is
 sized for one sequence and compiles lazily (no warm-up of every bucket), so the first
 token comes after two small compiles rather than a full warm-up.
+
+Under ``energon launch -n N`` (or with ``--coordinator-address/--num-processes/--process-id``)
+the processes join one ``jax.distributed`` run before any device is used and build one
+engine over all their devices (``--tp/--dp``): process 0 schedules and prints, the others
+run the steps it broadcasts (``serve_if_worker``) and print nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +20,25 @@ NAME = "generate"
 HELP = "generate text from a prompt, streamed to the terminal (default model: the embedded demo)"
 
 
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tp/--pp/--dp/--offload/--resident-layers`` (shared with ``energon serve``)."""
+    g = parser.add_argument_group("parallelism (energon_jax/parallel)")
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
+    g.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (single process)")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel degree")
+    g.add_argument("--offload", choices=("host", "peer"), default=None, help="stream layers from host or peer memory")
+    g.add_argument("--resident-layers", type=int, default=None, help="layers kept on device with --offload")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The engine keyword arguments of the flags above that were given."""
+    names = ("tp", "pp", "dp", "offload", "resident_layers")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from energon_jax.parallel.distributed import add_distributed_arguments
+
     parser.add_argument("prompt", help="the prompt text")
     parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: embedded demo)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
@@ -28,10 +51,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's maximum")
     parser.add_argument("--no-prompt", action="store_true", help="print only the generated text")
+    add_parallel_arguments(parser)
+    add_distributed_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from energon_jax.parallel import distributed
+
+    try:  # before anything touches a device
+        multi = distributed.initialize(distributed.config_from_args(args))
+    except ValueError as e:
+        print(f"energon generate: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _generate(args)
+    finally:
+        if multi:
+            distributed.shutdown()
+
+
+def _generate(args: argparse.Namespace) -> int:
     from energon_jax.engine import Engine
+    from energon_jax.parallel.controller import serve_if_worker, shutdown_workers
     from energon_jax.request import SamplingParams
 
     try:
@@ -41,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
         )
         engine = Engine.from_pretrained(
             args.model, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=1,
-            max_num_batched_tokens=256, warmup=False,
+            max_num_batched_tokens=256, warmup=False, **parallel_kwargs(args),
         )
+    except ValueError as e:
+        print(f"energon generate: {e}", file=sys.stderr)
+        return 2
+    if serve_if_worker(engine.runner):  # a worker: process 0's steps until it is done, no output
+        return 0
+    try:
         if engine.tokenizer is None:
             raise ValueError(f"model {engine.model_path!r} has no tokenizer.json: generate needs one for text prompts")
         max_len = engine.config.max_model_len
@@ -63,3 +110,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"energon generate: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_workers(engine.runner)  # process 0: the workers return from serve()
