@@ -94,6 +94,10 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        from energon_jax.parallel.controller import shutdown_workers
+
+        # Multi-process: the workers return from serve() (idempotent; nothing on one process).
+        shutdown_workers(self.engine.runner)
 
     # -- what the server reads ----------------------------------------------------------
 
@@ -104,7 +108,7 @@ class AsyncEngine:
             architecture=e.model_config.architecture,
             max_model_len=e.config.max_model_len,
             vocab_size=e.model_config.vocab_size,
-            layout={"dp": 1, "tp": 1, "pp": 1},
+            layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp},
             model=e.model_path or "",
         )
 

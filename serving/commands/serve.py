@@ -1,4 +1,10 @@
-"""``energon serve``: run the gRPC inference server over an AsyncEngine."""
+"""``energon serve``: run the gRPC inference server over an AsyncEngine.
+
+Under ``energon launch -n N`` (or the ``--coordinator-address/--num-processes/--process-id``
+flags) every process joins one ``jax.distributed`` run before any device is used and builds
+the same engine (``--tp/--dp``); process 0 binds the gRPC port and serves the API, the
+others run the steps it broadcasts until it shuts down (``AsyncEngine.shutdown``).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,6 @@ HELP = "run the gRPC inference service (health, reflection, Prometheus metrics)"
 # Engine flags passed to AsyncEngine.from_pretrained only when given, so the
 # engine's own defaults hold otherwise.
 _ENGINE_FLAGS = (
-    ("tp", int, "tensor-parallel degree"),
-    ("pp", int, "pipeline-parallel degree"),
-    ("dp", int, "data-parallel degree"),
     ("dtype", str, "parameter dtype, e.g. float32 or bfloat16"),
     ("max_model_len", int, "longest prompt + completion in tokens"),
     ("page_size", int, "tokens per KV page"),
@@ -48,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     parser.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
     parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
+    from energon_jax.commands.generate import add_parallel_arguments
+    from energon_jax.parallel.distributed import add_distributed_arguments
+
+    add_parallel_arguments(parser)  # --tp --pp --dp --offload --resident-layers
+    add_distributed_arguments(parser)
     for name, typ, help_text in _ENGINE_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=help_text)
     parser.add_argument(
@@ -66,9 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from energon_jax.commands.generate import parallel_kwargs
+
     kwargs: dict[str, Any] = {
         name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None
     }
+    kwargs.update(parallel_kwargs(args))
     for item in args.engine_arg:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -105,19 +116,45 @@ def server_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from energon_jax.parallel import distributed
     from serving.binding import load_factory
     from serving.server import serve
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("energon.serving")
     try:
         config = server_config(args)
         factory = load_factory(args.engine_factory)
         kwargs = engine_kwargs(args)
+        multi = distributed.initialize(distributed.config_from_args(args))  # before any device is used
     except ValueError as e:
-        logging.getLogger("energon.serving").error("%s", e)
+        log.error("%s", e)
         return 2
     try:
+        if multi and not distributed.is_coordinator():
+            return _serve_worker(factory, args.model, kwargs)
         return asyncio.run(serve(config, factory, args.model, kwargs))
     except (OSError, ValueError) as e:  # a port that cannot be bound, a TLS file that is missing
-        logging.getLogger("energon.serving").error("%s", e)
+        log.error("%s", e)
         return 1
+    finally:
+        if multi:
+            distributed.shutdown()
+
+
+def _serve_worker(factory: Any, model: str | None, kwargs: dict[str, Any]) -> int:
+    """Process i > 0: build the same engine as process 0, then run its steps; no port, no API."""
+    import signal
+
+    from energon_jax.parallel.controller import serve_if_worker
+
+    # energon launch forwards SIGTERM/SIGINT to every process: a worker keeps running steps
+    # until process 0 has drained and says stop (a dead process 0 ends it via the heartbeat).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    binding = factory(model, kwargs)
+    runner = getattr(getattr(binding.engine, "engine", None), "runner", None)
+    if not serve_if_worker(runner):
+        raise ValueError(f"the engine factory's engine ({type(binding.engine).__name__}) cannot run multi-process")
+    logging.getLogger("energon.serving").info("worker: process 0 shut down; exiting")
+    return 0
