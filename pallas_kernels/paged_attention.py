@@ -158,15 +158,20 @@ def paged_attention_reference(
     return o.reshape(t, n, h).astype(q.dtype)
 
 
-def packed_context_budget(num_tokens: int, max_pages: int, page_size: int) -> int:
-    """Static key budget ``C`` of ``paged_attention_xla``'s packed path: ``T + M * S``.
+def packed_context_budgets(num_tokens: int, max_pages: int, page_size: int) -> tuple[int, ...]:
+    """Static key budgets ``C`` of ``paged_attention_xla``'s packed path, smallest first.
 
-    A row never holds more than ``M * S`` cached tokens, and a row's context beyond its
-    query tokens is what it had cached before the step, so every step in which at most
-    one row brings earlier context (a lone prefill chunk, any number of fresh prompts,
-    a single decode row) fits. Steps with many long decode rows take the page walk.
+    The largest is ``T + M * S``: a row never holds more than ``M * S`` cached tokens and
+    a row's context beyond its query tokens is what it had cached before the step, so
+    every step in which at most one row brings earlier context (a lone prefill chunk,
+    any number of fresh prompts, a single decode row) fits. The packed path costs
+    ``T x C``, so smaller budgets serve the common cheaper steps: ``T`` (fresh prompts
+    only: no row has earlier context) and ``T`` plus a quarter of a row, page-aligned
+    (a chunk resuming early in its prompt). Steps that fit none take the page walk.
     """
-    return num_tokens + max_pages * page_size
+    row = max_pages * page_size
+    quarter = -(-row // (4 * page_size)) * page_size
+    return tuple(sorted({num_tokens, num_tokens + min(quarter, row), num_tokens + row}))
 
 
 def paged_attention_xla(
@@ -185,17 +190,18 @@ def paged_attention_xla(
     """Same contract as ``paged_attention_reference``; picks a path at run time.
 
     Row ``b`` needs the first ``need[b] = min(lengths[b], 1 + max position of its
-    tokens)`` cache positions (0 for a row without tokens). When ``sum(need)`` fits
-    ``packed_context_budget`` the rows' contexts are gathered once, back to back, into
-    ``[C, K, H]`` and attended with ``flash_attention_reference`` (key segment = row,
-    key position = cache position, causal): cost ``T x C`` in dense matmuls instead of
-    the walk's per-token gathers. Otherwise the reference page walk runs.
+    tokens)`` cache positions (0 for a row without tokens). When ``sum(need)`` fits one
+    of ``packed_context_budgets`` (the smallest that does is used) the rows' contexts
+    are gathered once, back to back, into ``[C, K, H]`` and attended with
+    ``flash_attention_reference`` (key segment = row, key position = cache position,
+    causal): cost ``T x C`` in dense matmuls instead of the walk's per-token gathers.
+    Otherwise the reference page walk runs.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
     t = q.shape[0]
     num_rows, max_pages = page_tables.shape
     num_pages, page_size, kh, h = k_pages.shape
-    budget = packed_context_budget(t, max_pages, page_size)
+    budgets = packed_context_budgets(t, max_pages, page_size)
 
     valid_tok = segment_ids >= 0
     rows = jnp.where(valid_tok, segment_ids, 0)
@@ -205,28 +211,33 @@ def paged_attention_xla(
     ends = jnp.cumsum(need)  # [B]
     total = ends[-1]
 
-    def packed(_):
-        c = jnp.arange(budget, dtype=jnp.int32)
-        kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
-        valid = c < total
-        kv_pos = c - (ends[kv_row] - need[kv_row])  # position inside its row
-        page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
-        slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
-        slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
-        k_ctx = k_pages.reshape(num_pages * page_size, kh, h)[slot]  # [C, K, H]
-        v_ctx = v_pages.reshape(num_pages * page_size, kh, h)[slot]
-        if k_scale is not None:
-            k_ctx = k_ctx.astype(jnp.float32) * k_scale.reshape(-1, kh)[slot][..., None]
-            v_ctx = v_ctx.astype(jnp.float32) * v_scale.reshape(-1, kh)[slot][..., None]
-        return flash_attention_reference(
-            q, k_ctx, v_ctx, segment_ids=jnp.where(valid_tok, segment_ids, -1), positions=positions,
-            causal=True, sm_scale=sm_scale, kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
-        )
+    def packed(budget: int):
+        def run():
+            c = jnp.arange(budget, dtype=jnp.int32)
+            kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
+            valid = c < total
+            kv_pos = c - (ends[kv_row] - need[kv_row])  # position inside its row
+            page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
+            slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
+            slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
+            k_ctx = k_pages.reshape(num_pages * page_size, kh, h)[slot]  # [C, K, H]
+            v_ctx = v_pages.reshape(num_pages * page_size, kh, h)[slot]
+            if k_scale is not None:
+                k_ctx = k_ctx.astype(jnp.float32) * k_scale.reshape(-1, kh)[slot][..., None]
+                v_ctx = v_ctx.astype(jnp.float32) * v_scale.reshape(-1, kh)[slot][..., None]
+            return flash_attention_reference(
+                q, k_ctx, v_ctx, segment_ids=jnp.where(valid_tok, segment_ids, -1), positions=positions,
+                causal=True, sm_scale=sm_scale, kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
+            )
 
-    def walk(_):
+        return run
+
+    def walk():
         return paged_attention_reference(
             q, k_pages, v_pages, page_tables, lengths, segment_ids=segment_ids, positions=positions,
             sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
         )
 
-    return jax.lax.cond(total <= budget, packed, walk, None)
+    # Branch i: the smallest budget that holds the step; len(budgets): none does.
+    index = jnp.sum(total > jnp.asarray(budgets, jnp.int32))
+    return jax.lax.switch(index, [*(packed(c) for c in budgets), walk])

@@ -12,23 +12,31 @@ from kernel_cases import TOLERANCE, randn, rel_err
 from pallas_kernels import paged_attention, paged_attention_reference
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.page_layout import quantize_kv
-from pallas_kernels.paged_attention import packed_context_budget, paged_attention_xla
+from pallas_kernels.paged_attention import packed_context_budgets, paged_attention_xla
 
 NUM_KV_HEADS, HEAD_DIM = 2, 32
+# Which run-time path of paged_attention_xla each case must take: packed budget 0 (T),
+# 1 (T + a quarter row), 2 (T + a row), or 3, the page walk.
+PATHS = {"fresh": 0, "chunk": 1, "long": 2, "walk": 3}
 
 
 def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
-    """Random pool, page tables and a packed step; ``path`` picks which side of the budget it falls.
+    """Random pool, page tables and a packed step; ``path`` (a key of PATHS) picks its run-time path.
 
-    "packed": one row resumes a chunked prefill (first position > 0), two fresh prompts,
-    a decode row with short context, one token placed past its row's length (sees only
-    ``j < lengths``), and an idle row with cached tokens but no query. "walk": several
-    decode rows and a short chunk whose contexts together exceed the budget.
+    "fresh": fresh prompts only. "chunk": fresh prompts and a chunk resuming at position
+    10. "long": one row resumes a chunked prefill late in a long prompt, two fresh
+    prompts, a decode row with short context, one token placed past its row's length
+    (sees only ``j < lengths``), and an idle row with cached tokens but no query.
+    "walk": several decode rows and a short chunk whose contexts exceed every budget.
     """
     max_pages = 9
     cap = max_pages * page_size
-    if path == "packed":
-        # (length, first query position, query tokens); lengths rarely page multiples
+    # (length, first query position, query tokens); lengths rarely page multiples
+    if path == "fresh":
+        rows = [(13, 0, 13), (7, 0, 7), (1, 0, 1)]
+    elif path == "chunk":
+        rows = [(13, 0, 13), (16, 10, 6), (7, 0, 7)]
+    elif path == "long":
         rows = [(cap - 3, cap - 3 - 11, 11), (13, 0, 13), (7, 0, 7), (5, 4, 1), (2 * page_size + 1, None, 0)]
     else:
         rows = [(cap - 1, cap - 2, 1), (cap - page_size + 3, cap - page_size + 2, 1), (cap - 5, cap - 9, 4),
@@ -47,7 +55,7 @@ def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
     for r, (n, first, count) in enumerate(rows):
         seg += [r] * count
         pos += list(range(first, first + count)) if count else []
-    if path == "packed":
+    if path == "long":
         seg.append(3)  # a second token of the decode row, one past its length: must see j < 5 only
         pos.append(9)
     seg += [-1, -1, -1]  # padding
@@ -74,8 +82,8 @@ def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
         if s >= 0:
             reach[s] = max(reach[s], p + 1)
     total = int(np.minimum(reach, lengths).sum())
-    budget = packed_context_budget(len(seg), max_pages, page_size)
-    assert (total <= budget) == (path == "packed"), (total, budget)
+    budgets = packed_context_budgets(len(seg), max_pages, page_size)
+    assert len(budgets) == 3 and sum(total > c for c in budgets) == PATHS[path], (total, budgets)
     args = (q, k, v, jnp.asarray(tables), jnp.asarray(lengths))
     return args, dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos), **scales)
 
@@ -90,7 +98,7 @@ def _check(out, ref, seg, dtype):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("path", ["packed", "walk"])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("int8", [False, True])
 def test_xla_matches_reference(path, group, int8):
@@ -102,7 +110,7 @@ def test_xla_matches_reference(path, group, int8):
     _check(out, ref, kw["segment_ids"], jnp.float32)
 
 
-@pytest.mark.parametrize("path", ["packed", "walk"])
+@pytest.mark.parametrize("path", ["long", "walk"])
 def test_xla_bfloat16_and_sm_scale(path):
     rng = np.random.default_rng(11)
     args, kw = _problem(rng, path=path, group=2, int8=False, page_size=5, dtype=jnp.bfloat16)
@@ -114,7 +122,7 @@ def test_xla_bfloat16_and_sm_scale(path):
 def test_plain_decode_without_segment_ids():
     rng = np.random.default_rng(5)
     page_size, b, max_pages = 4, 3, 6
-    lengths = jnp.asarray([1, 9, 23], jnp.int32)  # total 33 > budget 3 + 24: walk; then a short one: packed
+    lengths = jnp.asarray([1, 9, 23], jnp.int32)  # total 33 > largest budget 3 + 24: walk; then packed
     tables = jnp.asarray(1 + rng.permutation(b * max_pages).reshape(b, max_pages), jnp.int32)
     k = randn(rng, (1 + b * max_pages, page_size, NUM_KV_HEADS, HEAD_DIM), jnp.float32)
     v = randn(rng, k.shape, jnp.float32)
@@ -140,7 +148,7 @@ def test_dispatch_of_xla(monkeypatch):
         resolve_implementation("jnp")
 
     rng = np.random.default_rng(2)
-    args, kw = _problem(rng, path="packed", group=2, int8=False, page_size=5)
+    args, kw = _problem(rng, path="chunk", group=2, int8=False, page_size=5)
     via_env = paged_attention(*args, **kw)  # ENERGON_KERNELS=xla
     monkeypatch.setenv("ENERGON_KERNELS", "reference")
     ref = paged_attention(*args, **kw)
