@@ -112,7 +112,7 @@ def bench_paged(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype) -> N
     lengths = jnp.full((b,), ctx, jnp.int32)
     q = jnp.asarray(rng.standard_normal((b, n, h)), dtype)
     nbytes = 2 * b * ctx * k * h * jnp.dtype(dtype).itemsize
-    impl = resolve_implementation("auto")
+    impl = resolve_implementation("auto", has_xla=True)
     ours = jax.jit(lambda q, kp, vp: paged_attention(q, kp, vp, tables, lengths))
     ref = jax.jit(lambda q, kp, vp: paged_attention_reference(q, kp, vp, tables, lengths))
     t_ref = timeit(ref, q, kp, vp)
