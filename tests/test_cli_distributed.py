@@ -41,3 +41,53 @@ def test_launch_generate_tp2_matches_single_process(tiny_checkpoint, devices_per
     # collective connects lazily); everything else is process 0's text.
     text = re.sub(r"\[Gloo\][^\n]*\n", "", multi.stdout)
     assert text == single.stdout  # printed once, by process 0, same greedy text
+
+
+_CHILD = """
+import json, sys
+import jax
+from energon_jax.async_engine import AsyncEngine
+from energon_jax.engine import Engine
+from energon_jax.request import SamplingParams
+
+sizes = dict(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=32, warmup=False)
+params = SamplingParams(max_tokens=6, temperature=0.0)
+prompts = [[5, 17, 42, 9], [3, 1, 4, 1, 5, 9, 2, 6]]
+import models.loading
+seen = []
+real_load = models.loading.load
+def spy(path, dtype, *, param_sharding=None):
+    seen.append(param_sharding is not None)
+    return real_load(path, dtype, param_sharding=param_sharding)
+models.loading.load = spy
+tp = Engine.from_pretrained(sys.argv[1], tp=2, **sizes)
+q = tp._model.layers[0].self_attn.q_proj.kernel.get_value()
+out = {
+    "devices": jax.device_count(),
+    "param_sharding_given": seen,
+    "q_shards": [list(s.data.shape) for s in q.addressable_shards],
+    "q_shape": list(q.shape),
+    "layout": AsyncEngine(tp).info.layout,
+    "tp": [o.token_ids for o in tp.generate(prompts, params, use_tqdm=False)],
+    "base": [o.token_ids for o in Engine.from_pretrained(sys.argv[1], **sizes).generate(prompts, params, use_tqdm=False)],
+}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_from_pretrained_tp2_loads_into_shards_and_matches(tiny_checkpoint):
+    """One process, 2 CPU devices: weights arrive split over tp, layout is reported, tokens match."""
+    import json
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny_checkpoint("llama"))], env=env,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    assert out["param_sharding_given"] == [True, False]  # the tp engine, then the single-device one
+    d_in, d_out = out["q_shape"]
+    assert out["q_shards"] == [[d_in, d_out // 2]] * 2  # column-parallel q_proj: half the heads each
+    assert out["layout"] == {"dp": 1, "tp": 2, "pp": 1}
+    assert out["tp"] == out["base"] and all(len(t) == 6 for t in out["tp"])
