@@ -70,7 +70,8 @@ out = {
     "q_shape": list(q.shape),
     "layout": AsyncEngine(tp).info.layout,
     "tp": [o.token_ids for o in tp.generate(prompts, params, use_tqdm=False)],
-    "base": [o.token_ids for o in Engine.from_pretrained(sys.argv[1], **sizes).generate(prompts, params, use_tqdm=False)],
+    "base": [o.token_ids
+             for o in Engine.from_pretrained(sys.argv[1], **sizes).generate(prompts, params, use_tqdm=False)],
 }
 print(json.dumps(out))
 """
