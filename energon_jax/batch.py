@@ -11,6 +11,11 @@ Shapes come from a small fixed set (``Buckets``): ``T`` is the smallest token bu
 that holds the step, ``B`` follows from ``T``, and every other dimension (``M`` pages
 per row, ``H`` history) is static. So the runner compiles one function per token
 bucket, and ``Buckets.all_shapes`` / ``warmup_batches`` list them all up front.
+
+A plan made ahead (while the previous step runs) feeds placeholders for tokens the
+previous step samples: ``prev_token_index`` names, per token, the row of the previous
+step's sampled ids to take it from, and ``prev_history_row``/``prev_history_pos`` the
+same for the one penalty-history entry it adds; the runner fills them on device.
 """
 
 from __future__ import annotations
@@ -121,6 +126,10 @@ class StepBatch:
     attn: PagedAttentionMetadata  # slot_mapping [T], page_tables [B, M], context_lens [B]
     logits_indices: np.ndarray  # [B] int32: index in [T] of each row's last fed token, 0 for unused rows
     sampling: SamplingBatch
+    # [T] int32: row of the previous step's sampled ids that this token is (a placeholder), else -1
+    prev_token_index: np.ndarray
+    prev_history_row: np.ndarray  # [B] int32: like prev_token_index, for history[b, prev_history_pos[b]]
+    prev_history_pos: np.ndarray  # [B] int32
 
     @property
     def num_tokens_bucket(self) -> int:
@@ -159,6 +168,9 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
         attn=attn,
         logits_indices=np.zeros(b, i32),
         sampling=sampling,
+        prev_token_index=np.full(t, -1, i32),
+        prev_history_row=np.full(b, -1, i32),
+        prev_history_pos=np.zeros(b, i32),
     )
 
 
@@ -194,12 +206,16 @@ def pack(plan: StepPlan, buckets: Buckets) -> StepBatch:
     for r, row in enumerate(rows):
         attn.page_tables[r, : num_pages[r]] = row.request.pages
     out.input_ids[:total] = [tok for row in rows for tok in row.token_ids]
+    prev_rows = [row.prev_row for row in rows]
+    if any(p >= 0 for p in prev_rows):  # placeholders (a plan made ahead): one fed token each
+        out.prev_token_index[:total] = np.repeat(prev_rows, lens)
+        out.input_ids[:total] = np.where(out.prev_token_index[:total] >= 0, 0, out.input_ids[:total])
     out.positions[:total] = pos
     out.segment_ids[:total] = seg
     attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
     attn.context_lens[:nr] = starts + lens
     out.logits_indices[:nr] = ends - 1
-    _fill_sampling(s, [row.request for row in rows])
+    _fill_sampling(out, [row.request for row in rows], prev_rows)
     return out
 
 
@@ -217,7 +233,8 @@ def _check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.
         )
 
 
-def _fill_sampling(s: SamplingBatch, reqs: list[Request]) -> None:
+def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) -> None:
+    s = out.sampling
     n = len(reqs)
     params = [r.params for r in reqs]
     s.temperature[:n] = [p.temperature for p in params]
@@ -228,9 +245,13 @@ def _fill_sampling(s: SamplingBatch, reqs: list[Request]) -> None:
     s.presence_penalty[:n] = [p.presence_penalty for p in params]
     s.frequency_penalty[:n] = [p.frequency_penalty for p in params]
     s.seed[:n] = [r.seed_key for r in reqs]
-    s.step[:n] = [len(r.output_token_ids) for r in reqs]
+    # A placeholder row's request owes one token: it has generated one more than the host knows.
+    s.step[:n] = [len(r.output_token_ids) + (p >= 0) for r, p in zip(reqs, prev_rows, strict=True)]
     s.prompt_len[:n] = [len(r.prompt_token_ids) for r in reqs]
     for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
         if p.uses_penalties:
             hist = r.tokens(0, r.num_tokens)
             s.history[i, : len(hist)] = hist
+            if prev_rows[i] >= 0:
+                out.prev_history_row[i] = prev_rows[i]
+                out.prev_history_pos[i] = len(hist)

@@ -15,8 +15,15 @@ One step::
     sampled = handle.result()             # the only device -> host transfer: ids, logprobs
     deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
 
+With ``async_scheduling`` (the default) the host plans ahead: ``step()`` schedules, packs
+and dispatches step N+1 while step N runs, then fetches N's ids and updates N. Rows of
+requests that sample in N feed a placeholder that the runner fills on device from N's
+sampled ids; a request that N finishes has its N+1 row dropped (see ``scheduler.py``).
+So one step stays in flight between calls; the tokens are the same either way.
+
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
-runs as two device calls, decode rows then prefill rows (``step_split.py`` says why).
+runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
+such a step is not planned past (its ids are fetched before the next plan).
 
 Stop strings are matched on detokenized text, which the engine owns (``output.py``):
 requests with stop strings are detokenized right after their step, so that a match
@@ -56,6 +63,14 @@ logger = logging.getLogger(__name__)
 
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step: its plan and one ``(row indices in plan, StepHandle)`` per device call."""
+
+    plan: Any
+    handles: list[tuple[list[int], Any]]
 
 
 @dataclasses.dataclass
@@ -108,6 +123,7 @@ class Engine:
         static_batching: bool = False,
         min_token_bucket: int = 16,
         split_prefill_decode: bool | None = None,
+        async_scheduling: bool = True,
         warmup: bool = True,
         pooling: Any | None = None,
         model_path: str | None = None,
@@ -129,6 +145,11 @@ class Engine:
         self._live: dict[str, _Live] = {}
         self._done: dict[str, _Live] = {}  # finished, RequestOutput not yet taken
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
+        self._in_flight: _InFlight | None = None  # dispatched step whose ids are not fetched yet
+        # Steps planned and dispatched while the previous step's ids were still on the device.
+        self.num_planned_ahead = 0
+        self.async_scheduling = async_scheduling
+        self._plans_ahead = False  # set by _build_decoder: only the plain one-device ModelRunner does
         self._pooling = pooling
         self._embed_fns: dict[tuple[int, int], Any] = {}
         if model_config.is_encoder:
@@ -189,7 +210,8 @@ class Engine:
             make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
             for _ in range(model_config.num_layers)
         )
-        self._runner = ModelRunner(model, kv)
+        self._runner = ModelRunner(model, kv, max_rows=max(b for _, b in self._buckets.all_shapes()))
+        self._plans_ahead = self.async_scheduling  # parallel runners (above) keep steps synchronous
         if warmup:
             self.warmup()
 
@@ -319,20 +341,61 @@ class Engine:
         return self._finish_delta(live, [], None, "abort", live.tracker.finish())
 
     def has_unfinished(self) -> bool:
-        return bool(self._live) or bool(self._deferred)
+        # A step in flight whose requests have all finished (it was planned before they did) is
+        # no work: its results are dropped whenever the next step() collects it.
+        busy = self._in_flight is not None and any(not r.request.finished for r in self._in_flight.plan.rows)
+        return bool(self._live) or bool(self._deferred) or busy
 
     def step(self) -> list[StreamDelta]:
-        """Run one engine step; returns the deltas ready now (any request, any order)."""
+        """Run one engine step; returns the deltas ready now (any request, any order).
+
+        With ``async_scheduling`` one step stays in flight across calls: the next step is
+        planned, packed and dispatched before the previous one's ids are fetched (its
+        placeholders are filled on device), and only then is the previous step updated.
+        A step run as two device calls (step_split) is not planned past: its ids are
+        fetched first.
+        """
+        out: list[StreamDelta] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            if len(prev.handles) == 1:  # its ids sit in one device buffer, in plan row order
+                plan = self._scheduler.schedule()  # planned ahead; None when that would need a preemption
+                if plan is not None:
+                    self._in_flight = self._dispatch(plan, prev.handles[0][1])
+                    self.num_planned_ahead += 1
+            out.extend(self._drain_deferred())  # host work overlapping the device step
+            out.extend(self._collect(prev))
+            if self._in_flight is not None:
+                return out
         plan = self._scheduler.schedule()
         if plan is None:
-            out = self._drain_deferred()
-            if not out and self._live and not self._scheduler.has_work():
+            out.extend(self._drain_deferred())
+            if not out and prev is None and self._live and not self._scheduler.has_work():
                 raise RuntimeError(f"scheduler has no work but requests {sorted(self._live)} are unfinished")
             return out
+        current = self._dispatch(plan, None)
+        out.extend(self._drain_deferred())  # host work overlapping the device step
+        if self._plans_ahead:
+            self._in_flight = current
+            return out
+        out.extend(self._collect(current))
+        return out
+
+    def _dispatch(self, plan: Any, prev: Any) -> _InFlight:
+        """Pack and dispatch a plan (two device calls when split); ``prev``: the handle its placeholders read."""
         parts = split_plan(plan) if self.split_prefill_decode else [(plan, list(range(plan.num_rows)))]
-        handles = [(idx, self._runner.step_async(self._batch_lib.pack(sub, self._buckets))) for sub, idx in parts]
-        out = self._drain_deferred()  # host work overlapping the device step
-        sampled = merge_sampled([(idx, h.result()) for idx, h in handles], plan.num_rows)
+        handles = []
+        for sub, idx in parts:
+            batch = self._batch_lib.pack(sub, self._buckets)
+            handle = self._runner.step_async(batch) if prev is None else self._runner.step_async(batch, prev)
+            handles.append((idx, handle))
+        return _InFlight(plan, handles)
+
+    def _collect(self, step: _InFlight) -> list[StreamDelta]:
+        """Fetch a dispatched step's ids and update the scheduler; deltas of stop-string/finished requests now."""
+        out: list[StreamDelta] = []
+        plan = step.plan
+        sampled = merge_sampled([(idx, h.result()) for idx, h in step.handles], plan.num_rows)
         now = time.monotonic()
         for delta in self._scheduler.update(plan, sampled):
             req = delta.request

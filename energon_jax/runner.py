@@ -7,6 +7,12 @@ over the page pool and samples every row on device, and returns at once with a
 step's text, plans the next one) while the device works. ``handle.result()`` waits and
 fetches the few sampled ids and logprobs as ``SampledTokens``.
 
+Planning ahead: a batch planned while the previous step ran holds placeholders
+(``batch.prev_token_index``). ``step_async(batch, prev=handle)`` passes the previous
+step's sampled ids as a device array (``handle.ids_buffer``, ``[max_rows]``, never
+fetched) and the jitted step fills the placeholders (and their penalty-history entries)
+before the forward, so the host can fetch step N's ids after dispatching N+1.
+
 The KV cache lives here, as a field that every step replaces: the old buffers are
 donated to the jitted step, so a step updates the cache in place instead of copying
 it. The model's parameters are split once (``nnx.split``) and passed as a pytree.
@@ -26,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -56,6 +63,7 @@ class StepHandle:
     """A dispatched step; ``result()`` blocks until the device is done and fetches the ids."""
 
     _outputs: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+    ids_buffer: jax.Array | None = None  # [max_rows] int32: the sampled ids, 0 padded, left on device
 
     def result(self) -> SampledTokens:
         ids, logprobs, top_ids, top_logprobs = jax.device_get(self._outputs)
@@ -70,7 +78,13 @@ class StepHandle:
 class ModelRunner:
     """Runs decoder steps: ``(KV cache, StepBatch) -> (KV cache, sampled tokens)`` on device."""
 
-    def __init__(self, model: nnx.Module, kv_cache: KVCache) -> None:
+    supports_prev_ids = True  # step_async(batch, prev=...) fills placeholders on device
+
+    def __init__(self, model: nnx.Module, kv_cache: KVCache, *, max_rows: int = 256) -> None:
+        if max_rows < 1:
+            raise ValueError(f"{max_rows=} must be >= 1")
+        self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
+        self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)
         self._state = state
         self.kv_cache: KVCache = kv_cache
@@ -78,7 +92,8 @@ class ModelRunner:
         self.num_compiles = 0
         self.warmed_up = False
 
-        def step_fn(state, kv_cache, batch):
+        def step_fn(state, kv_cache, batch, prev_ids):  # prev_ids [max_rows] int32
+            batch = _fill_placeholders(batch, prev_ids)
             model = nnx.merge(graphdef, state)
             logits, kv_cache = model(  # logits [B, V]
                 batch.input_ids,
@@ -88,7 +103,10 @@ class ModelRunner:
                 attn_meta=batch.attn,
                 logits_indices=batch.logits_indices,
             )
-            return kv_cache, sample(logits, batch.sampling)
+            out = sample(logits, batch.sampling)
+            rows = out[0].shape[0]  # a batch wider than max_rows keeps every id (it cannot be a prev then)
+            ids_buffer = jnp.zeros(max(max_rows, rows), jnp.int32).at[:rows].set(out[0].astype(jnp.int32))
+            return kv_cache, out, ids_buffer
 
         self._jitted = jax.jit(step_fn, donate_argnums=(1,))
 
@@ -105,7 +123,9 @@ class ModelRunner:
 
     def _compile(self, batch: Any, key: ShapeKey) -> Any:
         start = time.perf_counter()
-        exe = self._jitted.lower(_abstract(self._state), _abstract(self.kv_cache), _abstract(batch)).compile()
+        exe = self._jitted.lower(
+            _abstract(self._state), _abstract(self.kv_cache), _abstract(batch), _abstract(self._no_prev)
+        ).compile()
         self._executables[key] = exe
         self.num_compiles += 1
         tokens = np.shape(batch.input_ids)[0]
@@ -125,13 +145,32 @@ class ModelRunner:
         self.warmed_up = True
         return self.num_compiles
 
-    def step_async(self, batch: Any) -> StepHandle:
-        """Dispatch one step; returns before the device finishes."""
+    def step_async(self, batch: Any, prev: StepHandle | None = None) -> StepHandle:
+        """Dispatch one step; returns before the device finishes.
+
+        ``prev``: the step dispatched just before, whose sampled ids fill this batch's
+        placeholders (needed when ``batch.prev_token_index`` has any entry >= 0).
+        """
+        prev_ids = self._no_prev if prev is None or prev.ids_buffer is None else prev.ids_buffer
         exe = self._executable(batch)
-        self.kv_cache, outputs = exe(self._state, self.kv_cache, batch)
+        self.kv_cache, outputs, ids_buffer = exe(self._state, self.kv_cache, batch, prev_ids)
         for x in outputs:
             x.copy_to_host_async()
-        return StepHandle(outputs)
+        return StepHandle(outputs, ids_buffer)
 
     def step(self, batch: Any) -> SampledTokens:
         return self.step_async(batch).result()
+
+
+def _fill_placeholders(batch: Any, prev_ids: jax.Array) -> Any:
+    """Put the previous step's sampled ids where the batch holds placeholders (on device)."""
+    if not hasattr(batch, "prev_token_index"):  # a batch type without plan-ahead fields
+        return batch
+    idx = batch.prev_token_index  # [T]
+    input_ids = jnp.where(idx >= 0, prev_ids[jnp.maximum(idx, 0)], batch.input_ids)
+    hrow, hpos = batch.prev_history_row, batch.prev_history_pos  # [B], [B]
+    history = batch.sampling.history  # [B, H]
+    b = jnp.arange(history.shape[0])
+    filled = jnp.where(hrow >= 0, prev_ids[jnp.maximum(hrow, 0)], history[b, hpos])
+    sampling = dataclasses.replace(batch.sampling, history=history.at[b, hpos].set(filled))
+    return dataclasses.replace(batch, input_ids=input_ids, sampling=sampling)

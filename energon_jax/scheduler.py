@@ -8,8 +8,19 @@ of each request and whether it finished.
 
 Which thread: the engine's step loop, and only it. The scheduler is plain Python (no
 JAX, no locks); the async engine hands aborts over to the step thread before calling in.
-The calls alternate: ``schedule -> (device step) -> update -> schedule -> ...``; a plan
-must be ``update``-d before the next ``schedule``.
+The calls alternate: ``schedule -> (device step) -> update -> schedule -> ...``, except that
+one plan may be in flight: ``schedule`` of step N+1 may come before ``update`` of step N
+(the host plans while the device runs), and then ``update`` takes the plans in order.
+
+Planning ahead (``schedule`` with plan N in flight): a request that samples in N owes one
+token the host does not know yet. Its N+1 row feeds a placeholder (``PLACEHOLDER``) whose
+``prev_row`` says which row of N samples the real token; the device fills it in before
+the forward. Positions and pages are computed as if the token exists:
+``num_computed_tokens`` always advances when a row is scheduled, not at ``update``. A
+request that surely finishes in N by length gets no N+1 row (``max_tokens`` stays exact);
+one that finishes in N by eos/stop is dropped from N+1 by ``update(N)`` marking it
+finished, its N+1 token ignored. Planning ahead never preempts: when a row cannot get
+pages, ``schedule`` returns ``None`` and the engine updates N before planning again.
 
 One step, in order (``schedule``):
 
@@ -40,6 +51,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from energon_jax.kv_cache import PageAllocator
+
+PLACEHOLDER = -1  # a fed token that the previous, still running step samples (see ``prev_row``)
 from energon_jax.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # SampledTokens lives with the device-side sampler; only its arrays are read here
@@ -77,6 +90,9 @@ class ScheduledRow:
     token_ids: list[int]
     start_pos: int  # == request.num_computed_tokens before the step
     sample: bool  # the last fed token is the last known one: sample the next token from its logits
+    # Planned ahead: the one fed token is PLACEHOLDER, sampled by row ``prev_row`` of the
+    # plan still in flight; -1 when every fed token is known.
+    prev_row: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +103,7 @@ class ScheduledRow:
 class StepPlan:
     rows: list[ScheduledRow]  # row order of the packed batch
     preempted: list[Request] = dataclasses.field(default_factory=list)  # taken off the running set this step
+    ahead: bool = False  # planned while the previous plan was in flight (it may hold placeholders)
 
     @property
     def num_tokens(self) -> int:
@@ -119,7 +136,8 @@ class Scheduler:
         self._running: list[Request] = []  # admission order: the most recently admitted is last
         self._requests: dict[str, Request] = {}  # every request not finished yet
         self._static_batch: set[str] = set()  # static_batching: the batch now being run
-        self._unfinished_plan: StepPlan | None = None
+        self._in_flight: list[StepPlan] = []  # scheduled, not yet updated: at most two, oldest first
+        self.num_planned_ahead = 0  # plans made while the previous one was in flight
         self.num_preemptions = 0
 
     # -- what the engine asks -------------------------------------------------------------
@@ -210,8 +228,10 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step's rows, or ``None`` when there is nothing to run."""
-        if self._unfinished_plan is not None:
-            raise RuntimeError("schedule() called before update() of the previous plan")
+        if len(self._in_flight) > 1:
+            raise RuntimeError("schedule() called with two plans in flight: update() the oldest first")
+        if self._in_flight:
+            return self._schedule_ahead(self._in_flight[0])
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         preempted: list[Request] = []
@@ -243,7 +263,51 @@ class Scheduler:
                 )
             return None
         plan = StepPlan(rows, preempted)
-        self._unfinished_plan = plan
+        self._in_flight.append(plan)
+        return plan
+
+    def _schedule_ahead(self, prev: StepPlan) -> StepPlan | None:
+        """Plan the step after ``prev`` before its tokens are known; ``None`` if that needs a preemption."""
+        cfg = self.config
+        owed = {row.request.request_id: i for i, row in enumerate(prev.rows) if row.sample}
+        budget = cfg.max_num_batched_tokens
+        todo: list[tuple[Request, int, int]] = []  # (request, tokens fed, prev_row or -1)
+        had: list[tuple[Request, int]] = []  # pages each request held before growing, to undo
+        for req in self._running:
+            if budget <= 0:
+                break
+            prev_row = owed.get(req.request_id, -1)
+            if prev_row >= 0:
+                # After prev, it holds one more output token; if that one ends it by length, stop here.
+                if len(req.output_token_ids) + 1 >= req.params.max_tokens or req.num_tokens + 1 >= cfg.max_model_len:
+                    continue
+                n = 1
+            else:
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if n <= 0:
+                    continue
+            had.append((req, len(req.pages)))
+            if not self._grow_pages(req, req.num_computed_tokens + n):
+                for r, k in had:  # pages hold exactly what was fed: give back what this attempt took
+                    self.allocator.free(r.pages[k:])
+                    del r.pages[k:]
+                return None
+            todo.append((req, n, prev_row))
+            budget -= n
+        rows: list[ScheduledRow] = []
+        for req, n, prev_row in todo:
+            if prev_row >= 0:
+                start = req.num_computed_tokens
+                req.num_computed_tokens = start + 1
+                rows.append(ScheduledRow(req, [PLACEHOLDER], start, True, prev_row))
+            else:
+                rows.append(self._row(req, n))
+        self._admit(rows, budget)
+        if not rows:
+            return None
+        plan = StepPlan(rows, [], ahead=True)
+        self._in_flight.append(plan)
+        self.num_planned_ahead += 1
         return plan
 
     def _admit(self, rows: list[ScheduledRow], budget: int) -> int:
@@ -290,20 +354,20 @@ class Scheduler:
     @staticmethod
     def _row(req: Request, n: int) -> ScheduledRow:
         start = req.num_computed_tokens
+        req.num_computed_tokens = start + n  # advanced now, so that a plan made ahead starts after it
         return ScheduledRow(req, req.tokens(start, start + n), start, start + n == req.num_tokens)
 
     def update(self, plan: StepPlan, sampled: SampledTokens) -> list[RequestDelta]:
         """Record a step's results: advance each row, append sampled ids, finish and free as needed."""
-        if plan is not self._unfinished_plan:
-            raise RuntimeError("update() got a plan that is not the one last scheduled")
-        self._unfinished_plan = None
+        if not self._in_flight or plan is not self._in_flight[0]:
+            raise RuntimeError("update() got a plan that is not the oldest one in flight")
+        self._in_flight.pop(0)
         now = time.monotonic()
         deltas: list[RequestDelta] = []
         for i, row in enumerate(plan.rows):
             req = row.request
             if req.status is not RequestStatus.RUNNING:
-                continue  # aborted or finished by the engine while the step ran
-            req.num_computed_tokens = row.start_pos + row.num_tokens
+                continue  # aborted, or finished by the engine or by the previous step, while it ran
             if not row.sample:
                 continue  # a prefill chunk that does not reach the end of the prompt
             token = int(sampled.token_ids[i])

@@ -12,6 +12,9 @@ pages per row, so on GPU/TPU one fused call is better and the engine does not sp
 
 Rows stay independent, so each row's tokens are the same either way; the scheduler
 sees one ``SampledTokens`` in the plan's row order, as if the step had been one call.
+A split step's ids sit in two device buffers, so the engine does not plan ahead of it
+(placeholders index one buffer in the plan's row order); it may plan ahead of a step
+whose plan is then split: the placeholders are all in the decode part.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def test_split_and_fused_steps_give_the_same_tokens(engine, model, tokenizer):
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (8, 14, 6, 10)]
     calls, plans = [], []
     real_step, real_schedule = engine.runner.step_async, engine.scheduler.schedule
-    engine.runner.step_async = lambda batch: calls.append(batch) or real_step(batch)
+    engine.runner.step_async = lambda batch, *prev: calls.append(batch) or real_step(batch, *prev)
     engine.scheduler.schedule = lambda: (lambda p: plans.append(p) or p)(real_schedule())
     try:
         split_tokens = _run_staggered(engine, prompts, params, arrivals=[0, 1, 2, 4])

@@ -324,16 +324,21 @@ def test_rejections_and_config_errors():
             SchedulerConfig(**{**cfg.__dict__, **change})
 
 
-def test_plan_must_be_updated_before_the_next():
+def test_at_most_one_plan_in_flight():
     sched, buckets, model = make(
         SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=8, max_model_len=32, page_size=4, num_pages=5)
     )
-    sched.add(req("a", 2, 2))
+    sched.add(req("a", 2, 3))
     plan = sched.schedule()
-    with pytest.raises(RuntimeError, match="before update"):
+    ahead = sched.schedule()  # planned while `plan` runs: a placeholder for the token `plan` samples
+    assert ahead.ahead and summary(ahead) == [("a", 2, 1, True)] and ahead.rows[0].prev_row == 0
+    with pytest.raises(RuntimeError, match="two plans in flight"):
         sched.schedule()
+    with pytest.raises(RuntimeError, match="oldest"):
+        sched.update(ahead, model.step(pack(plan, buckets), plan))
     sched.update(plan, model.step(pack(plan, buckets), plan))
-    assert sched.schedule() is not None
+    third = sched.schedule()  # `ahead` samples a's 2nd token: the 3rd (its last) is planned after it
+    assert summary(third) == [("a", 3, 1, True)] and third.rows[0].prev_row == 0 and ahead.rows[0].request.num_computed_tokens == 4
 
 
 # -- randomized run ------------------------------------------------------------------------
@@ -403,7 +408,7 @@ def test_random_workload_invariants(seed, static):
         if plan is not None:
             for row in plan.rows:
                 r = row.request
-                assert row.start_pos == r.num_computed_tokens
+                assert row.start_pos + row.num_tokens == r.num_computed_tokens  # advanced when scheduled
                 assert row.token_ids == r.tokens(row.start_pos, row.start_pos + row.num_tokens)
                 if r.request_id not in first_run:
                     first_run[r.request_id] = step
