@@ -15,7 +15,7 @@ One step::
     sampled = handle.result()             # the only device -> host transfer: ids, logprobs
     deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
 
-With ``async_scheduling`` (the default) the host plans ahead: ``step()`` schedules, packs
+With ``async_scheduling`` (the default off the CPU) the host plans ahead: ``step()`` schedules, packs
 and dispatches step N+1 while step N runs, then fetches N's ids and updates N. Rows of
 requests that sample in N feed a placeholder that the runner fills on device from N's
 sampled ids; a request that N finishes has its N+1 row dropped (see ``scheduler.py``).
@@ -123,7 +123,7 @@ class Engine:
         static_batching: bool = False,
         min_token_bucket: int = 16,
         split_prefill_decode: bool | None = None,
-        async_scheduling: bool = True,
+        async_scheduling: bool | None = None,
         warmup: bool = True,
         pooling: Any | None = None,
         model_path: str | None = None,
@@ -148,6 +148,11 @@ class Engine:
         self._in_flight: _InFlight | None = None  # dispatched step whose ids are not fetched yet
         # Steps planned and dispatched while the previous step's ids were still on the device.
         self.num_planned_ahead = 0
+        if async_scheduling is None:
+            # Measured on the 2-core CPU (offline.py --quick workload): overlapping host and
+            # device work made steps slower (the host competes with XLA's CPU threads), so
+            # the CPU default is off; accelerators run the device step off the host cores.
+            async_scheduling = jax.default_backend() != "cpu"
         self.async_scheduling = async_scheduling
         self._plans_ahead = False  # set by _build_decoder: only the plain one-device ModelRunner does
         self._pooling = pooling

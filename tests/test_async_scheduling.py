@@ -114,8 +114,8 @@ def model():
 def engines(model, tokenizer):
     """(async split, async fused, sync split): one set of compiles each."""
     return (
-        Engine(model, CONFIG, tokenizer, **ENGINE_KW),
-        Engine(model, CONFIG, tokenizer, split_prefill_decode=False, **ENGINE_KW),
+        Engine(model, CONFIG, tokenizer, async_scheduling=True, **ENGINE_KW),
+        Engine(model, CONFIG, tokenizer, split_prefill_decode=False, async_scheduling=True, **ENGINE_KW),
         Engine(model, CONFIG, tokenizer, async_scheduling=False, **ENGINE_KW),
     )
 
