@@ -254,7 +254,8 @@ def place(value, sharding: NamedSharding) -> jax.Array:
     ``device_put`` cannot reach another process's devices, so there every process
     builds its own shards from its (identical) copy: same seed or same checkpoint.
     """
-    if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+    already = isinstance(value, jax.Array) and isinstance(value.sharding, NamedSharding)
+    if already and value.sharding.is_equivalent_to(sharding, value.ndim):
         return value  # already there (models.load(param_sharding=...)); may span other processes
     if jax.process_count() == 1:
         return jax.device_put(value, sharding)
