@@ -22,7 +22,7 @@ from flax import nnx
 
 from models.activations import activation, check_activation
 from models.config import ModelConfig, eos_ids
-from models.layers import Embed, LayerNorm, Linear, attend, param
+from models.layers import Embed, LayerNorm, Linear, attend, check_cache_layers, param, untied_head
 from models.loading import WeightSpec
 from pallas_kernels import KVCache, KVPages, PagedAttentionMetadata
 
@@ -133,10 +133,7 @@ class GPT2LMHeadModel(nnx.Module):
         self.wpe = Embed(config.max_position_embeddings, d, dtype=dtype, rngs=rngs, axes=(None, "embed"))
         self.layers = nnx.List([GPT2Block(config, i, dtype=dtype, rngs=rngs) for i in range(config.num_layers)])
         self.ln_f = LayerNorm(d, eps=config.norm_eps, dtype=dtype, rngs=rngs)
-        self.lm_head = (
-            None if config.tie_word_embeddings
-            else Linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
-        )
+        self.lm_head = untied_head(config, d, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -147,7 +144,7 @@ class GPT2LMHeadModel(nnx.Module):
         attn_meta: PagedAttentionMetadata | None = None,
         logits_indices: jax.Array | None = None,  # [B] int32
     ) -> tuple[jax.Array, KVCache | None]:
-        _check_cache(kv_cache, self.config.num_layers)
+        check_cache_layers(kv_cache, self.config.num_layers)
         x = (self.wte(input_ids) + self.wpe(positions)).astype(self.dtype)  # [T, D]
         new_cache = []
         for i, block in enumerate(self.layers):
@@ -159,10 +156,6 @@ class GPT2LMHeadModel(nnx.Module):
         logits = self.wte.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32), None if kv_cache is None else tuple(new_cache)
 
-
-def _check_cache(kv_cache: KVCache | None, num_layers: int) -> None:
-    if kv_cache is not None and len(kv_cache) != num_layers:
-        raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has num_layers={num_layers}")
 
 
 def _spec(name: str, path: tuple, **transforms) -> WeightSpec:

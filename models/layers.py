@@ -46,6 +46,19 @@ class Linear(nnx.Module):
         return y
 
 
+def untied_head(config, in_features: int, *, dtype, rngs: nnx.Rngs) -> Linear | None:
+    """The output head ``[in, V]``, or ``None`` when it is tied to the token embedding."""
+    if config.tie_word_embeddings:
+        return None
+    return Linear(in_features, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
+
+
+def check_cache_layers(kv_cache, num_layers: int) -> None:
+    """A cache handed to a model must hold one ``KVPages`` per layer."""
+    if kv_cache is not None and len(kv_cache) != num_layers:
+        raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has num_layers={num_layers}")
+
+
 class Embed(nnx.Module):
     """Token embedding ``[V, D]``; ``attend`` is the tied output head."""
 

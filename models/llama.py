@@ -25,7 +25,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling, eos_ids
-from models.layers import Embed, Linear, RMSNorm, apply_rope, attend, rope_inv_freq
+from models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attend,
+    check_cache_layers,
+    rope_inv_freq,
+    untied_head,
+)
 from models.loading import WeightSpec
 from pallas_kernels import KVCache, KVPages, PagedAttentionMetadata
 
@@ -184,10 +193,7 @@ class LlamaForCausalLM(nnx.Module):
             for _ in range(config.num_layers)
         ])
         self.norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype, rngs=rngs)
-        self.lm_head = (
-            None if config.tie_word_embeddings
-            else Linear(d, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
-        )
+        self.lm_head = untied_head(config, d, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -199,8 +205,7 @@ class LlamaForCausalLM(nnx.Module):
         logits_indices: jax.Array | None = None,  # [B] int32
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
-        if kv_cache is not None and len(kv_cache) != cfg.num_layers:
-            raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has num_layers={cfg.num_layers}")
+        check_cache_layers(kv_cache, cfg.num_layers)
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)  # [H / 2]
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [T, D]
         new_cache = []

@@ -25,7 +25,7 @@ from flax import nnx
 
 from models.activations import activation, check_activation
 from models.config import ModelConfig, eos_ids
-from models.layers import Embed, LayerNorm, Linear, attend, param
+from models.layers import Embed, LayerNorm, Linear, attend, check_cache_layers, param, untied_head
 from models.loading import WeightSpec
 from pallas_kernels import KVCache, KVPages, PagedAttentionMetadata
 
@@ -167,10 +167,7 @@ class OPTForCausalLM(nnx.Module):
         self.final_layer_norm = (
             LayerNorm(d, eps=config.norm_eps, dtype=dtype, rngs=rngs) if config.final_layer_norm else None
         )
-        self.lm_head = (
-            None if config.tie_word_embeddings
-            else Linear(w, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype, rngs=rngs)
-        )
+        self.lm_head = untied_head(config, w, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -181,8 +178,7 @@ class OPTForCausalLM(nnx.Module):
         attn_meta: PagedAttentionMetadata | None = None,
         logits_indices: jax.Array | None = None,  # [B] int32
     ) -> tuple[jax.Array, KVCache | None]:
-        if kv_cache is not None and len(kv_cache) != self.config.num_layers:
-            raise ValueError(f"kv_cache has {len(kv_cache)} layers; the model has num_layers={self.config.num_layers}")
+        check_cache_layers(kv_cache, self.config.num_layers)
         x = self.embed_tokens(input_ids).astype(self.dtype)  # [T, W]
         if self.project_in is not None:
             x = self.project_in(x)  # [T, D]
