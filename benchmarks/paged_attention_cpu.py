@@ -2,12 +2,14 @@
 
     python benchmarks/paged_attention_cpu.py [--reps 3]
 
-One layer's attention with the shapes of ``benchmarks/offline.py``'s model (8 query and
+One layer's attention step as the model runs it (the step's new K/V scattered into the
+pool, then attention over the result, pool donated) with the shapes of ``benchmarks/offline.py``'s model (8 query and
 8 KV heads of 64, float32, pages of 16, max_model_len 1280 so M = 80 pages per row).
 Cases: (a) one 512-token prefill at context 512; (b) 16 decode rows at context 1000;
 (c1) a mixed step that fits the packed budget (a 256-token chunk resuming at position
 256 plus one decode row at context 700); (c2) a mixed step that does not (the same
-chunk plus 15 decode rows at contexts 200..900), which takes the page walk. Prints the
+chunk plus 15 decode rows at contexts 200..900), which takes the page walk; (d) one
+decode row at context 40 in a pool sized for 16 rows (the engine's batch-1 decode). Prints the
 median time of each and the ratio reference / xla measured in the same run.
 """
 
@@ -23,25 +25,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.page_layout import KVPages, write_kv
 from pallas_kernels.paged_attention import packed_context_budgets, paged_attention_reference, paged_attention_xla
 
 N, K, H, S, M = 8, 8, 64, 16, 80
 
 
-def timeit(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
+def timeit(fn, args: tuple, *, reps: int) -> tuple[float, jax.Array]:
+    """Median seconds of ``fn``, which donates the pool (``args[:2]``) and returns
+    ``(out, k_pages, v_pages)``: each call feeds the next the pool it returned."""
+    k, v, *rest = args
+    k, v = jnp.copy(k), jnp.copy(v)  # the caller's pool stays intact
+    out, k, v = jax.block_until_ready(fn(k, v, *rest))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out, k, v = jax.block_until_ready(fn(k, v, *rest))
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
-def make_case(rng, rows: list[tuple[int, int]]):
-    """``rows``: (context length, query tokens at its end) per row."""
+def make_case(rng, rows: list[tuple[int, int]], pool_rows: int | None = None):
+    """``rows``: (context length, query tokens at its end) per row; the pool holds
+    ``pool_rows`` (default: as many as there are rows) rows at full length."""
     b = len(rows)
-    num_pages = 1 + b * M
+    num_pages = 1 + max(b, pool_rows or b) * M
     k = jnp.asarray(rng.standard_normal((num_pages, S, K, H)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((num_pages, S, K, H)), jnp.float32)
     tables = jnp.asarray(1 + rng.permutation(b * M).reshape(b, M), jnp.int32)
@@ -49,10 +57,13 @@ def make_case(rng, rows: list[tuple[int, int]]):
     seg = np.concatenate([np.full(t, r) for r, (_, t) in enumerate(rows)]).astype(np.int32)
     pos = np.concatenate([np.arange(n - t, n) for n, t in rows]).astype(np.int32)
     q = jnp.asarray(rng.standard_normal((len(seg), N, H)), jnp.float32)
+    new_k = jnp.asarray(rng.standard_normal((len(seg), K, H)), jnp.float32)
+    new_v = jnp.asarray(rng.standard_normal((len(seg), K, H)), jnp.float32)
+    slots = jnp.asarray(np.asarray(tables)[seg, pos // S] * S + pos % S, jnp.int32)
     budgets = packed_context_budgets(len(seg), M, S)
     total = sum(n for n, _ in rows)
     path = next((f"packed C={c}" for c in budgets if total <= c), "page walk")
-    return (q, k, v, tables, lengths, jnp.asarray(seg), jnp.asarray(pos)), path
+    return (k, v, q, new_k, new_v, slots, tables, lengths, jnp.asarray(seg), jnp.asarray(pos)), path
 
 
 def main() -> None:
@@ -65,10 +76,17 @@ def main() -> None:
         "(b) decode 16 rows ctx=1000": [(1000, 1)] * 16,
         "(c1) chunk 256@256 + 1 decode ctx=700": [(512, 256), (700, 1)],
         "(c2) chunk 256@256 + 15 decode ctx 200..900": [(512, 256)] + [(int(n), 1) for n in np.linspace(200, 900, 15)],
+        "(d) batch-1 decode ctx=40, pool for 16 rows": [(40, 1)],
     }
+    pool_rows = {"(d) batch-1 decode ctx=40, pool for 16 rows": 16}
 
     def call(impl):
-        return jax.jit(lambda q, k, v, t, n, s, p: impl(q, k, v, t, n, segment_ids=s, positions=p))
+        def step(k_pages, v_pages, q, new_k, new_v, slots, tables, lengths, seg, pos):
+            pages = write_kv(KVPages(k_pages, v_pages), new_k, new_v, slots)
+            out = impl(q, pages.k, pages.v, tables, lengths, segment_ids=seg, positions=pos)
+            return out, pages.k, pages.v
+
+        return jax.jit(step, donate_argnums=(0, 1))
 
     ref_fn, xla_fn = call(paged_attention_reference), call(paged_attention_xla)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -77,11 +95,10 @@ def main() -> None:
     print("| case | xla path | reference ms | xla ms | reference / xla | max abs diff |")
     print("|---|---|---|---|---|---|")
     for name, rows in cases.items():
-        case_args, path = make_case(rng, rows)
-        out_ref, out_xla = ref_fn(*case_args), xla_fn(*case_args)
+        case_args, path = make_case(rng, rows, pool_rows.get(name))
+        t_ref, out_ref = timeit(ref_fn, case_args, reps=args.reps)
+        t_xla, out_xla = timeit(xla_fn, case_args, reps=args.reps)
         err = float(jnp.max(jnp.abs(out_ref - out_xla)))
-        t_ref = timeit(ref_fn, *case_args, reps=args.reps)
-        t_xla = timeit(xla_fn, *case_args, reps=args.reps)
         print(f"| {name} | {path} | {t_ref * 1e3:.1f} | {t_xla * 1e3:.1f} | {t_ref / t_xla:.2f}x | {err:.1e} |")
 
 

@@ -198,6 +198,11 @@ def paged_attention_xla(
     Otherwise the reference page walk runs.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    # The pages usually come straight from the step's KV scatter, whose result is also a
+    # step output. Without this barrier XLA duplicates that in-place scatter into the
+    # switch's operand and the output, copying the whole pool each layer (measured on
+    # CPU: 47 ms instead of 0.3 ms per layer at one decode token, 1281 pages).
+    k_pages, v_pages, k_scale, v_scale = jax.lax.optimization_barrier((k_pages, v_pages, k_scale, v_scale))
     t = q.shape[0]
     num_rows, max_pages = page_tables.shape
     num_pages, page_size, kh, h = k_pages.shape
