@@ -79,22 +79,3 @@ def greedy_no_cache(model, prompts: list[list[int]], steps: int) -> list[list[in
             seqs[r].append(int(tok))
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
-
-def triton_lowering(monkeypatch, fn, *args) -> str:
-    """Lower ``fn(*args)`` for CUDA on this CPU-only machine and return the module text.
-
-    This runs the whole Pallas -> Triton IR lowering (every primitive must have a Triton
-    rule, every load/store a power-of-two size); only compiling that IR with Triton and
-    running it needs a GPU. ``backend`` is patched to "gpu" so the kernels ask for the
-    Triton lowering the way they do on a real GPU.
-    """
-    from jax import export
-
-    import pallas_kernels.dispatch as dispatch
-
-    monkeypatch.setattr(dispatch, "backend", lambda: "gpu")
-    exported = export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
-    return exported.mlir_module()

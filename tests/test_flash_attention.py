@@ -135,16 +135,3 @@ def test_tiny_model_greedy_tokens_match_with_kernels_forced(tiny_checkpoint, mon
     monkeypatch.setenv("ENERGON_KERNELS", "pallas")  # on CPU: interpret mode
     assert greedy_no_cache(model, prompts, steps=4) == want
 
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_lowers_to_triton(monkeypatch, dtype):
-    from kernel_cases import triton_lowering
-    from pallas_kernels._flash_attention_pallas import flash_attention_pallas
-
-    t, s = 200, jax.ShapeDtypeStruct
-    text = triton_lowering(
-        monkeypatch,
-        lambda q, k, v, seg, pos: flash_attention_pallas(q, k, v, segment_ids=seg, positions=pos, causal=True),
-        s((t, 8, 128), dtype), s((t, 2, 128), dtype), s((t, 2, 128), dtype), s((t,), jnp.int32), s((t,), jnp.int32),
-    )
-    assert "__gpu$xla.gpu.triton" in text

@@ -54,14 +54,3 @@ def test_fit_block_prefers_divisors():
     assert fit_block(96, 128) == 32
     assert fit_block(100, 128) == 128  # no power-of-two divisor >= 16: pad
 
-
-def test_lowers_to_triton(monkeypatch):
-    import jax
-
-    from kernel_cases import triton_lowering
-    from pallas_kernels.int8_matmul import int8_matmul_pallas
-
-    s = jax.ShapeDtypeStruct
-    text = triton_lowering(monkeypatch, int8_matmul_pallas, s((1, 512), jnp.bfloat16), s((512, 1024), jnp.int8),
-                           s((1024,), jnp.float32))
-    assert "__gpu$xla.gpu.triton" in text

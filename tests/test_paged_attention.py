@@ -167,23 +167,3 @@ def test_tiny_model_greedy_tokens_match_with_kernels_forced(tiny_checkpoint, mon
     monkeypatch.setenv("ENERGON_KERNELS", "pallas")  # on CPU: interpret mode
     assert _greedy_with_cache(model, config, prompts, 4, kv_dtype=kv_dtype) == want
 
-
-@pytest.mark.parametrize("int8", [False, True])
-def test_lowers_to_triton(monkeypatch, int8):
-    import jax
-
-    from kernel_cases import triton_lowering
-    from pallas_kernels._paged_attention_pallas import paged_attention_pallas
-
-    s, b, kv = jax.ShapeDtypeStruct, 8, (64, 16, 2, 128)
-    pages = s(kv, jnp.int8 if int8 else jnp.bfloat16)
-    scales = [s(kv[:3], jnp.float32)] * 2 if int8 else []
-
-    def fn(q, kp, vp, tables, lengths, *sc):
-        kw = dict(k_scale=sc[0], v_scale=sc[1]) if sc else {}
-        return paged_attention_pallas(q, kp, vp, tables, lengths, segment_ids=jnp.arange(b), positions=lengths - 1,
-                                      block_sizes=PagedBlockSizes(num_splits=4, min_group_rows=16), **kw)
-
-    text = triton_lowering(monkeypatch, fn, s((b, 8, 128), jnp.bfloat16), pages, pages, s((b, 8), jnp.int32),
-                           s((b,), jnp.int32), *scales)
-    assert "__gpu$xla.gpu.triton" in text

@@ -67,13 +67,3 @@ def test_bad_tile_names_the_field():
     with pytest.raises(ValueError, match="tile_n=24"):
         pack_sparse(jnp.ones((4, 4)), tile_n=24)
 
-
-def test_lowers_to_triton(monkeypatch):
-    import jax
-
-    from kernel_cases import triton_lowering
-    from pallas_kernels.sparse_matmul import sparse_matmul_pallas
-
-    packed = pack_sparse(_pruned(np.random.default_rng(0), 256, 256, 0.8, jnp.bfloat16))
-    text = triton_lowering(monkeypatch, sparse_matmul_pallas, jax.ShapeDtypeStruct((16, 256), jnp.bfloat16), packed)
-    assert "__gpu$xla.gpu.triton" in text
