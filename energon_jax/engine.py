@@ -6,20 +6,11 @@ pooled embeddings (``embed``, encoder checkpoints). Which thread: whichever call
 ``step`` (the caller's for ``generate``/``stream``; the step-loop thread of
 ``AsyncEngine``); nothing here is shared between threads.
 
-One step::
-
-    plan = scheduler.schedule()           # host: who decodes, who prefills (a chunk), pages
-    batch = pack(plan, buckets)           # host: one flat, bucketed, padding-free batch
-    handle = runner.step_async(batch)     # device: forward + sampling, dispatched async
-    ... emit the previous step's text ... # host work while the device runs
-    sampled = handle.result()             # the only device -> host transfer: ids, logprobs
-    deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
-
-With ``async_scheduling`` (the default off the CPU) the host plans ahead: ``step()`` schedules, packs
-and dispatches step N+1 while step N runs, then fetches N's ids and updates N. Rows of
-requests that sample in N feed a placeholder that the runner fills on device from N's
-sampled ids; a request that N finishes has its N+1 row dropped (see ``scheduler.py``).
-So one step stays in flight between calls; the tokens are the same either way.
+The step loop (``step_loop.py``): every ``step()`` plans a step with the scheduler,
+packs it into one padding-free bucketed batch, dispatches it to the runner and turns
+the sampled ids into deltas. With ``async_scheduling`` (the default off the CPU) the
+next step is planned and dispatched while the previous one runs. The tokens are the
+same either way.
 
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
 runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
@@ -56,21 +47,13 @@ from energon_jax.engine_config import (
 from energon_jax.output import OutputTracker
 from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
 from energon_jax.runner import ModelRunner
-from energon_jax.step_split import merge_sampled, split_plan
+from energon_jax.step_loop import StepLoop
 from pallas_kernels import make_kv_pages
 
 logger = logging.getLogger(__name__)
 
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A dispatched step: its plan and one ``(row indices in plan, StepHandle)`` per device call."""
-
-    plan: Any
-    handles: list[tuple[list[int], Any]]
 
 
 @dataclasses.dataclass
@@ -144,17 +127,13 @@ class Engine:
         self._ids = itertools.count()
         self._live: dict[str, _Live] = {}
         self._done: dict[str, _Live] = {}  # finished, RequestOutput not yet taken
-        self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
-        self._in_flight: _InFlight | None = None  # dispatched step whose ids are not fetched yet
-        # Steps planned and dispatched while the previous step's ids were still on the device.
-        self.num_planned_ahead = 0
+        self._loop: StepLoop | None = None  # built with the runner (decoders only)
         if async_scheduling is None:
             # Measured on the 2-core CPU (offline.py --quick workload): overlapping host and
             # device work made steps slower (the host competes with XLA's CPU threads), so
             # the CPU default is off; accelerators run the device step off the host cores.
             async_scheduling = jax.default_backend() != "cpu"
         self.async_scheduling = async_scheduling
-        self._plans_ahead = False  # set by _build_decoder: only the plain one-device ModelRunner does
         self._pooling = pooling
         self._embed_fns: dict[tuple[int, int], Any] = {}
         if model_config.is_encoder:
@@ -208,15 +187,17 @@ class Engine:
                 model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=dtype,
                 options=self.parallel, templates=batch_lib.warmup_batches(self._buckets),
             )
-            if warmup:
-                self.warmup()
-            return
-        kv = tuple(
-            make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
-            for _ in range(model_config.num_layers)
-        )
-        self._runner = ModelRunner(model, kv, max_rows=max(b for _, b in self._buckets.all_shapes()))
-        self._plans_ahead = self.async_scheduling  # parallel runners (above) keep steps synchronous
+            # Parallel runners keep steps synchronous (no planning ahead).
+            self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
+                                  split_prefill_decode=self.split_prefill_decode)
+        else:
+            kv = tuple(
+                make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
+                for _ in range(model_config.num_layers)
+            )
+            self._runner = ModelRunner(model, kv, max_rows=max(b for _, b in self._buckets.all_shapes()))
+            self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
+                                  split_prefill_decode=self.split_prefill_decode, plans_ahead=self.async_scheduling)
         if warmup:
             self.warmup()
 
@@ -282,6 +263,11 @@ class Engine:
     def runner(self) -> ModelRunner | None:
         return self._runner
 
+    @property
+    def num_planned_ahead(self) -> int:
+        """Steps planned and dispatched while the previous step's ids were still on the device."""
+        return 0 if self._loop is None else self._loop.num_planned_ahead
+
     def warmup(self) -> int:
         """Compile the step for every bucket shape; returns the number of compiles so far."""
         start = time.perf_counter()
@@ -346,78 +332,17 @@ class Engine:
         return self._finish_delta(live, [], None, "abort", live.tracker.finish())
 
     def has_unfinished(self) -> bool:
-        # A step in flight whose requests have all finished (it was planned before they did) is
-        # no work: its results are dropped whenever the next step() collects it.
-        busy = self._in_flight is not None and any(not r.request.finished for r in self._in_flight.plan.rows)
-        return bool(self._live) or bool(self._deferred) or busy
+        return bool(self._live) or (self._loop is not None and self._loop.busy())
 
     def step(self) -> list[StreamDelta]:
         """Run one engine step; returns the deltas ready now (any request, any order).
 
-        With ``async_scheduling`` one step stays in flight across calls: the next step is
-        planned, packed and dispatched before the previous one's ids are fetched (its
-        placeholders are filled on device), and only then is the previous step updated.
-        A step run as two device calls (step_split) is not planned past: its ids are
-        fetched first.
+        See ``step_loop.py``: with ``async_scheduling`` one step stays in flight across
+        calls, and with ``pp > 1`` up to ``pp`` micro-batches do.
         """
-        out: list[StreamDelta] = []
-        prev, self._in_flight = self._in_flight, None
-        if prev is not None:
-            if len(prev.handles) == 1:  # its ids sit in one device buffer, in plan row order
-                plan = self._scheduler.schedule()  # planned ahead; None when that would need a preemption
-                if plan is not None:
-                    self._in_flight = self._dispatch(plan, prev.handles[0][1])
-                    self.num_planned_ahead += 1
-            out.extend(self._drain_deferred())  # host work overlapping the device step
-            out.extend(self._collect(prev))
-            if self._in_flight is not None:
-                return out
-        plan = self._scheduler.schedule()
-        if plan is None:
-            out.extend(self._drain_deferred())
-            if not out and prev is None and self._live and not self._scheduler.has_work():
-                raise RuntimeError(f"scheduler has no work but requests {sorted(self._live)} are unfinished")
-            return out
-        current = self._dispatch(plan, None)
-        out.extend(self._drain_deferred())  # host work overlapping the device step
-        if self._plans_ahead:
-            self._in_flight = current
-            return out
-        out.extend(self._collect(current))
-        return out
-
-    def _dispatch(self, plan: Any, prev: Any) -> _InFlight:
-        """Pack and dispatch a plan (two device calls when split); ``prev``: the handle its placeholders read."""
-        parts = split_plan(plan) if self.split_prefill_decode else [(plan, list(range(plan.num_rows)))]
-        handles = []
-        for sub, idx in parts:
-            batch = self._batch_lib.pack(sub, self._buckets)
-            handle = self._runner.step_async(batch) if prev is None else self._runner.step_async(batch, prev)
-            handles.append((idx, handle))
-        return _InFlight(plan, handles)
-
-    def _collect(self, step: _InFlight) -> list[StreamDelta]:
-        """Fetch a dispatched step's ids and update the scheduler; deltas of stop-string/finished requests now."""
-        out: list[StreamDelta] = []
-        plan = step.plan
-        sampled = merge_sampled([(idx, h.result()) for idx, h in step.handles], plan.num_rows)
-        now = time.monotonic()
-        for delta in self._scheduler.update(plan, sampled):
-            req = delta.request
-            if req.first_token_time is None and delta.new_token_ids:
-                req.first_token_time = now
-            if req.params.stop or delta.finished:
-                out.extend(self._process(delta))
-            else:
-                self._deferred.append(delta)
-        return out
-
-    def _drain_deferred(self) -> list[StreamDelta]:
-        out: list[StreamDelta] = []
-        deferred, self._deferred = self._deferred, []
-        for delta in deferred:
-            out.extend(self._process(delta))
-        return out
+        if self._loop is None:
+            raise ValueError(f"model {self.model_config.architecture} is an encoder: use embed(), not step()")
+        return self._loop.step(self._live.keys())
 
     def _process(self, delta: Any) -> list[StreamDelta]:
         """Turn one scheduler delta into the user's StreamDelta (text, stop strings)."""

@@ -1,0 +1,156 @@
+"""The engine's step loop: plan, pack, dispatch, collect; one call of ``step()`` at a time.
+
+What flows in: the engine's ``Scheduler`` (requests already queued), a runner
+(``ModelRunner`` or anything with its interface) and the bucket table. What flows out:
+``StreamDelta`` objects, produced by the engine's ``process`` callback from the
+scheduler's ``RequestDelta`` (text, stop strings and request bookkeeping stay in the
+engine). Which thread: whichever calls ``Engine.step``; nothing here is shared.
+
+One step::
+
+    plan = scheduler.schedule()           # host: who decodes, who prefills (a chunk), pages
+    batch = pack(plan, buckets)           # host: one flat, bucketed, padding-free batch
+    handle = runner.step_async(batch)     # device: forward + sampling, dispatched async
+    ... emit the previous step's text ... # host work while the device runs
+    sampled = handle.result()             # the only device -> host transfer: ids, logprobs
+    deltas = scheduler.update(plan, sampled)   # host: append tokens, eos/length, free pages
+
+With ``plans_ahead`` (the engine's ``async_scheduling``) ``step()`` schedules, packs and
+dispatches step N+1 while step N runs, then fetches N's ids and updates N; one step stays
+in flight between calls (see ``scheduler.py`` for the placeholders).
+
+Deferred text: a delta of a request without stop strings that did not finish is turned
+into text during the next device step (``_drain_deferred``), so detokenizing overlaps
+the device; requests with stop strings are processed at once, so that a match finishes
+them before the next step is planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from energon_jax.request import StreamDelta
+from energon_jax.step_split import merge_sampled, split_plan
+
+# The engine's callback: one scheduler RequestDelta -> the user's StreamDeltas (maybe none).
+ProcessFn = Callable[[Any], list[StreamDelta]]
+
+
+@dataclasses.dataclass
+class InFlight:
+    """A dispatched step: its plan and one ``(row indices in plan, StepHandle)`` per device call."""
+
+    plan: Any
+    handles: list[tuple[list[int], Any]]
+
+
+class StepLoop:
+    """Drives ``scheduler`` and ``runner`` one step per ``step()`` call (see the module docstring)."""
+
+    def __init__(
+        self,
+        scheduler: Any,
+        runner: Any,
+        buckets: Any,
+        process: ProcessFn,
+        *,
+        split_prefill_decode: bool = False,
+        plans_ahead: bool = False,
+    ) -> None:
+        from energon_jax import batch as batch_lib
+
+        self.scheduler = scheduler
+        self.runner = runner
+        self.buckets = buckets
+        self.split_prefill_decode = split_prefill_decode
+        self.plans_ahead = plans_ahead
+        self._pack = batch_lib.pack
+        self._process = process
+        self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
+        self._in_flight: InFlight | None = None  # dispatched step whose ids are not fetched yet
+        # Steps planned and dispatched while the previous step's ids were still on the device.
+        self.num_planned_ahead = 0
+
+    def busy(self) -> bool:
+        """Deferred text to emit, or a step in flight that still has an unfinished request."""
+        # A step in flight whose requests have all finished (it was planned before they did) is
+        # no work: its results are dropped whenever the next step() collects it.
+        in_flight = self._in_flight is not None and any(not r.request.finished for r in self._in_flight.plan.rows)
+        return bool(self._deferred) or in_flight
+
+    def step(self, live: Collection[str]) -> list[StreamDelta]:
+        """Run one engine step; returns the deltas ready now (any request, any order).
+
+        ``live``: the ids of the engine's unfinished requests (nothing to plan while
+        there are some is a bug, reported as RuntimeError). With ``plans_ahead`` one step stays in
+        flight across calls: the next step is planned, packed and dispatched before the
+        previous one's ids are fetched (its placeholders are filled on device), and only
+        then is the previous step updated. A step run as two device calls (step_split)
+        is not planned past: its ids are fetched first.
+        """
+        out: list[StreamDelta] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            if len(prev.handles) == 1:  # its ids sit in one device buffer, in plan row order
+                plan = self.scheduler.schedule()  # planned ahead; None when that would need a preemption
+                if plan is not None:
+                    self._in_flight = self._dispatch(plan, prev.handles[0][1])
+                    self.num_planned_ahead += 1
+            out.extend(self._drain_deferred())  # host work overlapping the device step
+            out.extend(self._collect(prev.plan, merge_sampled(
+                [(idx, h.result()) for idx, h in prev.handles], prev.plan.num_rows)))
+            if self._in_flight is not None:
+                return out
+        plan = self.scheduler.schedule()
+        if plan is None:
+            out.extend(self._drain_deferred())
+            if not out and prev is None:
+                self.check_progress(live)
+            return out
+        current = self._dispatch(plan, None)
+        out.extend(self._drain_deferred())  # host work overlapping the device step
+        if self.plans_ahead:
+            self._in_flight = current
+            return out
+        out.extend(self._collect(plan, merge_sampled([(idx, h.result()) for idx, h in current.handles],
+                                                     plan.num_rows)))
+        return out
+
+    def check_progress(self, live: Collection[str]) -> None:
+        """Nothing ran and nothing came out: an unfinished request the scheduler no longer has is a bug."""
+        if live and not self.scheduler.has_work():
+            raise RuntimeError(f"scheduler has no work but requests {sorted(live)} are unfinished")
+
+    def _dispatch(self, plan: Any, prev: Any) -> InFlight:
+        """Pack and dispatch a plan (two device calls when split); ``prev``: the handle its placeholders read."""
+        parts = split_plan(plan) if self.split_prefill_decode else [(plan, list(range(plan.num_rows)))]
+        handles = []
+        for sub, idx in parts:
+            batch = self._pack(sub, self.buckets)
+            handle = self.runner.step_async(batch) if prev is None else self.runner.step_async(batch, prev)
+            handles.append((idx, handle))
+        return InFlight(plan, handles)
+
+    def _collect(self, plan: Any, sampled: Any) -> list[StreamDelta]:
+        """Update the scheduler with a step's sampled ids; deltas of stop-string/finished requests now."""
+        out: list[StreamDelta] = []
+        now = time.monotonic()
+        for delta in self.scheduler.update(plan, sampled):
+            req = delta.request
+            if req.first_token_time is None and delta.new_token_ids:
+                req.first_token_time = now
+            if req.params.stop or delta.finished:
+                out.extend(self._process(delta))
+            else:
+                self._deferred.append(delta)
+        return out
+
+    def _drain_deferred(self) -> list[StreamDelta]:
+        out: list[StreamDelta] = []
+        deferred, self._deferred = self._deferred, []
+        for delta in deferred:
+            out.extend(self._process(delta))
+        return out
