@@ -1,25 +1,37 @@
-"""Kernel benchmarks: each op against its XLA baseline on the current backend.
+"""Kernel benchmarks: each op against its XLA baseline on the current backend, as one table.
 
-    python benchmarks/kernels.py            # sizes for the backend found (GPU: the issue's targets)
-    python benchmarks/kernels.py --small    # small sizes (what CPU runs by default)
+    python benchmarks/kernels.py                 # every case, sizes for the backend found
+    python benchmarks/kernels.py --small         # small sizes (what CPU runs by default)
+    python benchmarks/kernels.py --only flash    # cases whose name contains "flash"
 
-For every case it prints the median time, TFLOP/s or GB/s, the fraction of the device's
-peak (when the device is in PEAKS), and the ratio against the baseline measured in the
-same run. ``implementation="auto"`` picks the Pallas kernel on GPU/TPU and the jnp
-reference on CPU (interpret mode is far too slow to time), so on CPU this proves the
-script runs and times the reference paths; the line says which implementation ran.
+One command for a one-shot GPU run: it runs every case and prints a Markdown table in the
+``benchmarks/RESULTS.md`` format (paste it under the machine line it prints first). Each
+row is one timed implementation: median time, TFLOP/s and/or GB/s, the fraction of the
+device's peak (when the device is in ``PEAKS``), the ratio against its baseline measured
+in the same run, and issue 4's target next to it with whether it was met. A case or a
+baseline that fails (out of memory, a compile error) prints an ``error`` row with the
+message and the run goes on; the exit status is 1 if any row failed.
 
-Targets (issue 4), checked by reading the ratios on a GPU:
-FlashAttention bf16, T 4k-16k, H 128: >= 0.8x cuDNN and >= 3x plain jnp; paged decode:
->= 60 % of HBM bandwidth on K/V bytes; sparse matmul at 80 % sparsity, N 8-32, 7168x28672:
->= 1.3x dense bf16; int8 matmul at batch 1: >= 1.5x bf16.
+``implementation="auto"`` picks the Pallas kernel on GPU/TPU and the jnp reference (XLA for
+paged attention) on CPU, where interpret mode is far too slow to time; the ``impl`` column
+says which ran, and targets are judged only for rows where the Pallas kernel ran.
+
+Targets (issue 4): FlashAttention bf16, T 4k-16k, H 128: >= 0.8x cuDNN and >= 3x plain jnp;
+paged decode: >= 60 % of HBM bandwidth on the K/V bytes read; sparse matmul at 80 %
+sparsity, N (= M here, activation rows) 8-32, 7168x28672: >= 1.3x dense bf16; int8 matmul
+at batch 1: >= 1.5x bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +48,7 @@ from pallas_kernels import (
     sparse_matmul,
 )
 from pallas_kernels.int8_matmul import quantize_weight_int8
+from pallas_kernels.page_layout import quantize_kv
 
 # device_kind substring -> (dense bf16 TFLOP/s, HBM GB/s), from the vendors' data sheets.
 PEAKS = {
@@ -53,7 +66,31 @@ def peak() -> tuple[float, float] | None:
     return next((v for k, v in PEAKS.items() if k.lower() in kind.lower()), None)
 
 
-def timeit(fn, *args, reps: int = 10) -> float:
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """``kind``: "ratio" (time ratio against ``baseline``) or "hbm" (fraction of HBM bandwidth)."""
+
+    kind: str
+    value: float
+    baseline: str = ""
+
+    def describe(self) -> str:
+        return f">= {self.value:g}x {self.baseline}" if self.kind == "ratio" else f">= {self.value:.0%} of HBM"
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    impl: str
+    seconds: float | None = None
+    flops: float = 0.0
+    nbytes: float = 0.0
+    baseline: str = ""  # name of the row this one is compared with
+    target: Target | None = None
+    error: str = ""
+
+
+def timeit(fn: Callable, *args, reps: int) -> float:
     """Median seconds of ``fn(*args)`` (compiled once, warmed up, synchronised each run)."""
     jax.block_until_ready(fn(*args))
     times = []
@@ -64,108 +101,187 @@ def timeit(fn, *args, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def report(name: str, seconds: float, *, flops: float = 0.0, nbytes: float = 0.0, baseline: float | None = None,
-           baseline_name: str = "") -> None:
-    p = peak()
-    parts = [f"{name:<58s} {seconds * 1e3:9.3f} ms"]
-    if flops:
-        tf = flops / seconds / 1e12
-        parts.append(f"{tf:8.2f} TFLOP/s" + (f" ({tf / p[0]:6.1%} of peak)" if p else ""))
-    if nbytes:
-        gb = nbytes / seconds / 1e9
-        parts.append(f"{gb:8.1f} GB/s" + (f" ({gb / p[1]:6.1%} of HBM)" if p else ""))
-    if baseline is not None:
-        parts.append(f"{baseline / seconds:6.2f}x vs {baseline_name}")
-    print("  ".join(parts), flush=True)
+def measure(row: Row, fn: Callable, *args, reps: int) -> Row:
+    """Time ``fn`` into ``row``; a failure becomes the row's error, not the run's."""
+    try:
+        row.seconds = timeit(fn, *args, reps=reps)
+    except Exception as e:  # noqa: BLE001 - one failing case must not stop a one-shot GPU run
+        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return row
 
 
-def bench_flash(t: int, n: int, k: int, h: int, dtype) -> None:
+# --- cases: each yields its rows, baselines first ------------------------------------------
+
+
+def flash_rows(t: int, n: int, k: int, h: int, dtype, reps: int) -> Iterator[Row]:
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((t, n, h)), dtype)
     kv = [jnp.asarray(rng.standard_normal((t, k, h)), dtype) for _ in range(2)]
-    seg = jnp.zeros(t, jnp.int32)
-    pos = jnp.arange(t, dtype=jnp.int32)
-    impl = resolve_implementation("auto")
+    seg, pos = jnp.zeros(t, jnp.int32), jnp.arange(t, dtype=jnp.int32)
     flops = 4 * t * t * n * h / 2  # causal: half of QK^T and PV
-    ours = jax.jit(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, positions=pos, causal=True))
+    case = f"flash prefill T={t} N={n} K={k} H={h} {jnp.dtype(dtype).name}"
     plain = jax.jit(lambda q, k, v: flash_attention_reference(q, k, v, segment_ids=seg, positions=pos, causal=True))
-    t_plain = timeit(plain, q, *kv)
-    t_ours = timeit(ours, q, *kv)
-    tag = f"T={t} N={n} K={k} H={h} {jnp.dtype(dtype).name}"
-    report(f"attention plain jnp            {tag}", t_plain, flops=flops)
-    report(f"flash_attention[{impl}] {tag}", t_ours, flops=flops, baseline=t_plain, baseline_name="plain jnp")
+    yield measure(Row(case, "plain jnp", flops=flops), plain, q, *kv, reps=reps)
     if jax.default_backend() == "gpu":
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
             q[None], k[None], v[None], is_causal=True, implementation="cudnn")[0])
-        t_cudnn = timeit(cudnn, q, *kv)
-        report(f"dot_product_attention[cudnn]   {tag}", t_cudnn, flops=flops)
-        report(f"flash_attention[{impl}] vs cuDNN {tag}", t_ours, flops=flops, baseline=t_cudnn, baseline_name="cuDNN")
+        yield measure(Row(case, "cudnn", flops=flops), cudnn, q, *kv, reps=reps)
+    impl = resolve_implementation("auto")
+    ours = jax.jit(lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, positions=pos, causal=True))
+    row = measure(Row(case, impl, flops=flops, baseline="plain jnp", target=Target("ratio", 3.0, "plain jnp")),
+                  ours, q, *kv, reps=reps)
+    yield row
+    if jax.default_backend() == "gpu":  # the same timing judged against cuDNN
+        yield dataclasses.replace(row, baseline="cudnn", target=Target("ratio", 0.8, "cudnn"))
 
 
-def bench_paged(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype) -> None:
+def paged_rows(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype, reps: int) -> Iterator[Row]:
     rng = np.random.default_rng(0)
     per_row = -(-ctx // page)
-    num_pages = 1 + b * per_row
-    kp = jnp.asarray(rng.standard_normal((num_pages, page, k, h)), dtype)
-    vp = jnp.asarray(rng.standard_normal((num_pages, page, k, h)), dtype)
+    shape = (1 + b * per_row, page, k, h)
+    kp, vp = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    scales = {}
+    if dtype == jnp.int8:
+        (kp, ks), (vp, vs) = (quantize_kv(x.reshape(-1, k, h)) for x in (kp, vp))
+        kp, vp = kp.reshape(shape), vp.reshape(shape)
+        scales = dict(k_scale=ks.reshape(shape[:3]), v_scale=vs.reshape(shape[:3]))
+    else:
+        kp, vp = kp.astype(dtype), vp.astype(dtype)
     tables = jnp.asarray(1 + rng.permutation(b * per_row).reshape(b, per_row), jnp.int32)
     lengths = jnp.full((b,), ctx, jnp.int32)
-    q = jnp.asarray(rng.standard_normal((b, n, h)), dtype)
-    nbytes = 2 * b * ctx * k * h * jnp.dtype(dtype).itemsize
+    q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.bfloat16 if dtype == jnp.int8 else dtype)
+    # Bytes the kernel must read: every row's K and V (and their scales for int8 pages).
+    nbytes = 2 * b * ctx * k * (h * jnp.dtype(dtype).itemsize + (4 if scales else 0))
+    case = f"paged decode B={b} ctx={ctx} N={n} K={k} H={h} S={page} {jnp.dtype(dtype).name} pages"
+    ref = jax.jit(lambda q, kp, vp, sc: paged_attention_reference(q, kp, vp, tables, lengths, **sc))
+    yield measure(Row(case, "jnp reference", nbytes=nbytes), ref, q, kp, vp, scales, reps=reps)
     impl = resolve_implementation("auto", has_xla=True)
-    ours = jax.jit(lambda q, kp, vp: paged_attention(q, kp, vp, tables, lengths))
-    ref = jax.jit(lambda q, kp, vp: paged_attention_reference(q, kp, vp, tables, lengths))
-    t_ref = timeit(ref, q, kp, vp)
-    t_ours = timeit(ours, q, kp, vp)
-    tag = f"B={b} ctx={ctx} N={n} K={k} H={h} S={page} {jnp.dtype(dtype).name}"
-    report(f"paged reference (jnp gather)   {tag}", t_ref, nbytes=nbytes)
-    report(f"paged_attention[{impl}] {tag}", t_ours, nbytes=nbytes, baseline=t_ref, baseline_name="jnp reference")
+    ours = jax.jit(lambda q, kp, vp, sc: paged_attention(q, kp, vp, tables, lengths, **sc))
+    yield measure(Row(case, impl, nbytes=nbytes, baseline="jnp reference", target=Target("hbm", 0.6)),
+                  ours, q, kp, vp, scales, reps=reps)
 
 
-def bench_matmuls(m_values, k: int, n: int, sparsity: float) -> None:
+def matmul_rows(m_values, k: int, n: int, sparsity: float, reps: int) -> Iterator[Row]:
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16)
-    dense = jax.jit(lambda x, w: jnp.dot(x, w))
     wq, scales = quantize_weight_int8(w)
     wp = np.asarray(w, np.float32)
     wp[rng.random(wp.shape) < sparsity] = 0.0
     packed = pack_sparse(jnp.asarray(wp, jnp.bfloat16))
-    impl = resolve_implementation("auto")
+    del wp
     print(f"sparse weight {k}x{n} at {sparsity:.0%}: packed {packed.packed_bytes / 2**20:.1f} MiB vs dense "
-          f"{packed.dense_bytes / 2**20:.1f} MiB ({packed.packed_bytes / packed.dense_bytes:.1%})")
+          f"{packed.dense_bytes / 2**20:.1f} MiB ({packed.packed_bytes / packed.dense_bytes:.1%})", flush=True)
+    impl = resolve_implementation("auto")
+    dense = jax.jit(lambda x, w: jnp.dot(x, w))
     i8 = jax.jit(lambda x, wq, s: int8_matmul(x, wq, s))
     sp = jax.jit(lambda x, p: sparse_matmul(x, p))
     for m in m_values:
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-        t_dense = timeit(dense, x, w)
-        tag = f"M={m} K={k} N={n}"
-        report(f"dense bf16 matmul              {tag}", t_dense, flops=2 * m * k * n, nbytes=2 * k * n)
-        report(f"int8_matmul[{impl}]   {tag}", timeit(i8, x, wq, scales), flops=2 * m * k * n, nbytes=k * n,
-               baseline=t_dense, baseline_name="dense bf16")
-        report(f"sparse_matmul[{impl}] {tag}", timeit(sp, x, packed), flops=2 * m * k * n,
-               nbytes=packed.packed_bytes, baseline=t_dense, baseline_name="dense bf16")
+        flops = 2 * m * k * n
+        yield measure(Row(f"int8 matmul M={m} K={k} N={n}", "dense bf16", flops=flops, nbytes=2 * k * n),
+                      dense, x, w, reps=reps)
+        yield measure(Row(f"int8 matmul M={m} K={k} N={n}", impl, flops=flops, nbytes=k * n + 4 * n,
+                          baseline="dense bf16", target=Target("ratio", 1.5, "dense bf16") if m == 1 else None),
+                      i8, x, wq, scales, reps=reps)
+        case = f"sparse matmul {sparsity:.0%} M={m} K={k} N={n}"
+        yield measure(Row(case, "dense bf16", flops=flops, nbytes=2 * k * n), dense, x, w, reps=reps)
+        target = Target("ratio", 1.3, "dense bf16") if 8 <= m <= 32 and sparsity >= 0.8 else None
+        yield measure(Row(case, impl, flops=flops, nbytes=packed.packed_bytes, baseline="dense bf16", target=target),
+                      sp, x, packed, reps=reps)
+
+
+def cases(small: bool, reps: int) -> list[tuple[str, Callable[[], Iterator[Row]]]]:
+    """(name, thunk) per case; a thunk builds its inputs only when run, so one that fails to
+    even build (out of memory) fails alone."""
+    if small:
+        return [
+            ("flash T=512", lambda: flash_rows(512, 8, 2, 128, jnp.float32, reps)),
+            ("paged ctx=512 f32", lambda: paged_rows(8, 512, 8, 2, 128, 16, jnp.float32, reps)),
+            ("paged ctx=512 int8", lambda: paged_rows(8, 512, 8, 2, 128, 16, jnp.int8, reps)),
+            ("matmul 512x2048", lambda: matmul_rows((1, 8), 512, 2048, 0.8, reps)),
+        ]
+    out: list[tuple[str, Callable[[], Iterator[Row]]]] = []
+    for t in (4096, 8192, 16384):
+        out.append((f"flash T={t}", lambda t=t: flash_rows(t, 32, 8, 128, jnp.bfloat16, reps)))
+    for ctx in (1024, 4096, 16384):
+        out.append((f"paged ctx={ctx} bf16", lambda ctx=ctx: paged_rows(32, ctx, 32, 8, 128, 16, jnp.bfloat16, reps)))
+    out.append(("paged ctx=4096 int8", lambda: paged_rows(32, 4096, 32, 8, 128, 16, jnp.int8, reps)))
+    out.append(("matmul 7168x28672", lambda: matmul_rows((1, 8, 16, 32), 7168, 28672, 0.8, reps)))
+    return out
+
+
+# --- the table -----------------------------------------------------------------------------
+
+HEADER = "| case | impl | ms | TFLOP/s | GB/s | % of peak | vs baseline | target | met |"
+
+
+def format_row(row: Row, baseline: Row | None) -> str:
+    if row.error or row.seconds is None:
+        return f"| {row.case} | {row.impl} | error | | | | | {row.target.describe() if row.target else ''} | " \
+               f"{row.error.replace('|', '/')} |"
+    p = peak()
+    tf = row.flops / row.seconds / 1e12 if row.flops else None
+    gb = row.nbytes / row.seconds / 1e9 if row.nbytes else None
+    # Fraction of peak: of HBM bandwidth where the row is memory-bound (its FLOPs per byte
+    # are below the device's ridge point, or it is judged on bandwidth), else of bf16 FLOP/s.
+    frac = None
+    if p and gb is not None and (tf is None or row.flops / row.nbytes < p[0] * 1e3 / p[1]
+                                 or (row.target is not None and row.target.kind == "hbm")):
+        frac = f"{gb / p[1]:.1%} HBM"
+    elif p and tf is not None:
+        frac = f"{tf / p[0]:.1%} FLOP"
+    ratio = None
+    if baseline is not None and baseline.seconds is not None and not baseline.error:
+        ratio = baseline.seconds / row.seconds
+    ratio_s = f"{ratio:.2f}x vs {row.baseline}" if ratio is not None else (
+        f"baseline {row.baseline} failed" if row.baseline else "")
+    met = ""
+    if row.target is not None:
+        if row.impl != "pallas":
+            met = f"n/a ({row.impl} ran)"
+        elif row.target.kind == "ratio":
+            met = "?" if ratio is None else ("yes" if ratio >= row.target.value else "no")
+        else:
+            met = "? (no peak)" if not p or gb is None else ("yes" if gb / p[1] >= row.target.value else "no")
+    cells = [row.case, row.impl, f"{row.seconds * 1e3:.3f}", f"{tf:.2f}" if tf is not None else "",
+             f"{gb:.1f}" if gb is not None else "", frac or "", ratio_s,
+             row.target.describe() if row.target else "", met]
+    return "| " + " | ".join(cells) + " |"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes (default on CPU)")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--reps", type=int, default=10, help="timed runs per row (median reported)")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps={args.reps} must be >= 1")
     small = args.small or jax.default_backend() == "cpu"
     dev = jax.devices()[0]
-    print(f"backend={jax.default_backend()} device={dev.device_kind} jax={jax.__version__} "
-          f"peak={peak()} sizes={'small' if small else 'full'}", flush=True)
-    if small:
-        bench_flash(512, 8, 2, 128, jnp.float32)
-        bench_paged(8, 512, 8, 2, 128, 16, jnp.float32)
-        bench_matmuls((1, 8), 512, 2048, 0.8)
-        return 0
-    for t in (4096, 8192, 16384):
-        bench_flash(t, 32, 8, 128, jnp.bfloat16)
-    for ctx in (1024, 4096, 16384):
-        bench_paged(32, ctx, 32, 8, 128, 16, jnp.bfloat16)
-    bench_matmuls((1, 8, 16, 32), 7168, 28672, 0.8)
-    return 0
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {now}, jax {jax.__version__}, backend={jax.default_backend()} device={dev.device_kind} "
+          f"({platform.machine()}, {platform.python_version()}), peak (bf16 TFLOP/s, HBM GB/s)={peak()}, "
+          f"sizes={'small' if small else 'full'}", flush=True)
+    selected = [(name, thunk) for name, thunk in cases(small, args.reps) if args.only in name]
+    if not selected:
+        parser.error(f"--only={args.only!r} matches no case")
+    print(HEADER)
+    print("|" + "---|" * (HEADER.count("|") - 1), flush=True)
+    failed = 0
+    for name, thunk in selected:
+        done: dict[tuple[str, str], Row] = {}  # (case, impl) -> its row, for the baselines
+        try:
+            for row in thunk():
+                print(format_row(row, done.get((row.case, row.baseline))), flush=True)
+                failed += bool(row.error)
+                done[(row.case, row.impl)] = row
+        except Exception as e:  # noqa: BLE001 - building a case's inputs failed: report it and go on
+            failed += 1
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}".replace("|", "/")
+            print(f"| {name} | (setup) | error | | | | | | {msg} |", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())
