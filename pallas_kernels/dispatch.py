@@ -20,8 +20,9 @@ import jax
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla", "reference")
 ENV_VAR = "ENERGON_KERNELS"
-# Kernels written for the Triton lowering only: on TPU, "auto" uses the reference until a
-# Mosaic variant exists (flash_attention has one).
+# Kernels written for the Triton lowering only (sparse_matmul: its on-chip expansion gathers
+# from a tile, which Mosaic cannot): on TPU, "auto" uses the reference for them. The other
+# ops have a Mosaic variant (``_*_tpu.py``).
 GPU_ONLY = ("gpu",)
 
 

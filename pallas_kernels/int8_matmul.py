@@ -4,12 +4,12 @@ Layout: ``x [..., K]`` (float32 or bfloat16), ``w_int8 [K, N]`` int8, ``scales [
 float32; returns ``[..., N]`` in ``x.dtype``. Weights are quantised by
 ``energon_jax/quantize.py`` (symmetric, ``scale = max|w[:, n]| / 127``).
 
-The Pallas kernel (generic ``pl.pallas_call``: Triton lowering on GPU, interpret mode on
-CPU) runs one program per ``block_m x block_n`` output tile and walks K in ``block_k``
-steps: it loads an int8 weight tile (half the bytes of bfloat16, a quarter of float32),
-widens it to ``x.dtype`` on chip (int8 values are exact in bfloat16), accumulates in
-float32, and applies the scales once at the end (they factor out of the K sum). At
-batch 1 the matmul is bound by weight bytes, which is where int8 pays.
+The Pallas kernel here (generic ``pl.pallas_call``: Triton lowering on GPU, interpret mode
+on CPU; the TPU variant is ``_int8_matmul_tpu``) runs one program per ``block_m x block_n``
+output tile and walks K in ``block_k`` steps: it loads an int8 weight tile (half the bytes
+of bfloat16, a quarter of float32), widens it to ``x.dtype`` on chip (int8 values are exact
+in bfloat16), accumulates in float32, and applies the scales once at the end (they factor
+out of the K sum). At batch 1 the matmul is bound by weight bytes, which is where int8 pays.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_sizes import MatmulBlockSizes
-from pallas_kernels.dispatch import GPU_ONLY, gpu_compiler_params, resolve_implementation, use_interpret
+from pallas_kernels.dispatch import backend, gpu_compiler_params, resolve_implementation, use_interpret
 
 
 def int8_matmul(
@@ -33,15 +33,23 @@ def int8_matmul(
     interpret: bool = False,
     block_sizes: MatmulBlockSizes | None = None,
 ) -> jax.Array:
-    """``x [..., K] @ dequant(w_int8 [K, N], scales [N]) -> [..., N]`` in ``x.dtype``."""
+    """``x [..., K] @ dequant(w_int8 [K, N], scales [N]) -> [..., N]`` in ``x.dtype``.
+
+    ``implementation="pallas"`` runs the kernel: on TPU the Mosaic variant in
+    ``_int8_matmul_tpu``, elsewhere ``int8_matmul_pallas`` below (``interpret=True`` on CPU).
+    """
     if w_int8.dtype != jnp.int8:
         raise ValueError(f"w_int8.dtype={w_int8.dtype} must be int8")
     if x.shape[-1] != w_int8.shape[0] or scales.shape != (w_int8.shape[1],):
         raise ValueError(f"shapes do not chain: {x.shape=}, {w_int8.shape=}, {scales.shape=}")
-    if resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY) == "pallas":
-        lead = x.shape[:-1]
-        y = int8_matmul_pallas(x.reshape(-1, x.shape[-1]), w_int8, scales, interpret=use_interpret(interpret),
-                               block_sizes=block_sizes)
+    if resolve_implementation(implementation, interpret=interpret) == "pallas":
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if backend() == "tpu" and not interpret:
+            from pallas_kernels._int8_matmul_tpu import int8_matmul_tpu
+
+            y = int8_matmul_tpu(x2, w_int8, scales, block_sizes=block_sizes)
+        else:
+            y = int8_matmul_pallas(x2, w_int8, scales, interpret=use_interpret(interpret), block_sizes=block_sizes)
         return y.reshape(*lead, w_int8.shape[1])
     return int8_matmul_reference(x, w_int8, scales)
 

@@ -9,13 +9,14 @@ query per row (``T == B``) at position ``lengths - 1``: plain decode.
 
 int8 pages pass ``k_scale, v_scale [P, S, K]``.
 
-Three implementations: the Pallas split-K kernel (GPU), ``paged_attention_reference``
-(plain jnp, the numerical reference: it walks the page table a block of pages at a time
-and gathers, for every query token, its own copy of its row's context, so a prefill
-chunk of ``T`` tokens pays ``T x context`` of gather) and ``paged_attention_xla``, the
-CPU default, which gathers each row's context once into a packed key list and runs
-ordinary masked attention over it (``flash_attention_reference``) whenever the step's
-contexts fit a static budget, and falls back to the reference walk otherwise.
+Three implementations: the Pallas split-K kernel (Triton on GPU, Mosaic on TPU),
+``paged_attention_reference`` (plain jnp, the numerical reference: it walks the page
+table a block of pages at a time and gathers, for every query token, its own copy of its
+row's context, so a prefill chunk of ``T`` tokens pays ``T x context`` of gather) and
+``paged_attention_xla``, the CPU default, which gathers each row's context once into a
+packed key list and runs ordinary masked attention over it (``flash_attention_reference``)
+whenever the step's contexts fit a static budget, and falls back to the reference walk
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
-from pallas_kernels.dispatch import GPU_ONLY, resolve_implementation, use_interpret
+from pallas_kernels.dispatch import backend, resolve_implementation, use_interpret
 from pallas_kernels.flash_attention import flash_attention_reference
 
 # Pages read per iteration of the reference loop: large enough to keep the CPU busy,
@@ -50,13 +51,23 @@ def paged_attention(
 ) -> jax.Array:
     """Returns ``[T, N, H]`` in ``q.dtype``.
 
-    ``implementation="pallas"`` runs the split-K kernel in ``_paged_attention_pallas``
-    (one program per query token, KV head and split; the general packed form with
-    ``segment_ids``/``positions`` is supported, not only decode). ``block_sizes`` tunes it.
+    ``implementation="pallas"`` runs the split-K kernel: on TPU the Mosaic variant in
+    ``_paged_attention_tpu``, elsewhere the Triton-style ``_paged_attention_pallas`` (one
+    program per query token, KV head and split; ``interpret=True`` on CPU). Both take the
+    general packed form with ``segment_ids``/``positions``, not only decode; ``block_sizes``
+    tunes either.
     ``"xla"`` runs ``paged_attention_xla``; ``"reference"`` the jnp reference.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
-    impl = resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY, has_xla=True)
+    impl = resolve_implementation(implementation, interpret=interpret, has_xla=True)
+    if impl == "pallas" and backend() == "tpu" and not interpret:
+        from pallas_kernels._paged_attention_tpu import paged_attention_tpu
+
+        return paged_attention_tpu(
+            q, k_pages, v_pages, page_tables, lengths,
+            segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
+            k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
+        )
     if impl == "xla":
         return paged_attention_xla(
             q, k_pages, v_pages, page_tables, lengths,

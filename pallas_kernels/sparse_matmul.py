@@ -32,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import GPU_ONLY, gpu_compiler_params, resolve_implementation, use_interpret
+from pallas_kernels.dispatch import (
+    ENV_VAR,
+    GPU_ONLY,
+    backend,
+    gpu_compiler_params,
+    resolve_implementation,
+    use_interpret,
+)
 from pallas_kernels.int8_matmul import _round_up
 
 
@@ -133,6 +140,12 @@ def sparse_matmul(
     if x.shape[-1] != packed_w.shape[0]:
         raise ValueError(f"shapes do not chain: {x.shape=}, packed_w.shape={packed_w.shape}")
     if resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY) == "pallas":
+        if backend() == "tpu" and not interpret:
+            # The on-chip expansion gathers values by rank, which Mosaic cannot lower.
+            raise ValueError(
+                f"sparse_matmul has no TPU kernel: {implementation=} (or {ENV_VAR}) asks for 'pallas' on TPU; "
+                "use 'auto' or 'reference' there"
+            )
         lead = x.shape[:-1]
         y = sparse_matmul_pallas(
             x.reshape(-1, x.shape[-1]), packed_w, interpret=use_interpret(interpret), block_m=block_m

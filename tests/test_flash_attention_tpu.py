@@ -1,16 +1,19 @@
 """The TPU (Mosaic) FlashAttention kernel in TPU interpret mode on CPU, against the jnp reference.
 
 TPU interpret mode simulates HBM/VMEM/SMEM and starts every allocated buffer as NaN
-(``InterpretParams.uninitialized_memory="nan"``), so a finite output was fully written.
+(``InterpretParams.uninitialized_memory="nan"``): a finite output that matches the reference
+was fully written (see ``test_tpu_interpret_poisons_outputs`` for why both are needed).
 """
 
 from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernel_cases import TOLERANCE, case_id, packed_batch, pairwise, randn, rel_err
@@ -85,3 +88,28 @@ def test_masked_kv_blocks_are_not_computed():
     ref = flash_attention_reference(q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), **kw)
     assert bool(jnp.all(jnp.isfinite(out)))
     assert rel_err(out, ref) <= 1e-5
+
+
+def test_tpu_interpret_poisons_outputs():
+    """The premise of the "fully written" checks, and its limit.
+
+    TPU interpret mode, like a TPU, stages each output block in one VMEM buffer: a block the
+    kernel never writes is copied out from whatever that buffer holds, NaN if no earlier grid
+    step wrote it, else the previous block's values. So a finite output proves every element
+    was written *or* holds another block's stale values; the comparison with the reference
+    (fresh random inputs, so no two blocks agree) rules out the second.
+    """
+
+    def kernel(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 1)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    spec = pl.BlockSpec((8, 128), lambda i: (i, 0))
+    with pltpu.force_tpu_interpret_mode():
+        out = pl.pallas_call(kernel, grid=(3,), in_specs=[spec], out_specs=spec,
+                             out_shape=jax.ShapeDtypeStruct((24, 128), jnp.float32))(jnp.ones((24, 128), jnp.float32))
+    out = np.asarray(out)
+    assert np.all(np.isnan(out[:8]))  # never written, nothing staged before it
+    assert np.all(out[8:16] == 1.0)  # written
+    assert np.all(out[16:] == 1.0)  # never written: the stale copy of block 1

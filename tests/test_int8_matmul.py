@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.experimental.pallas import tpu as pltpu
+
 from kernel_cases import INTERPRET, MIN_ROWS, TOLERANCE, case_id, pairwise, randn, rel_err
+from pallas_kernels._int8_matmul_tpu import int8_matmul_tpu
 from pallas_kernels.block_sizes import MatmulBlockSizes
 from pallas_kernels.int8_matmul import fit_block, int8_matmul, int8_matmul_reference
 
@@ -30,6 +33,31 @@ def test_matches_reference(case):
     assert out.shape == (case["m"], n) and out.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # interpret mode starts outputs as NaN
     assert rel_err(out, ref) <= TOLERANCE[dtype]
+
+
+# The Mosaic kernel in TPU interpret mode: one tile (dims below the block), several K and N
+# tiles that divide, and dims that must be padded (1000 = no multiple of 128 divides it).
+TPU_CASES = [
+    dict(m=1, kn=(96, 64), dtype=jnp.float32),
+    dict(m=7, kn=(1000, 300), dtype=jnp.bfloat16),
+    dict(m=40, kn=(256, 384), dtype=jnp.float32),
+    dict(m=19, kn=(384, 1000), dtype=jnp.bfloat16),
+]
+TPU_BLOCKS = MatmulBlockSizes(block_m=16, block_n=128, block_k=128)
+
+
+@pytest.mark.parametrize("case", TPU_CASES, ids=case_id)
+def test_tpu_kernel_matches_reference(case):
+    rng = np.random.default_rng(case["m"])
+    (k, n), dtype = case["kn"], case["dtype"]
+    x = randn(rng, (case["m"], k), dtype)
+    w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    scales = jnp.asarray(rng.uniform(1e-3, 2e-2, n), jnp.float32)
+    with pltpu.force_tpu_interpret_mode():  # buffers start as NaN: finite + equal to the reference = written
+        out = int8_matmul_tpu(x, w, scales, block_sizes=TPU_BLOCKS)
+    assert out.shape == (case["m"], n) and out.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert rel_err(out, int8_matmul_reference(x, w, scales)) <= TOLERANCE[dtype]
 
 
 def test_leading_dims_are_kept():

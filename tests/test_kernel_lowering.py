@@ -40,6 +40,8 @@ from jax import export
 import pallas_kernels.dispatch as dispatch
 from pallas_kernels import FlashBlockSizes, PagedBlockSizes, flash_attention, int8_matmul, paged_attention
 from pallas_kernels._flash_attention_tpu import flash_attention_tpu
+from pallas_kernels._int8_matmul_tpu import int8_matmul_tpu
+from pallas_kernels._paged_attention_tpu import paged_attention_tpu
 from pallas_kernels.sparse_matmul import PackedSparse, sparse_matmul
 
 TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
@@ -190,6 +192,26 @@ def test_paged_attention_lowers_to_triton(monkeypatch, shape, pages):
     assert_one_triton_kernel(lowered, "paged_attention")
 
 
+@pytest.mark.parametrize("shape", PAGED_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("pages", ["bf16", "f32", "int8"])
+def test_paged_attention_lowers_to_mosaic_tpu(shape, pages):
+    b, n, kh, h, page, per_row = shape
+    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8}[pages]
+    q_dtype = jnp.float32 if pages == "f32" else jnp.bfloat16
+    pool = (1 + b * per_row, page, kh, h)
+    scales = [S(pool[:3], jnp.float32)] * 2 if pages == "int8" else []
+
+    def fn(q, kp, vp, tables, lengths, *sc):
+        kw = dict(k_scale=sc[0], v_scale=sc[1]) if sc else {}
+        return paged_attention_tpu(q, kp, vp, tables, lengths, segment_ids=jnp.arange(b, dtype=jnp.int32),
+                                   positions=lengths - 1, **kw)
+
+    text = lower_for_tpu(fn, S((b, n, h), q_dtype), S(pool, dtype), S(pool, dtype), S((b, per_row), jnp.int32),
+                         S((b,), jnp.int32), *scales)
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
+    assert "paged_attention_tpu" in text
+
+
 def test_paged_attention_multi_query_rows_lower_to_triton(monkeypatch):
     """Chunked prefill / speculative rows: several query tokens per row, padding tokens."""
     t, b, n, kh, h, page, per_row = 40, 8, 32, 8, 128, 16, 128
@@ -221,6 +243,14 @@ def test_int8_matmul_lowers_to_triton(monkeypatch, mkn):
     fn = lambda x, w, s: int8_matmul(x, w, s, implementation="pallas")  # noqa: E731
     lowered = lower_for_cuda(monkeypatch, fn, S((m, k), jnp.bfloat16), S((k, n), jnp.int8), S((n,), jnp.float32))
     assert_one_triton_kernel(lowered, "int8_matmul")
+
+
+@pytest.mark.parametrize("mkn", MATMUL_SHAPES + [(7, 1000, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_int8_matmul_lowers_to_mosaic_tpu(mkn):
+    m, k, n = mkn
+    text = lower_for_tpu(int8_matmul_tpu, S((m, k), jnp.bfloat16), S((k, n), jnp.int8), S((n,), jnp.float32))
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
+    assert "int8_matmul_tpu" in text
 
 
 def _packed_struct(k: int, n: int, sparsity: float, tile: int = 64) -> PackedSparse:
@@ -256,3 +286,60 @@ def test_packed_struct_matches_pack_sparse():
         assert getattr(packed, name).dtype == getattr(want, name).dtype
     assert packed.values.dtype == jnp.bfloat16 and packed.values.size == np.count_nonzero(w)
     assert (packed.shape, packed.tile_k, packed.tile_n) == (want.shape, want.tile_k, want.tile_n)
+
+
+# --- dispatch: implementation="auto" on each backend ----------------------------------------
+
+
+def _on_backend(monkeypatch, name: str) -> None:
+    """Make every op module see ``name`` as the default backend."""
+    for module in ("dispatch", "flash_attention", "paged_attention", "int8_matmul", "sparse_matmul"):
+        mod = importlib.import_module(f"pallas_kernels.{module}")
+        if hasattr(mod, "backend"):
+            monkeypatch.setattr(mod, "backend", lambda: name)
+
+
+def _auto_ops():
+    """(name, fn, args) of each op at a small shape, called with implementation="auto"."""
+    t, b, pool = 64, 4, (17, 16, 2, 128)
+    return [
+        ("flash_attention", lambda q, k, v, seg, pos: flash_attention(q, k, v, segment_ids=seg, positions=pos),
+         packed_causal_args(t, 8, 2, 128, jnp.bfloat16)),
+        ("paged_attention", lambda q, kp, vp, tb, ln: paged_attention(q, kp, vp, tb, ln),
+         (S((b, 8, 128), jnp.bfloat16), S(pool, jnp.bfloat16), S(pool, jnp.bfloat16), S((b, 4), jnp.int32),
+          S((b,), jnp.int32))),
+        ("int8_matmul", lambda x, w, s: int8_matmul(x, w, s),
+         (S((2, 256), jnp.bfloat16), S((256, 512), jnp.int8), S((512,), jnp.float32))),
+    ]
+
+
+@pytest.mark.parametrize("op", ["flash_attention", "paged_attention", "int8_matmul"])
+def test_auto_picks_mosaic_on_tpu(monkeypatch, op):
+    monkeypatch.delenv("ENERGON_KERNELS", raising=False)
+    _on_backend(monkeypatch, "tpu")
+    [(_, fn, args)] = [o for o in _auto_ops() if o[0] == op]
+    text = lower_for_tpu(fn, *args)
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
+
+
+@pytest.mark.parametrize("op", ["flash_attention", "paged_attention", "int8_matmul", "sparse_matmul"])
+def test_auto_picks_triton_on_gpu(monkeypatch, op):
+    monkeypatch.delenv("ENERGON_KERNELS", raising=False)
+    _on_backend(monkeypatch, "gpu")
+    if op == "sparse_matmul":
+        fn, args = (lambda x, p: sparse_matmul(x, p)), (S((8, 256), jnp.bfloat16), _packed_struct(256, 512, 0.8))
+    else:
+        [(_, fn, args)] = [o for o in _auto_ops() if o[0] == op]
+    lowered = lower_for_cuda(monkeypatch, fn, *args)
+    assert lowered.kernel_calls() == 1 and len(lowered.triton_ir) == 1
+
+
+def test_sparse_matmul_on_tpu_uses_the_reference_or_says_why(monkeypatch):
+    """No Mosaic sparse kernel: "auto" on TPU runs the reference; a forced "pallas" is a clear error."""
+    monkeypatch.delenv("ENERGON_KERNELS", raising=False)
+    _on_backend(monkeypatch, "tpu")
+    args = (S((8, 256), jnp.bfloat16), _packed_struct(256, 512, 0.8))
+    text = lower_for_tpu(lambda x, p: sparse_matmul(x, p), *args)
+    assert "tpu_custom_call" not in text
+    with pytest.raises(ValueError, match="sparse_matmul has no TPU kernel"):
+        lower_for_tpu(lambda x, p: sparse_matmul(x, p, implementation="pallas"), *args)

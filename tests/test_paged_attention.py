@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.experimental.pallas import tpu as pltpu
+
 from kernel_cases import INTERPRET, TOLERANCE, case_id, pairwise, randn, rel_err
 from pallas_kernels import paged_attention, paged_attention_reference
 from pallas_kernels._paged_attention_pallas import combine_splits
+from pallas_kernels._paged_attention_tpu import paged_attention_tpu
 from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.page_layout import quantize_kv
 
@@ -60,15 +63,22 @@ def _problem(rng, case):
     return (q, k, v, jnp.asarray(tables), jnp.asarray(lengths)), dict(**rows, **scales)
 
 
-def _run(case, seed):
+def _run(case, seed, tpu=False):
     rng = np.random.default_rng(seed)
     args, kw = _problem(rng, case)
-    out = paged_attention(*args, **kw, implementation="pallas", interpret=INTERPRET,
-                          block_sizes=PagedBlockSizes(num_splits=case["splits"]))
+    blocks = PagedBlockSizes(num_splits=case["splits"])
+    if tpu:  # the Mosaic kernel in TPU interpret mode (decode rows spelled out: it takes the packed form)
+        q, lengths = args[0], args[4]
+        rows = dict(segment_ids=jnp.arange(q.shape[0], dtype=jnp.int32), positions=lengths - 1)
+        with pltpu.force_tpu_interpret_mode():
+            out = paged_attention_tpu(*args, **{**rows, **kw}, block_sizes=blocks)
+    else:
+        out = paged_attention(*args, **kw, implementation="pallas", interpret=INTERPRET, block_sizes=blocks)
     ref = paged_attention_reference(*args, **kw)
     q = args[0]
     assert out.shape == q.shape and out.dtype == q.dtype
-    # Interpret mode starts every kernel output as NaN, so finite means fully written.
+    # Interpret mode starts every kernel output as NaN: finite and equal to the reference means
+    # fully written (TPU interpret mode: see test_flash_attention_tpu.test_tpu_interpret_poisons_outputs).
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
     if "segment_ids" in kw:
         assert np.all(np.asarray(out, np.float32)[np.asarray(kw["segment_ids"]) < 0] == 0.0)
@@ -86,7 +96,28 @@ def test_matches_reference_full_grid(case):
     _run(case, seed=2)
 
 
-def test_pages_past_the_length_are_not_read():
+# Each value of each factor at least once: TPU interpret mode is slower than plain interpret.
+TPU_CASES = [
+    dict(mode="decode", group=1, head_dim=64, dtype=jnp.float32, int8=False, splits=1),
+    dict(mode="multi_query", group=2, head_dim=128, dtype=jnp.bfloat16, int8=True, splits=3),
+    dict(mode="decode", group=4, head_dim=128, dtype=jnp.float32, int8=True, splits=3),
+    dict(mode="multi_query", group=8, head_dim=64, dtype=jnp.bfloat16, int8=False, splits=1),
+]
+
+
+@pytest.mark.parametrize("case", TPU_CASES, ids=case_id)
+def test_tpu_kernel_matches_reference(case):
+    _run(case, seed=case["group"], tpu=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
+def test_tpu_kernel_matches_reference_pairwise(case):
+    _run(case, seed=len(case_id(case)) % 5, tpu=True)
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "tpu"])
+def test_pages_past_the_length_are_not_read(kernel):
     """Pages beyond a row's length (and the null page) hold NaN: reading them would leak NaN."""
     rng = np.random.default_rng(3)
     h = 64
@@ -98,8 +129,13 @@ def test_pages_past_the_length_are_not_read():
         k[page], v[page] = np.nan, np.nan
     q = randn(rng, (2, 4 * NUM_KV_HEADS, h), jnp.float32)
     args = (q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(tables), jnp.asarray(lengths))
-    out = paged_attention(*args, implementation="pallas", interpret=INTERPRET,
-                          block_sizes=PagedBlockSizes(num_splits=3))
+    blocks = PagedBlockSizes(num_splits=3)
+    if kernel == "tpu":
+        rows = dict(segment_ids=jnp.arange(2, dtype=jnp.int32), positions=jnp.asarray(lengths) - 1)
+        with pltpu.force_tpu_interpret_mode():
+            out = paged_attention_tpu(*args, **rows, block_sizes=blocks)
+    else:
+        out = paged_attention(*args, implementation="pallas", interpret=INTERPRET, block_sizes=blocks)
     clean = (q, jnp.asarray(np.nan_to_num(k)), jnp.asarray(np.nan_to_num(v)), jnp.asarray(tables), jnp.asarray(lengths))
     assert bool(jnp.all(jnp.isfinite(out)))
     assert rel_err(out, paged_attention_reference(*clean)) <= 1e-5
