@@ -4,13 +4,15 @@
     python benchmarks/pipeline.py --layers 8 --requests 16 --max-tokens 48
 
 Part 1, pipeline (``parallel/pipeline.py``): a random Llama (``--layers`` layers) serves
-``--requests`` greedy requests of ``--max-tokens`` tokens each, split into ``pp``
-sequence groups, for pp = 2 and 4. It prints each stage's utilisation, busy ticks
-over all ticks of the run (fill, steady state and drain included; target >= 85%), the
-most micro-batches in flight at once, and the wall time against the pp=1 run of the
-same requests measured in the same process (on simulated CPU devices the stages share
-the host's cores, so the wall-time ratio says nothing about real devices; utilisation
-is the schedule's property and holds anywhere).
+``--requests`` greedy requests of ``--max-tokens`` tokens each through the engine's own
+API, ``Engine(pp=N).generate``, for pp = 2 and 4 (the engine splits the running
+requests into ``pp`` groups and keeps ``pp`` micro-batches in flight). It prints each
+stage's utilisation, busy ticks over all ticks of the ``generate`` call (fill, steady
+state and drain included; target >= 85%), the most micro-batches in flight at once,
+whether the tokens equal the pp=1 engine's, and the wall time against the pp=1 engine
+on the same requests measured in the same process (on simulated CPU devices the stages
+share the host's cores, so the wall-time ratio says nothing about real devices;
+utilisation is the schedule's property and holds anywhere).
 
 Part 2, memory pool (``parallel/memory_pool.py``): the same model decoding with only
 ``k`` layers' weights resident on the device (the rest in host memory, prefetched a
@@ -53,40 +55,40 @@ def _scheduler(num_pages: int, max_seqs: int, max_len: int):
 
 
 def run_pipeline(args) -> None:
-    from energon_jax.batch import Buckets
-    from energon_jax.parallel.mesh import ParallelConfig, make_mesh, sharding_rules
-    from energon_jax.parallel.pipeline import PipelinedGeneration, PipelineRunner
-    from energon_jax.parallel.stages import decoder_parts
+    import jax
+
+    from energon_jax.engine import Engine
+    from energon_jax.request import SamplingParams
     from test_parallel_tp_models import build_model
 
     max_len = 16 + args.max_tokens
-    max_seqs = max(4, args.requests)
-    buckets = Buckets.create(max_num_batched_tokens=max(16, max_seqs), max_num_seqs=max_seqs, max_model_len=max_len,
-                             page_size=4, min_tokens=4)
-    per_group = 1 + max_seqs * -(-max_len // 4)
-    print(f"pipeline: llama layers={args.layers}, {args.requests} requests x {args.max_tokens} tokens, "
-          f"{len(__import__('jax').devices())} devices")
-    base_time = None
+    page_size = 16
+    prompts = [r.prompt_token_ids for r in _requests(args.requests, args.max_tokens, 96)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    print(f"pipeline: llama layers={args.layers}, {args.requests} requests x {args.max_tokens} tokens "
+          f"through Engine(pp=N).generate, {len(jax.devices())} devices")
+    base_time = base_tokens = None
     for pp in (1, 2, 4):
         model, config = build_model("llama", num_hidden_layers=args.layers)
-        mesh = make_mesh(ParallelConfig(pp=pp))
-        runner = PipelineRunner(decoder_parts(model), mesh, sharding_rules(1, num_kv_heads=config.num_kv_heads),
-                                num_pages=1 + pp * (per_group - 1), page_size=4)
+        engine = Engine(model, config, None, max_model_len=max_len, page_size=page_size,
+                        kv_cache_pages=1 + args.requests * -(-max_len // page_size), max_num_seqs=args.requests,
+                        max_num_batched_tokens=max(64, args.requests), pp=pp)
         times = []
-        for _ in range(2):  # the first round compiles; the second is timed
-            runner.reset_stats()
-            schedulers = [_scheduler(per_group, max_seqs, max_len) for _ in range(pp)]
-            for i, r in enumerate(_requests(args.requests, args.max_tokens, config.vocab_size)):
-                schedulers[i % pp].add(r)
+        for _ in range(2):  # the first round settles the host; the second is timed (warm-up compiled already)
+            if pp > 1:
+                engine.runner.reset_stats()
             start = time.perf_counter()
-            deltas = PipelinedGeneration(runner, schedulers, buckets, per_group).run()
+            outs = engine.generate(prompts, params, use_tqdm=False)
             times.append(time.perf_counter() - start)
-        tokens = sum(len(d.new_token_ids) for d in deltas)
-        st = runner.stats
-        util = st.utilisation()
-        base_time = base_time or times[-1]
-        print(f"  pp={pp}: ticks={st.ticks} utilisation per stage={[f'{u:.1%}' for u in util]} "
-              f"(min {min(util):.1%}) max_in_flight={st.max_in_flight} tokens={tokens} "
+        tokens = [list(o.token_ids) for o in outs]
+        base_time, base_tokens = base_time or times[-1], base_tokens or tokens
+        line = f"  pp={pp}: "
+        if pp > 1:
+            st = engine.runner.stats
+            util = st.utilisation()
+            line += (f"ticks={st.ticks} utilisation per stage={[f'{u:.1%}' for u in util]} (min {min(util):.1%}) "
+                     f"max_in_flight={st.max_in_flight} ")
+        print(line + f"tokens={sum(map(len, tokens))} same tokens as pp=1: {tokens == base_tokens} "
               f"wall={times[-1]:.2f}s ({times[-1] / base_time:.2f}x pp=1)")
 
 

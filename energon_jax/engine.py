@@ -9,8 +9,9 @@ pooled embeddings (``embed``, encoder checkpoints). Which thread: whichever call
 The step loop (``step_loop.py``): every ``step()`` plans a step with the scheduler,
 packs it into one padding-free bucketed batch, dispatches it to the runner and turns
 the sampled ids into deltas. With ``async_scheduling`` (the default off the CPU) the
-next step is planned and dispatched while the previous one runs. The tokens are the
-same either way.
+next step is planned and dispatched while the previous one runs; with ``pp > 1`` each
+step is one tick of the pipeline clock and up to ``pp`` micro-batches are in flight
+(``PipelineStepLoop`` in ``parallel/pipeline.py``). The tokens are the same either way.
 
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
 runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
@@ -187,9 +188,13 @@ class Engine:
                 model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=dtype,
                 options=self.parallel, templates=batch_lib.warmup_batches(self._buckets),
             )
-            # Parallel runners keep steps synchronous (no planning ahead).
-            self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
-                                  split_prefill_decode=self.split_prefill_decode)
+            if self.parallel.pp > 1:  # pp micro-batches in flight, one pipeline tick per step()
+                from energon_jax.parallel.pipeline import PipelineStepLoop
+
+                self._loop = PipelineStepLoop(self._scheduler, self._runner, self._buckets, self._process)
+            else:  # the other parallel runners keep steps synchronous (no planning ahead)
+                self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
+                                      split_prefill_decode=self.split_prefill_decode)
         else:
             kv = tuple(
                 make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)

@@ -11,6 +11,8 @@ JAX, no locks); the async engine hands aborts over to the step thread before cal
 The calls alternate: ``schedule -> (device step) -> update -> schedule -> ...``, except that
 one plan may be in flight: ``schedule`` of step N+1 may come before ``update`` of step N
 (the host plans while the device runs), and then ``update`` takes the plans in order.
+With pipeline parallelism (``schedule_micro_batch``) up to ``pp`` plans are in flight,
+each over requests that no other plan in flight holds.
 
 Planning ahead (``schedule`` with plan N in flight): a request that samples in N owes one
 token the host does not know yet. Its N+1 row feeds a placeholder (``PLACEHOLDER``) whose
@@ -136,7 +138,9 @@ class Scheduler:
         self._running: list[Request] = []  # admission order: the most recently admitted is last
         self._requests: dict[str, Request] = {}  # every request not finished yet
         self._static_batch: set[str] = set()  # static_batching: the batch now being run
-        self._in_flight: list[StepPlan] = []  # scheduled, not yet updated: at most two, oldest first
+        # Scheduled, not yet updated, oldest first: at most two (planning ahead), or one per
+        # pipeline stage (schedule_micro_batch).
+        self._in_flight: list[StepPlan] = []
         self.num_planned_ahead = 0  # plans made while the previous one was in flight
         self.num_preemptions = 0
 
@@ -310,12 +314,67 @@ class Scheduler:
         self.num_planned_ahead += 1
         return plan
 
-    def _admit(self, rows: list[ScheduledRow], budget: int) -> int:
+    def schedule_micro_batch(self, num_groups: int) -> StepPlan | None:
+        """Pipeline parallelism: the next micro-batch, from requests with no row in flight.
+
+        Up to ``num_groups`` plans may be in flight at once (one per pipeline stage), and
+        ``update`` still takes them oldest first. A request with a row in a plan in flight
+        is not planned again until that plan is updated, so its tokens are always known
+        (no placeholders). Rows are capped at ``ceil(min(max_num_seqs, running + waiting)
+        / num_groups)``: the running requests settle into ``num_groups`` groups of even
+        size, and new requests join the micro-batch being planned. A request whose pages
+        cannot grow preempts the most recently admitted request that is neither in flight
+        nor in this plan (possibly itself); a request in flight is never touched.
+        ``None``: nothing can be planned now (everything running is in flight).
+        """
+        if not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"{num_groups=} must be an integer >= 1")
+        if len(self._in_flight) >= num_groups:
+            raise RuntimeError(f"{len(self._in_flight)} plans in flight for {num_groups=}: update() the oldest first")
+        cfg = self.config
+        busy = {id(row.request) for plan in self._in_flight for row in plan.rows}
+        idle = [req for req in self._running if id(req) not in busy]  # admission order
+        cap = -(-min(cfg.max_num_seqs, len(self._running) + len(self._waiting)) // num_groups)
+        budget = cfg.max_num_batched_tokens
+        rows: list[ScheduledRow] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(idle) and budget > 0 and len(rows) < cap:  # idle shrinks from the tail on preemption
+            req = idle[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow_pages(req, req.num_computed_tokens + n):
+                victim = idle.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.PREEMPTED:
+                break  # it was the last idle request
+            rows.append(self._row(req, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            self._admit(rows, budget, max_rows=cap)
+        if not rows:
+            if not self._in_flight and self.has_work():  # as in schedule(): everything fits an empty pool
+                raise RuntimeError(
+                    f"nothing schedulable with {self.num_waiting} waiting, {self.num_running} running, "
+                    f"{self.allocator.num_free} free pages"
+                )
+            return None
+        plan = StepPlan(rows, preempted)
+        self._in_flight.append(plan)
+        return plan
+
+    def _admit(self, rows: list[ScheduledRow], budget: int, max_rows: int | None = None) -> int:
+        """Admit waiting requests into ``rows`` (at most ``max_rows`` rows in all when given)."""
         cfg = self.config
         if cfg.static_batching and not self._static_batch and not self._running:
             # The previous batch is over: the next one is the head of the queue.
             self._static_batch = {r.request_id for r in list(self._waiting)[: cfg.max_num_seqs]}
         while self._waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
+            if max_rows is not None and len(rows) >= max_rows:
+                break
             req = self._waiting[0]
             if cfg.static_batching and req.request_id not in self._static_batch:
                 break  # batch members are always a prefix of the queue

@@ -23,6 +23,9 @@ Deferred text: a delta of a request without stop strings that did not finish is 
 into text during the next device step (``_drain_deferred``), so detokenizing overlaps
 the device; requests with stop strings are processed at once, so that a match finishes
 them before the next step is planned.
+
+``PipelineStepLoop`` (``parallel/pipeline.py``) is this loop for ``pp > 1``: one pipeline
+tick per ``step()``, up to ``pp`` micro-batches in flight.
 """
 
 from __future__ import annotations

@@ -14,34 +14,45 @@ The pipeline moves on a clock. At every ``tick(batch)``:
   ids), ``pp - 1`` ticks after it entered.
 
 Nothing here waits on a device: each stage's work is a jitted call dispatched
-asynchronously to that stage's devices, so all stages compute at once. The controller
-(``PipelinedGeneration`` below) splits the running sequences into ``pp`` groups and
-hands stage 0 the next group's micro-batch at every tick, without waiting for earlier
-micro-batches to leave the last stage. A group's next step needs its sampled token, which
-it gets exactly when its turn at stage 0 comes round again, ``pp`` ticks later: in
-steady state every stage is busy at every tick (no bubbles), and the only bubbles are
-the ``pp - 1`` ticks of filling and draining.
+asynchronously to that stage's devices, so all stages compute at once.
+
+The controller side is ``PipelineStepLoop``, the engine's step loop for ``pp > 1``
+(``Engine(..., pp=N)``): one ``Engine.step()`` is one tick. The engine's one scheduler
+(one page pool shared by every stage's layers) plans a micro-batch from the running
+requests that have no row in the pipeline (``Scheduler.schedule_micro_batch``), stage 0
+takes it, and the micro-batch leaving the last stage is collected (its ids fetched, the
+scheduler updated) before the next tick plans. A request whose micro-batch entered at
+tick ``t`` is known again when tick ``t + pp`` plans, exactly when the clock comes round
+to its group again; rows per micro-batch are capped at about ``running / pp``, so
+the running requests settle into ``pp`` groups of even size, one per stage. In steady
+state every stage is busy at every tick (no bubbles); the only bubbles are the
+``pp - 1`` ticks of filling and draining. Greedy tokens equal ``pp=1``: every row is
+the same computation, only the order of micro-batches differs.
+
+Pages stay safe without any locking: micro-batches pass every stage in the order they
+entered (the stage's KV buffers are threaded from call to call), so when a request is
+aborted while its micro-batch is in the pipeline and its pages go to a new request at
+once, the stale micro-batch's writes to a stage's layers land before the new request's
+first write there; and preemption only ever takes requests with nothing in flight.
 
 Instrumentation: ``stats`` counts ticks, busy ticks per stage, micro-batches in flight
 (entered and not yet out) and the most ever in flight at once.
-
-Each group has its own ``Scheduler`` over a disjoint range of the shared page pool, so
-the groups never share a page; packing shifts the group's page ids into its range.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from energon_jax.parallel.mesh import MESH_AXES, ShardingRules, kv_pages_sharding, state_shardings, place
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, run_embed, run_head, run_layers
+from energon_jax.request import StreamDelta
 from energon_jax.runner import StepHandle, shape_key
+from energon_jax.step_loop import ProcessFn, StepLoop
 
 
 def stage_meshes(mesh: Mesh) -> list[Mesh]:
@@ -131,12 +142,18 @@ class PipelineRunner:
     def empty(self) -> bool:
         return all(slot is None for slot in self._slots)
 
+    @property
+    def in_flight_tags(self) -> list[Any]:
+        """The tags of the micro-batches in the pipeline, the next to leave first."""
+        return [slot.tag for slot in reversed(self._slots) if slot is not None and slot.tag is not None]
+
     def tick(self, batch: Any | None = None, tag: Any = None) -> tuple[Any, StepHandle] | None:
         """Advance the clock once; ``batch`` enters stage 0. Returns ``(tag, handle)`` of the
         micro-batch leaving the last stage this tick, if any. Never blocks on a device."""
         if batch is not None:
             if self._slots[0] is not None:
                 raise RuntimeError("stage 0 is still occupied: tick() moves the pipeline before a new micro-batch")
+            self._shapes.add(shape_key(batch))
             self._slots[0] = _Slot(batch, None, tag)
             self.stats.entered += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
@@ -174,17 +191,16 @@ class PipelineRunner:
     def warmup(self, batches: Any) -> int:
         for batch in batches:
             self.step(batch)  # all-padding batches write only the null page
+        self.reset_stats()  # the counters describe the load, not the warm-up
         return self.num_compiles
 
     def step_async(self, batch: Any) -> StepHandle:
-        """One micro-batch through every stage: dispatched stage after stage, nothing waited on.
+        """One micro-batch alone through every stage (warm-up): the stages take turns.
 
-        With a single step in flight the stages take turns; the non-blocking schedule
-        needs ``pp`` groups in flight (``PipelinedGeneration``).
+        The non-blocking schedule is ``PipelineStepLoop`` driving ``tick()``.
         """
         if not self.empty:
-            raise RuntimeError("step_async() needs an empty pipeline (PipelinedGeneration drives tick())")
-        self._shapes.add(shape_key(batch))
+            raise RuntimeError("step_async() needs an empty pipeline (PipelineStepLoop drives tick())")
         out = self.tick(batch)
         while out is None:
             out = self.tick()
@@ -194,66 +210,32 @@ class PipelineRunner:
         return self.step_async(batch).result()
 
 
-def shift_pages(batch: Any, offset: int, page_size: int) -> Any:
-    """Move a packed batch's pages from a group's local ids ``1..`` to the shared pool ``1 + offset ..``.
+class PipelineStepLoop(StepLoop):
+    """The engine's step loop for ``pp > 1``: one pipeline tick per ``step()`` (module docstring)."""
 
-    Page 0 (null) and padding tokens' slot 0 stay where they are.
-    """
-    if offset == 0:
-        return batch
-    attn = batch.attn
-    tables = np.where(attn.page_tables > 0, attn.page_tables + offset, 0).astype(np.int32)
-    real = np.asarray(batch.segment_ids) >= 0
-    slots = np.where(real, attn.slot_mapping + offset * page_size, 0).astype(np.int32)
-    new_attn = dataclasses.replace(attn, page_tables=tables, slot_mapping=slots)
-    return dataclasses.replace(batch, attn=new_attn)
+    def __init__(self, scheduler: Any, runner: PipelineRunner, buckets: Any, process: ProcessFn) -> None:
+        super().__init__(scheduler, runner, buckets, process)
+        self.pp = runner.pp
 
+    def busy(self) -> bool:
+        # A micro-batch whose requests have all finished (aborted) is no work: it is
+        # dropped when it leaves, at a later tick.
+        in_flight = any(not row.request.finished for plan in self.runner.in_flight_tags for row in plan.rows)
+        return bool(self._deferred) or in_flight
 
-class PipelinedGeneration:
-    """The controller side: ``pp`` sequence groups kept in flight through a ``PipelineRunner``.
-
-    ``schedulers``: one per group, each over its own ``pages_per_group`` pages (page 0 of
-    each is its local null page and is never used). The runner's pool must hold
-    ``1 + pp * (pages_per_group - 1)`` pages.
-    """
-
-    def __init__(self, runner: PipelineRunner, schedulers: Sequence[Any], buckets: Any, pages_per_group: int) -> None:
-        from energon_jax.batch import pack
-
-        if len(schedulers) != runner.pp:
-            raise ValueError(f"{len(schedulers)} schedulers for pp={runner.pp}: give one per stage")
-        self.runner = runner
-        self.schedulers = list(schedulers)
-        self.buckets = buckets
-        self.offsets = [g * (pages_per_group - 1) for g in range(runner.pp)]
-        self._pack = pack
-        self._in_flight: dict[int, tuple[Any, StepHandle]] = {}  # group -> (plan, handle)
-
-    def run(self) -> list[Any]:
-        """Tick until every group's scheduler is done; returns every ``RequestDelta`` in order."""
-        deltas: list[Any] = []
-        pp, tick, idle_ticks = self.runner.pp, 0, 0
-        while True:
-            g = tick % pp
-            # The group whose turn it is: its previous micro-batch left the pipeline last tick.
-            if g in self._in_flight:
-                plan, handle = self._in_flight.pop(g)
-                deltas.extend(self.schedulers[g].update(plan, handle.result()))
-            plan = self.schedulers[g].schedule() if self.schedulers[g].has_work() else None
-            batch = None
-            if plan is not None:
-                batch = shift_pages(self._pack(plan, self.buckets), self.offsets[g], self.buckets.page_size)
-                self._in_flight[g] = (plan, None)
-            out = self.runner.tick(batch, tag=g)
-            if out is not None:
-                done_group, handle = out
-                self._in_flight[done_group] = (self._in_flight[done_group][0], handle)
-            tick += 1
-            if self._in_flight or not self.runner.empty:
-                idle_ticks = 0
-                continue
-            if not any(s.has_work() for s in self.schedulers):
-                return deltas
-            idle_ticks += 1
-            if idle_ticks > pp:  # a whole round in which no group could plan anything
-                raise RuntimeError("pipeline idle while schedulers hold requests they cannot schedule")
+    def step(self, live: Collection[str]) -> list[StreamDelta]:
+        """Plan a micro-batch for stage 0 (if any request is idle), tick, collect what leaves."""
+        out: list[StreamDelta] = []
+        plan = self.scheduler.schedule_micro_batch(self.pp) if self.scheduler.has_work() else None
+        if plan is None and self.runner.empty:
+            out.extend(self._drain_deferred())
+            if not out:
+                self.check_progress(live)
+            return out
+        batch = None if plan is None else self._pack(plan, self.buckets)
+        left = self.runner.tick(batch, tag=plan)
+        out.extend(self._drain_deferred())  # host work overlapping the stages
+        if left is not None:
+            done, handle = left
+            out.extend(self._collect(done, handle.result()))
+        return out

@@ -9,7 +9,9 @@ gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``
   KV pages split by KV head (``mesh.py``), one ``ModelRunner`` over all of it. Not yet
   done: splitting the step's rows over ``dp``; today every ``dp`` replica computes the
   whole step, so ``dp`` is correct but buys no throughput;
-- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``);
+- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``),
+  which the engine drives with ``PipelineStepLoop`` (``pp`` micro-batches in flight);
+  single-process for now;
 - ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
 - more than one process: whatever the above gave, wrapped in a ``Controller`` so that
   process 0's steps are broadcast and every process runs them (workers call
