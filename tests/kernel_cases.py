@@ -79,3 +79,34 @@ def greedy_no_cache(model, prompts: list[list[int]], steps: int) -> list[list[in
             seqs[r].append(int(tok))
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
+
+# Run by test_kernel_lowering's IR dump in a Python that has OpenAI Triton (not a project
+# dependency): compiles each dumped kernel with Triton's own pipeline and ptxas, no GPU needed.
+TRITON_COMPILE_SCRIPT = '''"""Compile the Triton IR files beside this script for sm_90 and sm_80; prints one line each."""
+import glob, json, os, sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget, Language
+from triton.backends.nvidia.compiler import CUDABackend
+
+failed = 0
+for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.ttir"))):
+    launch = json.load(open(path[:-5] + ".json"))
+    for cc in (90, 80):
+        backend = CUDABackend(GPUTarget("cuda", cc, 32))
+        opts = backend.parse_options(launch)
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        backend.load_dialects(ctx)
+        src = ir.parse_mlir_module(path, ctx)
+        src.context = ctx
+        stages, metadata = {}, {}
+        backend.add_stages(stages, opts, Language.TRITON)
+        try:
+            for stage in stages.values():
+                src = stage(src, metadata)
+            print(f"OK   sm_{cc} {os.path.basename(path)}: cubin {len(src)} bytes, shared {metadata.get('shared')} bytes")
+        except Exception as e:  # report every kernel, then fail
+            failed += 1
+            print(f"FAIL sm_{cc} {os.path.basename(path)}: {type(e).__name__}: {str(e).splitlines()[0]}")
+sys.exit(1 if failed else 0)
+'''

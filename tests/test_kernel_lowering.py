@@ -38,6 +38,7 @@ import pytest
 from jax import export
 
 import pallas_kernels.dispatch as dispatch
+from kernel_cases import TRITON_COMPILE_SCRIPT
 from pallas_kernels import FlashBlockSizes, PagedBlockSizes, flash_attention, int8_matmul, paged_attention
 from pallas_kernels._flash_attention_tpu import flash_attention_tpu
 from pallas_kernels._int8_matmul_tpu import int8_matmul_tpu
@@ -174,40 +175,44 @@ PAGED_SHAPES = [  # (rows, N, K, H, page size, pages per row): decode batches at
 ]
 
 
+def _paged_args(shape, pages: str) -> tuple:
+    """(q, k_pages, v_pages, page_tables, lengths, [k_scale, v_scale]) structs for a decode batch."""
+    b, n, kh, h, page, per_row = shape
+    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8}[pages]
+    pool = (1 + b * per_row, page, kh, h)
+    scales = [S(pool[:3], jnp.float32)] * 2 if pages == "int8" else []
+    q = S((b, n, h), jnp.float32 if pages == "f32" else jnp.bfloat16)
+    return (q, S(pool, dtype), S(pool, dtype), S((b, per_row), jnp.int32), S((b,), jnp.int32), *scales)
+
+
+def _paged_fn(kernel):
+    def fn(q, kp, vp, tables, lengths, *sc):
+        kw = dict(k_scale=sc[0], v_scale=sc[1]) if sc else {}
+        return kernel(q, kp, vp, tables, lengths, **kw)
+
+    return fn
+
+
+def _paged_pallas(q, kp, vp, tables, lengths, **kw):
+    return paged_attention(q, kp, vp, tables, lengths, implementation="pallas", **kw)
+
+
+def _paged_tpu(q, kp, vp, tables, lengths, **kw):
+    rows = dict(segment_ids=jnp.arange(q.shape[0], dtype=jnp.int32), positions=lengths - 1)
+    return paged_attention_tpu(q, kp, vp, tables, lengths, **rows, **kw)
+
+
 @pytest.mark.parametrize("shape", PAGED_SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("pages", ["bf16", "f32", "int8"])
 def test_paged_attention_lowers_to_triton(monkeypatch, shape, pages):
-    b, n, kh, h, page, per_row = shape
-    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8}[pages]
-    q_dtype = jnp.float32 if pages == "f32" else jnp.bfloat16
-    pool = (1 + b * per_row, page, kh, h)
-    scales = [S(pool[:3], jnp.float32)] * 2 if pages == "int8" else []
-
-    def fn(q, kp, vp, tables, lengths, *sc):
-        kw = dict(k_scale=sc[0], v_scale=sc[1]) if sc else {}
-        return paged_attention(q, kp, vp, tables, lengths, implementation="pallas", **kw)
-
-    lowered = lower_for_cuda(monkeypatch, fn, S((b, n, h), q_dtype), S(pool, dtype), S(pool, dtype),
-                             S((b, per_row), jnp.int32), S((b,), jnp.int32), *scales)
+    lowered = lower_for_cuda(monkeypatch, _paged_fn(_paged_pallas), *_paged_args(shape, pages))
     assert_one_triton_kernel(lowered, "paged_attention")
 
 
 @pytest.mark.parametrize("shape", PAGED_SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("pages", ["bf16", "f32", "int8"])
 def test_paged_attention_lowers_to_mosaic_tpu(shape, pages):
-    b, n, kh, h, page, per_row = shape
-    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8}[pages]
-    q_dtype = jnp.float32 if pages == "f32" else jnp.bfloat16
-    pool = (1 + b * per_row, page, kh, h)
-    scales = [S(pool[:3], jnp.float32)] * 2 if pages == "int8" else []
-
-    def fn(q, kp, vp, tables, lengths, *sc):
-        kw = dict(k_scale=sc[0], v_scale=sc[1]) if sc else {}
-        return paged_attention_tpu(q, kp, vp, tables, lengths, segment_ids=jnp.arange(b, dtype=jnp.int32),
-                                   positions=lengths - 1, **kw)
-
-    text = lower_for_tpu(fn, S((b, n, h), q_dtype), S(pool, dtype), S(pool, dtype), S((b, per_row), jnp.int32),
-                         S((b,), jnp.int32), *scales)
+    text = lower_for_tpu(_paged_fn(_paged_tpu), *_paged_args(shape, pages))
     assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
     assert "paged_attention_tpu" in text
 
@@ -343,3 +348,55 @@ def test_sparse_matmul_on_tpu_uses_the_reference_or_says_why(monkeypatch):
     assert "tpu_custom_call" not in text
     with pytest.raises(ValueError, match="sparse_matmul has no TPU kernel"):
         lower_for_tpu(lambda x, p: sparse_matmul(x, p, implementation="pallas"), *args)
+
+
+# --- beyond lowering: Triton IR -> PTX -> cubin without a GPU (a manual check) -------------
+#
+#     python tests/test_kernel_lowering.py DIR
+#
+# writes the Triton IR of every kernel at the shapes above (DIR/<case>.ttir, the launch
+# parameters in DIR/<case>.json) and DIR/compile_ttir.py, which compiles each with OpenAI
+# Triton's own pipeline (ttir -> ttgir -> llir -> ptx -> cubin, ptxas included in the wheel)
+# for sm_90 and sm_80. Triton is not a project dependency: run that script in any Python
+# with ``pip install triton`` (its MLIR is kept out of the jax process on purpose).
+
+def _cuda_cases():
+    """(name, fn, args) of every kernel case lowered for CUDA above."""
+    for t, n, k, h, dtype in FLASH_SHAPES:
+        yield f"flash_T{t}_N{n}_K{k}_H{h}_{jnp.dtype(dtype).name}", _flash(True), packed_causal_args(t, n, k, h, dtype)
+    for shape in PAGED_SHAPES:
+        for pages in ("bf16", "f32", "int8"):
+            yield f"paged_{'_'.join(map(str, shape))}_{pages}", _paged_fn(_paged_pallas), _paged_args(shape, pages)
+    for m, k, n in MATMUL_SHAPES:
+        args = (S((m, k), jnp.bfloat16), S((k, n), jnp.int8), S((n,), jnp.float32))
+        yield f"int8_{m}x{k}x{n}", (lambda x, w, s: int8_matmul(x, w, s, implementation="pallas")), args
+        yield (f"sparse_{m}x{k}x{n}", (lambda x, p: sparse_matmul(x, p, implementation="pallas")),
+               (S((m, k), jnp.bfloat16), _packed_struct(k, n, 0.8)))
+
+
+def dump_triton_ir(out_dir: str) -> None:
+    import json
+    import pathlib
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, fn, args in _cuda_cases():
+            lowered = lower_for_cuda(monkeypatch, fn, *args)
+            [ir] = lowered.triton_ir
+            text = lowered.module or ""
+            launch = {key: int(v) for key in ("num_warps", "num_stages")
+                      for v in re.findall(rf"{key} = (\d+) : i32", text)[:1]}
+            (out / f"{name}.ttir").write_text(ir)
+            (out / f"{name}.json").write_text(json.dumps(launch))
+            print(name, launch)
+    (out / "compile_ttir.py").write_text(TRITON_COMPILE_SCRIPT)
+    print(f"now: python {out / 'compile_ttir.py'}  (in a Python with `pip install triton`)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python tests/test_kernel_lowering.py OUT_DIR")
+    dump_triton_ir(sys.argv[1])
