@@ -10,10 +10,10 @@ Impossible layouts are ValueErrors that say why.
 
 Pipeline (``Engine(pp=N)``, the non-blocking schedule of ``parallel/pipeline.py``): 8
 prompts of different lengths arrive at different steps (more than ``max_num_seqs``, so
-groups refill) and go through ``add_request`` / ``step``, ``generate`` and
-``AsyncEngine.submit``; the greedy tokens equal the single-device engine's, every page
-is back in the pool after, and the runner's counters show ``pp`` micro-batches in flight
-at once. A request aborted while its micro-batch is in the pipeline finishes at once
+groups refill) and go through ``add_request`` / ``step``; three of them also through
+``generate``, ``stream`` and ``AsyncEngine.submit``. The greedy tokens equal the
+single-device engine's, every page is back in the pool after, and the runner's counters
+show ``pp`` micro-batches in flight at once. A request aborted while its micro-batch is in the pipeline finishes at once
 and the others are untouched. The slow run adds pp=4 and a page pool small enough to
 force preemptions (which must never touch a request in flight).
 """
@@ -82,6 +82,7 @@ def test_engine_pipeline_keeps_pp_micro_batches_in_flight(group):
             assert case["generate"]["tokens"] == [base[f"r{i}"] for i in range(3)], case
             assert case["generate"]["max_in_flight"] == pp, case
             assert case["submit"] == [base[f"r{i}"] for i in range(3)], case
+            assert case["stream"] == base["r2"], case
         if "abort" in case:
             ab = case["abort"]
             assert ab["delta"] == {"finished": True, "finish_reason": "abort"}, ab
@@ -242,6 +243,7 @@ def _child_pipeline(group: str) -> dict:
             got["generate"] = {"tokens": [list(map(int, o.token_ids)) for o in outs],
                                "max_in_flight": engine.runner.stats.max_in_flight}
             got["submit"] = _submit_all(engine, prompts)
+            got["stream"] = [int(x) for d in engine.stream(prompts[2], params) for x in d.token_ids]
             if case == dict(pp=2):
                 ab = _staggered(engine, abort_at=4)
                 got["abort"] = {**ab.pop("abort"), "tokens": ab["tokens"], "pages_used": engine.scheduler.pages_used}

@@ -224,7 +224,10 @@ class PipelineStepLoop(StepLoop):
         return bool(self._deferred) or in_flight
 
     def step(self, live: Collection[str]) -> list[StreamDelta]:
-        """Plan a micro-batch for stage 0 (if any request is idle), tick, collect what leaves."""
+        """Plan a micro-batch for stage 0 (if any request is idle), tick, collect what leaves.
+
+        A micro-batch is one call per stage: no prefill/decode split (``step_split.py``)
+        and no planning ahead; the ``pp`` micro-batches in flight are the overlap."""
         out: list[StreamDelta] = []
         plan = self.scheduler.schedule_micro_batch(self.pp) if self.scheduler.has_work() else None
         if plan is None and self.runner.empty:
