@@ -5,12 +5,13 @@ The story of one call:
 1. The wrapper pads the packed token axis to whole blocks (padding tokens get segment
    -1, so they match nothing) and the head dim to a power of two (Triton tiles).
 2. ``block_schedule`` summarises each query block and each KV block by the range of its
-   segment ids and positions, and marks the (query block, KV block) pairs that can hold
-   a visible pair of tokens. For each query block it also gives the first and one past
-   the last such KV block. All of this is a few small integer arrays computed in jnp.
-3. The kernel runs one program per (query head, query block). It loops only over
-   ``[lo, hi)`` of its query block and, inside that, skips blocks not marked as needed
-   (``lax.cond``), so fully masked KV blocks are neither loaded nor multiplied.
+   segment ids and positions, marks the (query block, KV block) pairs that can hold a
+   visible pair of tokens, and compacts each query block's row of marks into the list of
+   its needed KV blocks, ascending, with their count. All of this is a few small integer
+   arrays computed in jnp.
+3. The kernel runs one program per (query head, query block) and loops over its list only,
+   so fully masked KV blocks are neither loaded nor multiplied, and the loop body has no
+   branch (a branch around the loads would keep Triton from pipelining them).
 4. Each visited block updates a running max ``m``, running sum ``l`` and an unnormalised
    accumulator; the output is divided by ``l`` once at the end (FA2). Rows that saw no
    visible key (padding, segment -1) write zeros.
@@ -51,8 +52,11 @@ def block_schedule(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Which KV blocks each query block must visit.
 
-    Returns ``needed [nq, nk]`` (bool), ``lo [nq]`` and ``hi [nq]`` (int32). A pair is
-    skipped only when no query/key pair in it can be visible: no valid token on either
+    Returns ``needed [nq, nk]`` (bool), ``kv_blocks [nq, nk]`` and ``counts [nq]`` (int32):
+    row ``i`` of ``kv_blocks`` lists the needed KV blocks of query block ``i`` in ascending
+    order in its first ``counts[i]`` entries, then repeats the last of them (0 when there is
+    none), so that a pipeline prefetching one entry ahead never asks for a new block. A pair
+    is skipped only when no query/key pair in it can be visible: no valid token on either
     side, disjoint segment ranges, or (causal) every key position after every query
     position. The test is conservative, so skipping never changes the result.
     """
@@ -70,14 +74,16 @@ def block_schedule(
         q_pmax = jnp.max(jnp.where(qv, qp, -_BIG), axis=1)
         k_pmin = jnp.min(jnp.where(kv, kp, _BIG), axis=1)
         needed &= k_pmin[None, :] <= q_pmax[:, None]
-    any_needed = jnp.any(needed, axis=1)
-    lo = jnp.where(any_needed, jnp.argmax(needed, axis=1), 0).astype(jnp.int32)
-    hi = jnp.where(any_needed, nk - jnp.argmax(needed[:, ::-1], axis=1), 0).astype(jnp.int32)
-    return needed, lo, hi
+    counts = jnp.sum(needed, axis=1).astype(jnp.int32)
+    # Stable sort of "not needed" puts the needed blocks first, in ascending order.
+    order = jnp.argsort(~needed, axis=1, stable=True).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[:, None], axis=1)
+    kv_blocks = jnp.where(jnp.arange(nk)[None, :] < counts[:, None], order, jnp.where(counts[:, None] > 0, last, 0))
+    return needed, kv_blocks, counts
 
 
 def _flash_kernel(
-    lo_ref, hi_ref, needed_ref,  # [nq], [nq], [nq * nk] int32: the block schedule
+    counts_ref, kv_blocks_ref,  # [nq], [nq * nk] int32: the block schedule
     q_seg_ref, q_pos_ref,  # [bq]
     kv_seg_ref, kv_pos_ref,  # [Cp]
     q_ref,  # [bq, Hp]
@@ -117,15 +123,15 @@ def _flash_kernel(
         )
         return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
 
-    def body(j, carry):
-        return jax.lax.cond(needed_ref[i * num_kv_blocks + j] != 0, visit, lambda _, c: c, j, carry)
+    def body(jj, carry):
+        return visit(kv_blocks_ref[i * num_kv_blocks + jj], carry)
 
     init = (
         jnp.zeros((block_q, head_dim), jnp.float32),
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, _, l = jax.lax.fori_loop(lo_ref[i], hi_ref[i], body, init)
+    acc, _, l = jax.lax.fori_loop(0, counts_ref[i], body, init)
     # FA2: normalise once, after the last block. No visible key (padding) -> zeros.
     out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -168,7 +174,8 @@ def flash_attention_pallas(
     q_pos = jnp.pad(positions.astype(jnp.int32), (0, tp - t))
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), (0, cp - c), constant_values=-1)
     kv_pos = jnp.pad(kv_pos.astype(jnp.int32), (0, cp - c))
-    needed, lo, hi = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k, causal=causal)
+    _, kv_blocks, counts = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k,
+                                          causal=causal)
 
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
@@ -179,7 +186,7 @@ def flash_attention_pallas(
         kernel,
         grid=(n, nq),
         in_specs=[
-            whole(nq), whole(nq), whole(nq * nk),
+            whole(nq), whole(nq * nk),
             pl.BlockSpec((block_q,), lambda hd, i: (i,)),
             pl.BlockSpec((block_q,), lambda hd, i: (i,)),
             whole(cp), whole(cp),
@@ -192,5 +199,5 @@ def flash_attention_pallas(
         interpret=interpret,
         compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4 if hp <= 64 else 8, num_stages=2),
         name="flash_attention_packed",
-    )(lo, hi, needed.reshape(-1).astype(jnp.int32), q_seg, q_pos, kv_seg, kv_pos, q_p, k_p, v_p)
+    )(counts, kv_blocks.reshape(-1), q_seg, q_pos, kv_seg, kv_pos, q_p, k_p, v_p)
     return out[:t, :, :h]

@@ -7,10 +7,11 @@ Differences from the GPU kernel, and why:
   pipelines the K/V block DMAs across grid steps. The running max, sum and accumulator
   live in VMEM scratch; the output block stays resident over the KV axis and is written
   at its last step.
-- The block schedule (``lo``, ``hi``, ``needed`` from ``block_schedule``) is scalar-prefetched
-  into SMEM. The K/V index maps clamp ``j`` into ``[lo, hi)``, so steps outside the range ask
-  for the same block as their neighbour and no DMA is issued; inside the range, blocks not
-  needed are fetched but not computed (``pl.when``).
+- The block schedule (each query block's list of needed KV blocks and its length, from
+  ``block_schedule``) is scalar-prefetched into SMEM. KV step ``j`` of query block ``i``
+  visits the ``j``-th needed block; steps past the list's end repeat its last block (an
+  unchanged block index issues no DMA) and compute nothing (``pl.when``), so fully masked
+  blocks are neither fetched nor multiplied.
 - Heads lead (``q [N, T, H]``, ``k, v [K, C, H]``) so every block is a ``[tokens, H]`` tile;
   segment ids and positions of queries are ``[T, 1]`` columns and of keys ``[1, C]`` rows so
   that the mask is a broadcast with no transpose.
@@ -37,7 +38,7 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _tpu_kernel(
-    lo_ref, hi_ref, needed_ref,  # SMEM [nq], [nq], [nq * nk]
+    counts_ref, kv_blocks_ref,  # SMEM [nq], [nq * nk]
     q_seg_ref, q_pos_ref,  # [bq, 1]
     kv_seg_ref, kv_pos_ref,  # [1, bk]
     q_ref,  # [bq, H]
@@ -58,9 +59,7 @@ def _tpu_kernel(
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    visit = (j >= lo_ref[i]) & (j < hi_ref[i]) & (needed_ref[i * num_kv_blocks + j] != 0)
-
-    @pl.when(visit)
+    @pl.when(j < counts_ref[i])
     def _compute():
         q_seg = q_seg_ref[...]  # [bq, 1]
         mask = (q_seg == kv_seg_ref[...]) & (q_seg >= 0)  # [bq, bk]
@@ -125,20 +124,20 @@ def flash_attention_tpu(
     q_pos = jnp.pad(positions.astype(jnp.int32), (0, tp - t))
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), (0, cp - c), constant_values=-1)
     kv_pos = jnp.pad(kv_pos.astype(jnp.int32), (0, cp - c))
-    needed, lo, hi = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k, causal=causal)
+    _, kv_blocks, counts = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k,
+                                          causal=causal)
 
-    def kv_block(hd, i, j, lo_ref, hi_ref, needed_ref):
-        # Outside [lo, hi) repeat the nearest in-range block: an unchanged index issues no DMA.
-        jj = jnp.minimum(jnp.maximum(j, lo_ref[i]), jnp.maximum(hi_ref[i] - 1, lo_ref[i]))
-        return hd // group, jj, 0
+    def kv_block(hd, i, j, counts_ref, kv_blocks_ref):
+        # Past the list's end kv_blocks repeats its last entry: an unchanged index issues no DMA.
+        return hd // group, kv_blocks_ref[i * nk + j], 0
 
-    def kv_meta(hd, i, j, lo_ref, hi_ref, needed_ref):
-        return 0, kv_block(hd, i, j, lo_ref, hi_ref, needed_ref)[1]
+    def kv_meta(hd, i, j, counts_ref, kv_blocks_ref):
+        return 0, kv_blocks_ref[i * nk + j]
 
     q_map = lambda hd, i, j, *_: (hd, i, 0)  # noqa: E731
     q_meta = lambda hd, i, j, *_: (i, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=2,
         grid=(n, nq, nk),
         in_specs=[
             pl.BlockSpec((block_q, 1), q_meta),
@@ -164,7 +163,7 @@ def flash_attention_tpu(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         name="flash_attention_packed_tpu",
     )(
-        lo, hi, needed.reshape(-1).astype(jnp.int32),
+        counts, kv_blocks.reshape(-1),
         q_seg[:, None], q_pos[:, None], kv_seg[None, :], kv_pos[None, :], q_t, k_t, v_t,
     )
     return out.transpose(1, 0, 2)[:t]

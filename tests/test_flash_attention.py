@@ -99,14 +99,35 @@ def test_masked_kv_blocks_are_skipped():
 def test_block_schedule_skips_above_the_causal_diagonal():
     seg = jnp.zeros(64, jnp.int32)
     pos = jnp.arange(64, dtype=jnp.int32)
-    needed, lo, hi = block_schedule(seg, pos, seg, pos, block_q=16, block_k=16, causal=True)
+    needed, kv_blocks, counts = block_schedule(seg, pos, seg, pos, block_q=16, block_k=16, causal=True)
     np.testing.assert_array_equal(np.asarray(needed), np.tril(np.ones((4, 4), bool)))
-    np.testing.assert_array_equal(np.asarray(lo), [0, 0, 0, 0])
-    np.testing.assert_array_equal(np.asarray(hi), [1, 2, 3, 4])
+    np.testing.assert_array_equal(np.asarray(counts), [1, 2, 3, 4])
+    # Needed blocks first, ascending; then the last one repeated (no new DMA when prefetched).
+    np.testing.assert_array_equal(np.asarray(kv_blocks), [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 2, 2], [0, 1, 2, 3]])
     # Two segments, no causality: the off-diagonal blocks are skipped too.
     seg2 = jnp.repeat(jnp.arange(2, dtype=jnp.int32), 32)
-    needed, _, _ = block_schedule(seg2, pos, seg2, pos, block_q=16, block_k=16, causal=False)
+    needed, kv_blocks, counts = block_schedule(seg2, pos, seg2, pos, block_q=16, block_k=16, causal=False)
     np.testing.assert_array_equal(np.asarray(needed), np.kron(np.eye(2, dtype=bool), np.ones((2, 2), bool)))
+    np.testing.assert_array_equal(np.asarray(counts), [2, 2, 2, 2])
+    np.testing.assert_array_equal(np.asarray(kv_blocks), [[0, 1, 1, 1], [0, 1, 1, 1], [2, 3, 3, 3], [2, 3, 3, 3]])
+
+
+def test_block_schedule_lists_match_the_marks():
+    """On random packed batches, each query block's list is exactly its marked blocks, ascending."""
+    from kernel_cases import packed_batch
+
+    rng = np.random.default_rng(5)
+    for segments, causal in ((1, True), (3, True), (4, False)):
+        seg, pos = packed_batch(rng, 128, segments, padding=21)
+        needed, kv_blocks, counts = (np.asarray(a) for a in block_schedule(
+            jnp.asarray(seg), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos), block_q=16, block_k=8,
+            causal=causal))
+        for i in range(needed.shape[0]):
+            want = np.flatnonzero(needed[i])
+            assert counts[i] == len(want)
+            np.testing.assert_array_equal(kv_blocks[i, : counts[i]], want)
+            assert np.all(kv_blocks[i, counts[i]:] == (want[-1] if len(want) else 0))
+        assert not needed[-1].any()  # the last 16 rows are padding only: nothing to visit
 
 
 def test_env_var_forces_the_kernel(monkeypatch):
