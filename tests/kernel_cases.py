@@ -102,9 +102,12 @@ for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file
         stages, metadata = {}, {}
         backend.add_stages(stages, opts, Language.TRITON)
         try:
-            for stage in stages.values():
+            for name, stage in stages.items():
                 src = stage(src, metadata)
-            print(f"OK   sm_{cc} {os.path.basename(path)}: cubin {len(src)} bytes, shared {metadata.get('shared')} bytes")
+                if name == "ttgir":  # software pipelining shows as async global->shared copies
+                    copies = str(src).count("async_copy_global_to_local")
+            print(f"OK   sm_{cc} {os.path.basename(path)}: cubin {len(src)} bytes, shared {metadata.get('shared')} "
+                  f"bytes, {copies} pipelined (async) loads")
         except Exception as e:  # report every kernel, then fail
             failed += 1
             print(f"FAIL sm_{cc} {os.path.basename(path)}: {type(e).__name__}: {str(e).splitlines()[0]}")
