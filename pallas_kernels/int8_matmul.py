@@ -6,10 +6,11 @@ float32; returns ``[..., N]`` in ``x.dtype``. Weights are quantised by
 
 The Pallas kernel here (generic ``pl.pallas_call``: Triton lowering on GPU, interpret mode
 on CPU; the TPU variant is ``_int8_matmul_tpu``) runs one program per ``block_m x block_n``
-output tile and walks K in ``block_k`` steps: it loads an int8 weight tile (half the bytes
-of bfloat16, a quarter of float32), widens it to ``x.dtype`` on chip (int8 values are exact
-in bfloat16), accumulates in float32, and applies the scales once at the end (they factor
-out of the K sum). At batch 1 the matmul is bound by weight bytes, which is where int8 pays.
+output tile and K range (split-K, when there are too few tiles to keep every SM busy) and
+walks its K range in ``block_k`` steps: it loads an int8 weight tile (half the bytes of
+bfloat16, a quarter of float32), widens it to ``x.dtype`` on chip (int8 values are exact in
+bfloat16), accumulates in float32, and applies the scales at the end (they factor out of
+every K sum). At batch 1 the matmul is bound by weight bytes, which is where int8 pays.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.block_sizes import MatmulBlockSizes
+from pallas_kernels.block_sizes import MatmulBlockSizes, split_k
 from pallas_kernels.dispatch import backend, gpu_compiler_params, resolve_implementation, use_interpret
 
 
@@ -86,10 +87,11 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, precision):
-    # x_ref [bm, Kp], w_ref [Kp, bn] int8, s_ref [bn] f32, o_ref [bm, bn]
+def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, k_per_split: int, precision):
+    # x_ref [bm, Kp], w_ref [Kp, bn] int8, s_ref [bn] f32, o_ref [bm, bn]: this split's partial sum
     block_m, block_n = o_ref.shape
     num_k = x_ref.shape[1] // block_k
+    start = pl.program_id(2) * k_per_split
 
     def body(kk, acc):
         ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
@@ -99,8 +101,9 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int, precision):
             x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
         )
 
-    acc = jax.lax.fori_loop(0, num_k, body, jnp.zeros((block_m, block_n), jnp.float32))
-    o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)
+    end = jnp.minimum(start + k_per_split, num_k)
+    acc = jax.lax.fori_loop(start, end, body, jnp.zeros((block_m, block_n), jnp.float32))
+    o_ref[...] = (acc * s_ref[...][None, :]).astype(o_ref.dtype)  # scales factor out of every K range
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
@@ -118,6 +121,9 @@ def int8_matmul_pallas(
     bm = bs.block_m
     bn, bk = fit_block(n, bs.block_n), fit_block(k, bs.block_k)
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
+    on_gpu = gpu_compiler_params(interpret=interpret) is not None
+    splits, k_per_split = split_k(bs.num_splits, programs=(mp // bm) * (np_ // bn), num_k_blocks=kp // bk,
+                                  on_gpu=on_gpu)
     x_p = jnp.pad(x, ((0, mp - m), (0, kp - k)))
     # Padding the weight costs a copy per call; pick block sizes that divide K and N
     # (fit_block does) so that real model shapes never take this branch.
@@ -125,17 +131,18 @@ def int8_matmul_pallas(
     s_p = jnp.pad(scales.astype(jnp.float32), (0, np_ - n))
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     out = pl.pallas_call(
-        functools.partial(_int8_kernel, block_k=bk, precision=precision),
-        grid=(mp // bm, np_ // bn),
+        functools.partial(_int8_kernel, block_k=bk, k_per_split=k_per_split, precision=precision),
+        grid=(mp // bm, np_ // bn, splits),
         in_specs=[
-            pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((bn,), lambda i, j: (j,)),
+            pl.BlockSpec((bm, kp), lambda i, j, s: (i, 0)),
+            pl.BlockSpec((kp, bn), lambda i, j, s: (0, j)),
+            pl.BlockSpec((bn,), lambda i, j, s: (j,)),
         ],
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, np_), x.dtype),
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+        # One split writes x.dtype directly; several write float32 partials, summed here.
+        out_shape=jax.ShapeDtypeStruct((splits, mp, np_), x.dtype if splits == 1 else jnp.float32),
         interpret=interpret,
         compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=3),
         name="int8_matmul",
     )(x_p, w_p, s_p)
-    return out[:m, :n]
+    return jnp.sum(out, axis=0).astype(x.dtype)[:m, :n]

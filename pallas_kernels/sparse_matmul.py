@@ -16,10 +16,11 @@ At 80 % sparsity in bfloat16 this is ``1/16 + 0.2`` of the dense bytes per eleme
 
 The kernel (generic ``pl.pallas_call``; everything it does - gather loads, shifts, two
 cumsums, ``where``, ``dot`` - has a Triton lowering) runs one program per
-``block_m x tile_n`` output tile. For each K tile it loads the tile's bitmap words and
-values (sparse bytes only), expands them to a dense ``[tile_k, tile_n]`` tile on chip
-(each set bit's value index is its rank among the set bits: a row cumsum plus the
-row-start offsets), and multiplies that dense tile with the activation tile.
+``block_m x tile_n`` output tile and K range (split-K when there are few output tiles).
+For each K tile it loads the tile's bitmap words and values (sparse bytes only), expands
+them to a dense ``[tile_k, tile_n]`` tile on chip (each set bit's value index is its rank
+among the set bits: a row cumsum plus the row-start offsets), and multiplies that dense
+tile with the activation tile.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from pallas_kernels.dispatch import (
     resolve_implementation,
     use_interpret,
 )
+from pallas_kernels.block_sizes import split_k
 from pallas_kernels.int8_matmul import _round_up
 
 
@@ -135,8 +137,16 @@ def sparse_matmul(
     implementation: str = "auto",
     interpret: bool = False,
     block_m: int = 16,
+    num_splits: int | None = None,
 ) -> jax.Array:
-    """``x [..., K] @ W [K, N] -> [..., N]`` in ``x.dtype``, ``W`` given packed."""
+    """``x [..., K] @ W [K, N] -> [..., N]`` in ``x.dtype``, ``W`` given packed.
+
+    ``block_m``: activation rows per program. ``num_splits``: K ranges reduced afterwards
+    (split-K; ``None`` picks enough for ``SPLIT_K_TARGET_PROGRAMS`` on a GPU, see
+    ``block_sizes.split_k``).
+    """
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{num_splits=} must be >= 1 (or None for the heuristic)")
     if x.shape[-1] != packed_w.shape[0]:
         raise ValueError(f"shapes do not chain: {x.shape=}, packed_w.shape={packed_w.shape}")
     if resolve_implementation(implementation, interpret=interpret, backends=GPU_ONLY) == "pallas":
@@ -148,7 +158,8 @@ def sparse_matmul(
             )
         lead = x.shape[:-1]
         y = sparse_matmul_pallas(
-            x.reshape(-1, x.shape[-1]), packed_w, interpret=use_interpret(interpret), block_m=block_m
+            x.reshape(-1, x.shape[-1]), packed_w, interpret=use_interpret(interpret), block_m=block_m,
+            num_splits=num_splits,
         )
         return y.reshape(*lead, packed_w.shape[1])
     return sparse_matmul_reference(x, packed_w)
@@ -161,9 +172,11 @@ def sparse_matmul_reference(x: jax.Array, packed_w: PackedSparse) -> jax.Array:
     return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
 
 
-def _sparse_kernel(offsets_ref, bitmap_ref, values_ref, x_ref, o_ref, *, num_k_tiles: int, tile_k: int, precision):
-    # x_ref [bm, Kp], o_ref [bm, tn]; bitmap/values/offsets: the whole packed arrays.
-    nt = pl.program_id(1)
+def _sparse_kernel(
+    offsets_ref, bitmap_ref, values_ref, x_ref, o_ref, *, num_k_tiles: int, k_per_split: int, tile_k: int, precision
+):
+    # x_ref [bm, Kp], o_ref [bm, tn]: this K range's partial sum; bitmap/values/offsets: the whole packed arrays.
+    nt, start = pl.program_id(1), pl.program_id(2) * k_per_split
     block_m, tile_n = o_ref.shape
 
     def body(kt, acc):
@@ -173,31 +186,37 @@ def _sparse_kernel(offsets_ref, bitmap_ref, values_ref, x_ref, o_ref, *, num_k_t
             x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
         )
 
-    acc = jax.lax.fori_loop(0, num_k_tiles, body, jnp.zeros((block_m, tile_n), jnp.float32))
+    end = jnp.minimum(start + k_per_split, num_k_tiles)
+    acc = jax.lax.fori_loop(start, end, body, jnp.zeros((block_m, tile_n), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_m"))
-def sparse_matmul_pallas(x: jax.Array, packed: PackedSparse, *, interpret: bool = False, block_m: int = 16) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("interpret", "block_m", "num_splits"))
+def sparse_matmul_pallas(
+    x: jax.Array, packed: PackedSparse, *, interpret: bool = False, block_m: int = 16, num_splits: int | None = None
+) -> jax.Array:
     m, k = x.shape
     kt, nt = packed.grid
     tk, tn = packed.tile_k, packed.tile_n
     mp = _round_up(m, block_m)
+    on_gpu = gpu_compiler_params(interpret=interpret) is not None
+    splits, k_per_split = split_k(num_splits, programs=(mp // block_m) * nt, num_k_blocks=kt, on_gpu=on_gpu)
     x_p = jnp.pad(x, ((0, mp - m), (0, kt * tk - k)))
     values = packed.values if packed.values.size else jnp.zeros((1,), packed.values.dtype)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,))  # noqa: E731
+    whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s: (0,))  # noqa: E731
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     out = pl.pallas_call(
-        functools.partial(_sparse_kernel, num_k_tiles=kt, tile_k=tk, precision=precision),
-        grid=(mp // block_m, nt),
+        functools.partial(_sparse_kernel, num_k_tiles=kt, k_per_split=k_per_split, tile_k=tk, precision=precision),
+        grid=(mp // block_m, nt, splits),
         in_specs=[
             whole(packed.tile_offsets), whole(packed.bitmap), whole(values),
-            pl.BlockSpec((block_m, kt * tk), lambda i, j: (i, 0)),
+            pl.BlockSpec((block_m, kt * tk), lambda i, j, s: (i, 0)),
         ],
-        out_specs=pl.BlockSpec((block_m, tn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((mp, nt * tn), x.dtype),
+        out_specs=pl.BlockSpec((None, block_m, tn), lambda i, j, s: (s, i, j)),
+        # One split writes x.dtype directly; several write float32 partials, summed here.
+        out_shape=jax.ShapeDtypeStruct((splits, mp, nt * tn), x.dtype if splits == 1 else jnp.float32),
         interpret=interpret,
         compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=2),
         name="sparse_matmul",
     )(packed.tile_offsets, packed.bitmap, values, x_p)
-    return out[:m, : packed.shape[1]]
+    return jnp.sum(out, axis=0).astype(x.dtype)[:m, : packed.shape[1]]

@@ -14,6 +14,7 @@ FACTORS = {
     "kn": ((64, 64), (100, 72), (48, 130)),
     "sparsity": (0.5, 0.8, 0.95),
     "dtype": (jnp.float32, jnp.bfloat16),
+    "splits": (None, 2),  # split-K: heuristic (1 in interpret mode), uneven K ranges
 }
 
 
@@ -30,7 +31,8 @@ def test_matches_dense(case):
     w = _pruned(rng, k, n, case["sparsity"], dtype)
     packed = pack_sparse(w, tile_k=16, tile_n=32)
     x = randn(rng, (case["m"], k), dtype)
-    out = sparse_matmul(x, packed, implementation="pallas", interpret=INTERPRET, block_m=MIN_ROWS)
+    out = sparse_matmul(x, packed, implementation="pallas", interpret=INTERPRET, block_m=MIN_ROWS,
+                        num_splits=case["splits"])
     dense = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
     assert out.shape == (case["m"], n) and out.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))  # interpret mode starts outputs as NaN
@@ -63,7 +65,9 @@ def test_empty_and_full_tiles():
         np.testing.assert_allclose(np.asarray(out), np.asarray(x) @ weight, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_tile_names_the_field():
+def test_bad_arguments_name_the_field():
     with pytest.raises(ValueError, match="tile_n=24"):
         pack_sparse(jnp.ones((4, 4)), tile_n=24)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        sparse_matmul(jnp.ones((1, 4)), pack_sparse(jnp.ones((4, 4))), num_splits=0)
 
