@@ -124,11 +124,10 @@ def paged_attention_pallas(
     max_pages = page_tables.shape[1]
     group = n // kh
     bs = block_sizes or PagedBlockSizes()
+    on_gpu = gpu_compiler_params(interpret=interpret) is not None
     # tl.dot needs >= 16 rows: on a GPU the group's query heads are padded up to 16.
-    min_rows = 16 if gpu_compiler_params(interpret=interpret) is not None else bs.min_group_rows
-    rows = max(pl.next_power_of_2(group), bs.min_group_rows, min_rows)
-    num_splits = min(bs.num_splits, max_pages)
-    pages_per_split = -(-max_pages // num_splits)
+    rows = max(pl.next_power_of_2(group), bs.min_group_rows, 16 if on_gpu else 1)
+    num_splits, pages_per_split = bs.splits(programs=t * kh, num_pages=max_pages, on_gpu=on_gpu)
     scale = h**-0.5 if sm_scale is None else sm_scale
     quantized = k_scale is not None
 

@@ -126,8 +126,7 @@ def paged_attention_tpu(
     max_pages = page_tables.shape[1]
     group = n // kh
     bs = block_sizes or PagedBlockSizes()
-    num_splits = min(bs.num_splits, max_pages)
-    pages_per_split = -(-max_pages // num_splits)
+    num_splits, pages_per_split = bs.splits(programs=t, num_pages=max_pages, on_gpu=False)
     scale = h**-0.5 if sm_scale is None else sm_scale
     quantized = k_scale is not None
     width = page_size * kh  # key columns of one page

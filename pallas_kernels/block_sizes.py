@@ -31,18 +31,25 @@ class FlashBlockSizes:
 @dataclasses.dataclass(frozen=True)
 class PagedBlockSizes:
     """``num_splits``: context blocks processed in parallel per (token, KV head) (split-K).
+    ``None``: on a GPU enough splits for ``SPLIT_K_TARGET_PROGRAMS`` programs (a batch-1 decode
+    with 8 KV heads would otherwise run 8 x 4 programs on 132 SMs), elsewhere 4.
 
     ``min_group_rows``: query heads of one KV group are padded to at least this many rows
     (``tl.dot`` needs 16 rows on GPU; 1 keeps interpret mode cheap).
     """
 
-    num_splits: int = 4
+    num_splits: int | None = None
     min_group_rows: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_splits < 1:
-            raise ValueError(f"num_splits={self.num_splits} must be >= 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1 (or None for the default)")
         _check_pow2("min_group_rows", self.min_group_rows)
+
+    def splits(self, *, programs: int, num_pages: int, on_gpu: bool) -> tuple[int, int]:
+        """``(splits, pages_per_split)`` for ``programs`` (token, KV head) pairs and ``num_pages`` per row."""
+        wanted = self.num_splits if self.num_splits is not None or on_gpu else 4
+        return split_k(wanted, programs=programs, num_k_blocks=num_pages, on_gpu=on_gpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +81,16 @@ SPLIT_K_TARGET_PROGRAMS = 264
 
 
 def split_k(num_splits: int | None, *, programs: int, num_k_blocks: int, on_gpu: bool) -> tuple[int, int]:
-    """``(splits, k_blocks_per_split)`` for a grid of ``programs`` output tiles; no split is empty."""
-    if num_splits is None:
-        num_splits = -(-SPLIT_K_TARGET_PROGRAMS // programs) if on_gpu else 1
-    per_split = -(-num_k_blocks // max(1, min(num_splits, num_k_blocks)))
+    """``(splits, k_blocks_per_split)`` for a grid of ``programs`` output tiles; no split is empty.
+
+    An explicit ``num_splits`` is an upper bound; ``None`` on a GPU gives at least enough
+    splits for ``SPLIT_K_TARGET_PROGRAMS`` programs (as far as there are K blocks to split).
+    """
+    if num_splits is None and on_gpu:
+        wanted = min(-(-SPLIT_K_TARGET_PROGRAMS // programs), num_k_blocks)
+        per_split = max(1, num_k_blocks // wanted)
+    else:
+        per_split = -(-num_k_blocks // max(1, min(num_splits or 1, num_k_blocks)))
     return -(-num_k_blocks // per_split), per_split
 
 

@@ -160,6 +160,18 @@ def test_bad_split_count_names_the_field():
         PagedBlockSizes(num_splits=0)
 
 
+def test_default_splits_fill_a_gpu_at_batch_1():
+    """Batch-1 decode, 8 KV heads, 256 pages: 8 programs without split-K; the GPU default splits
+    the context until there are enough programs, never into empty splits; elsewhere 4."""
+    from pallas_kernels.block_sizes import SPLIT_K_TARGET_PROGRAMS
+
+    splits, per = PagedBlockSizes().splits(programs=8, num_pages=256, on_gpu=True)
+    assert 8 * splits >= SPLIT_K_TARGET_PROGRAMS and (splits - 1) * per < 256 <= splits * per
+    assert PagedBlockSizes().splits(programs=8, num_pages=256, on_gpu=False) == (4, 64)
+    assert PagedBlockSizes().splits(programs=8, num_pages=3, on_gpu=True) == (3, 1)
+    assert PagedBlockSizes(num_splits=2).splits(programs=8, num_pages=256, on_gpu=True) == (2, 128)
+
+
 def _greedy_with_cache(model, config, prompts, steps, page_size=4, kv_dtype=jnp.float32):
     """Prefill both prompts into a paged cache (multi-query rows), then decode one token per row."""
     from pallas_kernels import PagedAttentionMetadata, make_kv_pages
