@@ -12,6 +12,15 @@ in the same run, and issue 4's target next to it with whether it was met. A case
 baseline that fails (out of memory, a compile error) prints an ``error`` row with the
 message and the run goes on; the exit status is 1 if any row failed.
 
+A one-shot GPU session (everything that needs the device, in order of value):
+
+    python -m pytest -q tests/test_kernel_lowering.py tests/test_flash_attention.py \
+        tests/test_paged_attention.py tests/test_int8_matmul.py tests/test_sparse_matmul.py
+    python benchmarks/kernels.py | tee kernels_gpu.md
+
+The kernel tests run compiled there (``kernel_cases.INTERPRET`` is False off CPU) and the
+lowering tests compile the Triton IR to PTX with the CUDA plugin (jaxlib > 0.10.2).
+
 ``implementation="auto"`` picks the Pallas kernel on GPU/TPU and the jnp reference (XLA for
 paged attention) on CPU, where interpret mode is far too slow to time; the ``impl`` column
 says which ran, and targets are judged only for rows where the Pallas kernel ran.
@@ -113,10 +122,14 @@ def measure(row: Row, fn: Callable, *args, reps: int) -> Row:
 # --- cases: each yields its rows, baselines first ------------------------------------------
 
 
+def randn(key: int, shape, dtype) -> jax.Array:
+    """Standard normal numbers made on the device (host numpy would take seconds at these sizes)."""
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
 def flash_rows(t: int, n: int, k: int, h: int, dtype, reps: int) -> Iterator[Row]:
-    rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((t, n, h)), dtype)
-    kv = [jnp.asarray(rng.standard_normal((t, k, h)), dtype) for _ in range(2)]
+    q = randn(0, (t, n, h), dtype)
+    kv = [randn(i, (t, k, h), dtype) for i in (1, 2)]
     seg, pos = jnp.zeros(t, jnp.int32), jnp.arange(t, dtype=jnp.int32)
     flops = 4 * t * t * n * h / 2  # causal: half of QK^T and PV
     case = f"flash prefill T={t} N={n} K={k} H={h} {jnp.dtype(dtype).name}"
@@ -139,7 +152,7 @@ def paged_rows(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype, reps:
     rng = np.random.default_rng(0)
     per_row = -(-ctx // page)
     shape = (1 + b * per_row, page, k, h)
-    kp, vp = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+    kp, vp = (randn(i, shape, jnp.float32) for i in (3, 4))
     scales = {}
     if dtype == jnp.int8:
         (kp, ks), (vp, vs) = (quantize_kv(x.reshape(-1, k, h)) for x in (kp, vp))
@@ -149,7 +162,7 @@ def paged_rows(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype, reps:
         kp, vp = kp.astype(dtype), vp.astype(dtype)
     tables = jnp.asarray(1 + rng.permutation(b * per_row).reshape(b, per_row), jnp.int32)
     lengths = jnp.full((b,), ctx, jnp.int32)
-    q = jnp.asarray(rng.standard_normal((b, n, h)), jnp.bfloat16 if dtype == jnp.int8 else dtype)
+    q = randn(5, (b, n, h), jnp.bfloat16 if dtype == jnp.int8 else dtype)
     # Bytes the kernel must read: every row's K and V (and their scales for int8 pages).
     nbytes = 2 * b * ctx * k * (h * jnp.dtype(dtype).itemsize + (4 if scales else 0))
     case = f"paged decode B={b} ctx={ctx} N={n} K={k} H={h} S={page} {jnp.dtype(dtype).name} pages"
