@@ -22,7 +22,9 @@ FACTORS = {
     "head_dim": (64, 128),
     "dtype": (jnp.float32, jnp.bfloat16),
 }
-BLOCKS = FlashBlockSizes(block_q=16, block_k=16)
+# Small blocks so that interpret mode walks many of them; compiled on a TPU, Mosaic needs
+# key blocks of 128 lanes (the lengths here then fit one or two blocks).
+BLOCKS = FlashBlockSizes(block_q=128, block_k=128) if jax.default_backend() == "tpu" else FlashBlockSizes(16, 16)
 NUM_KV_HEADS = 2
 
 
