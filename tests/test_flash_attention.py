@@ -79,14 +79,15 @@ def test_interpret_poisons_outputs():
 def test_masked_kv_blocks_are_skipped():
     """Keys no query can see sit in their own blocks and hold NaN: had they been read, NaN would leak."""
     rng = np.random.default_rng(0)
-    t, c, n, kh, h = 24, 64, 4, 2, 64
+    b = BLOCKS.block_k
+    t, c, n, kh, h = b + b // 2, 4 * b, 4, 2, 64
     q = randn(rng, (t, n, h), jnp.float32)
     k = np.array(randn(rng, (c, kh, h), jnp.float32))
     v = np.array(randn(rng, (c, kh, h), jnp.float32))
     kv_seg = np.full(c, 0, np.int32)
-    kv_seg[16:48] = 7  # a segment no query belongs to: KV blocks 1 and 2 (block_k=16)
-    k[16:48], v[16:48] = np.nan, np.nan
-    kv_pos = np.concatenate([np.arange(16), np.zeros(32, np.int32), np.arange(16, 32)]).astype(np.int32)
+    kv_seg[b:3 * b] = 7  # a segment no query belongs to: KV blocks 1 and 2
+    k[b:3 * b], v[b:3 * b] = np.nan, np.nan
+    kv_pos = np.concatenate([np.arange(b), np.zeros(2 * b, np.int32), np.arange(b, 2 * b)]).astype(np.int32)
     kw = dict(
         segment_ids=jnp.zeros(t, jnp.int32), positions=jnp.arange(t, dtype=jnp.int32), causal=True,
         kv_segment_ids=jnp.asarray(kv_seg), kv_positions=jnp.asarray(kv_pos),
