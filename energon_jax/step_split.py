@@ -6,9 +6,11 @@ step``: every query token gathers its own copy of the context blocks. A step tha
 a long prefill chunk (many tokens, short context) with decode rows (one token each,
 long contexts) then pays the product of the two. Split in two calls, the decode part
 costs ``rows x their contexts`` and the prefill part ``chunk x its context``; the price
-is one more pass over the weights, small next to the saving. The Pallas kernels read
-pages per row, so on GPU/TPU one fused call is better and the engine does not split
-(``Engine(split_prefill_decode=...)`` overrides the choice).
+is one more pass over the weights, small next to the saving. The Pallas kernels give
+each query token its own programs, which read only that token's visible context: a
+mixed step costs the sum of the tokens' contexts, not the product, so on GPU/TPU one
+fused call is better and the engine does not split (``Engine(split_prefill_decode=...)``
+overrides the choice).
 
 Rows stay independent, so each row's tokens are the same either way; the scheduler
 sees one ``SampledTokens`` in the plan's row order, as if the step had been one call.
