@@ -237,25 +237,7 @@ class Scheduler:
         if self._in_flight:
             return self._schedule_ahead(self._in_flight[0])
         budget = self.config.max_num_batched_tokens
-        rows: list[ScheduledRow] = []
-        preempted: list[Request] = []
-
-        i = 0
-        while i < len(self._running) and budget > 0:  # the list shrinks from the tail on preemption
-            req = self._running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._grow_pages(req, req.num_computed_tokens + n):
-                victim = self._running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.PREEMPTED:
-                break  # it was the last running request
-            rows.append(self._row(req, n))
-            budget -= n
-            i += 1
-
+        rows, preempted, budget = self._fill_rows(list(self._running), budget, cap=None)
         if not preempted:
             budget = self._admit(rows, budget)
 
@@ -336,23 +318,7 @@ class Scheduler:
         idle = [req for req in self._running if id(req) not in busy]  # admission order
         cap = -(-min(cfg.max_num_seqs, len(self._running) + len(self._waiting)) // num_groups)
         budget = cfg.max_num_batched_tokens
-        rows: list[ScheduledRow] = []
-        preempted: list[Request] = []
-        i = 0
-        while i < len(idle) and budget > 0 and len(rows) < cap:  # idle shrinks from the tail on preemption
-            req = idle[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self._grow_pages(req, req.num_computed_tokens + n):
-                victim = idle.pop()
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is RequestStatus.PREEMPTED:
-                break  # it was the last idle request
-            rows.append(self._row(req, n))
-            budget -= n
-            i += 1
+        rows, preempted, budget = self._fill_rows(idle, budget, cap=cap)
         if not preempted:
             self._admit(rows, budget, max_rows=cap)
         if not rows:
@@ -399,6 +365,34 @@ class Scheduler:
             return False
         req.pages.extend(self.allocator.allocate(need))
         return True
+
+    def _fill_rows(
+        self, candidates: list[Request], budget: int, *, cap: int | None
+    ) -> tuple[list[ScheduledRow], list[Request], int]:
+        """One row per running candidate (in admission order) while tokens and ``cap`` rows last.
+
+        A candidate whose pages cannot grow preempts the newest candidate (possibly
+        itself) until they can; ``candidates`` (a list of running requests the caller
+        owns) shrinks from its tail as that happens. Returns ``(rows, preempted, budget left)``.
+        """
+        rows: list[ScheduledRow] = []
+        preempted: list[Request] = []
+        i = 0
+        while i < len(candidates) and budget > 0 and (cap is None or len(rows) < cap):
+            req = candidates[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow_pages(req, req.num_computed_tokens + n):
+                victim = candidates.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.PREEMPTED:
+                break  # it was the last candidate
+            rows.append(self._row(req, n))
+            budget -= n
+            i += 1
+        return rows, preempted, budget
 
     def _preempt(self, req: Request) -> None:
         self._running.remove(req)
