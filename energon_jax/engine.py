@@ -11,7 +11,12 @@ packs it into one padding-free bucketed batch, dispatches it to the runner and t
 the sampled ids into deltas. With ``async_scheduling`` (the default) the
 next step is planned and dispatched while the previous one runs; with ``pp > 1`` each
 step is one tick of the pipeline clock and up to ``pp`` micro-batches are in flight
-(``PipelineStepLoop`` in ``parallel/pipeline.py``). The tokens are the same either way.
+(``PipelineStepLoop`` in ``parallel/pipeline.py``); with ``dp > 1`` the engine holds
+``dp`` replicas (own devices, weights, KV pool, scheduler and step loop; ``max_num_seqs``
+and the pool are per replica), each request stays on the replica it was admitted to,
+and a step is one step of every replica, all dispatched before any is collected
+(``DataParallelStepLoop`` in ``parallel/data_parallel.py``; ``scheduler`` is then a view
+that routes requests and sums the replicas' accounting). The tokens are the same either way.
 
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
 runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
@@ -71,9 +76,12 @@ class _Live:
 def _param_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
     """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
 
-    Only the plain tp/dp layout loads into shards: the pipeline and offload runners place
-    the layers themselves, and ``build_runner`` validates the layout again either way."""
-    from energon_jax.parallel.mesh import make_mesh, param_sharding_fn, sharding_rules, validate_model_parallelism
+    Only the plain tp/dp layout loads into shards (with ``dp > 1``, replica 0's): the pipeline
+    and offload runners place the layers themselves, and ``build_runner`` validates the layout
+    again either way."""
+    from energon_jax.parallel.mesh import (
+        make_mesh, param_sharding_fn, replica_meshes, sharding_rules, validate_model_parallelism,
+    )
     from energon_jax.parallel.runtime import ParallelOptions
 
     keys = ("dp", "pp", "tp", "offload", "resident_layers")
@@ -86,7 +94,8 @@ def _param_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
         intermediate_size=getattr(c, "intermediate_size", None),
     )
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
-    return param_sharding_fn(make_mesh(options.parallel), rules)
+    # dp > 1: load into replica 0's shards; the other replicas copy from there (runtime.py).
+    return param_sharding_fn(replica_meshes(make_mesh(options.parallel))[0], rules)
 
 
 class Engine:
@@ -167,42 +176,51 @@ class Engine:
 
         c = self.config
         self._batch_lib = batch_lib
-        self._scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
-                static_batching=c.static_batching,
-            ),
-            eos_token_ids=self.eos_token_ids,
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+            max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
+            static_batching=c.static_batching,
         )
         self._buckets = batch_lib.Buckets.create(
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
             max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
         )
+        max_rows = max(b for _, b in self._buckets.all_shapes())
         dtype = param_dtype(model)
-        if self.parallel != self.parallel.__class__() or jax.process_count() > 1:
+        built_parallel = self.parallel != self.parallel.__class__() or jax.process_count() > 1
+        if built_parallel:
             from energon_jax.parallel.runtime import build_runner
 
-            # Sharded / pipelined / offloaded runner, wrapped in a Controller across processes.
+            # Sharded / pipelined / offloaded / replicated runner, wrapped in a Controller across processes.
             self._runner = build_runner(
                 model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=dtype,
-                options=self.parallel, templates=batch_lib.warmup_batches(self._buckets),
+                options=self.parallel, templates=batch_lib.warmup_batches(self._buckets), max_rows=max_rows,
             )
-            if self.parallel.pp > 1:  # pp micro-batches in flight, one pipeline tick per step()
-                from energon_jax.parallel.pipeline import PipelineStepLoop
-
-                self._loop = PipelineStepLoop(self._scheduler, self._runner, self._buckets, self._process)
-            else:  # the other parallel runners keep steps synchronous (no planning ahead)
-                self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
-                                      split_prefill_decode=self.split_prefill_decode)
         else:
             kv = tuple(
                 make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
                 for _ in range(model_config.num_layers)
             )
-            self._runner = ModelRunner(model, kv, max_rows=max(b for _, b in self._buckets.all_shapes()))
+            self._runner = ModelRunner(model, kv, max_rows=max_rows)
+        if self.parallel.dp > 1:  # one scheduler (page pool, limits) and step loop per replica
+            from energon_jax.parallel.data_parallel import DataParallelScheduler, DataParallelStepLoop
+
+            self._scheduler = DataParallelScheduler([
+                Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids) for _ in range(self.parallel.dp)
+            ])
+            self._loop = DataParallelStepLoop(self._scheduler, self._runner, self._buckets, self._process,
+                                              split_prefill_decode=self.split_prefill_decode,
+                                              plans_ahead=self.async_scheduling)
+        elif self.parallel.pp > 1:  # pp micro-batches in flight, one pipeline tick per step()
+            from energon_jax.parallel.pipeline import PipelineStepLoop
+
+            self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
+            self._loop = PipelineStepLoop(self._scheduler, self._runner, self._buckets, self._process)
+        else:  # the other parallel runners keep steps synchronous (no planning ahead)
+            self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
+            plans_ahead = self.async_scheduling and isinstance(self._runner, ModelRunner) and not built_parallel
             self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
-                                  split_prefill_decode=self.split_prefill_decode, plans_ahead=self.async_scheduling)
+                                  split_prefill_decode=self.split_prefill_decode, plans_ahead=plans_ahead)
         if warmup:
             self.warmup()
 
@@ -272,6 +290,13 @@ class Engine:
     def num_planned_ahead(self) -> int:
         """Steps planned and dispatched while the previous step's ids were still on the device."""
         return 0 if self._loop is None else self._loop.num_planned_ahead
+
+    @property
+    def dispatch_counts(self) -> Any:
+        """``DispatchCounts``: device batches, rows and tokens sent so far (every dp replica)."""
+        from energon_jax.step_loop import DispatchCounts
+
+        return DispatchCounts() if self._loop is None else self._loop.counts
 
     def warmup(self) -> int:
         """Compile the step for every bucket shape; returns the number of compiles so far."""

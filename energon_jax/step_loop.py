@@ -25,7 +25,10 @@ the device; requests with stop strings are processed at once, so that a match fi
 them before the next step is planned.
 
 ``PipelineStepLoop`` (``parallel/pipeline.py``) is this loop for ``pp > 1``: one pipeline
-tick per ``step()``, up to ``pp`` micro-batches in flight.
+tick per ``step()``, up to ``pp`` micro-batches in flight. ``DataParallelStepLoop``
+(``parallel/data_parallel.py``) drives one of these loops per ``dp`` replica, through
+``start`` (everything up to the first wait on the device) and ``finish`` (the wait and
+the update), every replica's ``start`` first.
 """
 
 from __future__ import annotations
@@ -40,6 +43,21 @@ from energon_jax.step_split import merge_sampled, split_plan
 
 # The engine's callback: one scheduler RequestDelta -> the user's StreamDeltas (maybe none).
 ProcessFn = Callable[[Any], list[StreamDelta]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchCounts:
+    """Instrumentation: device batches packed and the scheduled rows and tokens in them."""
+
+    batches: int = 0  # a step split into decode and prefill calls counts two
+    rows: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: DispatchCounts) -> DispatchCounts:
+        return DispatchCounts(self.batches + other.batches, self.rows + other.rows, self.tokens + other.tokens)
+
+    def __sub__(self, other: DispatchCounts) -> DispatchCounts:
+        return DispatchCounts(self.batches - other.batches, self.rows - other.rows, self.tokens - other.tokens)
 
 
 @dataclasses.dataclass
@@ -70,12 +88,19 @@ class StepLoop:
         self.buckets = buckets
         self.split_prefill_decode = split_prefill_decode
         self.plans_ahead = plans_ahead
-        self._pack = batch_lib.pack
+        self._pack_batch = batch_lib.pack
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
         self._in_flight: InFlight | None = None  # dispatched step whose ids are not fetched yet
+        self._to_collect: InFlight | None = None  # dispatched by start(), collected by finish()
         # Steps planned and dispatched while the previous step's ids were still on the device.
         self.num_planned_ahead = 0
+        self.counts = DispatchCounts()  # what this loop has sent to the device
+
+    def _pack(self, plan: Any, buckets: Any) -> Any:
+        """``batch.pack``, counted: every device batch goes through here (subclasses too)."""
+        self.counts += DispatchCounts(1, plan.num_rows, plan.num_tokens)
+        return self._pack_batch(plan, buckets)
 
     def busy(self) -> bool:
         """Deferred text to emit, or a step in flight that still has an unfinished request."""
@@ -93,7 +118,18 @@ class StepLoop:
         previous one's ids are fetched (its placeholders are filled on device), and only
         then is the previous step updated. A step run as two device calls (step_split)
         is not planned past: its ids are fetched first.
+
+        ``step`` is ``start`` then ``finish``; data parallelism (``parallel/data_parallel.py``)
+        calls every replica's ``start`` before any ``finish``, so the replicas compute at once.
         """
+        out = self.start(live)
+        out.extend(self.finish())
+        return out
+
+    def start(self, live: Collection[str]) -> list[StreamDelta]:
+        """The step up to its first wait on the device: plan, pack, dispatch, emit deferred text.
+
+        Leaves the step to wait for (if any) for ``finish``; never blocks on a device."""
         out: list[StreamDelta] = []
         prev, self._in_flight = self._in_flight, None
         if prev is not None:
@@ -103,24 +139,45 @@ class StepLoop:
                     self._in_flight = self._dispatch(plan, prev.handles[0][1])
                     self.num_planned_ahead += 1
             out.extend(self._drain_deferred())  # host work overlapping the device step
-            out.extend(self._collect(prev.plan, merge_sampled(
-                [(idx, h.result()) for idx, h in prev.handles], prev.plan.num_rows)))
-            if self._in_flight is not None:
-                return out
+            self._to_collect = prev
+            return out
         plan = self.scheduler.schedule()
         if plan is None:
             out.extend(self._drain_deferred())
-            if not out and prev is None:
+            if not out:
                 self.check_progress(live)
             return out
         current = self._dispatch(plan, None)
         out.extend(self._drain_deferred())  # host work overlapping the device step
         if self.plans_ahead:
             self._in_flight = current
-            return out
-        out.extend(self._collect(plan, merge_sampled([(idx, h.result()) for idx, h in current.handles],
-                                                     plan.num_rows)))
+        else:
+            self._to_collect = current
         return out
+
+    def finish(self) -> list[StreamDelta]:
+        """Wait for the step ``start`` left to collect, update the scheduler with its ids.
+
+        With ``plans_ahead``, when nothing could be planned ahead in ``start`` (it would
+        have needed a preemption, or the previous step was split), the next step is
+        planned and dispatched now, after the update, and stays in flight."""
+        done, self._to_collect = self._to_collect, None
+        if done is None:
+            return []
+        out = self._collect(done.plan, merge_sampled([(idx, h.result()) for idx, h in done.handles],
+                                                     done.plan.num_rows))
+        if not self.plans_ahead or self._in_flight is not None:
+            return out
+        plan = self.scheduler.schedule()
+        if plan is not None:
+            self._in_flight = self._dispatch(plan, None)
+        out.extend(self._drain_deferred())  # host work overlapping the device step
+        return out
+
+    @property
+    def on_device(self) -> bool:
+        """A dispatched step whose ids are not fetched yet."""
+        return self._in_flight is not None or self._to_collect is not None
 
     def check_progress(self, live: Collection[str]) -> None:
         """Nothing ran and nothing came out: an unfinished request the scheduler no longer has is a bug."""

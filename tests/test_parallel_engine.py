@@ -149,7 +149,7 @@ def _child_base() -> dict:
 
 
 def _child_layouts(group: str) -> dict:
-    expect = {"pp": "PipelineRunner", "offload": "OffloadedRunner"}
+    expect = {"pp": "PipelineRunner", "offload": "OffloadedRunner", "dp": "DataParallelRunner"}
     base = _generate(_engine())
     cases = []
     for layout in LAYOUTS[group]:

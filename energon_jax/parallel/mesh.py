@@ -231,9 +231,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.S
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
-    """Place ``model``'s parameters on ``mesh`` by ``rules``, in place; returns the model."""
-    state = nnx.state(model)
+def _placed_state(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.State:
+    """``state`` with every array on ``mesh`` by ``rules`` (new variables; ``state`` is untouched)."""
     shardings = state_shardings(state, mesh, rules)
 
     def one(var, sh):
@@ -243,9 +242,27 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Modu
             return var.replace(place(var.get_value(), sh))
         return place(var, sh)  # a plain array attribute (e.g. rope frequencies)
 
-    placed = jax.tree.map(one, state, shardings, is_leaf=_is_variable)
-    nnx.update(model, placed)
+    return jax.tree.map(one, state, shardings, is_leaf=_is_variable)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
+    """Place ``model``'s parameters on ``mesh`` by ``rules``, in place; returns the model."""
+    nnx.update(model, _placed_state(nnx.state(model), mesh, rules))
     return model
+
+
+def placed_copy(model: nnx.Module, mesh: Mesh, rules: ShardingRules) -> nnx.Module:
+    """A new module with ``model``'s parameters placed on ``mesh`` by ``rules``; ``model`` is untouched.
+
+    Data-parallel replicas each take one (``data_parallel.py``); an array already placed
+    exactly there is shared, not copied (see ``place``)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, _placed_state(state, mesh, rules))
+
+
+def replica_meshes(mesh: Mesh) -> list[Mesh]:
+    """One ``(1, pp, tp)`` mesh per data-parallel replica: the slice ``mesh[r, :, :]``."""
+    return [Mesh(mesh.devices[r : r + 1], MESH_AXES, axis_types=mesh.axis_types) for r in range(mesh.shape["dp"])]
 
 
 def place(value, sharding: NamedSharding) -> jax.Array:

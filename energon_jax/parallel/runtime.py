@@ -5,10 +5,13 @@ gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``
 ``warmup``, ``num_compiles``, ``kv_cache``):
 
 - nothing asked, one process: a plain ``ModelRunner`` on the default device;
-- ``tp`` / ``dp``: the model sharded over a ``(dp, 1, tp)`` mesh by its logical axes,
-  KV pages split by KV head (``mesh.py``), one ``ModelRunner`` over all of it. Not yet
-  done: splitting the step's rows over ``dp``; today every ``dp`` replica computes the
-  whole step, so ``dp`` is correct but buys no throughput;
+- ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
+  split by KV head (``mesh.py``), one ``ModelRunner`` over all of it;
+- ``dp > 1``: a ``DataParallelRunner`` (``data_parallel.py``): ``dp`` independent
+  ``ModelRunner`` replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` (its own
+  ``tp`` devices) with its own copy of the weights and its own KV page pool of
+  ``num_pages`` pages; the engine gives each replica its own scheduler and step loop.
+  Single-process and without ``pp`` for now (both refused with a ValueError);
 - ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``),
   which the engine drives with ``PipelineStepLoop`` (``pp`` micro-batches in flight);
   single-process for now;
@@ -30,7 +33,8 @@ from typing import Any
 import jax
 
 from energon_jax.parallel.mesh import (
-    ParallelConfig, kv_pages_sharding, make_mesh, shard_model, sharding_rules, validate_model_parallelism,
+    ParallelConfig, kv_pages_sharding, make_mesh, placed_copy, replica_meshes, shard_model, sharding_rules,
+    validate_model_parallelism,
 )
 from energon_jax.parallel.memory_pool import OffloadConfig
 
@@ -46,6 +50,9 @@ class ParallelOptions:
 
     def __post_init__(self) -> None:
         ParallelConfig(self.dp, self.pp, self.tp)  # validates the sizes
+        if self.dp > 1 and self.pp > 1:
+            # Each replica would need PipelineStepLoop split into start/finish (see data_parallel.py).
+            raise ValueError(f"dp={self.dp} with pp={self.pp} is not supported yet: use dp with tp, or pp with tp")
         if self.offload is None:
             if self.resident_layers is not None:
                 raise ValueError(f"resident_layers={self.resident_layers} needs offload='host' or 'peer'")
@@ -71,9 +78,11 @@ def build_runner(
     kv_dtype: Any,
     options: ParallelOptions,
     templates: Sequence[Any] = (),
+    max_rows: int = 256,
 ) -> Any:
     """The runner for ``options`` (see the module docstring). ``templates``: one batch per step
-    shape (``batch.warmup_batches``), needed only across processes."""
+    shape (``batch.warmup_batches``), needed only across processes. ``max_rows``: the most rows
+    of a step (``ModelRunner``'s sampled-ids buffer, for planning ahead)."""
     from energon_jax.runner import ModelRunner
     from pallas_kernels import make_kv_pages
 
@@ -92,8 +101,23 @@ def build_runner(
         runner = OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
                                  num_pages=num_pages, page_size=page_size)
         return runner
+    if options.dp > 1 and jax.process_count() > 1:
+        raise ValueError(
+            f"dp={options.dp} is single-process for now ({jax.process_count()} processes): the controller "
+            "broadcasts one runner's steps; use tp across processes"
+        )
     mesh = make_mesh(options.parallel)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
+    if options.dp > 1:
+        from energon_jax.parallel.data_parallel import DataParallelRunner
+
+        replicas = []
+        for m in replica_meshes(mesh):  # each replica: its own weights and pages on its own devices
+            sharding = kv_pages_sharding(m, rules)
+            kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
+                       for _ in range(c.num_layers))
+            replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
+        return DataParallelRunner(replicas)
     if options.pp > 1:
         from energon_jax.parallel.pipeline import PipelineRunner
 
@@ -108,7 +132,7 @@ def build_runner(
         sharding = kv_pages_sharding(mesh, rules)
         kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
                    for _ in range(c.num_layers))
-        runner = ModelRunner(model, kv)
+        runner = ModelRunner(model, kv, max_rows=max_rows)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
 

@@ -1,0 +1,237 @@
+"""Data parallelism (``Engine(dp=N)``, ``parallel/data_parallel.py``) on 8 simulated CPU devices.
+
+In a child process the same random 4-layer Llama serves 8 greedy requests of different
+lengths arriving at different steps (more than one replica's ``max_num_seqs``, so
+requests queue and replicas refill), through ``add_request`` / ``step``, once on one
+device and once per layout: ``dp=2`` (planning ahead on) and ``dp=2, tp=4`` (planning
+ahead off); the slow run adds ``dp=4, tp=2``. Every layout must give the single-device
+engine's tokens, spread the requests over every replica (each replica ran rows: the
+runner's counters), have had every replica computing at once, need fewer engine steps
+than one device, and end with every page back in every replica's pool. Each replica's
+weights and KV pages live on its own devices, disjoint from the others'. On the first
+layout a request running on replica 1 is aborted mid-way, and ``generate``, ``stream``
+and ``AsyncEngine.submit`` run on the same engine. Host-only checks: routing and summed
+accounting of ``DataParallelScheduler``, and the layouts refused with a ValueError.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from test_parallel_mesh import ROOT, run_child
+
+# (prompt, engine step at which it arrives)
+STAGGERED = [([5, 9, 13, 7, 22, 30, 31], 0), ([40, 41, 42], 0), ([17, 3, 88, 60, 12, 11, 10, 9, 8], 0),
+             ([4, 4, 4], 1), ([70, 71, 72, 73, 74], 2), ([33], 3), ([21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], 5),
+             ([8, 9], 9)]
+MAX_TOKENS = 8
+MAX_NUM_SEQS = 3  # per replica: 8 requests are more than one replica runs at once
+CASES = {
+    "default": [dict(dp=2), dict(dp=2, tp=4, async_scheduling=False)],
+    "more": [dict(dp=4, tp=2)],
+}
+
+
+@pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
+def test_engine_dp_matches_single_device_and_spreads_requests(group):
+    out = run_child(__file__, "engine", group)
+    base = out["base"]
+    assert sorted(base) == [f"r{i}" for i in range(len(STAGGERED))]
+    assert all(len(t) == MAX_TOKENS for t in base.values())
+    assert [c["layout"] for c in out["cases"]] == CASES[group]
+    for case in out["cases"]:
+        dp = case["layout"]["dp"]
+        assert case["runner"] == "DataParallelRunner", case
+        assert case["tokens"] == base, case  # staggered add_request / step
+        assert case["steps"] < out["base_steps"], case  # dp replicas served rows side by side
+        st = case["stats"]
+        assert len(st["rows"]) == dp and all(r > 0 for r in st["rows"]), case  # every replica ran rows
+        assert all(a > 0 for a in case["assigned"]) and sum(case["assigned"]) == len(STAGGERED), case
+        assert st["max_on_device"] == dp, case  # every replica had a step dispatched at once
+        assert 0 < st["engine_steps"] <= case["steps"], case
+        assert case["pages_used"] == [0] * dp and case["running"] == [0] * dp, case
+        assert case["waiting"] == [0] * dp and not case["unfinished"], case
+        # each replica's KV pages and weights on its own devices, tp of them, disjoint from the others'
+        tp = case["layout"].get("tp", 1)
+        kv = [set(d) for d in case["kv_devices"]]
+        assert all(len(d) == tp for d in kv) and len(set().union(*kv)) == dp * tp, case
+        assert case["weight_devices"] == case["kv_devices"], case
+        if case["layout"].get("async_scheduling", True):
+            assert case["planned_ahead"] > 0, case
+        if "abort" in case:
+            ab = case["abort"]
+            assert ab["replica"] == 1 and ab["status_before"] == "running", ab
+            assert ab["delta"] == {"finished": True, "finish_reason": "abort"}, ab
+            rid = ab["rid"]
+            assert ab["tokens"][rid] == base[rid][: len(ab["tokens"][rid])], ab
+            assert len(ab["tokens"][rid]) < MAX_TOKENS, ab
+            assert {k: v for k, v in ab["tokens"].items() if k != rid} == {k: v for k, v in base.items() if k != rid}
+            assert ab["pages_used"] == [0] * dp, ab
+        if "generate" in case:
+            want = [base[f"r{i}"] for i in range(4)]
+            assert case["generate"] == want, case
+            assert case["submit"] == want, case
+            assert case["submit_stats"] == {"running": 0, "pages_used": 0, "pages_total": case["pages_total"]}, case
+            assert case["pages_total"] == dp * case["pages_per_replica"], case
+            assert case["stream"] == base["r2"], case
+
+
+def test_dp_scheduler_routes_and_sums_host_only():
+    from energon_jax.parallel.data_parallel import DataParallelScheduler
+    from energon_jax.request import Request, SamplingParams
+    from energon_jax.scheduler import Scheduler, SchedulerConfig
+
+    config = SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=40, page_size=4, num_pages=9)
+    dps = DataParallelScheduler([Scheduler(config) for _ in range(3)])
+    params = SamplingParams(max_tokens=4)
+    lengths = [9, 2, 5, 3, 1, 7, 4]
+    where = [dps.add(Request(request_id=f"q{i}", prompt_token_ids=[3] * n, params=params))
+             for i, n in enumerate(lengths)]
+    # fewest unfinished requests first, then fewest outstanding tokens, then the lowest index
+    assert where == [0, 1, 2, 1, 2, 0, 1]
+    assert dps.assigned == [2, 3, 2] and dps.num_waiting == 7 and dps.num_running == 0
+    for s in dps.replicas:
+        s.schedule()  # admits up to max_num_seqs=2 per replica, allocating pages
+    assert dps.num_running == 6 and dps.num_waiting == 1
+    assert dps.pages_used == sum(s.pages_used for s in dps.replicas) > 0
+    assert dps.pages_total == 3 * 8
+    assert dps.replica_of("q3") == 1 and dps.get("q3").request_id == "q3"
+    req = dps.abort("q3")
+    assert req is not None and req.finish_reason == "abort" and dps.replica_of("q3") is None
+    assert dps.abort("q3") is None and dps.finish("nope", "stop") is None
+    assert dps.finish("q0", "stop").finish_reason == "stop"
+    with pytest.raises(ValueError, match=r"needs 10 KV pages"):  # every replica's pool is this size
+        dps.add(Request(request_id="big", prompt_token_ids=[3] * 36, params=SamplingParams(max_tokens=2)))
+    assert dps.assigned == [2, 3, 2]
+
+
+def test_dp_layouts_refused_say_why(monkeypatch):
+    import jax
+
+    from energon_jax.parallel import runtime
+    from energon_jax.parallel.runtime import ParallelOptions
+
+    with pytest.raises(ValueError, match=r"dp=2 with pp=2 is not supported yet"):
+        ParallelOptions(dp=2, pp=2)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    config = type("C", (), dict(num_heads=4, num_kv_heads=2, num_layers=2, intermediate_size=8))()
+    with pytest.raises(ValueError, match=r"dp=2 is single-process for now \(2 processes\)"):
+        runtime.build_runner(None, config, num_pages=4, page_size=4, kv_dtype=None, options=ParallelOptions(dp=2))
+
+
+# ----------------------------------------------------------------- the child
+
+
+def _engine(**layout):
+    from energon_jax.engine import Engine
+    from test_parallel_tp_models import build_model
+
+    model, config = build_model("llama", num_hidden_layers=4)
+    return Engine(model, config, None, max_model_len=32, page_size=4, kv_cache_pages=24,
+                  max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=16, **layout)
+
+
+def _params():
+    from energon_jax.request import SamplingParams
+
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def _staggered(engine, abort_at: int | None = None) -> dict:
+    """Add STAGGERED's prompts at their steps and step until all finish: tokens per request id
+    and the number of engine steps. ``abort_at``: at that step, abort the first request running
+    on replica 1 and record what happened."""
+    tokens: dict[str, list[int]] = {}
+    pending: set[str] = set()
+    out: dict = {}
+    t = 0
+    while pending or t <= max(a for _, a in STAGGERED):
+        for i, (prompt, arrive) in enumerate(STAGGERED):
+            if arrive == t:
+                tokens[engine.add_request(prompt, _params(), request_id=f"r{i}")] = []
+                pending.add(f"r{i}")
+        if abort_at is not None and t == abort_at:
+            request = engine.scheduler.replicas[1].running[0]
+            rid, status = request.request_id, request.status.value
+            replica = engine.scheduler.replica_of(rid)
+            delta = engine.abort(rid)
+            pending.discard(rid)
+            tokens[rid].extend(int(x) for x in delta.token_ids)
+            out["abort"] = {"rid": rid, "status_before": status, "replica": replica,
+                            "delta": {"finished": delta.finished, "finish_reason": delta.finish_reason}}
+        for delta in engine.step():
+            tokens[delta.request_id].extend(int(x) for x in delta.token_ids)
+            if delta.finished:
+                pending.discard(delta.request_id)
+        t += 1
+    out["tokens"], out["steps"] = tokens, t
+    return out
+
+
+def _submit_all(engine, prompts) -> tuple[list[list[int]], dict]:
+    """The prompts through AsyncEngine.submit, concurrently: tokens in prompt order, stats after."""
+    import asyncio
+
+    from energon_jax.async_engine import AsyncEngine
+
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    try:
+        async def one(prompt, rid):
+            return [int(x) async for d in aengine.submit(prompt, _params(), request_id=rid) for x in d.token_ids]
+
+        async def main():
+            return await asyncio.gather(*(one(p, f"s{i}") for i, p in enumerate(prompts)))
+
+        tokens = asyncio.run(main())
+        s = aengine.stats
+        return tokens, {"running": s.running, "pages_used": s.pages_used, "pages_total": s.pages_total}
+    finally:
+        aengine.shutdown()
+
+
+def _devices(tree) -> list[int]:
+    import jax
+
+    return sorted({d.id for x in jax.tree.leaves(tree) for d in x.devices()})
+
+
+def _child_engine(group: str) -> dict:
+    base = _staggered(_engine())
+    cases = []
+    for layout in CASES[group]:
+        engine = _engine(**layout)
+        engine.runner.reset_stats()
+        run = _staggered(engine)
+        runner, sched = engine.runner, engine.scheduler
+        st = runner.stats
+        got = {
+            "layout": layout, "runner": type(runner).__name__, "tokens": run["tokens"], "steps": run["steps"],
+            "stats": {"rows": [c.rows for c in st.replicas], "engine_steps": st.engine_steps,
+                      "max_on_device": st.max_on_device},
+            "assigned": list(sched.assigned), "planned_ahead": engine.num_planned_ahead,
+            "pages_used": [s.pages_used for s in sched.replicas], "running": [s.num_running for s in sched.replicas],
+            "waiting": [s.num_waiting for s in sched.replicas], "unfinished": engine.has_unfinished(),
+            "kv_devices": [_devices(kv) for kv in runner.kv_caches],
+            "weight_devices": [_devices(r._state) for r in runner.replicas],
+        }
+        if layout == CASES["default"][0]:
+            ab = _staggered(engine, abort_at=4)
+            got["abort"] = {**ab.pop("abort"), "tokens": ab["tokens"],
+                            "pages_used": [s.pages_used for s in sched.replicas]}
+            prompts = [p for p, _ in STAGGERED[:4]]
+            outs = engine.generate(prompts, _params(), use_tqdm=False)
+            got["generate"] = [list(map(int, o.token_ids)) for o in outs]
+            got["submit"], got["submit_stats"] = _submit_all(engine, prompts)
+            got["stream"] = [int(x) for d in engine.stream(prompts[2], _params()) for x in d.token_ids]
+            got["pages_total"], got["pages_per_replica"] = sched.pages_total, sched.replicas[0].pages_total
+        cases.append(got)
+    return {"base": base["tokens"], "base_steps": base["steps"], "cases": cases}
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [ROOT]
+    print(json.dumps(_child_engine(sys.argv[2])))
