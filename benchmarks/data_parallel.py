@@ -1,7 +1,7 @@
 """Data parallelism: rows and tokens per engine step at dp = 1, 2, 4 on the same saturated load.
 
     python benchmarks/data_parallel.py                 # 8 simulated CPU devices
-    python benchmarks/data_parallel.py --requests 64 --max-seqs 8 --max-tokens 32 --tp 2
+    python benchmarks/data_parallel.py --requests 128 --max-seqs 16 --max-tokens 32 --tp 2
 
 A random Llama (``--layers`` layers) serves ``--requests`` greedy requests of
 ``--max-tokens`` tokens each (prompts of 2 to 8 tokens), all queued at once, through
@@ -57,7 +57,7 @@ def _serve(engine, prompts, params) -> tuple[dict[str, list[int]], int, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-seqs", type=int, default=8, help="max_num_seqs per replica")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--tp", type=int, default=1)

@@ -73,31 +73,6 @@ class _Live:
     finish_reason: str | None = None
 
 
-def _param_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
-    """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
-
-    Only the plain tp/dp layout loads into shards (with ``dp > 1``, replica 0's): the pipeline
-    and offload runners place the layers themselves, and ``build_runner`` validates the layout
-    again either way."""
-    from energon_jax.parallel.mesh import (
-        make_mesh, param_sharding_fn, replica_meshes, sharding_rules, validate_model_parallelism,
-    )
-    from energon_jax.parallel.runtime import ParallelOptions
-
-    keys = ("dp", "pp", "tp", "offload", "resident_layers")
-    options = ParallelOptions(**{k: engine_kwargs[k] for k in keys if k in engine_kwargs})
-    if options.tp <= 1 or options.pp > 1 or options.offload is not None or model_config.is_encoder:
-        return None
-    c = model_config
-    validate_model_parallelism(  # the same ValueError build_runner would give, before any weight is read
-        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
-        intermediate_size=getattr(c, "intermediate_size", None),
-    )
-    rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
-    # dp > 1: load into replica 0's shards; the other replicas copy from there (runtime.py).
-    return param_sharding_fn(replica_meshes(make_mesh(options.parallel))[0], rules)
-
-
 class Engine:
     """Offline and streaming generation over one model (see the module docstring)."""
 
@@ -245,6 +220,8 @@ class Engine:
         from models.loading import load, load_config
         from models.pooling import read_pooling_config
 
+        from energon_jax.parallel.runtime import load_sharding
+
         from energon_jax.tokenizer import Tokenizer
 
         if quantize is not None and quantize != "int8":
@@ -254,7 +231,7 @@ class Engine:
         if quantize is not None and sparsity is not None:
             raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
         root = demo_model_path() if path is None else Path(path)
-        model, config = load(root, dtype, param_sharding=_param_sharding(load_config(root), engine_kwargs))
+        model, config = load(root, dtype, param_sharding=load_sharding(load_config(root), engine_kwargs))
         if quantize is not None or sparsity is not None:
             from energon_jax.quantize import quantize_model
 

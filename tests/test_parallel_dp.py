@@ -79,6 +79,18 @@ def test_engine_dp_matches_single_device_and_spreads_requests(group):
             assert case["stream"] == base["r2"], case
 
 
+def test_from_pretrained_dp2_tp2_loads_replica0_shards(tmp_path):
+    from hf_fixtures import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "ckpt", "llama")
+    out = run_child(__file__, "load", str(path), devices=4)
+    assert len(out["base"]) == 3 and all(len(t) == MAX_TOKENS for t in out["base"])
+    assert out["dp"] == out["base"]
+    # the weights were read into replica 0's two devices; replica 1 holds its own copy on the other two
+    assert out["weight_devices"] == out["kv_devices"] == [[0, 1], [2, 3]], out
+    assert out["loaded_devices"] == [0, 1], out
+
+
 def test_dp_scheduler_routes_and_sums_host_only():
     from energon_jax.parallel.data_parallel import DataParallelScheduler
     from energon_jax.request import Request, SamplingParams
@@ -232,6 +244,31 @@ def _child_engine(group: str) -> dict:
     return {"base": base["tokens"], "base_steps": base["steps"], "cases": cases}
 
 
+def _child_load(path: str) -> dict:
+    from flax import nnx
+
+    from energon_jax.engine import Engine
+
+    prompts = [p for p, _ in STAGGERED[:3]]
+    kwargs = dict(max_model_len=32, page_size=4, kv_cache_pages=16, max_num_seqs=2, max_num_batched_tokens=16)
+
+    def tokens(engine):
+        return [list(map(int, o.token_ids)) for o in engine.generate(prompts, _params(), use_tqdm=False)]
+
+    base = tokens(Engine.from_pretrained(path, **kwargs))
+    engine = Engine.from_pretrained(path, dp=2, tp=2, **kwargs)
+    runner = engine.runner
+    return {
+        "base": base, "dp": tokens(engine),
+        "weight_devices": [_devices(r._state) for r in runner.replicas],
+        "kv_devices": [_devices(kv) for kv in runner.kv_caches],
+        "loaded_devices": _devices(nnx.state(engine._model)),  # where models.load placed the weights
+    }
+
+
 if __name__ == "__main__":
     sys.path[:0] = [ROOT]
-    print(json.dumps(_child_engine(sys.argv[2])))
+    if sys.argv[1] == "load":
+        print(json.dumps(_child_load(sys.argv[2])))
+    else:
+        print(json.dumps(_child_engine(sys.argv[2])))

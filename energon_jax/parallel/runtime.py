@@ -33,8 +33,8 @@ from typing import Any
 import jax
 
 from energon_jax.parallel.mesh import (
-    ParallelConfig, kv_pages_sharding, make_mesh, placed_copy, replica_meshes, shard_model, sharding_rules,
-    validate_model_parallelism,
+    ParallelConfig, kv_pages_sharding, make_mesh, param_sharding_fn, placed_copy, replica_meshes, shard_model,
+    sharding_rules, validate_model_parallelism,
 )
 from energon_jax.parallel.memory_pool import OffloadConfig
 
@@ -140,3 +140,23 @@ def build_runner(
             raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")
         return Controller(runner, templates)
     return runner
+
+
+def load_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
+    """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
+
+    Only the plain tp/dp layout loads into shards (with ``dp > 1``, replica 0's): the pipeline
+    and offload runners place the layers themselves, and ``build_runner`` validates the layout
+    again either way."""
+    keys = ("dp", "pp", "tp", "offload", "resident_layers")
+    options = ParallelOptions(**{k: engine_kwargs[k] for k in keys if k in engine_kwargs})
+    if options.tp <= 1 or options.pp > 1 or options.offload is not None or model_config.is_encoder:
+        return None
+    c = model_config
+    validate_model_parallelism(  # the same ValueError build_runner would give, before any weight is read
+        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
+        intermediate_size=getattr(c, "intermediate_size", None),
+    )
+    rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
+    # dp > 1: load into replica 0's shards; build_runner copies them to the other replicas.
+    return param_sharding_fn(replica_meshes(make_mesh(options.parallel))[0], rules)
