@@ -3,15 +3,19 @@
 In a child process the same random 4-layer Llama serves 8 greedy requests of different
 lengths arriving at different steps (more than one replica's ``max_num_seqs``, so
 requests queue and replicas refill), through ``add_request`` / ``step``, once on one
-device and once per layout: ``dp=2`` (planning ahead on) and ``dp=2, tp=4`` (planning
-ahead off); the slow run adds ``dp=4, tp=2``. Every layout must give the single-device
-engine's tokens, spread the requests over every replica (each replica ran rows: the
-runner's counters), have had every replica computing at once, need fewer engine steps
-than one device, and end with every page back in every replica's pool. Each replica's
-weights and KV pages live on its own devices, disjoint from the others'. On the first
-layout a request running on replica 1 is aborted mid-way, and ``generate``, ``stream``
-and ``AsyncEngine.submit`` run on the same engine. Host-only checks: routing and summed
-accounting of ``DataParallelScheduler``, and the layouts refused with a ValueError.
+device and once per layout: ``dp=2`` (planning ahead on), ``dp=2, tp=4`` (planning
+ahead off) and ``dp=2, pp=2`` (each replica a pipeline); the slow run adds ``dp=4, tp=2``
+and ``dp=2, pp=2, tp=2``. Every layout must give the single-device engine's tokens,
+spread the requests over every replica (each replica ran rows: the runner's counters),
+have had every replica computing at once, and end with every page back in every
+replica's pool; without ``pp`` it must also need fewer engine steps than one device,
+and with ``pp`` every replica's pipeline must have had ``pp`` micro-batches in flight
+and every stage busy. Each replica's weights and KV pages live on its own ``pp * tp``
+devices, disjoint from the others'. On ``dp=2`` and ``dp=2, pp=2`` a request running on
+replica 1 is aborted mid-way, and ``generate``, ``stream`` and ``AsyncEngine.submit`` run
+on the same engine. Host-only checks: routing and summed accounting of
+``DataParallelScheduler``; two fake pipelines under ``DataParallelStepLoop`` both tick
+before either's ids are fetched; the layouts refused with a ValueError.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ STAGGERED = [([5, 9, 13, 7, 22, 30, 31], 0), ([40, 41, 42], 0), ([17, 3, 88, 60,
              ([8, 9], 9)]
 MAX_TOKENS = 8
 MAX_NUM_SEQS = 3  # per replica: 8 requests are more than one replica runs at once
+# Layouts that also abort a request mid-way and serve generate / stream / AsyncEngine.submit.
+EXTRAS = [dict(dp=2), dict(dp=2, pp=2)]
 CASES = {
-    "default": [dict(dp=2), dict(dp=2, tp=4, async_scheduling=False)],
-    "more": [dict(dp=4, tp=2)],
+    "default": [dict(dp=2), dict(dp=2, tp=4, async_scheduling=False), dict(dp=2, pp=2)],
+    "more": [dict(dp=4, tp=2), dict(dp=2, pp=2, tp=2)],
 }
 
 
@@ -43,10 +49,12 @@ def test_engine_dp_matches_single_device_and_spreads_requests(group):
     assert all(len(t) == MAX_TOKENS for t in base.values())
     assert [c["layout"] for c in out["cases"]] == CASES[group]
     for case in out["cases"]:
-        dp = case["layout"]["dp"]
+        dp, pp, tp = (case["layout"].get(k, 1) for k in ("dp", "pp", "tp"))
         assert case["runner"] == "DataParallelRunner", case
+        assert case["replica_runners"] == ["PipelineRunner" if pp > 1 else "ModelRunner"] * dp, case
         assert case["tokens"] == base, case  # staggered add_request / step
-        assert case["steps"] < out["base_steps"], case  # dp replicas served rows side by side
+        if pp == 1:  # (a pipeline advances each request once per pp ticks: more engine steps)
+            assert case["steps"] < out["base_steps"], case  # dp replicas served rows side by side
         st = case["stats"]
         assert len(st["rows"]) == dp and all(r > 0 for r in st["rows"]), case  # every replica ran rows
         assert all(a > 0 for a in case["assigned"]) and sum(case["assigned"]) == len(STAGGERED), case
@@ -54,12 +62,16 @@ def test_engine_dp_matches_single_device_and_spreads_requests(group):
         assert 0 < st["engine_steps"] <= case["steps"], case
         assert case["pages_used"] == [0] * dp and case["running"] == [0] * dp, case
         assert case["waiting"] == [0] * dp and not case["unfinished"], case
-        # each replica's KV pages and weights on its own devices, tp of them, disjoint from the others'
-        tp = case["layout"].get("tp", 1)
+        # each replica's KV pages and weights on its own devices, pp * tp of them, disjoint from the others'
         kv = [set(d) for d in case["kv_devices"]]
-        assert all(len(d) == tp for d in kv) and len(set().union(*kv)) == dp * tp, case
+        assert all(len(d) == pp * tp for d in kv) and len(set().union(*kv)) == dp * pp * tp, case
         assert case["weight_devices"] == case["kv_devices"], case
-        if case["layout"].get("async_scheduling", True):
+        if pp > 1:  # every replica's pipeline had pp micro-batches in flight at once, all came out
+            assert [p["max_in_flight"] for p in case["pipelines"]] == [pp] * dp, case
+            assert all(p["entered"] == p["completed"] > 0 for p in case["pipelines"]), case
+            assert all(all(b > 0 for b in p["busy"]) for p in case["pipelines"]), case
+            assert case["planned_ahead"] == 0, case  # a micro-batch is never planned past
+        elif case["layout"].get("async_scheduling", True):
             assert case["planned_ahead"] > 0, case
         if "abort" in case:
             ab = case["abort"]
@@ -120,18 +132,63 @@ def test_dp_scheduler_routes_and_sums_host_only():
     assert dps.assigned == [2, 3, 2]
 
 
+def test_dp_of_pipelines_ticks_every_replica_before_collecting_host_only():
+    """``DataParallelStepLoop`` over two fake pipelines (``test_parallel_pipeline.EchoPipeline``,
+    pp=2): in every engine step both replicas tick before either fetches ids; every request
+    gets the fake model's reference tokens, both replicas ran rows with pp micro-batches in
+    flight, and every page is back in both pools."""
+    import random
+
+    from energon_jax.parallel.data_parallel import DataParallelRunner, DataParallelScheduler, DataParallelStepLoop
+    from energon_jax.parallel.pipeline import PipelineStepLoop
+    from energon_jax.scheduler import SchedulerConfig
+    from test_parallel_pipeline import EchoPipeline, echo_requests
+    from test_scheduler import VOCAB, make, reference
+
+    pp = 2
+    cfg = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=16, max_model_len=40, page_size=4, num_pages=30)
+    made = [make(cfg) for _ in range(2)]
+    log: list = []
+    pipes = [EchoPipeline(pp, model, log, name=str(i)) for i, (_, _, model) in enumerate(made)]
+    dps = DataParallelScheduler([sched for sched, _, _ in made])
+    loop = DataParallelStepLoop(dps, DataParallelRunner(pipes), made[0][1], lambda delta: [delta],
+                                make_loop=lambda s, r, b, p, **_: PipelineStepLoop(s, r, b, p))
+    requests = echo_requests(random.Random(7), 12, VOCAB)  # more than one replica's max_num_seqs
+    got: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
+    tick = 0
+    while tick < 8 or dps.has_work() or not all(p.empty for p in pipes):
+        for r, arrive in requests:
+            if arrive == tick:
+                dps.add(r)
+        n = len(log)
+        for d in loop.step({r.request_id for r, a in requests if a <= tick and not r.finished}):
+            got[d.request.request_id].extend(d.new_token_ids)
+        kinds = [kind for kind, _ in log[n:]]
+        assert kinds == sorted(kinds, key=lambda k: k != "tick"), log[n:]  # every tick before any fetch
+        tick += 1
+        assert tick < 500
+    assert [p.max_in_flight for p in pipes] == [pp, pp]
+    assert all(c.rows > 0 for c in loop.runner.stats.replicas) and loop.runner.stats.max_on_device == 2
+    assert dps.pages_used == 0 and not loop.busy()
+    for r, _ in requests:
+        assert (r.output_token_ids, r.finish_reason) == reference(r.prompt_token_ids, r.params)
+        assert got[r.request_id] == r.output_token_ids
+
+
 def test_dp_layouts_refused_say_why(monkeypatch):
     import jax
 
     from energon_jax.parallel import runtime
     from energon_jax.parallel.runtime import ParallelOptions
 
-    with pytest.raises(ValueError, match=r"dp=2 with pp=2 is not supported yet"):
-        ParallelOptions(dp=2, pp=2)
+    assert ParallelOptions(dp=2, pp=2, tp=2).parallel.num_devices == 8  # dp x pp is a layout now
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     config = type("C", (), dict(num_heads=4, num_kv_heads=2, num_layers=2, intermediate_size=8))()
     with pytest.raises(ValueError, match=r"dp=2 is single-process for now \(2 processes\)"):
         runtime.build_runner(None, config, num_pages=4, page_size=4, kv_dtype=None, options=ParallelOptions(dp=2))
+    with pytest.raises(ValueError, match=r"dp=2 is single-process for now \(2 processes\)"):
+        runtime.build_runner(None, config, num_pages=4, page_size=4, kv_dtype=None,
+                             options=ParallelOptions(dp=2, pp=2))
 
 
 # ----------------------------------------------------------------- the child
@@ -211,6 +268,13 @@ def _devices(tree) -> list[int]:
     return sorted({d.id for x in jax.tree.leaves(tree) for d in x.devices()})
 
 
+def _weights(replica) -> list:
+    """A replica runner's weights: the model state, or a pipeline's pieces on every stage."""
+    if hasattr(replica, "_state"):
+        return replica._state
+    return [replica._layer_states, replica._embed_state, replica._norm_state, replica._head_state]
+
+
 def _child_engine(group: str) -> dict:
     base = _staggered(_engine())
     cases = []
@@ -228,9 +292,13 @@ def _child_engine(group: str) -> dict:
             "pages_used": [s.pages_used for s in sched.replicas], "running": [s.num_running for s in sched.replicas],
             "waiting": [s.num_waiting for s in sched.replicas], "unfinished": engine.has_unfinished(),
             "kv_devices": [_devices(kv) for kv in runner.kv_caches],
-            "weight_devices": [_devices(r._state) for r in runner.replicas],
+            "weight_devices": [_devices(_weights(r)) for r in runner.replicas],
+            "replica_runners": [type(r).__name__ for r in runner.replicas],
         }
-        if layout == CASES["default"][0]:
+        if layout.get("pp", 1) > 1:
+            got["pipelines"] = [{"max_in_flight": r.stats.max_in_flight, "entered": r.stats.entered,
+                                 "completed": r.stats.completed, "busy": r.stats.busy} for r in runner.replicas]
+        if layout in EXTRAS:
             ab = _staggered(engine, abort_at=4)
             got["abort"] = {**ab.pop("abort"), "tokens": ab["tokens"],
                             "pages_used": [s.pages_used for s in sched.replicas]}

@@ -53,6 +53,98 @@ def test_layer_bounds_and_errors():
         layer_bounds(2, 3)
 
 
+# ----------------------------------------------------------------- host only: start / finish
+
+
+class EchoPipeline:
+    """``PipelineRunner``'s clock over ``test_scheduler.PagedEcho`` (a fake model reading its
+    context back from the pages): a micro-batch leaves ``pp - 1`` ticks after it entered,
+    and its ids are fetched only by ``handle.result()``. ``log`` records ticks and fetches."""
+
+    def __init__(self, pp: int, model, log: list, name: str = "") -> None:
+        self.pp, self.model, self.log, self.name = pp, model, log, name
+        self._slots: list = [None] * pp  # (tag, handle) per stage
+        self.max_in_flight = 0
+
+    @property
+    def empty(self) -> bool:
+        return all(slot is None for slot in self._slots)
+
+    @property
+    def in_flight_tags(self) -> list:
+        return [slot[0] for slot in reversed(self._slots) if slot is not None]
+
+    def tick(self, batch=None, tag=None):
+        self.log.append(("tick", self.name))
+        if batch is not None:
+            self._slots[0] = (tag, _EchoHandle(self.model.step(batch, tag), self.log, self.name))
+        self.max_in_flight = max(self.max_in_flight, sum(slot is not None for slot in self._slots))
+        out, self._slots = self._slots[-1], [None, *self._slots[:-1]]
+        return out
+
+
+class _EchoHandle:
+    def __init__(self, sampled, log: list, name: str) -> None:
+        self._sampled, self._log, self._name = sampled, log, name
+
+    def result(self):
+        self._log.append(("result", self._name))
+        return self._sampled
+
+
+def echo_requests(rng, n: int, vocab: int) -> list:
+    """``n`` greedy requests of random lengths, each with the tick it arrives at."""
+    from energon_jax.request import Request, SamplingParams
+
+    return [(Request(f"r{i}", [rng.randrange(5, vocab) for _ in range(rng.randint(1, 12))],
+                     SamplingParams(max_tokens=rng.randint(1, 8), temperature=0.0, ignore_eos=True)),
+             rng.randrange(8)) for i in range(n)]
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_pipeline_step_loop_start_dispatches_finish_collects(pp):
+    """``start`` plans and ticks without fetching anything; ``finish`` fetches at most the one
+    micro-batch that left; driven that way every request gets the fake model's reference
+    tokens (in deltas and on the request), pp micro-batches were in flight, pages came back."""
+    import random
+
+    from energon_jax.parallel.pipeline import PipelineStepLoop
+    from energon_jax.scheduler import SchedulerConfig
+    from test_scheduler import VOCAB, make, reference
+
+    rng = random.Random(pp)
+    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16, max_model_len=40, page_size=4, num_pages=40)
+    sched, buckets, model = make(cfg)
+    log: list = []
+    runner = EchoPipeline(pp, model, log)
+    loop = PipelineStepLoop(sched, runner, buckets, lambda delta: [delta])
+    requests = echo_requests(rng, 10, VOCAB)
+    got: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
+    tick = 0
+    while tick < 8 or sched.has_work() or not runner.empty:
+        for r, arrive in requests:
+            if arrive == tick:
+                sched.add(r)
+        live = {r.request_id for r, arrive in requests if arrive <= tick and not r.finished}
+        n = len(log)
+        deltas = loop.start(live)
+        assert all(kind == "tick" for kind, _ in log[n:]), log[n:]  # start never waits on the device
+        n = len(log)
+        deltas += loop.finish()
+        assert [kind for kind, _ in log[n:]] in ([], ["result"]), log[n:]  # at most the one that left
+        for d in deltas:
+            got[d.request.request_id].extend(d.new_token_ids)
+        tick += 1
+        assert tick < 500
+    assert loop.finish() == [] and not loop.busy() and not loop.on_device
+    assert runner.max_in_flight == pp
+    assert sched.pages_used == 0 and sched.allocator.num_free == cfg.num_pages - 1
+    for r, _ in requests:
+        want, reason = reference(r.prompt_token_ids, r.params)
+        assert (r.output_token_ids, r.finish_reason) == (want, reason)
+        assert got[r.request_id] == want
+
+
 # ----------------------------------------------------------------- the child
 
 

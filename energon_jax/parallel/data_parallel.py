@@ -1,11 +1,13 @@
 """Data parallelism: ``dp`` independent replicas inside one engine, each serving its own requests.
 
-``Engine(..., dp=N, tp=T)`` on ``N * T`` devices builds ``N`` replicas. Replica ``r``
-owns the sub-mesh ``mesh[r, :, :]`` (its own ``T`` devices), a copy of the weights
-placed there (sharded over its ``tp`` devices), its own KV page pool of
-``kv_cache_pages`` pages on those devices, its own ``Scheduler`` and its own
-``StepLoop``. ``max_num_seqs``, ``max_num_batched_tokens`` and the KV pool are per
-replica: ``dp=N`` serves up to ``N * max_num_seqs`` rows at once.
+``Engine(..., dp=N, pp=P, tp=T)`` on ``N * P * T`` devices builds ``N`` replicas.
+Replica ``r`` owns the sub-mesh ``mesh[r, :, :]`` (its own ``P * T`` devices), a copy
+of the weights placed there (sharded over its ``tp`` devices; with ``pp > 1`` split
+into stages, stage ``s`` on ``mesh[r, s, :]``), its own KV page pool of
+``kv_cache_pages`` pages on those devices, its own ``Scheduler`` and its own step loop
+(``StepLoop``, or ``PipelineStepLoop`` for a pipeline replica: ``replica_loop``).
+``max_num_seqs``, ``max_num_batched_tokens`` and the KV pool are per replica: ``dp=N``
+serves up to ``N * max_num_seqs`` rows at once.
 
 - Admission (``DataParallelScheduler.add``): a new request goes to the replica with the
   least outstanding work (fewest unfinished requests, then fewest tokens still to feed
@@ -16,7 +18,11 @@ replica: ``dp=N`` serves up to ``N * max_num_seqs`` rows at once.
   so nothing waits) runs before any replica's ``finish`` (fetch the sampled ids,
   update its scheduler). The replicas therefore compute at the same time, each on its
   own devices, and the host plans replica ``r + 1`` while replica ``r`` computes. With
-  ``async_scheduling`` each replica also plans one step ahead, as one engine does.
+  ``async_scheduling`` each non-pipeline replica also plans one step ahead, as one
+  engine does. For a pipeline replica a step is one tick: ``start`` plans a
+  micro-batch and ticks (every stage's work dispatched), ``finish`` collects the
+  micro-batch that left its last stage; up to ``pp`` micro-batches are in flight in
+  each replica.
 - The engine sees the replicas through two small views with the single replica's
   interface: ``DataParallelScheduler`` (add, abort, finish, ``has_work``, and the
   accounting summed over replicas: waiting, running, pages used and total, preemptions)
@@ -27,13 +33,14 @@ replica: ``dp=N`` serves up to ``N * max_num_seqs`` rows at once.
 Greedy tokens equal the single-device engine's: a request's rows are the same
 computation whichever replica runs them and whatever else shares its steps.
 
-Limits: one process (the multi-process ``Controller`` broadcasts one runner's steps),
-and no ``pp`` (a pipeline replica would need ``PipelineStepLoop`` split into
-``start``/``finish``); both are refused with a ValueError (``runtime.py``).
+Limits: one process (the multi-process ``Controller`` broadcasts one runner's steps);
+``dp > 1`` across processes is refused with a ValueError (``runtime.py``).
 
 Instrumentation: ``DataParallelRunner.stats`` counts engine steps with work, each
 replica's device batches, rows and tokens, and the most replicas that had a step on
-their devices at once (after the dispatch half of an engine step);
+their devices at once (after the dispatch half of an engine step; a pipeline replica
+counts while a micro-batch is inside it); a pipeline replica's own ``stats``
+(``PipelineStats``) count its ticks, busy stages and micro-batches in flight;
 ``DataParallelScheduler.assigned`` counts the requests each replica was given.
 """
 
@@ -88,7 +95,11 @@ class DataParallelRunner:
         return self.num_compiles
 
     def reset_stats(self) -> None:
+        """Zero these counters and every replica's own (a pipeline's ``PipelineStats``)."""
         self.stats = DataParallelStats(replicas=[DispatchCounts() for _ in self.replicas])
+        for r in self.replicas:
+            if hasattr(r, "reset_stats"):
+                r.reset_stats()
 
 
 def _outstanding(scheduler: Any) -> tuple[int, int]:
@@ -160,6 +171,21 @@ class DataParallelScheduler:
         return self._sum("num_planned_ahead")
 
 
+def replica_loop(
+    scheduler: Any, runner: Any, buckets: Any, process: ProcessFn, *, split_prefill_decode: bool = False,
+    plans_ahead: bool = False,
+) -> StepLoop:
+    """One replica's step loop: ``PipelineStepLoop`` for a pipeline replica (``pp > 1``: one
+    tick per step; a micro-batch is never split nor planned past, so both options are moot
+    there), else ``StepLoop``."""
+    from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
+
+    if isinstance(runner, PipelineRunner):
+        return PipelineStepLoop(scheduler, runner, buckets, process)
+    return StepLoop(scheduler, runner, buckets, process, split_prefill_decode=split_prefill_decode,
+                    plans_ahead=plans_ahead)
+
+
 class DataParallelStepLoop:
     """The engine's step loop for ``dp > 1``: one ``StepLoop`` per replica, started together."""
 
@@ -172,12 +198,13 @@ class DataParallelStepLoop:
         *,
         split_prefill_decode: bool = False,
         plans_ahead: bool = False,
-        make_loop: Callable[..., StepLoop] = StepLoop,
+        make_loop: Callable[..., StepLoop] | None = None,
     ) -> None:
         if len(scheduler.replicas) != runner.dp:
             raise ValueError(f"{len(scheduler.replicas)} schedulers for {runner.dp} replica runners")
         self.scheduler = scheduler
         self.runner = runner
+        make_loop = replica_loop if make_loop is None else make_loop
         self.loops = [
             make_loop(s, r, buckets, process, split_prefill_decode=split_prefill_decode,
                       plans_ahead=plans_ahead and getattr(r, "supports_prev_ids", False))

@@ -1,7 +1,9 @@
 """Non-blocking pipeline parallelism: ``pp`` stages, each owning a contiguous range of layers.
 
-Stage ``s`` lives on the mesh slice ``mesh[:, s, :]`` (its own ``dp x tp`` devices, so
-pipeline and tensor parallelism combine: ``pp=2, tp=4`` on 8 devices) and owns layers
+Stage ``s`` lives on the mesh slice ``mesh[:, s, :]`` (its own ``tp`` devices, so
+pipeline and tensor parallelism combine: ``pp=2, tp=4`` on 8 devices; with data
+parallelism each replica is a pipeline of its own over its slice ``mesh[r, :, :]``, see
+below) and owns layers
 ``layer_bounds(L, pp)[s]`` together with the KV pages of those layers. Stage 0 also
 embeds the tokens; the last stage applies the final norm, the head and the sampler.
 
@@ -17,17 +19,24 @@ Nothing here waits on a device: each stage's work is a jitted call dispatched
 asynchronously to that stage's devices, so all stages compute at once.
 
 The controller side is ``PipelineStepLoop``, the engine's step loop for ``pp > 1``
-(``Engine(..., pp=N)``): one ``Engine.step()`` is one tick. The engine's one scheduler
-(one page pool shared by every stage's layers) plans a micro-batch from the running
-requests that have no row in the pipeline (``Scheduler.schedule_micro_batch``), stage 0
-takes it, and the micro-batch leaving the last stage is collected (its ids fetched, the
-scheduler updated) before the next tick plans. A request whose micro-batch entered at
+(``Engine(..., pp=N)``): one ``Engine.step()`` is one tick, split like every step loop
+into ``start`` and ``finish``. ``start``: the engine's one scheduler (one page pool
+shared by every stage's layers) plans a micro-batch from the running requests that have
+no row in the pipeline (``Scheduler.schedule_micro_batch``), and the tick hands it to
+stage 0 and dispatches every stage's work. ``finish``: the micro-batch that left the
+last stage is collected (its ids fetched, the scheduler updated) before the next tick
+plans. A request whose micro-batch entered at
 tick ``t`` is known again when tick ``t + pp`` plans, exactly when the clock comes round
 to its group again; rows per micro-batch are capped at about ``running / pp``, so
 the running requests settle into ``pp`` groups of even size, one per stage. In steady
 state every stage is busy at every tick (no bubbles); the only bubbles are the
 ``pp - 1`` ticks of filling and draining. Greedy tokens equal ``pp=1``: every row is
 the same computation, only the order of micro-batches differs.
+
+Data parallelism combines with it (``Engine(dp=2, pp=2)``): each of the ``dp`` replicas
+is a ``PipelineRunner`` over its own ``(1, pp, tp)`` slice with its own scheduler, page
+pool and ``PipelineStepLoop``; ``DataParallelStepLoop`` runs every replica's ``start``
+(tick) before any replica's ``finish``, so the ``dp`` pipelines compute at once.
 
 Pages stay safe without any locking: micro-batches pass every stage in the order they
 entered (the stage's KV buffers are threaded from call to call), so when a request is
@@ -211,23 +220,49 @@ class PipelineRunner:
 
 
 class PipelineStepLoop(StepLoop):
-    """The engine's step loop for ``pp > 1``: one pipeline tick per ``step()`` (module docstring)."""
+    """The engine's step loop for ``pp > 1``: one pipeline tick per ``step()`` (module docstring).
+
+    ``step`` is ``start`` (plan a micro-batch, tick: every stage's work dispatched) then
+    ``finish`` (fetch the ids of the micro-batch that left the last stage, update the
+    scheduler), as for ``StepLoop``; data parallelism (``data_parallel.py``) runs every
+    replica's ``start`` before any ``finish``, so ``dp`` pipelines compute at once."""
 
     def __init__(self, scheduler: Any, runner: PipelineRunner, buckets: Any, process: ProcessFn) -> None:
         super().__init__(scheduler, runner, buckets, process)
         self.pp = runner.pp
+        # The micro-batch that left the last stage at start()'s tick: (its plan, its StepHandle).
+        self._left: tuple[Any, StepHandle] | None = None
 
     def busy(self) -> bool:
         # A micro-batch whose requests have all finished (aborted) is no work: it is
         # dropped when it leaves, at a later tick.
-        in_flight = any(not row.request.finished for plan in self.runner.in_flight_tags for row in plan.rows)
+        plans = [*self.runner.in_flight_tags, *([] if self._left is None else [self._left[0]])]
+        in_flight = any(not row.request.finished for plan in plans for row in plan.rows)
         return bool(self._deferred) or in_flight
+
+    @property
+    def on_device(self) -> bool:
+        """A micro-batch inside a stage, or one that left and whose ids are not fetched yet."""
+        return self._left is not None or not self.runner.empty
 
     def step(self, live: Collection[str]) -> list[StreamDelta]:
         """Plan a micro-batch for stage 0 (if any request is idle), tick, collect what leaves.
 
-        A micro-batch is one call per stage: no prefill/decode split (``step_split.py``)
-        and no planning ahead; the ``pp`` micro-batches in flight are the overlap."""
+        ``start`` then ``finish``. A micro-batch is one call per stage: no prefill/decode
+        split (``step_split.py``) and no planning ahead; the ``pp`` micro-batches in flight
+        are the overlap."""
+        out = self.start(live)
+        out.extend(self.finish())
+        return out
+
+    def start(self, live: Collection[str]) -> list[StreamDelta]:
+        """Plan a micro-batch from the idle running requests, tick (stage 0 takes it, every
+        stage's work is dispatched), emit deferred text; never blocks on a device.
+
+        The micro-batch leaving the last stage at this tick is left for ``finish``. With
+        nothing to plan and nothing in the pipeline, ``live`` is checked for lost requests."""
+        if self._left is not None:
+            raise RuntimeError("start() called twice: finish() collects the micro-batch that left first")
         out: list[StreamDelta] = []
         plan = self.scheduler.schedule_micro_batch(self.pp) if self.scheduler.has_work() else None
         if plan is None and self.runner.empty:
@@ -236,9 +271,15 @@ class PipelineStepLoop(StepLoop):
                 self.check_progress(live)
             return out
         batch = None if plan is None else self._pack(plan, self.buckets)
-        left = self.runner.tick(batch, tag=plan)
+        self._left = self.runner.tick(batch, tag=plan)
         out.extend(self._drain_deferred())  # host work overlapping the stages
-        if left is not None:
-            done, handle = left
-            out.extend(self._collect(done, handle.result()))
         return out
+
+    def finish(self) -> list[StreamDelta]:
+        """Fetch the ids of the micro-batch that left the last stage at ``start``'s tick (the
+        only wait on the device) and update the scheduler; nothing when none left."""
+        left, self._left = self._left, None
+        if left is None:
+            return []
+        done, handle = left
+        return self._collect(done, handle.result())

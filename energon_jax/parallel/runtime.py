@@ -8,10 +8,11 @@ gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
   split by KV head (``mesh.py``), one ``ModelRunner`` over all of it;
 - ``dp > 1``: a ``DataParallelRunner`` (``data_parallel.py``): ``dp`` independent
-  ``ModelRunner`` replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` (its own
-  ``tp`` devices) with its own copy of the weights and its own KV page pool of
-  ``num_pages`` pages; the engine gives each replica its own scheduler and step loop.
-  Single-process and without ``pp`` for now (both refused with a ValueError);
+  replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` (its own ``pp * tp``
+  devices) with its own copy of the weights and its own KV page pool of ``num_pages``
+  pages: a ``ModelRunner``, or with ``pp > 1`` a ``PipelineRunner`` over that slice
+  (stage ``s`` on ``mesh[r, s, :]``); the engine gives each replica its own scheduler
+  and step loop. Single-process for now (refused with a ValueError across processes);
 - ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``),
   which the engine drives with ``PipelineStepLoop`` (``pp`` micro-batches in flight);
   single-process for now;
@@ -50,9 +51,6 @@ class ParallelOptions:
 
     def __post_init__(self) -> None:
         ParallelConfig(self.dp, self.pp, self.tp)  # validates the sizes
-        if self.dp > 1 and self.pp > 1:
-            # Each replica would need PipelineStepLoop split into start/finish (see data_parallel.py).
-            raise ValueError(f"dp={self.dp} with pp={self.pp} is not supported yet: use dp with tp, or pp with tp")
         if self.offload is None:
             if self.resident_layers is not None:
                 raise ValueError(f"resident_layers={self.resident_layers} needs offload='host' or 'peer'")
@@ -112,21 +110,19 @@ def build_runner(
         from energon_jax.parallel.data_parallel import DataParallelRunner
 
         replicas = []
+        parts = _pipeline_parts(model, options.pp)
         for m in replica_meshes(mesh):  # each replica: its own weights and pages on its own devices
+            if parts is not None:  # a pipeline over mesh[r, :, :]: stage s on mesh[r, s, :]
+                replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype))
+                continue
             sharding = kv_pages_sharding(m, rules)
             kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
                        for _ in range(c.num_layers))
             replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
         return DataParallelRunner(replicas)
-    if options.pp > 1:
-        from energon_jax.parallel.pipeline import PipelineRunner
-
-        if jax.process_count() > 1:
-            raise ValueError(f"pp={options.pp} is single-process for now: use tp/dp across processes")
-        from energon_jax.parallel.stages import decoder_parts
-
-        runner = PipelineRunner(decoder_parts(model), mesh, rules, num_pages=num_pages, page_size=page_size,
-                                kv_dtype=kv_dtype)
+    parts = _pipeline_parts(model, options.pp)
+    if parts is not None:
+        runner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype)
     else:
         shard_model(model, mesh, rules)
         sharding = kv_pages_sharding(mesh, rules)
@@ -140,6 +136,24 @@ def build_runner(
             raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")
         return Controller(runner, templates)
     return runner
+
+
+def _pipeline_parts(model: Any, pp: int) -> Any:
+    """The model cut into stage pieces when ``pp > 1`` (else None); pipelines are single-process."""
+    if pp <= 1:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError(f"pp={pp} is single-process for now: use tp/dp across processes")
+    from energon_jax.parallel.stages import decoder_parts
+
+    return decoder_parts(model)
+
+
+def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any) -> Any:
+    """A ``PipelineRunner`` over ``mesh`` (``(dp, pp, tp)``; a dp replica passes its ``(1, pp, tp)`` slice)."""
+    from energon_jax.parallel.pipeline import PipelineRunner
+
+    return PipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, kv_dtype=kv_dtype)
 
 
 def load_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
