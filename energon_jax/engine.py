@@ -160,6 +160,8 @@ class Engine:
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
             max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
         )
+        from energon_jax.parallel.runtime import dp_replicas
+
         max_rows = max(b for _, b in self._buckets.all_shapes())
         dtype = param_dtype(model)
         built_parallel = self.parallel != self.parallel.__class__() or jax.process_count() > 1
@@ -177,7 +179,7 @@ class Engine:
                 for _ in range(model_config.num_layers)
             )
             self._runner = ModelRunner(model, kv, max_rows=max_rows)
-        if self.parallel.dp > 1:  # one scheduler (page pool, limits) and step loop per replica
+        if dp_replicas(self.parallel):  # one scheduler (page pool, limits) and step loop per replica
             from energon_jax.parallel.data_parallel import DataParallelScheduler, DataParallelStepLoop
 
             self._scheduler = DataParallelScheduler([

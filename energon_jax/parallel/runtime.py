@@ -12,7 +12,10 @@ gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``
   devices) with its own copy of the weights and its own KV page pool of ``num_pages``
   pages: a ``ModelRunner``, or with ``pp > 1`` a ``PipelineRunner`` over that slice
   (stage ``s`` on ``mesh[r, s, :]``); the engine gives each replica its own scheduler
-  and step loop. Single-process for now (refused with a ValueError across processes);
+  and step loop. Within one process only: across processes (``jax.distributed``) the
+  controller broadcasts one runner's steps, so there ``dp`` falls back to one
+  ``ModelRunner`` over the whole ``(dp, 1, tp)`` mesh that every ``dp`` group computes
+  alike (correct, no extra throughput; logged as a warning);
 - ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``),
   which the engine drives with ``PipelineStepLoop`` (``pp`` micro-batches in flight);
   single-process for now;
@@ -28,6 +31,7 @@ The model is validated against the layout first, so an impossible configuration 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +42,8 @@ from energon_jax.parallel.mesh import (
     sharding_rules, validate_model_parallelism,
 )
 from energon_jax.parallel.memory_pool import OffloadConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +106,15 @@ def build_runner(
                                  num_pages=num_pages, page_size=page_size)
         return runner
     if options.dp > 1 and jax.process_count() > 1:
-        raise ValueError(
-            f"dp={options.dp} is single-process for now ({jax.process_count()} processes): the controller "
-            "broadcasts one runner's steps; use tp across processes"
-        )
+        if options.pp > 1:
+            raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
+                             f"({jax.process_count()} processes): use tp across processes")
+        log.warning("dp=%d across %d processes: every dp group computes the same step (the controller broadcasts "
+                    "one runner's steps); dp adds throughput only within one process", options.dp,
+                    jax.process_count())
     mesh = make_mesh(options.parallel)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
-    if options.dp > 1:
+    if dp_replicas(options):
         from energon_jax.parallel.data_parallel import DataParallelRunner
 
         replicas = []
@@ -136,6 +144,12 @@ def build_runner(
             raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")
         return Controller(runner, templates)
     return runner
+
+
+def dp_replicas(options: ParallelOptions) -> bool:
+    """Whether the engine runs ``dp`` independent replicas (``DataParallelRunner``): ``dp > 1``
+    in one process. Across processes ``dp`` replicates one step over the global mesh."""
+    return options.dp > 1 and jax.process_count() == 1
 
 
 def _pipeline_parts(model: Any, pp: int) -> Any:
@@ -172,5 +186,7 @@ def load_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
         intermediate_size=getattr(c, "intermediate_size", None),
     )
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
-    # dp > 1: load into replica 0's shards; build_runner copies them to the other replicas.
-    return param_sharding_fn(replica_meshes(make_mesh(options.parallel))[0], rules)
+    mesh = make_mesh(options.parallel)
+    if dp_replicas(options):  # load into replica 0's shards; build_runner copies them to the others
+        mesh = replica_meshes(mesh)[0]
+    return param_sharding_fn(mesh, rules)
