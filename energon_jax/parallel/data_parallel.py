@@ -33,8 +33,9 @@ serves up to ``N * max_num_seqs`` rows at once.
 Greedy tokens equal the single-device engine's: a request's rows are the same
 computation whichever replica runs them and whatever else shares its steps.
 
-Limits: one process (the multi-process ``Controller`` broadcasts one runner's steps);
-``dp > 1`` across processes is refused with a ValueError (``runtime.py``).
+Limits: one process (the multi-process ``Controller`` broadcasts one runner's steps).
+Across processes ``runtime.build_runner`` falls back to one runner over the whole mesh
+that every dp group computes alike (``runtime.dp_replicas``), with a warning.
 
 Instrumentation: ``DataParallelRunner.stats`` counts engine steps with work, each
 replica's device batches, rows and tokens, and the most replicas that had a step on
