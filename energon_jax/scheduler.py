@@ -239,18 +239,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         rows, preempted, budget = self._fill_rows(list(self._running), budget, cap=None)
         if not preempted:
-            budget = self._admit(rows, budget)
-
-        if not rows:
-            if self.has_work():  # everything fits an empty pool (checked in add), so this is a bug
-                raise RuntimeError(
-                    f"nothing schedulable with {self.num_waiting} waiting, {self.num_running} running, "
-                    f"{self.allocator.num_free} free pages"
-                )
-            return None
-        plan = StepPlan(rows, preempted)
-        self._in_flight.append(plan)
-        return plan
+            self._admit(rows, budget)
+        return self._new_plan(rows, preempted)
 
     def _schedule_ahead(self, prev: StepPlan) -> StepPlan | None:
         """Plan the step after ``prev`` before its tokens are known; ``None`` if that needs a preemption."""
@@ -321,8 +311,13 @@ class Scheduler:
         rows, preempted, budget = self._fill_rows(idle, budget, cap=cap)
         if not preempted:
             self._admit(rows, budget, max_rows=cap)
+        return self._new_plan(rows, preempted)
+
+    def _new_plan(self, rows: list[ScheduledRow], preempted: list[Request]) -> StepPlan | None:
+        """Record ``rows`` as a plan in flight; ``None`` when empty. With nothing in flight and
+        work left an empty plan is a bug: everything fits an empty pool (checked in add)."""
         if not rows:
-            if not self._in_flight and self.has_work():  # as in schedule(): everything fits an empty pool
+            if not self._in_flight and self.has_work():
                 raise RuntimeError(
                     f"nothing schedulable with {self.num_waiting} waiting, {self.num_running} running, "
                     f"{self.allocator.num_free} free pages"
