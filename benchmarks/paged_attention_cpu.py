@@ -5,12 +5,16 @@
 One layer's attention step as the model runs it (the step's new K/V scattered into the
 pool, then attention over the result, pool donated) with the shapes of ``benchmarks/offline.py``'s model (8 query and
 8 KV heads of 64, float32, pages of 16, max_model_len 1280 so M = 80 pages per row).
-Cases: (a) one 512-token prefill at context 512; (b) 16 decode rows at context 1000;
-(c1) a mixed step that fits the packed budget (a 256-token chunk resuming at position
-256 plus one decode row at context 700); (c2) a mixed step that does not (the same
-chunk plus 15 decode rows at contexts 200..900), which takes the page walk; (d) one
-decode row at context 40 in a pool sized for 16 rows (the engine's batch-1 decode). Prints the
-median time of each and the ratio reference / xla measured in the same run.
+Page tables are padded with the null page past each row's length, as the engine's are.
+Cases: (a) one 512-token prefill at context 512; (a2) a 512-token chunk resuming at 512;
+(b) 16 decode rows at context 1000; (b2) 16 decode rows of uneven contexts (one at 482,
+fifteen at 170); (c1) a 256-token chunk resuming at position 256 plus one decode row at
+context 700; (c2) the same chunk plus 15 decode rows at contexts 200..900; (d) one decode
+row at context 40 in a pool sized for 16 rows (the engine's batch-1 decode). The path
+column says how ``paged_attention_xla`` serves the step: its decode rows by a page walk
+(lanes or (row, page) pairs, chosen at run time), its multi-token rows by blocked
+attention over a packed budget ``C``. Prints the median time of each and the ratio
+reference / xla measured in the same run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.page_layout import KVPages, write_kv
-from pallas_kernels.paged_attention import packed_context_budgets, paged_attention_reference, paged_attention_xla
+from pallas_kernels.paged_attention import paged_attention_reference
+from pallas_kernels._paged_attention_xla import packed_context_budgets, paged_attention_xla
 
 N, K, H, S, M = 8, 8, 64, 16, 80
 
@@ -52,7 +57,10 @@ def make_case(rng, rows: list[tuple[int, int]], pool_rows: int | None = None):
     num_pages = 1 + max(b, pool_rows or b) * M
     k = jnp.asarray(rng.standard_normal((num_pages, S, K, H)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((num_pages, S, K, H)), jnp.float32)
-    tables = jnp.asarray(1 + rng.permutation(b * M).reshape(b, M), jnp.int32)
+    tables = 1 + rng.permutation(b * M).reshape(b, M)
+    for r, (n, _) in enumerate(rows):
+        tables[r, -(-n // S):] = 0  # the engine pads page tables with the null page
+    tables = jnp.asarray(tables, jnp.int32)
     lengths = jnp.asarray([n for n, _ in rows], jnp.int32)
     seg = np.concatenate([np.full(t, r) for r, (_, t) in enumerate(rows)]).astype(np.int32)
     pos = np.concatenate([np.arange(n - t, n) for n, t in rows]).astype(np.int32)
@@ -61,8 +69,12 @@ def make_case(rng, rows: list[tuple[int, int]], pool_rows: int | None = None):
     new_v = jnp.asarray(rng.standard_normal((len(seg), K, H)), jnp.float32)
     slots = jnp.asarray(np.asarray(tables)[seg, pos // S] * S + pos % S, jnp.int32)
     budgets = packed_context_budgets(len(seg), M, S)
-    total = sum(n for n, _ in rows)
-    path = next((f"packed C={c}" for c in budgets if total <= c), "page walk")
+    total = sum(n for n, t in rows if t > 1)
+    decode = sum(1 for _, t in rows if t == 1)
+    parts = [f"{decode} decode rows: walk"] if decode else []
+    if total:
+        parts.append(next((f"blocked C={c}" for c in budgets if total <= c), "reference walk"))
+    path = " + ".join(parts)
     return (k, v, q, new_k, new_v, slots, tables, lengths, jnp.asarray(seg), jnp.asarray(pos)), path
 
 
@@ -73,7 +85,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cases = {
         "(a) prefill T=512 ctx=512": [(512, 512)],
+        "(a2) chunk 512@512": [(1024, 512)],
         "(b) decode 16 rows ctx=1000": [(1000, 1)] * 16,
+        "(b2) decode 16 rows ctx 482 + 15x170": [(482, 1)] + [(170, 1)] * 15,
         "(c1) chunk 256@256 + 1 decode ctx=700": [(512, 256), (700, 1)],
         "(c2) chunk 256@256 + 15 decode ctx 200..900": [(512, 256)] + [(int(n), 1) for n in np.linspace(200, 900, 15)],
         "(d) batch-1 decode ctx=40, pool for 16 rows": [(40, 1)],

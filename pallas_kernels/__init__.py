@@ -13,7 +13,8 @@ from pallas_kernels.page_layout import (
     write_kv,
 )
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, quantize_weight_int8
-from pallas_kernels.paged_attention import paged_attention, paged_attention_reference, paged_attention_xla
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+from pallas_kernels._paged_attention_xla import paged_attention_xla
 from pallas_kernels.sparse_matmul import (
     PackedSparse,
     pack_sparse,

@@ -13,10 +13,9 @@ Three implementations: the Pallas split-K kernel (Triton on GPU, Mosaic on TPU),
 ``paged_attention_reference`` (plain jnp, the numerical reference: it walks the page
 table a block of pages at a time and gathers, for every query token, its own copy of its
 row's context, so a prefill chunk of ``T`` tokens pays ``T x context`` of gather) and
-``paged_attention_xla``, the CPU default, which gathers each row's context once into a
-packed key list and runs ordinary masked attention over it (``flash_attention_reference``)
-whenever the step's contexts fit a static budget, and falls back to the reference walk
-otherwise.
+``paged_attention_xla`` (in ``_paged_attention_xla.py``), the CPU default, which serves
+decode rows with walks over only the pages they need and prefill chunks with blocked
+attention over their gathered contexts.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.dispatch import backend, resolve_implementation, use_interpret
-from pallas_kernels.flash_attention import flash_attention_reference
 
 # Pages read per iteration of the reference loop. One page a step measured fastest on
 # the CPU (the gathered block [T, S, K, H] stays in cache): against 8 pages, 16 decode
@@ -71,6 +69,8 @@ def paged_attention(
             k_scale=k_scale, v_scale=v_scale, block_sizes=block_sizes,
         )
     if impl == "xla":
+        from pallas_kernels._paged_attention_xla import paged_attention_xla
+
         return paged_attention_xla(
             q, k_pages, v_pages, page_tables, lengths,
             segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
@@ -153,109 +153,32 @@ def paged_attention_reference(
         kpos = b * ppb * page_size + jnp.arange(ppb * page_size)
         mask = kpos[None, :] < tok_len[:, None]  # [T, C]
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        l = l * alpha + jnp.sum(p, axis=-1)
-        acc = acc * alpha[..., None] + jnp.einsum("tkgc,tckh->tkgh", p, vb)
-        return m_new, l, acc
+        return online_softmax_step((m, l, acc), s, lambda p: jnp.einsum("tkgc,tckh->tkgh", p, vb))
 
-    init = (
-        jnp.full((t, kh, g), -jnp.inf, jnp.float32),
-        jnp.zeros((t, kh, g), jnp.float32),
-        jnp.zeros((t, kh, g, h), jnp.float32),
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, online_softmax_init((t, kh, g), h))
+    return online_softmax_result(l, acc).reshape(t, n, h).astype(q.dtype)
+
+
+def online_softmax_init(shape: tuple[int, ...], head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Running max, sum and output ``(m, l, acc)`` of an online softmax over key blocks."""
+    return (
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, head_dim), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    o = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-    return o.reshape(t, n, h).astype(q.dtype)
 
 
-def packed_context_budgets(num_tokens: int, max_pages: int, page_size: int) -> tuple[int, ...]:
-    """Static key budgets ``C`` of ``paged_attention_xla``'s packed path, smallest first.
-
-    The largest is ``T + M * S``: a row never holds more than ``M * S`` cached tokens and
-    a row's context beyond its query tokens is what it had cached before the step, so
-    every step in which at most one row brings earlier context (a lone prefill chunk,
-    any number of fresh prompts, a single decode row) fits. The packed path costs
-    ``T x C``, so smaller budgets serve the common cheaper steps: ``T`` (fresh prompts
-    only: no row has earlier context) and ``T`` plus a quarter of a row, page-aligned
-    (a chunk resuming early in its prompt). Steps that fit none take the page walk.
-    """
-    row = max_pages * page_size
-    quarter = -(-row // (4 * page_size)) * page_size
-    return tuple(sorted({num_tokens, num_tokens + min(quarter, row), num_tokens + row}))
+def online_softmax_step(carry, s: jax.Array, weighted_values) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fold one block of masked scores ``s [..., C]`` (-inf where masked) into ``carry``;
+    ``weighted_values(p)`` maps the block's weights ``p [..., C]`` to ``[..., H]``."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+    return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + weighted_values(p)
 
 
-def paged_attention_xla(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_tables: jax.Array,
-    lengths: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    positions: jax.Array | None = None,
-    sm_scale: float | None = None,
-    k_scale: jax.Array | None = None,
-    v_scale: jax.Array | None = None,
-) -> jax.Array:
-    """Same contract as ``paged_attention_reference``; picks a path at run time.
-
-    Row ``b`` needs the first ``need[b] = min(lengths[b], 1 + max position of its
-    tokens)`` cache positions (0 for a row without tokens). When ``sum(need)`` fits one
-    of ``packed_context_budgets`` (the smallest that does is used) the rows' contexts
-    are gathered once, back to back, into ``[C, K, H]`` and attended with
-    ``flash_attention_reference`` (key segment = row, key position = cache position,
-    causal): cost ``T x C`` in dense matmuls instead of the walk's per-token gathers.
-    Otherwise the reference page walk runs.
-    """
-    segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
-    # The pages usually come straight from the step's KV scatter, whose result is also a
-    # step output. Without this barrier XLA duplicates that in-place scatter into the
-    # switch's operand and the output, copying the whole pool each layer (measured on
-    # CPU: 47 ms instead of 0.3 ms per layer at one decode token, 1281 pages).
-    k_pages, v_pages, k_scale, v_scale = jax.lax.optimization_barrier((k_pages, v_pages, k_scale, v_scale))
-    t = q.shape[0]
-    num_rows, max_pages = page_tables.shape
-    num_pages, page_size, kh, h = k_pages.shape
-    budgets = packed_context_budgets(t, max_pages, page_size)
-
-    valid_tok = segment_ids >= 0
-    rows = jnp.where(valid_tok, segment_ids, 0)
-    # Highest cache position + 1 any token of each row looks at; 0 for rows without tokens.
-    reach = jnp.zeros((num_rows,), jnp.int32).at[rows].max(jnp.where(valid_tok, positions + 1, 0))
-    need = jnp.minimum(reach, lengths.astype(jnp.int32))  # [B]
-    ends = jnp.cumsum(need)  # [B]
-    total = ends[-1]
-
-    def packed(budget: int):
-        def run():
-            c = jnp.arange(budget, dtype=jnp.int32)
-            kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
-            valid = c < total
-            kv_pos = c - (ends[kv_row] - need[kv_row])  # position inside its row
-            page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
-            slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
-            slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
-            k_ctx = k_pages.reshape(num_pages * page_size, kh, h)[slot]  # [C, K, H]
-            v_ctx = v_pages.reshape(num_pages * page_size, kh, h)[slot]
-            if k_scale is not None:
-                k_ctx = k_ctx.astype(jnp.float32) * k_scale.reshape(-1, kh)[slot][..., None]
-                v_ctx = v_ctx.astype(jnp.float32) * v_scale.reshape(-1, kh)[slot][..., None]
-            return flash_attention_reference(
-                q, k_ctx, v_ctx, segment_ids=jnp.where(valid_tok, segment_ids, -1), positions=positions,
-                causal=True, sm_scale=sm_scale, kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
-            )
-
-        return run
-
-    def walk():
-        return paged_attention_reference(
-            q, k_pages, v_pages, page_tables, lengths, segment_ids=segment_ids, positions=positions,
-            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
-        )
-
-    # Branch i: the smallest budget that holds the step; len(budgets): none does.
-    index = jnp.sum(total > jnp.asarray(budgets, jnp.int32))
-    return jax.lax.switch(index, [*(packed(c) for c in budgets), walk])
+def online_softmax_result(l: jax.Array, acc: jax.Array) -> jax.Array:
+    """``acc / l``, zeros where nothing was attended."""
+    return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)

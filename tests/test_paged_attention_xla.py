@@ -1,5 +1,7 @@
-"""paged_attention_xla (the CPU default) against the jnp reference, both of its run-time
-paths; the dispatch of "xla"; and an engine whose greedy tokens do not depend on it."""
+"""paged_attention_xla (the CPU default) against the jnp reference, every one of its
+run-time paths (decode rows: lane walk and pair walk; multi-token rows: blocked attention
+over each packed budget, or the reference walk), small tiles included; the dispatch of
+"xla"; and an engine whose greedy tokens do not depend on it."""
 
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from kernel_cases import TOLERANCE, randn, rel_err
 from pallas_kernels import paged_attention, paged_attention_reference
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.page_layout import quantize_kv
-from pallas_kernels.paged_attention import packed_context_budgets, paged_attention_xla
+from pallas_kernels import _paged_attention_xla as xla_module
+from pallas_kernels._paged_attention_xla import packed_context_budgets, paged_attention_xla
 
 NUM_KV_HEADS, HEAD_DIM = 2, 32
-# Which run-time path of paged_attention_xla each case must take: packed budget 0 (T),
-# 1 (T + a quarter row), 2 (T + a row), or 3, the page walk.
+# Which run-time path the multi-token rows of each case must take: packed budget 0 (T),
+# 1 (T + a quarter row), 2 (T + a row), or 3, the page walk. Decode rows (one token)
+# take the decode walks whatever the case.
 PATHS = {"fresh": 0, "chunk": 1, "long": 2, "walk": 3}
 
 
@@ -27,7 +31,8 @@ def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
     10. "long": one row resumes a chunked prefill late in a long prompt, two fresh
     prompts, a decode row with short context, one token placed past its row's length
     (sees only ``j < lengths``), and an idle row with cached tokens but no query.
-    "walk": several decode rows and a short chunk whose contexts exceed every budget.
+    "walk": several decode rows and two short chunks late in long rows, whose contexts
+    together exceed every budget.
     """
     max_pages = 9
     cap = max_pages * page_size
@@ -40,7 +45,7 @@ def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
         rows = [(cap - 3, cap - 3 - 11, 11), (13, 0, 13), (7, 0, 7), (5, 4, 1), (2 * page_size + 1, None, 0)]
     else:
         rows = [(cap - 1, cap - 2, 1), (cap - page_size + 3, cap - page_size + 2, 1), (cap - 5, cap - 9, 4),
-                (3 * page_size + 2, 3 * page_size + 1, 1)]
+                (3 * page_size + 2, 3 * page_size + 1, 1), (cap - 2, cap - 4, 2)]
     b = len(rows)
     lengths = np.array([r[0] for r in rows], np.int32)
     num_pages = 1 + sum(-(-int(n) // page_size) for n in lengths) + 3
@@ -78,10 +83,12 @@ def _problem(rng, *, path, group, int8, page_size, dtype=jnp.float32):
 
     # The case must really sit on the intended side of the budget (same rule as the kernel).
     reach = np.zeros(b, np.int64)
+    count = np.zeros(b, np.int64)
     for s, p in zip(seg, pos):
         if s >= 0:
             reach[s] = max(reach[s], p + 1)
-    total = int(np.minimum(reach, lengths).sum())
+            count[s] += 1
+    total = int(np.where(count > 1, np.minimum(reach, lengths), 0).sum())
     budgets = packed_context_budgets(len(seg), max_pages, page_size)
     assert len(budgets) == 3 and sum(total > c for c in budgets) == PATHS[path], (total, budgets)
     args = (q, k, v, jnp.asarray(tables), jnp.asarray(lengths))
@@ -108,6 +115,37 @@ def test_xla_matches_reference(path, group, int8):
     out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
     ref = paged_attention_reference(*args, **kw)
     _check(out, ref, kw["segment_ids"], jnp.float32)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_xla_small_tiles(monkeypatch, path):
+    """Tiles of 4: several query and key tiles per chunk, tiles skipped on both sides."""
+    monkeypatch.setattr(xla_module, "ATTENTION_BLOCK", 4)
+    rng = np.random.default_rng(hash(("tiles", path)) % 2**32)
+    args, kw = _problem(rng, path=path, group=2, int8=path == "walk", page_size=5)
+    out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
+    _check(out, paged_attention_reference(*args, **kw), kw["segment_ids"], jnp.float32)
+
+
+def test_uneven_decode_rows():
+    """Sixteen decode rows with contexts from 1 to a full row, some rows idle."""
+    rng = np.random.default_rng(17)
+    page_size, b, max_pages = 4, 16, 7
+    lengths = np.asarray(rng.integers(1, max_pages * page_size + 1, b), np.int32)
+    lengths[[3, 9]] = [1, max_pages * page_size]
+    tables = np.zeros((b, max_pages), np.int32)
+    perm = 1 + rng.permutation(b * max_pages)
+    for r, n in enumerate(lengths):
+        tables[r, : -(-int(n) // page_size)] = perm[r * max_pages : r * max_pages + -(-int(n) // page_size)]
+    k = randn(rng, (1 + b * max_pages, page_size, NUM_KV_HEADS, HEAD_DIM), jnp.float32)
+    v = randn(rng, k.shape, jnp.float32)
+    q = randn(rng, (b, 2 * NUM_KV_HEADS, HEAD_DIM), jnp.float32)
+    seg = np.arange(b, dtype=np.int32)
+    seg[[5, 12]] = -1  # rows without a token this step
+    kw = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(lengths - 1))
+    args = (q, k, v, jnp.asarray(tables), jnp.asarray(lengths))
+    out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
+    _check(out, paged_attention_reference(*args, **kw), seg, jnp.float32)
 
 
 @pytest.mark.parametrize("path", ["long", "walk"])
