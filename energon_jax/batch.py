@@ -113,6 +113,9 @@ class SamplingBatch:
     # row's whole history each step would cost O(B * max_model_len) host work.
     history: np.ndarray
     prompt_len: np.ndarray  # [B] int32: history[:prompt_len] is the prompt
+    # [B] int32: top-N logprobs the row's request asked for (0: none). The sampler skips its
+    # top-k over the vocabulary (a sort on the CPU) when no row of the step asks.
+    num_logprobs: np.ndarray
 
 
 @jax.tree_util.register_dataclass
@@ -155,6 +158,7 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
         step=np.zeros(b, i32),
         history=np.full((b, buckets.history_len), -1, i32),
         prompt_len=np.zeros(b, i32),
+        num_logprobs=np.zeros(b, i32),
     )
     attn = PagedAttentionMetadata(
         slot_mapping=np.zeros(t, i32),  # slot 0 of the null page
@@ -248,6 +252,7 @@ def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) ->
     # A placeholder row's request owes one token: it has generated one more than the host knows.
     s.step[:n] = [len(r.output_token_ids) + (p >= 0) for r, p in zip(reqs, prev_rows, strict=True)]
     s.prompt_len[:n] = [len(r.prompt_token_ids) for r in reqs]
+    s.num_logprobs[:n] = [p.logprobs or 0 for p in params]
     for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
         if p.uses_penalties:
             hist = r.tokens(0, r.num_tokens)

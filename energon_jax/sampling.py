@@ -21,7 +21,9 @@ The sort that top-k / top-p / min-p need is skipped at run time (``lax.cond``) w
 row of the step asks for them, and the whole random path when every row is greedy.
 
 Logprobs are those of the model's distribution (``log_softmax`` of the raw logits),
-for the sampled token and the ``MAX_LOGPROBS`` most likely ones.
+for the sampled token and the ``MAX_LOGPROBS`` most likely ones. The top ones need a
+top-k over the vocabulary, which runs only when a row of the step asked for logprobs
+(zeros otherwise); the sampled token's logprob is always returned.
 """
 
 from __future__ import annotations
@@ -113,18 +115,37 @@ def _random_ids(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the row maximum, ``[B, V] -> [B]`` int32: ``jnp.argmax`` without NaNs,
+    as two plain reductions (on the CPU 0.64 ms instead of 0.92 at 16 x 32000)."""
+    vocab = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1).clip(0, vocab - 1)
+
+
+def _top_logprobs(logits: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+    top_logits, top_ids = jax.lax.top_k(logits, MAX_LOGPROBS)
+    return top_ids.astype(jnp.int32), top_logits - lse[:, None]
+
+
 def sample(logits: jax.Array, s: SamplingBatch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``logits [B, V]`` -> ``(ids [B], logprobs [B], top_ids [B, 20], top_logprobs [B, 20])``.
 
     Traced inside the runner's jitted step; ``s`` is the step's ``SamplingBatch``.
+    ``top_ids`` / ``top_logprobs`` are zeros unless some row asked for logprobs.
     """
     logits = logits.astype(jnp.float32)
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)  # [B, V]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs_all, MAX_LOGPROBS)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B]
     penalized = jax.lax.cond(_any_penalty(s), apply_penalties, lambda x, _: x, logits, s)
-    greedy_ids = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    greedy_ids = _argmax(penalized)
     any_random = jnp.any(s.temperature > 0)
     random_ids = jax.lax.cond(any_random, _random_ids, lambda x, _: greedy_ids, penalized, s)
     ids = jnp.where(s.temperature > 0, random_ids, greedy_ids)
-    logprobs = jnp.take_along_axis(logprobs_all, ids[:, None], axis=-1)[:, 0]
-    return ids, logprobs, top_ids.astype(jnp.int32), top_logprobs
+    logprobs = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - lse
+    b = logits.shape[0]
+    top_ids, top_logprobs = jax.lax.cond(
+        jnp.any(s.num_logprobs > 0), _top_logprobs,
+        lambda *_: (jnp.zeros((b, MAX_LOGPROBS), jnp.int32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32)),
+        logits, lse,
+    )
+    return ids, logprobs, top_ids, top_logprobs

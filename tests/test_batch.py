@@ -49,7 +49,7 @@ def test_pack_every_field():
     r0 = _req("r0", [5, 6, 7, 8, 9], SamplingParams(temperature=0), outputs=[11], pages=[3, 7], computed=5)
     p1 = SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1, seed=42, repetition_penalty=1.3)
     r1 = _req("r1", range(1, 11), p1, pages=[2, 5])
-    p2 = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25)
+    p2 = SamplingParams(presence_penalty=0.5, frequency_penalty=-0.25, logprobs=3)
     r2 = _req("r2", [20, 21, 22], p2, pages=[4])
     plan = StepPlan(
         [
@@ -82,6 +82,7 @@ def test_pack_every_field():
     np.testing.assert_array_equal(s.seed, np.array([r0.seed_key, 42, r2.seed_key, 0], np.uint32))
     np.testing.assert_array_equal(s.step, [1, 0, 0, 0])
     np.testing.assert_array_equal(s.prompt_len, [5, 10, 3, 0])
+    np.testing.assert_array_equal(s.num_logprobs, [0, 0, 3, 0])
     hist = np.full((4, 32), -1, np.int32)  # r0 uses no penalty: its history row is never read
     hist[1, :10] = range(1, 11)
     hist[2, :3] = [20, 21, 22]
@@ -138,4 +139,4 @@ def test_dummy_batches_cover_every_shape():
     assert np.all(d.prev_token_index == -1) and np.all(d.prev_history_row == -1)  # no placeholders
     # a registered pytree: jax sees every array as a leaf
     # (6 top-level/attn arrays + 11 sampling + logits_indices + 3 plan-ahead fields)
-    assert len(jax.tree_util.tree_leaves(d)) == 21
+    assert len(jax.tree_util.tree_leaves(d)) == 22

@@ -31,6 +31,7 @@ class FakeSamplingBatch:
     step: jax.Array
     history: jax.Array
     prompt_len: jax.Array
+    num_logprobs: jax.Array
 
 
 def make_batch(b: int, **fields) -> FakeSamplingBatch:
@@ -46,6 +47,7 @@ def make_batch(b: int, **fields) -> FakeSamplingBatch:
         step=np.zeros(b, np.int32),
         history=np.full((b, H), -1, np.int32),
         prompt_len=np.zeros(b, np.int32),
+        num_logprobs=np.zeros(b, np.int32),
     )
     for name, value in fields.items():
         defaults[name] = np.asarray(value, defaults[name].dtype)
@@ -62,7 +64,8 @@ def _logits(rng, b):
 def test_greedy_and_logprobs():
     rng = np.random.default_rng(0)
     logits = _logits(rng, 5)
-    ids, lp, top_ids, top_lp = _sample(jnp.asarray(logits), make_batch(5))
+    logits[2, [7, 40]] = logits[2].max() + 1.0  # a tie: the first index wins, as np.argmax
+    ids, lp, top_ids, top_lp = _sample(jnp.asarray(logits), make_batch(5, num_logprobs=[0, 3, 0, 0, 0]))
     ref_lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True
     )
@@ -71,6 +74,14 @@ def test_greedy_and_logprobs():
     order = np.argsort(-ref_lp, axis=-1)[:, :MAX_LOGPROBS]
     np.testing.assert_array_equal(np.asarray(top_ids), order)
     np.testing.assert_allclose(np.asarray(top_lp), np.take_along_axis(ref_lp, order, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_top_logprobs_skipped_when_no_row_asks():
+    logits = _logits(np.random.default_rng(1), 4)
+    ids, lp, top_ids, top_lp = _sample(jnp.asarray(logits), make_batch(4))
+    np.testing.assert_array_equal(np.asarray(ids), logits.argmax(-1))
+    assert np.isfinite(np.asarray(lp)).all() and (np.asarray(lp) < 0).all()
+    assert not np.asarray(top_ids).any() and not np.asarray(top_lp).any()
 
 
 def _penalties_reference(logits, history, prompt_len, rp, pres, freq):
