@@ -1,109 +1,21 @@
-"""Scheduler: hand-checkable steps, then a randomized run against a fake paged "model".
-
-The fake model (``PagedEcho``) keeps its own token store indexed by KV slot: every step it
-writes each fed token to the slot ``batch.pack`` gave it, then, for every row, reads the
-row's whole context back through the page table and answers ``next_token(context)``.
-So a request's output equals ``reference(prompt)`` (the same rule applied without any
-cache) only if chunking, preemption and recompute fed exactly the right tokens at the
-right positions into pages that nobody else overwrote.
+"""Scheduler: hand-checkable steps, then a randomized run against a fake paged "model"
+(``scheduler_fakes.PagedEcho``: a request's output equals the cache-free reference only
+if chunking, preemption and recompute fed the right tokens into the right pages).
+Pipeline micro-batches are in ``test_scheduler_micro_batch.py``.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections import deque
 
 import numpy as np
 import pytest
 
-from energon_jax.batch import Buckets, StepBatch, pack
+from energon_jax.batch import pack
 from energon_jax.request import Request, RequestStatus, SamplingParams
-from energon_jax.sampling import SampledTokens
 from energon_jax.scheduler import Scheduler, SchedulerConfig
-
-VOCAB = 97
-EOS = 3
-
-
-def next_token(context: list[int]) -> int:
-    """The fake model's rule: depends on every token of the context and on its length."""
-    h = len(context)
-    for i, t in enumerate(context):
-        h = (h * 31 + (i + 1) * t) % 1_000_003
-    return 5 + h % (VOCAB - 5)  # never EOS or the small ids tests use as stop tokens
-
-
-def reference(prompt: list[int], params: SamplingParams, stop: set[int] = frozenset()) -> tuple[list[int], str]:
-    out: list[int] = []
-    while True:
-        t = next_token(prompt + out)
-        out.append(t)
-        if t in stop or t in params.stop_token_ids:
-            return out, "stop"
-        if len(out) == params.max_tokens:
-            return out, "length"
-
-
-class PagedEcho:
-    """A fake model over a simulated page pool (see the module docstring)."""
-
-    def __init__(self, num_pages: int, page_size: int) -> None:
-        self.page_size = page_size
-        self.tok = np.full(num_pages * page_size, -1, np.int64)  # token stored in each slot
-        self.pos = np.full(num_pages * page_size, -1, np.int64)  # its position
-        self.forced: dict[str, int] = {}  # request id -> token to emit next (for stop-token tests)
-
-    def step(self, batch: StepBatch, plan) -> SampledTokens:
-        s = self.page_size
-        seg, slots = batch.segment_ids, batch.attn.slot_mapping
-        real = seg >= 0
-        assert np.all(slots[~real] == 0) and np.all(batch.positions[~real] == 0)
-        self.tok[slots[real]] = batch.input_ids[real]
-        self.pos[slots[real]] = batch.positions[real]
-        b = batch.logits_indices.shape[0]
-        ids = np.zeros(b, np.int32)
-        for r in range(b):
-            ctx = int(batch.attn.context_lens[r])
-            if ctx == 0:
-                continue
-            p = np.arange(ctx)
-            sl = batch.attn.page_tables[r][p // s] * s + p % s
-            assert np.all(self.pos[sl] == p), "a page was overwritten or a position is wrong"
-            assert batch.positions[batch.logits_indices[r]] == ctx - 1
-            rid = plan.rows[r].request.request_id
-            ids[r] = self.forced.pop(rid) if rid in self.forced and plan.rows[r].sample else next_token(list(self.tok[sl]))
-        top = np.tile(np.arange(20, dtype=np.int32), (b, 1))
-        return SampledTokens(ids, -ids.astype(np.float32) / 100, top, -top.astype(np.float32))
-
-
-def make(cfg: SchedulerConfig, eos=(EOS,)) -> tuple[Scheduler, Buckets, PagedEcho]:
-    buckets = Buckets.create(
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
-        max_num_seqs=cfg.max_num_seqs,
-        max_model_len=cfg.max_model_len,
-        page_size=cfg.page_size,
-        min_tokens=4,
-    )
-    return Scheduler(cfg, eos_token_ids=eos), buckets, PagedEcho(cfg.num_pages, cfg.page_size)
-
-
-def run_step(sched: Scheduler, buckets: Buckets, model: PagedEcho):
-    plan = sched.schedule()
-    if plan is None:
-        return None, []
-    return plan, sched.update(plan, model.step(pack(plan, buckets), plan))
-
-
-def summary(plan) -> list[tuple[str, int, int, bool]]:
-    return [(r.request.request_id, r.start_pos, r.num_tokens, r.sample) for r in plan.rows]
-
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def req(rid: str, n: int, max_tokens: int, first: int = 10, **kw) -> Request:
-    return Request(rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens, **{**GREEDY, **kw}))
+from scheduler_fakes import EOS, VOCAB, make, next_token, reference, req, run_step, summary
 
 
 # -- hand-checkable steps -------------------------------------------------------------------
@@ -438,78 +350,3 @@ def test_random_workload_invariants(seed, static):
         else:
             assert (r.output_token_ids, r.finish_reason) == (want, reason)
     assert sched.num_preemptions > 0 or cfg.num_pages == 40  # the small pools must have preempted
-
-
-# -- pipeline micro-batches (schedule_micro_batch) ------------------------------------------
-def test_micro_batches_form_even_groups_and_skip_requests_in_flight():
-    sched, buckets, model = make(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32, page_size=4, num_pages=20)
-    )
-    for rid in "abcde":
-        sched.add(req(rid, 2, 3))
-    first = sched.schedule_micro_batch(2)  # cap = ceil(min(4, 0 running + 5 waiting) / 2) = 2 rows
-    second = sched.schedule_micro_batch(2)  # a and b are in flight: c and d join the next group
-    assert [r[0] for r in summary(first)] == ["a", "b"] and [r[0] for r in summary(second)] == ["c", "d"]
-    with pytest.raises(RuntimeError, match="2 plans in flight for num_groups=2"):
-        sched.schedule_micro_batch(2)
-    sched.update(first, model.step(pack(first, buckets), first))
-    third = sched.schedule_micro_batch(2)  # e waits (max_num_seqs=4); a and b are back
-    assert summary(third) == [("a", 2, 1, True), ("b", 2, 1, True)]
-    with pytest.raises(ValueError, match="num_groups=0 must be an integer >= 1"):
-        sched.schedule_micro_batch(0)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_random_micro_batch_pipeline(seed):
-    """pp micro-batches in flight (a plan leaves pp - 1 ticks after it entered, as in
-    PipelineRunner.tick); aborts hit requests in flight; small pools preempt. Every output
-    equals the reference, no request is planned twice at once, and nothing in flight is
-    ever preempted or re-paged."""
-    rng = random.Random(seed)
-    pp = rng.choice([2, 3, 4])
-    cfg = SchedulerConfig(max_num_seqs=rng.choice([4, 6, 8]), max_num_batched_tokens=rng.choice([8, 16, 32]),
-                          max_model_len=48, page_size=rng.choice([2, 4]), num_pages=rng.choice([16, 24, 60]))
-    sched, buckets, model = make(cfg)
-    pipeline: deque = deque()  # (plan, sampled, tick it entered), oldest first
-    requests: dict[str, Request] = {}
-    aborted: set[str] = set()
-    most_in_flight, tick = 0, 0
-    while len(requests) < 30 or sched.has_work() or pipeline:
-        for _ in range(rng.choice([0, 0, 1, 2]) if len(requests) < 30 else 0):
-            n = rng.randint(1, 20)
-            r = Request(f"r{len(requests)}", [rng.randrange(VOCAB) for _ in range(n)],
-                        SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0, ignore_eos=rng.random() < 0.5))
-            sched.add(r)
-            requests[r.request_id] = r
-        in_flight = {id(row.request): row.request for p, _, _ in pipeline for row in p.rows}
-        if in_flight and rng.random() < 0.05:  # abort a request whose micro-batch is inside
-            victim = rng.choice([r for r in in_flight.values() if not r.finished] or [None])
-            if victim is not None:
-                assert sched.abort(victim.request_id) is victim and not victim.pages
-                aborted.add(victim.request_id)
-        before = {k: (list(r.pages), r.num_computed_tokens, r.status) for k, r in in_flight.items() if not r.finished}
-        plan = sched.schedule_micro_batch(pp)
-        after = {k: (list(in_flight[k].pages), in_flight[k].num_computed_tokens, in_flight[k].status) for k in before}
-        assert after == before  # requests in flight: untouched (no preemption, no new pages)
-        if plan is not None:
-            assert not any(id(row.request) in in_flight for row in plan.rows)
-            cap = -(-min(cfg.max_num_seqs, sched.num_running + sched.num_waiting) // pp)
-            assert plan.num_rows <= cap and plan.num_tokens <= cfg.max_num_batched_tokens
-            pipeline.append((plan, model.step(pack(plan, buckets), plan), tick))
-        most_in_flight = max(most_in_flight, len(pipeline))
-        assert len(pipeline) <= pp
-        if pipeline and tick - pipeline[0][2] == pp - 1:  # the oldest leaves the last stage
-            done, sampled, _ = pipeline.popleft()
-            sched.update(done, sampled)
-        tick += 1
-        assert tick < 5000
-    assert most_in_flight == pp
-    assert sched.num_preemptions > 0 or cfg.num_pages == 60  # the small pools must have preempted
-    assert sched.allocator.num_free == cfg.num_pages - 1 and sched.pages_used == 0
-    for rid, r in requests.items():
-        assert r.status is RequestStatus.FINISHED and not r.pages
-        want, reason = reference(r.prompt_token_ids, r.params, set() if r.params.ignore_eos else {EOS})
-        if rid in aborted:
-            assert r.finish_reason == "abort" and r.output_token_ids == want[: len(r.output_token_ids)]
-        else:
-            assert (r.output_token_ids, r.finish_reason) == (want, reason)
