@@ -15,7 +15,17 @@ Printed (a markdown table, for ``benchmarks/RESULTS.md``):
 3. batch-1 decode tokens/s vs the memory-bandwidth roofline: bandwidth measured by a
    large array copy, roofline = bandwidth / weight bytes read per token;
 4. the share of computed token slots that are padding (the Engine's bucketed, packed
-   steps vs padded static batches) and the number of compiles.
+   steps vs padded static batches) and the number of compiles;
+5. what this machine allows at best (a model of step cost, every input measured in the
+   same run). A step costs a fixed part ``a`` (reading the weights; bounded above by one
+   batch-1 decode step) plus work per token that is the same whichever way tokens are
+   grouped. That work is at least ``F``: the workload's matmul FLOPs (prompt tokens and
+   fed output tokens through the layers, sampled tokens through the LM head; attention
+   left out) at the best float32 matmul rate measured here. Continuous batching needs at
+   least ``N_min = ceil((output tokens - requests) / max_num_seqs)`` steps, static
+   batching took ``N_static``, so continuous / static is at most
+   ``(a N_static + F) / (a N_min + F)`` (adding equal per-token work to both sides only
+   lowers a ratio above 1), and the Engine at most ``output tokens / (a N_min + F)``.
 
 ``--quick`` runs a smoke version (16 requests, shorter lengths). Run on the CPU:
 ``JAX_PLATFORMS=cpu python benchmarks/offline.py``.
@@ -70,6 +80,25 @@ def make_checkpoint(out: Path, *, layers: int, hidden: int, vocab: int, max_len:
     model = tf.LlamaForCausalLM(cfg).to(torch.float32).eval()
     model.save_pretrained(str(out))
     return out
+
+
+def measure_matmul_rate() -> float:
+    """Best float32 FLOP/s of XLA matmuls shaped like the model's (and one large square)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    rng = np.random.default_rng(0)
+    for m, k, n in ((64, 512, 2816), (512, 512, 2816), (512, 1408, 512), (2048, 2048, 2048)):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+        mm = jax.jit(lambda a, b: a @ b)
+        mm(x, w).block_until_ready()
+        for _ in range(5):
+            t = time.perf_counter()
+            mm(x, w).block_until_ready()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best
 
 
 def measure_bandwidth(nbytes: int = 512 * 1024**2) -> float:
@@ -215,6 +244,7 @@ def main() -> None:
         del static
         b1 = batch1_decode(engine, args.vocab)
         bw = measure_bandwidth()
+        flop_rate = measure_matmul_rate()
         if not args.skip_transformers:
             hf_s, hf_slots, hf_real = run_transformers(path, w, threads=os.cpu_count() or 1)
 
@@ -249,6 +279,27 @@ def main() -> None:
     lines.append(f"| padding share: Engine static_batching | {1 - static_rec.real / static_rec.slots:.1%} "
                  f"({static_rec.steps} steps) | | |")
     lines.append(f"| compiles: after warm-up / after the workload | {compiles_warm} / {compiles_after} | | |")
+    # 5. ceilings (module docstring): a = one batch-1 step, F = matmul FLOPs at the best rate.
+    head_params = args.vocab * args.hidden
+    layer_params = n_params - 2 * head_params  # all but the embedding table and the untied head
+    fed = sum(len(p) for p in w.prompts) + out_tok - len(w.prompts)
+    flops = 2 * layer_params * fed + 2 * head_params * out_tok
+    f_s, a_s = flops / flop_rate, 1 / b1
+    n_min = -(-(out_tok - len(w.prompts)) // args.max_num_seqs)
+    lines += [
+        "",
+        f"ceilings on this machine: fixed step cost a <= 1 / batch-1 rate = {a_s * 1e3:.2f} ms; matmul work "
+        f"F = {flops / 1e12:.2f} TFLOP at {flop_rate / 1e9:.0f} GFLOP/s (best measured) = {f_s:.1f} s; "
+        f"N_static = {static_rec.steps}, N_min = {n_min}, Engine steps = {rec.steps}",
+        "",
+        "| ceiling | value |",
+        "|---|---|",
+        f"| continuous / static at most (a N_static + F) / (a N_min + F) | "
+        f"{(a_s * static_rec.steps + f_s) / (a_s * n_min + f_s):.2f}x |",
+        f"| Engine output tok/s at most output tokens / (a N_min + F) | {out_tok / (a_s * n_min + f_s):.1f} |",
+    ]
+    if not args.skip_transformers:
+        lines.append(f"| Engine vs transformers at most | {hf_s / (a_s * n_min + f_s):.2f}x |")
     print("\n".join(lines))
 
 
