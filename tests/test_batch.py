@@ -33,11 +33,16 @@ def test_buckets():
         BUCKETS.token_bucket(33)
     assert BUCKETS.all_shapes() == [(8, 4), (16, 4), (32, 4)]
     b = Buckets.create(max_num_batched_tokens=100, max_num_seqs=5, max_model_len=50, page_size=16)
-    assert b.token_buckets == (16, 32, 64, 100) and b.max_pages_per_row == 4
+    assert b.token_buckets == (16, 32, 64, 96, 100) and b.max_pages_per_row == 4
     assert b.row_bucket(16) == 8 and b.row_bucket(100) == 8  # max_num_seqs rounded up to a power of two
     assert Buckets.create(max_num_batched_tokens=256, max_num_seqs=64, max_model_len=64, page_size=8).all_shapes() == [
-        (16, 16), (32, 32), (64, 64), (128, 64), (256, 64)
+        (16, 16), (32, 32), (64, 64), (96, 64), (128, 64), (192, 64), (256, 64)
     ]
+    # half-steps from 64 tokens on, never one at or past the budget
+    assert Buckets.create(max_num_batched_tokens=512, max_num_seqs=16, max_model_len=64, page_size=8,
+                          min_tokens=1).token_buckets == (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+    assert Buckets.create(max_num_batched_tokens=160, max_num_seqs=4, max_model_len=64, page_size=8).token_buckets == (
+        16, 32, 64, 96, 128, 160)
     assert Buckets.create(max_num_batched_tokens=8, max_num_seqs=2, max_model_len=8, page_size=4).token_buckets == (8,)
     with pytest.raises(ValueError, match=re.escape("token_buckets=(16, 8) must be non-empty")):
         Buckets((16, 8), 4, 4, 8, 32)
