@@ -34,15 +34,17 @@ ATTENTION_BLOCK = 64
 
 
 def packed_context_budgets(num_tokens: int, max_pages: int, page_size: int) -> tuple[int, ...]:
-    """Static key budgets ``C`` of ``paged_attention_xla``'s packed path, smallest first.
+    """Static key budgets ``C`` of ``paged_attention_xla``'s packed path (the contexts of
+    the step's multi-token rows, gathered back to back), smallest first.
 
     The largest is ``T + M * S``: a row never holds more than ``M * S`` cached tokens and
     a row's context beyond its query tokens is what it had cached before the step, so
-    every step in which at most one row brings earlier context (a lone prefill chunk,
-    any number of fresh prompts, a single decode row) fits. The packed path costs
-    ``T x C``, so smaller budgets serve the common cheaper steps: ``T`` (fresh prompts
-    only: no row has earlier context) and ``T`` plus a quarter of a row, page-aligned
-    (a chunk resuming early in its prompt). Steps that fit none take the page walk.
+    every step in which at most one multi-token row brings earlier context (a lone
+    prefill chunk, any number of fresh prompts) fits. The gather costs ``C`` and the
+    budget's empty tail is skipped by the blocked attention, so smaller budgets serve
+    the common cheaper steps: ``T`` (fresh prompts only: no row has earlier context) and
+    ``T`` plus a quarter of a row, page-aligned (a chunk resuming early in its prompt).
+    Steps that fit none take the page walk.
     """
     row = max_pages * page_size
     quarter = -(-row // (4 * page_size)) * page_size
@@ -114,14 +116,18 @@ def paged_attention_xla(
 
     need_multi = jnp.where(single_row, 0, need)
     ends = jnp.cumsum(need_multi)  # [B]
+    row_start = ends - need_multi  # [B] where each row's keys begin in the packed list
     total = ends[-1]
+    # Keys of token t: its row's span of the packed list, up to its own position.
+    key_lo = row_start[rows]
+    key_hi = jnp.where(multi_seg >= 0, key_lo + jnp.minimum(positions + 1, need_multi[rows]), 0)
 
     def packed(budget: int):
         def run():
             c = jnp.arange(budget, dtype=jnp.int32)
             kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
             valid = c < total
-            kv_pos = c - (ends[kv_row] - need_multi[kv_row])  # position inside its row
+            kv_pos = c - row_start[kv_row]  # position inside its row
             page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
             slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
             slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
@@ -130,13 +136,10 @@ def paged_attention_xla(
             if k_scale is not None:
                 k_ctx = k_ctx.astype(jnp.float32) * k_scale.reshape(-1, kh)[slot][..., None]
                 v_ctx = v_ctx.astype(jnp.float32) * v_scale.reshape(-1, kh)[slot][..., None]
-            # Keys of token t: its row's span of the packed list, up to its own position.
-            start = (ends - need_multi)[rows]
-            key_hi = jnp.where(multi_seg >= 0, start + jnp.minimum(positions + 1, need_multi[rows]), 0)
             return _blocked_attention(
                 q, k_ctx, v_ctx, segment_ids=multi_seg, positions=positions,
                 kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
-                key_lo=jnp.where(multi_seg >= 0, start, budget), key_hi=key_hi, sm_scale=sm_scale,
+                key_lo=key_lo, key_hi=key_hi, sm_scale=sm_scale,
             )
 
         return run

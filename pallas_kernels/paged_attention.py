@@ -13,9 +13,9 @@ Three implementations: the Pallas split-K kernel (Triton on GPU, Mosaic on TPU),
 ``paged_attention_reference`` (plain jnp, the numerical reference: it walks the page
 table a block of pages at a time and gathers, for every query token, its own copy of its
 row's context, so a prefill chunk of ``T`` tokens pays ``T x context`` of gather) and
-``paged_attention_xla`` (in ``_paged_attention_xla.py``), the CPU default, which serves
-decode rows with walks over only the pages they need and prefill chunks with blocked
-attention over their gathered contexts.
+``paged_attention_xla`` (in ``_paged_attention_xla.py``), the CPU default, which walks a
+step's decode rows together (one query each) and attends its prefill chunks block by
+block over their gathered contexts.
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ def paged_attention_reference(
     qg = q.reshape(t, kh, g, h).astype(jnp.float32) * scale
 
     def body(b, carry):
-        m, l, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(tok_tables, b * ppb, ppb, axis=1)  # [T, ppb]
         kb = k_pages[pages].astype(jnp.float32)  # [T, ppb, S, K, H]
         vb = v_pages[pages].astype(jnp.float32)
@@ -153,7 +152,7 @@ def paged_attention_reference(
         kpos = b * ppb * page_size + jnp.arange(ppb * page_size)
         mask = kpos[None, :] < tok_len[:, None]  # [T, C]
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-        return online_softmax_step((m, l, acc), s, lambda p: jnp.einsum("tkgc,tckh->tkgh", p, vb))
+        return online_softmax_step(carry, s, lambda p: jnp.einsum("tkgc,tckh->tkgh", p, vb))
 
     _, l, acc = jax.lax.fori_loop(0, n_blocks, body, online_softmax_init((t, kh, g), h))
     return online_softmax_result(l, acc).reshape(t, n, h).astype(q.dtype)
