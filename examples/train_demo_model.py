@@ -1,4 +1,4 @@
-"""Train the embedded demo model: a small Llama on the Python standard library's source.
+'''Train the embedded demo model: a small Llama on the Python standard library's source.
 
 Every machine with Python has the corpus: the ``.py`` files under the running
 interpreter's stdlib directory (``sysconfig.get_paths()["stdlib"]``; test suites and
@@ -53,7 +53,8 @@ Result of the shipped checkpoint (energon_jax/demo), filled in from its training
             pfj(3, 1, 2,65)
             # The the b
             i2d2 = (2,0, 1)
-"""
+'''
+# (The docstring is delimited by ''' because the sample completions above contain """.)
 
 from __future__ import annotations
 
