@@ -16,6 +16,23 @@ def _check_pow2(name: str, value: int) -> None:
         raise ValueError(f"{name}={value} must be a power of two >= 1 (Triton tiles are power-of-two sized)")
 
 
+# Mosaic (TPU) tiles the last two dims of every VMEM block as (sublanes, 128 lanes); a
+# 32-bit value fills 8 sublanes, narrower types pack more rows into one tile.
+TPU_LANES = 128
+
+
+def tpu_sublanes(dtype) -> int:
+    """Rows of one Mosaic tile for ``dtype``: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit types."""
+    import numpy as np
+
+    return 8 * (4 // np.dtype(dtype).itemsize)
+
+
+def _check_multiple(name: str, value: int, multiple: int, why: str) -> None:
+    if value % multiple:
+        raise ValueError(f"{name}={value} must be a multiple of {multiple} for the TPU kernel ({why})")
+
+
 @dataclasses.dataclass(frozen=True)
 class FlashBlockSizes:
     """Query tokens per program (``block_q``) and KV tokens per inner step (``block_k``)."""
@@ -26,6 +43,60 @@ class FlashBlockSizes:
     def __post_init__(self) -> None:
         _check_pow2("block_q", self.block_q)
         _check_pow2("block_k", self.block_k)
+
+    def check_tpu(self) -> None:
+        """Mosaic's tiling: the query block is a sublane dim (query ids are ``[block_q, 1]``
+        columns), the key block a lane dim (key ids are ``[1, block_k]`` rows)."""
+        _check_multiple("block_q", self.block_q, 8, "query rows are tiled 8 sublanes at a time")
+        _check_multiple("block_k", self.block_k, TPU_LANES, "key ids are a [1, block_k] row on 128 lanes")
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedBlockSizes:
+    """Tiles of ``ragged_paged_attention``.
+
+    ``block_q``: query tokens of one row per work item (the tile is ``block_q x G`` rows:
+    every query head of a KV group). ``pages_per_block``: pages read per KV step (one
+    DMA each on TPU, double-buffered; one gathered ``[pages_per_block * S, H]`` load on
+    GPU). ``num_splits``: KV ranges per work item reduced afterwards (split-K, GPU only;
+    ``None``: enough programs to fill the GPU). ``min_rows``: the query tile is padded to
+    at least this many rows (``tl.dot`` needs 16 on GPU; 1 keeps interpret mode cheap).
+    """
+
+    block_q: int = 16
+    pages_per_block: int = 8
+    num_splits: int | None = None
+    min_rows: int = 1
+
+    def __post_init__(self) -> None:
+        _check_pow2("block_q", self.block_q)
+        if self.pages_per_block < 1:
+            raise ValueError(f"pages_per_block={self.pages_per_block} must be >= 1")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits={self.num_splits} must be >= 1 (or None for the default)")
+        _check_pow2("min_rows", self.min_rows)
+
+    def check_tpu(self, *, page_size: int, group: int, head_dim: int, kv_dtype) -> None:
+        """Mosaic's tiling for the TPU kernel (raises ValueError naming the field and the rule).
+
+        Pages land in VMEM at row ``i * page_size`` of a ``[pages_per_block * S, K * H]``
+        buffer, so a page must be whole sublane tiles of the pool dtype; the query tile
+        ``[block_q * G, H]`` must be whole 8-row tiles; a head's keys are a lane slice
+        ``[:, k*H:(k+1)*H]``, whole 128-lane tiles only when ``H`` is a multiple of 128
+        (64 is the one narrower head dim allowed: half a tile, a masked lane shift).
+        """
+        _check_multiple("page_size", page_size, tpu_sublanes(kv_dtype),
+                        f"a page is DMA'd into whole {jnp_name(kv_dtype)} sublane tiles")
+        _check_multiple("block_q * group", self.block_q * group, 8, "the query tile is whole 8-row tiles")
+        if head_dim % TPU_LANES and head_dim != 64:
+            raise ValueError(f"head_dim={head_dim} must be 64 or a multiple of {TPU_LANES} for the TPU kernel "
+                             "(each KV head is a lane slice of the page)")
+
+
+def jnp_name(dtype) -> str:
+    import numpy as np
+
+    return np.dtype(dtype).name
 
 
 @dataclasses.dataclass(frozen=True)
