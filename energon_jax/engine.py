@@ -46,9 +46,18 @@ from energon_jax.engine_config import (
     PromptInput,
     as_params_list,
     as_prompt_list,
+    check_pool_holds_one_sequence,
     demo_model_path,
     engine_config,
     param_dtype,
+)
+from energon_jax.memory_sizing import (
+    DEFAULT_KV_CACHE_MEMORY_FRACTION,
+    check_fraction,
+    describe_pool,
+    device_memory,
+    memory_stats,
+    pages_for_memory,
 )
 from energon_jax.output import OutputTracker
 from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
@@ -71,6 +80,27 @@ class _Live:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
+
+
+class _Ticking(Sequence):
+    """The warm-up batches; each pass ticks ``bar`` once a batch has been handled.
+
+    A Sequence (not a one-shot iterator): a dp runner walks it once per replica.
+    """
+
+    def __init__(self, batches: Sequence[Any], bar: Any) -> None:
+        self._batches, self._bar = batches, bar
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._batches[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._batches:
+            yield batch  # the runner compiles it before asking for the next
+            self._bar.update(1)
 
 
 class Engine:
@@ -100,6 +130,7 @@ class Engine:
         dp: int = 1,
         offload: str | None = None,
         resident_layers: int | None = None,
+        kv_cache_memory_fraction: float = DEFAULT_KV_CACHE_MEMORY_FRACTION,
     ) -> None:
         from energon_jax.parallel.runtime import ParallelOptions
 
@@ -129,6 +160,15 @@ class Engine:
             )
             self._scheduler = self._runner = self._buckets = None
             return
+        check_fraction(kv_cache_memory_fraction)
+        # On an accelerator with no pool size given, the pool is sized from device memory
+        # (memory_sizing.py): built first with room for one sequence, then grown.
+        sized_by_memory = (
+            kv_cache_pages is None and kv_cache_bytes is None and jax.process_count() == 1
+            and memory_stats(jax.devices()[0]) is not None
+        )
+        if sized_by_memory:
+            kv_cache_pages = 1 + -(-(max_model_len or model_config.max_position_embeddings) // page_size)
         self.config = engine_config(
             model_config, max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
             kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
@@ -143,7 +183,35 @@ class Engine:
 
             split_prefill_decode = resolve_implementation("auto") == "reference"
         self.split_prefill_decode = split_prefill_decode
+        if sized_by_memory:
+            self._build_decoder(model, model_config, warmup=False)
+            num_pages = self._pool_pages_from_memory(kv_cache_memory_fraction)
+            self._runner = self._scheduler = self._loop = None  # drop the provisional pool before the real one
+            check_pool_holds_one_sequence(num_pages, self.config.page_size, self.config.max_model_len)
+            self.config = dataclasses.replace(self.config, num_pages=num_pages)
+        logger.info(
+            "KV pool (%s): %s", "sized from device memory" if sized_by_memory else "explicit",
+            describe_pool(self.config.num_pages, self.config.page_size, self.config.max_model_len),
+        )
         self._build_decoder(model, model_config, warmup)
+
+    def _pool_pages_from_memory(self, fraction: float) -> int:
+        """Profile the largest step shape on the provisional pool; the pages device memory allows."""
+        batches = self._batch_lib.warmup_batches(self._buckets)
+        largest = max(batches, key=lambda b: (np.shape(b.input_ids)[0], np.shape(b.logits_indices)[0]))
+        runners = list(getattr(self._runner, "replicas", [self._runner]))
+        for runner in runners:  # dummy rows write only the null page
+            runner.step(largest)
+        memories = device_memory([r.kv_cache for r in runners])
+        if memories is None:
+            raise RuntimeError("a device of the KV pool stopped reporting memory statistics during the profile")
+        num_pages = pages_for_memory(memories, provisional_pages=self.config.num_pages, fraction=fraction)
+        tight = min(memories, key=lambda m: fraction * m.limit - m.peak)
+        logger.info(
+            "KV pool sized from memory: %d pages (kv_cache_memory_fraction=%.2f of %d bytes on %s, whose "
+            "profiled peak is %d bytes)", num_pages, fraction, tight.limit, tight.device, tight.peak,
+        )
+        return num_pages
 
     def _build_decoder(self, model: Any, model_config: Any, warmup: bool) -> None:
         from energon_jax import batch as batch_lib
@@ -278,10 +346,19 @@ class Engine:
         return DispatchCounts() if self._loop is None else self._loop.counts
 
     def warmup(self) -> int:
-        """Compile the step for every bucket shape; returns the number of compiles so far."""
+        """Compile the step for every bucket shape; returns the number of compiles so far.
+
+        A progress bar (stderr, process 0) counts the shapes as they compile: a large model
+        on a cold compilation cache can take minutes here, and silence looks like a hang.
+        """
+        from tqdm.auto import tqdm
+
         start = time.perf_counter()
         batches = self._batch_lib.warmup_batches(self._buckets)
-        n = self._runner.warmup(batches)
+        replicas = len(getattr(self._runner, "replicas", ())) or 1  # dp: each replica compiles its own
+        with tqdm(total=len(batches) * replicas, desc="warm-up compiles", unit="shape",
+                  disable=jax.process_index() != 0) as bar:
+            n = self._runner.warmup(_Ticking(batches, bar))
         logger.info("warm-up: %d step shapes compiled in %.1fs", n, time.perf_counter() - start)
         return n
 

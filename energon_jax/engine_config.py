@@ -88,10 +88,22 @@ def engine_config(
         num_pages = kv_cache_pages
     else:  # room for every sequence at full length, plus the null page
         num_pages = 1 + max_num_seqs * -(-max_model_len // page_size)
+    check_pool_holds_one_sequence(num_pages, page_size, max_model_len)
     return EngineConfig(
         max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
     )
+
+
+def check_pool_holds_one_sequence(num_pages: int, page_size: int, max_model_len: int) -> None:
+    """Refuse a pool in which one ``max_model_len`` sequence cannot fit (it could never finish)."""
+    per_seq = -(-max_model_len // page_size)
+    if num_pages - 1 < per_seq:
+        raise ValueError(
+            f"the KV pool holds {num_pages - 1} pages x {page_size=} = {(num_pages - 1) * page_size} tokens, "
+            f"fewer than one sequence of {max_model_len=} ({per_seq} pages): give a larger kv_cache_pages "
+            f"(>= {per_seq + 1}) or kv_cache_bytes, or a smaller max_model_len"
+        )
 
 
 def _is_token_list(x: Any) -> bool:

@@ -22,7 +22,7 @@ from energon_jax.batch import pack
 from energon_jax.request import Request, RequestStatus
 from energon_jax.scheduler import PLACEHOLDER, SchedulerConfig
 from energon_jax.tokenizer import Tokenizer
-from test_engine import CONFIG, ENGINE_KW, _boundary_stop, _prompts, _run_staggered
+from test_engine import CONFIG, ENGINE_KW, SMALL_POOL_KW, _boundary_stop, _prompts, _run_staggered
 from test_scheduler import EOS, VOCAB, make, reference
 from tiny_decoder import TinyDecoder, greedy_reference
 
@@ -191,7 +191,7 @@ def test_stops_eos_max_tokens_same_on_and_off(engines, model, tokenizer):
 
 def test_preemption_same_on_and_off(model, tokenizer):
     # 12 usable pages of 4 tokens: the four requests cannot all hold their pages at once.
-    small = [Engine(model, CONFIG, tokenizer, kv_cache_pages=13, async_scheduling=a, **ENGINE_KW) for a in (True, False)]
+    small = [Engine(model, CONFIG, tokenizer, kv_cache_pages=13, async_scheduling=a, **SMALL_POOL_KW) for a in (True, False)]
     prompts = _prompts(14, [10, 14, 6, 12])
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = [[o.token_ids for o in e.generate(prompts, params, use_tqdm=False)] for e in small]

@@ -5,6 +5,7 @@ returned; no compile after warm-up; seeded sampling independent of batch compani
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from tiny_decoder import TinyConfig, TinyDecoder, greedy_reference
 
 CONFIG = TinyConfig(vocab_size=300, max_position_embeddings=128)
 ENGINE_KW = dict(max_model_len=128, page_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+# 12 usable pages hold one 48-token sequence (a pool must hold one max_model_len sequence).
+SMALL_POOL_KW = {**ENGINE_KW, "max_model_len": 48}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_no_compile_after_warmup(engine):
 
 def test_preemption_gives_identical_greedy_output(model, tokenizer):
     # 12 usable pages of 4 tokens: the four requests below cannot all hold their pages at once.
-    small = Engine(model, CONFIG, tokenizer, kv_cache_pages=13, **ENGINE_KW)
+    small = Engine(model, CONFIG, tokenizer, kv_cache_pages=13, **SMALL_POOL_KW)
     prompts = _prompts(2, [10, 14, 6, 12])
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     outs = small.generate(prompts, params, use_tqdm=False)
@@ -117,7 +120,7 @@ def test_seeded_sampling_is_independent_of_batch_companions(engine, model, token
     crowd = _run_staggered(engine, others + [prompt], other_params + [params], arrivals=[0, 0, 1, 2])[-1]
     assert crowd == alone
     # ...and through preemption (recompute) too.
-    small = Engine(model, CONFIG, tokenizer, kv_cache_pages=13, **ENGINE_KW)
+    small = Engine(model, CONFIG, tokenizer, kv_cache_pages=13, **SMALL_POOL_KW)
     squeezed = _run_staggered(small, others[:2] + [prompt], other_params[:2] + [params], arrivals=[0, 0, 0])[-1]
     assert squeezed == alone
     assert small.scheduler.num_preemptions > 0
@@ -232,8 +235,10 @@ def test_engine_arguments_are_validated(model, tokenizer):
         Engine(model, CONFIG, tokenizer, kv_cache_pages=10, kv_cache_bytes=10**6, warmup=False)
     e = Engine(model, CONFIG, tokenizer, kv_cache_bytes=2 * 4 * 2 * 2 * 8 * 4 * 50, page_size=4, warmup=False)
     assert e.config.num_pages == 50
-    tiny_pool = Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, warmup=False)
-    with pytest.raises(ValueError, match="KV pages"):
+    with pytest.raises(ValueError, match=re.escape("holds 2 pages x page_size=4 = 8 tokens, fewer than one sequence of max_model_len=256 (64 pages)")):
+        Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, warmup=False)
+    tiny_pool = Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, max_model_len=8, warmup=False)
+    with pytest.raises(ValueError, match="max_model_len"):
         tiny_pool.add_request(list(range(3, 10)), SamplingParams(max_tokens=4))
 
 
