@@ -46,6 +46,15 @@ def test_info_matches_transformers(tiny_checkpoint, variant, capsys):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert facts["kv_bytes_per_token"] == 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4
     assert facts["kv_bytes_full"] == facts["kv_bytes_per_token"] * 64 * 2
+    # CPU: the explicit default pool, 2 sequences of 64 tokens in pages of 16 (+ the null page).
+    assert facts["kv_pool"].startswith("8 pages x 16 tokens = 128 tokens; 2 sequences of max_model_len=64 at once")
+    # An accelerator's statistics: what is left of 90% of its memory after the weights, in pages.
+    limit = 10 * facts["weights_bytes"]
+    sized = describe(str(path), "float32", max_model_len=64, page_size=16, device_stats={"bytes_limit": limit})
+    pages = int((0.9 * limit - facts["weights_bytes"]) // (facts["kv_bytes_per_token"] * 16))
+    assert sized["kv_pool"].startswith(f"{pages - 1} pages x 16 tokens = {(pages - 1) * 16} tokens; "
+                                       f"{(pages - 1) // 4} sequences of max_model_len=64")
     assert main(["info", "--model", str(path)]) == 0
     printed = capsys.readouterr().out
     assert facts["architecture"] in printed and f"{hf.num_parameters():,}" in printed
+    assert "KV pool" in printed

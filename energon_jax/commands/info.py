@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype the weights and KV cache would be held in (default: float32)")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's maximum")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="concurrent sequences for the KV estimate")
+    parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.9,
+                        help="share of device memory for weights, a step and the KV pool (default: 0.9)")
 
 
 def _human(n: float) -> str:
@@ -31,7 +34,8 @@ def _human(n: float) -> str:
 
 
 def describe(path: str | None, dtype: str = "float32", max_model_len: int | None = None,
-             max_num_seqs: int = 32) -> dict[str, object]:
+             max_num_seqs: int = 32, page_size: int = 16, kv_cache_memory_fraction: float = 0.9,
+             device_stats: dict[str, int] | None = None) -> dict[str, object]:
     """The facts ``info`` prints, as a dict (tests read it)."""
     import jax
     import jax.numpy as jnp
@@ -66,12 +70,37 @@ def describe(path: str | None, dtype: str = "float32", max_model_len: int | None
         kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
         facts["kv_bytes_per_token"] = kv_per_token
         facts["kv_bytes_full"] = kv_per_token * max_len * max_num_seqs
+        facts["kv_pool"] = _pool(facts, page_size, max_num_seqs, kv_cache_memory_fraction, device_stats)
     return facts
+
+
+def _pool(facts: dict[str, object], page_size: int, max_num_seqs: int, fraction: float,
+          device_stats: dict[str, int] | None) -> str:
+    """The pool the engine would build on this machine's first device, as one line.
+
+    With allocator statistics (an accelerator) the engine sizes the pool from memory; before
+    loading, the step's working memory is unknown, so this is an upper bound the engine's
+    profiled step lowers a little. Without them (the CPU): room for ``max_num_seqs`` sequences."""
+    from energon_jax.memory_sizing import check_fraction, describe_pool, memory_stats
+
+    import jax
+
+    max_len = int(facts["max_model_len"])
+    per_seq = -(-max_len // page_size)
+    stats = device_stats if device_stats is not None else memory_stats(jax.devices()[0])
+    if stats is None:
+        pages = 1 + max_num_seqs * per_seq
+        return f"{describe_pool(pages, page_size, max_len)} (explicit default: --max-num-seqs full sequences)"
+    spare = check_fraction(fraction) * stats["bytes_limit"] - int(facts["weights_bytes"])
+    pages = max(0, int(spare // (int(facts["kv_bytes_per_token"]) * page_size)))
+    return (f"{describe_pool(pages, page_size, max_len)} (sized from device memory, "
+            f"kv_cache_memory_fraction={fraction}: at most this, before the profiled step)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        f = describe(args.model, args.dtype, args.max_model_len, args.max_num_seqs)
+        f = describe(args.model, args.dtype, args.max_model_len, args.max_num_seqs, args.page_size,
+                     args.kv_cache_memory_fraction)
     except ValueError as e:
         print(f"energon info: {e}", file=sys.stderr)
         return 2
@@ -91,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("KV cache / token", _human(f["kv_bytes_per_token"])))
         rows.append((f"KV cache, {args.max_num_seqs} seqs x max len", _human(f["kv_bytes_full"])))
         rows.append(("total (weights + that KV)", _human(f["weights_bytes"] + f["kv_bytes_full"])))
+        rows.append(("KV pool", f["kv_pool"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
