@@ -9,6 +9,7 @@ so that ``serving`` (which depends on this package) can contribute ``serve``,
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 from collections.abc import Sequence
@@ -37,11 +38,48 @@ def _load_commands() -> list:
     return modules
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to each option's help, except where it would say nothing.
+
+    Skipped for flags (``store_true``: off unless given), for a default of None (the
+    help says what happens then) and for help that already names its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "default" in text.lower():
+            return action.help
+        if isinstance(action.default, (list, tuple)) and not action.default:
+            return action.help  # an empty repeatable option
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse prints nothing after an option without help, not even its default.
+        if not action.help and action.option_strings and action.nargs != 0 and action.default not in (None, []):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def version() -> str:
+    """The installed distribution's version (a source checkout run without install: unknown)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("energon-jax")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="energon", description="energon-jax: a JAX inference runtime")
+    parser = argparse.ArgumentParser(
+        prog="energon", description="energon-jax: a JAX inference runtime", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _load_commands():
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -7,6 +7,7 @@ returned directory: copy it first (``shutil.copytree``) when a test needs to bre
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The CLI turns on JAX's persistent compilation cache by default (energon_jax/compile_cache.py):
+# tests that run `energon ...` in this process or as subprocesses must neither write into the
+# user's ~/.cache nor depend on what an earlier run left there. A test that wants it says so.
+os.environ.setdefault("ENERGON_COMPILE_CACHE", "off")
 
 from hf_fixtures import VARIANTS, make_tiny_checkpoint  # noqa: E402
 

@@ -307,6 +307,7 @@ def serve_binding(model: str | None, engine_kwargs: dict[str, Any]):
     from serving.binding import EngineBinding
 
     kwargs = dict(engine_kwargs)
+    kwargs.pop("warmup", None)  # --no-warmup: the mock compiles nothing either way
     time.sleep(float(kwargs.pop("load_s", 0.0)))
     engine = MockAsyncEngine(**kwargs)
     return EngineBinding(engine=engine, params_cls=SamplingParams, queue_full_error=QueueFullError)

@@ -45,20 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=None, help="same seed, same output")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="parameter dtype")
     parser.add_argument("--max-model-len", type=int, default=None, help="default: the model's maximum")
     parser.add_argument("--no-prompt", action="store_true", help="print only the generated text")
     add_parallel_arguments(parser)
     add_distributed_arguments(parser)
+    from energon_jax import compile_cache
+
+    compile_cache.add_arguments(parser)  # --compile-cache DIR, --no-compile-cache
 
 
 def run(args: argparse.Namespace) -> int:
+    from energon_jax import compile_cache
     from energon_jax.parallel import distributed
 
-    try:  # before anything touches a device
+    try:  # before anything touches a device or compiles
+        compile_cache.configure_from_args(args)
         multi = distributed.initialize(distributed.config_from_args(args))
     except ValueError as e:
         print(f"energon generate: {e}", file=sys.stderr)

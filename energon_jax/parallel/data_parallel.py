@@ -90,8 +90,7 @@ class DataParallelRunner:
         return [r.kv_cache for r in self.replicas]
 
     def warmup(self, batches: Sequence[Any]) -> int:
-        batches = list(batches)
-        for r in self.replicas:
+        for r in self.replicas:  # a Sequence: walked once per replica
             r.warmup(batches)
         return self.num_compiles
 

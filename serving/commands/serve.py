@@ -49,8 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-client-ca", type=Path, help="CA for client certificates; enables mutual TLS")
     parser.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024, help="largest request accepted")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    parser.add_argument("--no-warmup", action="store_true", help="report SERVING without a warm-up request")
+    parser.add_argument(
+        "--no-warmup", action="store_true",
+        help="skip warm-up: no step shape compiled at start and no warm-up request (first requests compile)",
+    )  # fmt: skip
     parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
+    from energon_jax import compile_cache
+
+    compile_cache.add_arguments(parser)  # --compile-cache DIR, --no-compile-cache
     from energon_jax.commands.generate import add_parallel_arguments
     from energon_jax.parallel.distributed import add_distributed_arguments
 
@@ -80,6 +86,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None
     }
     kwargs.update(parallel_kwargs(args))
+    if args.no_warmup:  # the engine compiles every bucket shape at construction unless told not to
+        kwargs["warmup"] = False
     for item in args.engine_arg:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -122,7 +130,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("energon.serving")
+    from energon_jax import compile_cache
+
     try:
+        cache = compile_cache.configure_from_args(args)  # before anything compiles
+        log.info("XLA compilation cache: %s", cache or "off")
         config = server_config(args)
         factory = load_factory(args.engine_factory)
         kwargs = engine_kwargs(args)
