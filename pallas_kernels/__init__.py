@@ -1,6 +1,6 @@
 """Attention and matmul kernels: a Pallas kernel per backend and a plain-jnp reference for each op."""
 
-from pallas_kernels.block_sizes import FlashBlockSizes, MatmulBlockSizes, PagedBlockSizes
+from pallas_kernels.block_sizes import FlashBlockSizes, MatmulBlockSizes, PagedBlockSizes, RaggedBlockSizes
 from pallas_kernels.dispatch import resolve_implementation
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
 from pallas_kernels.page_layout import (
@@ -15,6 +15,7 @@ from pallas_kernels.page_layout import (
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, quantize_weight_int8
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels._paged_attention_xla import paged_attention_xla
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.sparse_matmul import (
     PackedSparse,
     pack_sparse,
@@ -28,6 +29,7 @@ __all__ = [
     "MatmulBlockSizes",
     "PackedSparse",
     "PagedBlockSizes",
+    "RaggedBlockSizes",
     "int8_matmul",
     "int8_matmul_reference",
     "pack_sparse",
@@ -46,6 +48,8 @@ __all__ = [
     "paged_attention",
     "paged_attention_reference",
     "paged_attention_xla",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
     "resolve_implementation",
     "write_kv",
 ]
