@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import re
 
 import jax
@@ -39,10 +40,19 @@ from jax import export
 
 import pallas_kernels.dispatch as dispatch
 from kernel_cases import TRITON_COMPILE_SCRIPT
-from pallas_kernels import FlashBlockSizes, PagedBlockSizes, flash_attention, int8_matmul, paged_attention
+from pallas_kernels import (
+    FlashBlockSizes,
+    PagedBlockSizes,
+    RaggedBlockSizes,
+    flash_attention,
+    int8_matmul,
+    paged_attention,
+    ragged_paged_attention,
+)
 from pallas_kernels._flash_attention_tpu import flash_attention_tpu
 from pallas_kernels._int8_matmul_tpu import int8_matmul_tpu
 from pallas_kernels._paged_attention_tpu import paged_attention_tpu
+from pallas_kernels._ragged_paged_attention_tpu import ragged_paged_attention_tpu
 from pallas_kernels.sparse_matmul import PackedSparse, sparse_matmul
 
 TRITON_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
@@ -233,6 +243,90 @@ def test_paged_attention_multi_query_rows_lower_to_triton(monkeypatch):
     assert_one_triton_kernel(lowered, "paged_attention")
 
 
+# --- Ragged paged attention ---------------------------------------------------------------
+
+RAGGED_SHAPES = [  # (T, rows, N, K, H, page size, pages per row): mixed steps at serving sizes
+    (512, 64, 32, 8, 128, 16, 128),  # Llama-3-8B-like: a 512-token step, up to 2k context
+    (256, 16, 16, 4, 64, 32, 64),
+    (96, 8, 28, 4, 128, 16, 256),  # group 7 (not a power of two), 4k context
+    (64, 8, 32, 8, 256, 16, 32),  # head dim 256 (Gemma-like)
+]
+
+
+def _ragged_args(shape, pages: str) -> tuple:
+    t, b, n, kh, h, page, per_row = shape
+    dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32, "int8": jnp.int8}[pages]
+    pool = (1 + b * per_row, page, kh, h)
+    scales = [S(pool[:3], jnp.float32)] * 2 if pages == "int8" else []
+    q = S((t, n, h), jnp.float32 if pages == "f32" else jnp.bfloat16)
+    return (q, S(pool, dtype), S(pool, dtype), S((b, per_row), jnp.int32), S((b,), jnp.int32),
+            S((b + 1,), jnp.int32), S((1,), jnp.int32), *scales)
+
+
+def _ragged_fn(kernel, **opts):
+    def fn(q, kp, vp, tables, ctx, cu, num_rows, *sc):
+        kw = dict(k_scales=sc[0], v_scales=sc[1]) if sc else {}
+        return kernel(q, kp, vp, tables, ctx, cu, num_rows, **kw, **opts)
+
+    return fn
+
+
+def _ragged_pallas(*args, **kw):
+    return ragged_paged_attention(*args, implementation="pallas", **kw)
+
+
+RAGGED_OPTS = {"plain": {}, "window-softcap": dict(sliding_window=1024, soft_cap=30.0)}
+
+
+# Every shape, page dtype and option at least once in the default run; the product is @slow.
+RAGGED_CASES = [(RAGGED_SHAPES[0], "bf16", "plain"), (RAGGED_SHAPES[1], "int8", "window-softcap"),
+                (RAGGED_SHAPES[2], "f32", "window-softcap"), (RAGGED_SHAPES[3], "bf16", "window-softcap")]
+RAGGED_ALL = [c for c in itertools.product(RAGGED_SHAPES, ["bf16", "f32", "int8"], RAGGED_OPTS) if c not in RAGGED_CASES]
+
+
+def _ragged_id(case) -> str:
+    return "-".join(map(str, case[0])) + f"-{case[1]}-{case[2]}"
+
+
+def _ragged_params():
+    return [pytest.param(*c, id=_ragged_id(c)) for c in RAGGED_CASES] + [
+        pytest.param(*c, id=_ragged_id(c), marks=pytest.mark.slow) for c in RAGGED_ALL]
+
+
+@pytest.mark.parametrize(("shape", "pages", "opts"), _ragged_params())
+def test_ragged_paged_attention_lowers_to_triton(monkeypatch, shape, pages, opts):
+    fn = _ragged_fn(_ragged_pallas, **RAGGED_OPTS[opts])
+    ir = assert_one_triton_kernel(lower_for_cuda(monkeypatch, fn, *_ragged_args(shape, pages)),
+                                  "ragged_paged_attention")
+    assert "scf.for" in ir  # the loop over the item's KV blocks, inside the kernel
+
+
+@pytest.mark.parametrize(("shape", "pages", "opts"), _ragged_params())
+def test_ragged_paged_attention_lowers_to_mosaic_tpu(shape, pages, opts):
+    # int8 pages must be whole 32-row tiles: 32-token pages
+    if pages == "int8":
+        t, b, n, kh, h, _, per_row = shape
+        shape = (t, b, n, kh, h, 32, per_row // 2)
+    text = lower_for_tpu(_ragged_fn(ragged_paged_attention_tpu, **RAGGED_OPTS[opts]), *_ragged_args(shape, pages))
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
+    assert "ragged_paged_attention_tpu" in text
+
+
+def test_ragged_tpu_interpret_block_sizes_lower():
+    """The block sizes and page sizes of the TPU interpret-mode tests are legal for Mosaic too."""
+    import test_ragged_paged_attention as cases
+
+    for case in cases.TPU_DEFAULT_CASES:
+        blocks = RaggedBlockSizes(block_q=case["block_q"], pages_per_block=case["pages_per_block"])
+        pages = "int8" if case["int8"] else {jnp.float32: "f32", jnp.bfloat16: "bf16"}[case["dtype"]]
+        kh = cases.NUM_KV_HEADS
+        shape = (40, 8, kh * case["group"], kh, case["head_dim"], case["page_size"], 12)
+        fn = _ragged_fn(ragged_paged_attention_tpu, block_sizes=blocks, sliding_window=case.get("window"),
+                        soft_cap=case.get("soft_cap"))
+        text = lower_for_tpu(fn, *_ragged_args(shape, pages))
+        assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
+
+
 # --- int8 and sparse matmul ----------------------------------------------------------------
 
 MATMUL_SHAPES = [  # (M, K, N): OPT-66B-like FFN and attention projections, batch 1 to 32
@@ -368,6 +462,9 @@ def _cuda_cases():
     for shape in PAGED_SHAPES:
         for pages in ("bf16", "f32", "int8"):
             yield f"paged_{'_'.join(map(str, shape))}_{pages}", _paged_fn(_paged_pallas), _paged_args(shape, pages)
+    for shape, pages, opts in RAGGED_CASES:
+        yield (f"ragged_{'_'.join(map(str, shape))}_{pages}_{opts}", _ragged_fn(_ragged_pallas, **RAGGED_OPTS[opts]),
+               _ragged_args(shape, pages))
     for m, k, n in MATMUL_SHAPES:
         args = (S((m, k), jnp.bfloat16), S((k, n), jnp.int8), S((n,), jnp.float32))
         yield f"int8_{m}x{k}x{n}", (lambda x, w, s: int8_matmul(x, w, s, implementation="pallas")), args
