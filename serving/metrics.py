@@ -56,6 +56,10 @@ class ServingMetrics:
         self.finished = Counter(
             "energon_requests_finished", "Requests that ended, by reason", ["reason"], registry=r
         )
+        self.http_requests = Counter(
+            "energon_http_requests", "OpenAI HTTP API requests, by method, route and status",
+            ["method", "route", "status"], registry=r,
+        )  # fmt: skip
         r.register(_EngineStatsCollector(engine_stats))
 
 

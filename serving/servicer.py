@@ -1,39 +1,36 @@
 """The ``energon.v1.Inference`` service: gRPC requests in, AsyncEngine calls out.
 
-One Generate call is one ``engine.submit`` stream. Whatever ends the call
-early (the client cancels, its deadline expires, the server stops it) lands in
-a ``finally`` that aborts the request in the engine, so its pages go back to
-the pool within one step. Errors map to status codes in one place:
+Every call goes through the shared admission path (``serving/admission.py``):
+limits before any work, tokenization once and off the event loop, server-owned
+request ids (the client's ``request_id`` is only a label echoed back in each
+response), and one place that aborts a request whose call ended early (client
+cancel, deadline, drain), so its pages go back to the pool within one step.
+Errors map to status codes here:
 
-- ``ValueError`` from ``SamplingParams`` or ``submit`` -> INVALID_ARGUMENT, with
-  the runtime's message (it names the field);
-- the runtime's ``QueueFullError`` -> RESOURCE_EXHAUSTED, at once;
-- anything else from the engine -> INTERNAL, and the server is told the engine
-  is broken (``on_engine_failure``): it turns NOT_SERVING and exits non-zero;
-- not loaded yet, or draining -> UNAVAILABLE.
+- ``ValueError`` (the runtime's ``SamplingParams`` and prompt checks, admission
+  limits) -> INVALID_ARGUMENT, with the message (it names the field);
+- ``QueueFull`` -> RESOURCE_EXHAUSTED, at once;
+- ``EngineFailure`` -> INTERNAL (the server has been told and exits non-zero);
+- ``Unavailable`` (loading, draining, engine failed) -> UNAVAILABLE.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from serving.admission import Admission, EngineFailure, QueueFull, Unavailable
 from serving.binding import EngineBinding
 from serving.convert import (
     embeddings_to_proto,
     info_to_proto,
     params_from_proto,
-    prompt_from_proto,
     response_from_delta,
 )
-from serving.metrics import ServingMetrics
 from serving.protos.energon.v1 import inference_pb2 as pb
 from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
 
@@ -41,140 +38,71 @@ log = logging.getLogger("energon.serving")
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, metrics: ServingMetrics, on_engine_failure: Callable[[BaseException], None]) -> None:
-        self._metrics = metrics
-        self._on_engine_failure = on_engine_failure
-        self._binding: EngineBinding | None = None
-        self._draining = False
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    # -- lifecycle (called by the server on the event loop) ---------------------------------
-    def attach(self, binding: EngineBinding) -> None:
-        self._binding = binding
-
-    def start_draining(self) -> None:
-        self._draining = True
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no call is in flight; False if ``timeout_s`` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            return False
-
-    def _enter(self) -> None:
-        self._inflight += 1
-        self._idle.clear()
-
-    def _leave(self) -> None:
-        self._inflight -= 1
-        if self._inflight == 0:
-            self._idle.set()
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
 
     async def _ready(self, context: aio.ServicerContext) -> EngineBinding:
-        if self._draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        if self._binding is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is still loading")
-        return self._binding
+        try:
+            return self._admission.ready()
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     # -- Generate ----------------------------------------------------------------------------
     async def Generate(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        adm = self._admission
         binding = await self._ready(context)
-        arrived = time.perf_counter()
-        request_id = request.request_id or uuid.uuid4().hex
-        try:
-            prompt = prompt_from_proto(request)
-            params = params_from_proto(request.params, binding.params_cls)
-        except ValueError as e:
-            self._metrics.finished.labels("invalid").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self._enter()
-        responses = self._generate(binding, request_id, prompt, params, arrived, context)
-        try:  # in flight until the final status is sent, so a drain waits for it
-            async for resp in responses:
-                yield resp
-        finally:
-            # Cancelled while suspended at a yield, the inner generator would only be
-            # closed (and the request aborted) when garbage-collected: close it now.
-            await responses.aclose()
-            self._leave()
-
-    async def _generate(
-        self,
-        binding: EngineBinding,
-        request_id: str,
-        prompt: str | list[int],
-        params: Any,
-        arrived: float,
-        context: aio.ServicerContext,
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        engine = binding.engine
-        stream = engine.submit(prompt, params, request_id=request_id)
-        reason: str | None = None  # set when the engine finished the request
+        label = request.request_id  # echoed back; the engine's id is the server's own
+        adm.enter()  # in flight until the final status is sent, so a drain waits for it
         failure: tuple[grpc.StatusCode, str] | None = None
-        last_token_at: float | None = None
+        stream: AsyncIterator[Any] | None = None
         try:
             try:
+                adm.check_stop(list(request.params.stop), "stop")
+                params = params_from_proto(request.params, binding.params_cls)
+                prompt_ids = await self._prompt_ids(binding, request)
+                stream = await adm.open_stream(
+                    binding, prompt_ids, params, label=label, cancel_reason=lambda: _cancel_reason(context)
+                )
                 async for delta in stream:
-                    now = time.perf_counter()
-                    n = len(delta.token_ids)
-                    if n:
-                        if last_token_at is None:
-                            self._metrics.ttft.observe(now - arrived)
-                        else:
-                            for _ in range(n):
-                                self._metrics.inter_token.observe((now - last_token_at) / n)
-                        last_token_at = now
-                        self._metrics.generated_tokens.inc(n)
-                    if delta.finished:
-                        reason = delta.finish_reason or "stop"
-                        self._metrics.e2e.observe(now - arrived)
-                        if delta.usage is not None:
-                            self._metrics.prompt_tokens.inc(delta.usage.prompt_tokens)
-                        self._metrics.finished.labels(reason).inc()
-                    yield response_from_delta(request_id, delta)
-                    if delta.finished:
-                        break
+                    yield response_from_delta(label, delta)
             except ValueError as e:
+                if stream is None:
+                    adm.count("invalid")
                 failure = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                self._metrics.finished.labels("invalid").inc()
-            except binding.queue_full_error as e:
-                failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e) or "request queue is full")
-                self._metrics.finished.labels("rejected").inc()
-            except Exception as e:  # the engine broke: this request and the server are done
-                log.error("engine failed while serving request %s: %r", request_id, e)
-                failure = (grpc.StatusCode.INTERNAL, f"engine failure: {type(e).__name__}")
-                self._metrics.finished.labels("error").inc()
-                self._on_engine_failure(e)
-            if reason is None and failure is None:  # the stream ended without a finished delta
-                failure = (grpc.StatusCode.INTERNAL, "engine stream ended before the request finished")
-                self._metrics.finished.labels("error").inc()
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away or the deadline passed
-            self._metrics.finished.labels("deadline" if _deadline_passed(context) else "cancelled").inc()
-            raise
+            except QueueFull as e:
+                failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except EngineFailure as e:
+                failure = (grpc.StatusCode.INTERNAL, str(e))
+            except Unavailable as e:
+                failure = (grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
-            if reason is None:
-                engine.abort(request_id)
-            await _close(stream)
+            # Cancelled while suspended at a yield, the stream would only be closed (and the
+            # request aborted) when garbage-collected: close it now.
+            if stream is not None:
+                await stream.aclose()
+            adm.leave()
         if failure is not None:
             await context.abort(*failure)
 
+    async def _prompt_ids(self, binding: EngineBinding, request: pb.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            return await self._admission.tokenize(binding, request.text, field="prompt text")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        raise ValueError("prompt must be set: give text or token_ids")
+
     # -- unary methods ---------------------------------------------------------------------
     async def Embed(self, request: pb.EmbedRequest, context: aio.ServicerContext) -> pb.EmbedResponse:
+        adm = self._admission
         binding = await self._ready(context)
-        self._enter()
+        adm.enter()
         try:
-            vectors = await binding.engine.embed(list(request.texts), normalize=request.normalize)
+            texts = list(request.texts)
+            adm.check_embed_texts(texts, "texts")
+            vectors = await binding.engine.embed(texts, normalize=request.normalize)
             return embeddings_to_proto(vectors)
         except ValueError as e:
             failure = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -182,16 +110,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             log.error("embed failed: %r", e)
             failure = (grpc.StatusCode.INTERNAL, f"embed failed: {type(e).__name__}")
         finally:
-            self._leave()
+            adm.leave()
         await context.abort(*failure)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: aio.ServicerContext) -> pb.TokenizeResponse:
         binding = await self._ready(context)
-        tokenizer = binding.engine.tokenizer
-        if tokenizer is None:
+        if binding.engine.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)")
         try:
-            ids = tokenizer.encode(request.text)
+            self._admission.check_prompt_chars(len(request.text), "text")
+            ids = await self._admission.tokenize(binding, request.text, field="text") if request.text else []
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=[int(t) for t in ids])
@@ -201,15 +129,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return info_to_proto(binding.engine.info)
 
 
-def _deadline_passed(context: aio.ServicerContext) -> bool:
+def _cancel_reason(context: aio.ServicerContext) -> str:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
-
-
-async def _close(stream: AsyncIterator) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception as e:  # closing must not hide the call's own outcome
-            log.debug("closing an engine stream raised %r", e)
+    return "deadline" if remaining is not None and remaining <= 0 else "cancelled"

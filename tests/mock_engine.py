@@ -19,7 +19,10 @@ can be tested without a model:
   runtime's ``QueueFullError``; deltas are the runtime's ``StreamDelta``;
 - ``fail_on_token=X``: the first step that runs a request whose prompt holds
   token X raises, which fails every in-flight request and every later
-  submission (the engine is dead), as a real step failure would.
+  submission (the engine is dead), as a real step failure would;
+- ``die_after_s=T``: the step loop dies T seconds after ``start()`` whether or
+  not anything is in flight (``failure`` then says why), as a loop that breaks
+  while idle would.
 
 ``serve_binding`` lets ``energon serve --engine-factory mock_engine:serve_binding``
 run a real server process over this engine.
@@ -62,7 +65,7 @@ class MockTokenizer:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = []
         for word in text.split():
             if not word.lstrip("-").isdigit():
@@ -70,7 +73,7 @@ class MockTokenizer:
             ids.append(int(word) % self.vocab_size)
         return ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(f" {t}" for t in ids)
 
 
@@ -98,6 +101,7 @@ class MockAsyncEngine:
         max_queue: int = 256,
         step_s: float = 0.005,
         fail_on_token: int | None = None,
+        die_after_s: float | None = None,
     ) -> None:
         self.tokenizer = MockTokenizer(vocab_size)
         self.info = ModelInfo("MockForCausalLM", max_model_len, vocab_size, {"dp": 1, "tp": 1, "pp": 1})
@@ -107,6 +111,8 @@ class MockAsyncEngine:
         self._max_queue = max_queue
         self._step_s = step_s
         self._fail_on_token = fail_on_token
+        self._die_after_s = die_after_s
+        self._die_at: float | None = None
         self._lock = threading.Lock()
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
@@ -120,7 +126,13 @@ class MockAsyncEngine:
         self.aborted: list[str] = []  # ids aborted, in order (for tests)
 
     # -- the seam -------------------------------------------------------------------------
+    @property
+    def failure(self) -> BaseException | None:
+        return self._dead
+
     def start(self) -> None:
+        if self._die_after_s is not None:
+            self._die_at = time.monotonic() + float(self._die_after_s)
         self._thread = threading.Thread(target=self._loop, name="mock-engine", daemon=True)
         self._thread.start()
 
@@ -211,6 +223,8 @@ class MockAsyncEngine:
 
     def _step(self) -> None:
         self._steps += 1
+        if self._die_at is not None and time.monotonic() >= self._die_at:
+            raise RuntimeError(f"injected step-loop death in step {self._steps}")
         with self._lock:
             poisoned = [r for r in self._running.values() if self._fail_on_token in r.prompt]
             if self._fail_on_token is not None and poisoned:

@@ -31,7 +31,7 @@ class ServerProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="energon-serve-")
         self.port_file = Path(self._tmp.name) / "ports.json"
         self.log_path = Path(self._tmp.name) / "server.log"
-        cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0"]
+        cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
         cmd += ["--port-file", str(self.port_file), *args]
         if factory is not None:
             cmd += ["--engine-factory", factory]
@@ -43,10 +43,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         self._log.flush()
@@ -62,6 +67,7 @@ class ServerProcess:
             time.sleep(0.05)
         ports = json.loads(self.port_file.read_text())
         self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        self.http_port = ports.get("http_port")
 
     def health(self, channel: grpc.Channel | None = None, timeout_s: float = 5.0) -> int:
         own = channel is None
