@@ -130,6 +130,12 @@ class AsyncEngine:
         sub = self._enqueue(prompt, params or SamplingParams(), request_id)
         done = False
         try:
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the step loop (None while it lives); a server polls it to notice a death
+        that happened with nothing in flight."""
+        return self._dead
+
             while True:
                 item = await sub.queue.get()
                 if isinstance(item, BaseException):

@@ -402,7 +402,7 @@ class Engine:
         rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._live:
             raise ValueError(f"request_id={rid!r} is already in flight")
-        detok = None if self.tokenizer is None else self.tokenizer.detokenizer()
+        detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
         tracker = OutputTracker(detok, params.stop)
         request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
         self._scheduler.add(request)  # raises ValueError when it can never fit

@@ -52,6 +52,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token, N <= MAX_LOGPROBS
+    skip_special_tokens: bool = True  # drop special tokens (bos, eos, ...) from the output text
 
     def __post_init__(self) -> None:
         # Normalise containers first so a list (or a lone string) is accepted.
@@ -104,8 +105,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not _is_int(value):
                 raise ValueError(f"{name}={value!r} must be None or an integer")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         for i, s in enumerate(self.stop):
             if not isinstance(s, str):
                 raise ValueError(f"stop[{i}]={s!r} must be a string")

@@ -6,12 +6,22 @@ draws one from a seed: long-tailed prompt and output lengths, arrivals from a
 Poisson process at ``rate`` requests/s, or all at once (a burst) when ``rate``
 is None. ``run_open_loop`` sends each item at its time, whatever is in flight;
 ``run_closed_loop`` runs N clients that each send their items one after another.
+Both drive a backend: ``GrpcBackend`` (the ``energon.v1`` Generate stream) here, or
+``OpenAIBackend`` (streamed ``/v1/completions`` over HTTP, ``serving/loadgen_http.py``).
+
+Every request goes out under a fresh id (``label-<uuid4>``): a workload sent twice, or
+by two benchmark clients at once, never reuses an id. A response counts as an error
+when the call fails, when it ends without a finish reason, when it was aborted
+(``finish_reason`` other than ``stop``/``length``), when it carries no token, or when a
+request that ignores EOS and has no stop condition finishes short of ``max_tokens``
+(an abort that the front end reported as a plain stop).
 
 Every streamed response is timestamped on arrival, so the statistics are what a
 client sees: TTFT (send -> first token), TPOT ((last - first) / (tokens - 1)),
-inter-token latency (gaps between tokens, a response with k tokens counting as k
-equal gaps) and end-to-end latency. Goodput, as DistServe defines it, is the
-share (and rate) of requests that meet both the TTFT and the TPOT SLO.
+inter-token latency (gaps between arrivals: tokens of one gRPC message arrive
+together, an HTTP stream is timed per SSE chunk as ``vllm bench serve`` does) and
+end-to-end latency. Goodput, as DistServe defines it, is the share (and rate) of
+requests that meet both the TTFT and the TPOT SLO.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ import asyncio
 import math
 import random
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -31,18 +43,25 @@ from serving.protos.energon.v1 import inference_pb2 as pb
 
 @dataclass(frozen=True)
 class WorkItem:
-    request_id: str
+    label: str  # the same in every run of a seeded workload; the request id sent is label-<uuid4>
     prompt: list[int]
     params: pb.SamplingParams
     send_at_s: float = 0.0  # offset from the start of an open-loop run
 
 
+def new_request_id(label: str) -> str:
+    """A request id no other request uses, however often the workload is sent."""
+    return f"{label}-{uuid.uuid4().hex}"
+
+
 @dataclass
 class Record:
-    request_id: str
+    request_id: str  # the id sent (unique)
+    label: str = ""  # the work item's label
     sent: float = 0.0
-    token_ids: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)  # arrival time of each token
+    token_ids: list[int] = field(default_factory=list)  # gRPC; an HTTP stream carries text only
+    token_times: list[float] = field(default_factory=list)  # arrival time of each token (HTTP: of each chunk)
+    output_tokens: int | None = None  # the server's count (HTTP usage); None: len(token_ids)
     text: str = ""
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)  # one per token, when asked
     finish_reason: str = ""
@@ -52,13 +71,17 @@ class Record:
     done: float = 0.0
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) if self.output_tokens is None else self.output_tokens
+
+    @property
     def ttft_s(self) -> float | None:
         return self.token_times[0] - self.sent if self.token_times else None
 
     @property
     def tpot_s(self) -> float | None:
-        n = len(self.token_times)
-        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+        n = self.num_tokens
+        return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 and self.token_times else None
 
     @property
     def e2e_s(self) -> float:
@@ -113,41 +136,90 @@ def synthetic_workload(
     return items
 
 
-async def run_one(client: InferenceClient, item: WorkItem, timeout_s: float | None = None) -> Record:
-    rec = Record(item.request_id, sent=time.perf_counter())
-    try:
-        async for resp in client.generate(item.prompt, item.params, request_id=item.request_id, timeout=timeout_s):
-            now = time.perf_counter()
-            rec.token_ids.extend(resp.token_ids)
-            rec.token_times.extend([now] * len(resp.token_ids))
-            rec.text += resp.text
-            rec.logprobs.extend(resp.logprobs)
-            if resp.finish_reason:
-                rec.finish_reason = resp.finish_reason
-                rec.prompt_tokens = resp.usage.prompt_tokens
-    except grpc.aio.AioRpcError as e:
-        rec.error, rec.error_details = e.code().name, e.details() or ""
-    rec.done = time.perf_counter()
+_FINISHED = ("stop", "length")
+
+
+def _runs_to_max_tokens(p: pb.SamplingParams) -> bool:
+    """Nothing but ``max_tokens`` can end such a request: no EOS, no stop string or token."""
+    return p.ignore_eos and not p.stop and not p.stop_token_ids and p.HasField("max_tokens")
+
+
+def check_response(rec: Record, item: WorkItem) -> Record:
+    """Mark a response that came back without failing but is not a whole answer (module docstring)."""
+    if rec.error is not None:
+        return rec
+    p = item.params
+    if not rec.finish_reason:
+        rec.error, rec.error_details = "INCOMPLETE", "the stream ended without a finish reason"
+    elif rec.finish_reason not in _FINISHED:
+        rec.error, rec.error_details = "ABORTED", f"finish_reason={rec.finish_reason!r}"
+    elif rec.num_tokens == 0:
+        rec.error, rec.error_details = "EMPTY", f"no token in the response (finish_reason={rec.finish_reason!r})"
+    elif _runs_to_max_tokens(p) and rec.num_tokens < p.max_tokens:
+        rec.error = "TRUNCATED"
+        rec.error_details = f"{rec.num_tokens} of max_tokens={p.max_tokens} tokens with ignore_eos and no stop"
     return rec
 
 
+class Backend(Protocol):
+    """Sends one work item as a streamed request and times what comes back."""
+
+    async def send(self, item: WorkItem, timeout_s: float | None) -> Record: ...
+
+
+class GrpcBackend:
+    """``energon.v1.Inference/Generate`` through an ``InferenceClient``."""
+
+    def __init__(self, client: InferenceClient) -> None:
+        self.client = client
+
+    async def send(self, item: WorkItem, timeout_s: float | None = None) -> Record:
+        rec = Record(new_request_id(item.label), label=item.label, sent=time.perf_counter())
+        try:
+            stream = self.client.generate(item.prompt, item.params, request_id=rec.request_id, timeout=timeout_s)
+            async for resp in stream:
+                now = time.perf_counter()
+                rec.token_ids.extend(resp.token_ids)
+                rec.token_times.extend([now] * len(resp.token_ids))
+                rec.text += resp.text
+                rec.logprobs.extend(resp.logprobs)
+                if resp.finish_reason:
+                    rec.finish_reason = resp.finish_reason
+                    rec.prompt_tokens = resp.usage.prompt_tokens
+        except grpc.aio.AioRpcError as e:
+            rec.error, rec.error_details = e.code().name, e.details() or ""
+        rec.done = time.perf_counter()
+        return check_response(rec, item)
+
+
+def _backend(target: InferenceClient | Backend) -> Backend:
+    return GrpcBackend(target) if isinstance(target, InferenceClient) else target
+
+
+async def run_one(client: InferenceClient | Backend, item: WorkItem, timeout_s: float | None = None) -> Record:
+    return await _backend(client).send(item, timeout_s)
+
+
 async def run_open_loop(
-    client: InferenceClient, items: Sequence[WorkItem], timeout_s: float | None = None
+    client: InferenceClient | Backend, items: Sequence[WorkItem], timeout_s: float | None = None
 ) -> list[Record]:
+    backend = _backend(client)
     start = time.perf_counter()
 
     async def send(item: WorkItem) -> Record:
         await asyncio.sleep(max(0.0, start + item.send_at_s - time.perf_counter()))
-        return await run_one(client, item, timeout_s)
+        return await backend.send(item, timeout_s)
 
     return list(await asyncio.gather(*(send(it) for it in items)))
 
 
 async def run_closed_loop(
-    client: InferenceClient, per_client: Sequence[Sequence[WorkItem]], timeout_s: float | None = None
+    client: InferenceClient | Backend, per_client: Sequence[Sequence[WorkItem]], timeout_s: float | None = None
 ) -> list[Record]:
+    backend = _backend(client)
+
     async def one_client(items: Sequence[WorkItem]) -> list[Record]:
-        return [await run_one(client, it, timeout_s) for it in items]
+        return [await backend.send(it, timeout_s) for it in items]
 
     results = await asyncio.gather(*(one_client(items) for items in per_client))
     return [r for rs in results for r in rs]
@@ -193,7 +265,7 @@ def summarize(records: Sequence[Record], *, ttft_slo_s: float, tpot_slo_s: float
         r for r in ok
         if r.ttft_s is not None and r.ttft_s <= ttft_slo_s and (r.tpot_s is None or r.tpot_s <= tpot_slo_s)
     ]  # fmt: skip
-    tokens = sum(len(r.token_ids) for r in ok)
+    tokens = sum(r.num_tokens for r in ok)
     return Summary(
         requests=len(records),
         errors=len(records) - len(ok),

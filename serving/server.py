@@ -228,7 +228,8 @@ class InferenceServer:
         self._admission.attach(binding)
         await self._set_health(_SERVING)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_engine(binding))
-        log.info("serving %s%s", SERVICE_NAME, f" and the OpenAI API as {self._openai.model_name!r}" if self._openai else "")
+        api = f" and the OpenAI API as {self._openai.model_name!r}" if self._openai else ""
+        log.info("serving %s%s", SERVICE_NAME, api)
         return True
 
     async def _watch_engine(self, binding: EngineBinding, period_s: float = 0.1) -> None:

@@ -31,7 +31,8 @@ class ServerProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="energon-serve-")
         self.port_file = Path(self._tmp.name) / "ports.json"
         self.log_path = Path(self._tmp.name) / "server.log"
-        cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0"]
+        cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0"]
+        cmd += ["--http-port", "0"]
         cmd += ["--port-file", str(self.port_file), *args]
         if factory is not None:
             cmd += ["--engine-factory", factory]

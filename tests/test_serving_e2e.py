@@ -98,12 +98,12 @@ def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) ->
         for i in items
     ]
     outs = ref.generate([i.prompt for i in items], params, use_tqdm=False)
-    expected = {i.request_id: o for i, o in zip(items, outs, strict=True)}
-    by_id = {r.request_id: r for r in records}
-    assert len(by_id) == 256
+    expected = {i.label: o for i, o in zip(items, outs, strict=True)}
+    by_label = {r.label: r for r in records}
+    assert len(by_label) == 256 and len({r.request_id for r in records}) == 256
     for item in items:
-        rec, ref_out = by_id[item.request_id], expected[item.request_id]
-        assert rec.token_ids == ref_out.token_ids, item.request_id
+        rec, ref_out = by_label[item.label], expected[item.label]
+        assert rec.token_ids == ref_out.token_ids, item.label
         if item.params.HasField("logprobs"):
             assert [lp.token_id for lp in rec.logprobs] == rec.token_ids
             for lp, ref_lp in zip(rec.logprobs, ref_out.logprobs, strict=True):

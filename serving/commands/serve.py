@@ -1,4 +1,4 @@
-"""``energon serve``: run the gRPC inference server over an AsyncEngine.
+"""``energon serve``: run the gRPC server and the OpenAI-compatible HTTP API over one AsyncEngine.
 
 Under ``energon launch -n N`` (or the ``--coordinator-address/--num-processes/--process-id``
 flags) every process joins one ``jax.distributed`` run before any device is used and builds
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 NAME = "serve"
-HELP = "run the gRPC inference service (health, reflection, Prometheus metrics)"
+HELP = "run the inference server: gRPC and the OpenAI-compatible HTTP API (health, Prometheus metrics)"
 
 # Engine flags passed to AsyncEngine.from_pretrained only when given, so the
 # engine's own defaults hold otherwise.
@@ -56,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
     from energon_jax import compile_cache
 
+    add_http_arguments(parser)
     compile_cache.add_arguments(parser)  # --compile-cache DIR, --no-compile-cache
     from energon_jax.commands.generate import add_parallel_arguments
     from energon_jax.parallel.distributed import add_distributed_arguments
@@ -81,6 +82,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from energon_jax.commands.generate import parallel_kwargs
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The OpenAI HTTP API and the admission limits both front ends share."""
+    from serving.admission import AdmissionLimits
+
+    parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0: a free port)")
+    parser.add_argument("--no-http", action="store_true", help="serve no HTTP API (gRPC only)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id of the HTTP API (default: --model as given; the demo model is 'energon-demo')",
+    )
+    parser.add_argument(
+        "--chat-template", type=Path, default=None, help="Jinja2 chat template file (overrides the checkpoint's)"
+    )
+    defaults = AdmissionLimits()
+    for name, help_text in (
+        ("max_stop_strings", "most stop strings in one request"),
+        ("max_stop_string_len", "longest stop string, in characters"),
+        ("max_n", "most choices per prompt (OpenAI n)"),
+        ("max_prompts", "most prompts in one completions request"),
+        ("max_prompt_chars", "longest prompt (or chat messages together), in characters"),
+        ("max_embed_texts", "most texts in one Embed / embeddings call"),
+    ):
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name),
+            help=f"{help_text} (default {getattr(defaults, name)})",
+        )  # fmt: skip
+
+
 
     kwargs: dict[str, Any] = {
         name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None
@@ -102,6 +132,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def server_config(args: argparse.Namespace):
     from serving.auth import API_KEY_ENV, TlsFiles
     from serving.server import ServerConfig
+    from serving.admission import AdmissionLimits
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -122,6 +153,10 @@ def server_config(args: argparse.Namespace):
         port_file=args.port_file,
     )
 
+        http_port=None if args.no_http else args.http_port,
+        served_model_name=args.served_model_name,
+        chat_template=args.chat_template,
+        limits=AdmissionLimits(**{name: getattr(args, name) for name in AdmissionLimits.__dataclass_fields__}),
 
 def run(args: argparse.Namespace) -> int:
     from energon_jax.parallel import distributed
