@@ -67,20 +67,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict[str, int]:
     )
 
 
-def _serve_has(flag: str) -> bool:
-    from energon_jax.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return flag in sub.choices["serve"]._option_string_actions
-
-
 def start_server(args: argparse.Namespace, port_file: Path, log_path: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0"]
     cmd += ["--port-file", str(port_file), "--max-queue", str(max(256, args.num_requests))]
-    if _serve_has("--http-port"):  # the HTTP front end on a free port (never a fixed 8000)
-        cmd += ["--http-port", "0"]
-    elif "openai" in args.backends:
-        raise SystemExit("--backends openai: this tree's `energon serve` has no --http-port (no HTTP API)")
+    cmd += ["--http-port", "0"]  # the OpenAI HTTP API on a free port, never a fixed 8000
     if args.model:
         cmd += ["--model", args.model]
     for k, v in _engine_kwargs(args).items():

@@ -38,14 +38,7 @@ from energon_jax.compile_cache import count_entries  # noqa: E402
 
 
 def _serve_flags(extra: list[str]) -> list[str]:
-    from energon_jax.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.choices["serve"]
-    flags = ["--port", "0", "--metrics-port", "0"]
-    if "--http-port" in serve._option_string_actions:  # the HTTP front end, when this tree has it
-        flags += ["--http-port", "0"]
-    return flags + extra
+    return ["--port", "0", "--metrics-port", "0", "--http-port", "0", *extra]
 
 
 def _wait_serving(port_file: Path, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:

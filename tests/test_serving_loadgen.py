@@ -72,21 +72,28 @@ def test_synthetic_workload_is_seeded_and_the_same_at_any_rate() -> None:
 
 
 def test_bench_serving_command_against_a_server(tmp_path) -> None:
-    with ServerProcess("--max-num-seqs", "16") as srv:
+    """The same seeded workload over gRPC and over the server's OpenAI HTTP API: no errors, same tokens."""
+    with ServerProcess("--max-num-seqs", "16", "--http-port", "0") as srv:
         srv.wait_serving()
-        out = tmp_path / "bench.json"
-        cmd = [sys.executable, "-m", "energon_jax.cli", "bench", "serving", "--target", srv.target]
-        cmd += ["--num-requests", "40"]
-        cmd += ["--rate", "200", "--prompt-len", "2", "20", "--output-len", "2", "12", "--json", str(out)]
-        env = {"PYTHONPATH": f"{TESTS}:{REPO}", "PATH": ""}
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, env=env)
-        assert proc.returncode == 0, proc.stderr
-        assert "TTFT (ms)" in proc.stdout and "goodput" in proc.stdout
-        summary = json.loads(out.read_text())
-        assert (summary["requests"], summary["errors"]) == (40, 0)
+        http_port = json.loads(srv.port_file.read_text())["http_port"]
+        summaries = {}
+        for backend, target in (("grpc", srv.target), ("openai", f"http://127.0.0.1:{http_port}")):
+            out = tmp_path / f"{backend}.json"
+            cmd = [sys.executable, "-m", "energon_jax.cli", "bench", "serving", "--target", target]
+            cmd += ["--num-requests", "40", "--vocab-size", "500"]
+            cmd += ["--rate", "200", "--prompt-len", "2", "20", "--output-len", "2", "12", "--json", str(out)]
+            env = {"PYTHONPATH": f"{TESTS}:{REPO}", "PATH": ""}
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90, env=env)
+            assert proc.returncode == 0, proc.stderr
+            assert f"({backend})" in proc.stdout and "TTFT (ms)" in proc.stdout and "goodput" in proc.stdout
+            summaries[backend] = json.loads(out.read_text())
+            assert (summaries[backend]["requests"], summaries[backend]["errors"]) == (40, 0)
         m = srv.wait_metrics(lambda m: m["energon_requests_running"] == 0)
-        assert m["energon_requests_finished_total{reason=length}"] == 40
-        assert summary["output_tokens"] == m["energon_generation_tokens_total"]
+        assert m["energon_requests_finished_total{reason=length}"] == 80
+        expected = sum(i.params.max_tokens for i in synthetic_workload(40, seed=0, vocab_size=500, prompt_len=(2, 20),
+                                                                        output_len=(2, 12)))  # fmt: skip
+        assert summaries["grpc"]["output_tokens"] == summaries["openai"]["output_tokens"] == expected
+        assert m["energon_generation_tokens_total"] == 2 * expected
 
 
 # -- errors, request ids and the OpenAI HTTP backend ----------------------------------------------------
