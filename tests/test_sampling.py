@@ -1,4 +1,10 @@
-"""On-device sampling against numpy references, per-row parameters, seeded reproducibility."""
+"""On-device sampling against independent references, per-row parameters, seeded reproducibility.
+
+Truncation (temperature, top-k, top-p, min-p) is checked against transformers' logits
+warpers chained as ``generate`` chains them (TemperatureLogitsWarper, TopKLogitsWarper,
+TopPLogitsWarper, MinPLogitsWarper), over a grid of parameters; sampled frequencies are
+checked against the distribution those warpers leave (chi-square, fixed seeds).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from energon_jax.sampling import MAX_LOGPROBS, _truncate, apply_penalties, sample
+from energon_jax.sampling import MAX_LOGPROBS, apply_penalties, sample, warp
 
 V = 64
 H = 12
@@ -120,36 +126,104 @@ def test_penalties_match_reference():
     np.testing.assert_array_equal(np.asarray(ids), want.argmax(-1))
 
 
-def _truncate_reference(logits, top_k, top_p, min_p):
-    out = np.full_like(logits, -np.inf)
-    for b in range(logits.shape[0]):
-        order = np.argsort(-logits[b], kind="stable")
-        p = np.exp(logits[b] - logits[b].max())
-        p /= p.sum()
-        ps = p[order]
-        keep = np.ones(V, bool)
-        if top_k[b] > 0:
-            keep[top_k[b] :] = False
-        before = np.cumsum(ps) - ps
-        keep &= before < top_p[b]
-        keep &= ps >= min_p[b] * ps[0]
-        keep[0] = True
-        out[b, order[keep]] = logits[b, order[keep]]
-    return out
+def _hf_warped(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """One row's logits after transformers' warpers, added as ``generate`` adds them (same order,
+    same skip conditions, ``min_tokens_to_keep=1``); -inf where a token is dropped."""
+    import torch
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warpers = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    if min_p > 0.0:
+        warpers.append(MinPLogitsWarper(min_p=min_p, min_tokens_to_keep=1))
+    scores = torch.tensor(logits[None], dtype=torch.float32)
+    ids = torch.zeros((1, 1), dtype=torch.long)
+    for w in warpers:
+        scores = w(ids, scores)
+    return scores[0].numpy()
 
 
-def test_truncation_matches_reference():
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+_warp = jax.jit(warp)
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    # The issue's example: after top_k=2, {0.4, 0.3} renormalise to {0.57, 0.43}; 0.57
+    # already reaches top_p=0.5, so only token 0 stays (top-p on the full softmax kept {0, 1}).
+    logits = np.log(np.array([[0.4, 0.3, 0.1, 0.1, 0.1]], np.float32))
+    got = np.asarray(_warp(jnp.asarray(logits), make_batch(1, temperature=[1.0], top_k=[2], top_p=[0.5])))
+    want = _hf_warped(logits[0], 1.0, 2, 0.5, 0.0)
+    assert np.flatnonzero(np.isfinite(want)).tolist() == [0]
+    assert np.flatnonzero(np.isfinite(got[0])).tolist() == [0]
+
+
+GRID = [(t, k, p, m) for t in (0.5, 1.0, 1.7) for k in (0, 1, 3, 10) for p in (1.0, 0.9, 0.6, 0.2)
+        for m in (0.0, 0.05, 0.3)]
+
+
+def test_truncation_matches_transformers_warpers_over_a_grid():
     rng = np.random.default_rng(2)
-    b = 5
+    b = len(GRID)
     logits = _logits(rng, b)
-    top_k = np.array([0, 3, 0, 10, 1], np.int32)
-    top_p = np.array([1.0, 1.0, 0.6, 0.9, 1.0], np.float32)
-    min_p = np.array([0.0, 0.0, 0.0, 0.05, 0.3], np.float32)
-    batch = make_batch(b, temperature=np.ones(b), top_k=top_k, top_p=top_p, min_p=min_p)
-    got = np.asarray(jax.jit(_truncate)(jnp.asarray(logits), batch))
-    want = _truncate_reference(logits, top_k, top_p, min_p)
-    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
-    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)])
+    temp, top_k, top_p, min_p = (np.array(col) for col in zip(*GRID))
+    got = np.asarray(_warp(jnp.asarray(logits), make_batch(b, temperature=temp, top_k=top_k, top_p=top_p,
+                                                              min_p=min_p)))
+    for row, (t, k, p, m) in enumerate(GRID):
+        want = _hf_warped(logits[row], t, k, p, m)
+        kept = np.isfinite(want)
+        np.testing.assert_array_equal(np.isfinite(got[row]), kept, err_msg=f"kept set, {t=} {k=} {p=} {m=}")
+        np.testing.assert_allclose(_softmax(got[row]), _softmax(want), rtol=1e-5, atol=1e-7,
+                                   err_msg=f"distribution, {t=} {k=} {p=} {m=}")
+    assert {int(np.isfinite(g).sum()) for g in got} >= {1, 3, 10, V}  # the grid reaches every regime
+
+
+def test_top_k_keeps_ties_with_the_kth_logit():
+    logits = np.array([[3.0, 1.0, 2.0, 2.0, 0.5, 2.0]], np.float32)
+    got = np.asarray(_warp(jnp.asarray(logits), make_batch(1, temperature=[1.0], top_k=[2])))
+    want = _hf_warped(logits[0], 1.0, 2, 1.0, 0.0)
+    np.testing.assert_array_equal(np.isfinite(got[0]), np.isfinite(want))
+    assert np.isfinite(want).sum() == 4  # 3.0 and the three tokens tied at 2.0
+
+
+def test_sampled_frequencies_match_the_warped_distribution():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    row = rng.standard_normal(V).astype(np.float32)
+    t, k, p, m = 0.8, 24, 0.9, 0.05
+    n = 20000
+    ids, *_ = _sample(jnp.asarray(np.repeat(row[None], n, 0)), make_batch(
+        n, temperature=np.full(n, t), top_k=np.full(n, k), top_p=np.full(n, p), min_p=np.full(n, m),
+        seed=np.arange(n), step=np.full(n, 5)))
+    want = _softmax(_hf_warped(row, t, k, p, m).astype(np.float64))
+    counts = np.bincount(np.asarray(ids), minlength=V)
+    assert counts[want == 0].sum() == 0  # nothing outside the kept set
+    kept = np.flatnonzero(want > 0)
+    assert len(kept) >= 8
+    expected = want[kept] * n
+    # Bins expected to hold fewer than 5 draws are merged, as a chi-square test needs.
+    small = expected < 5
+    obs = np.append(counts[kept][~small], counts[kept][small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp *= obs.sum() / exp.sum()  # (float rounding only: every draw is inside the kept set)
+    assert stats.chisquare(obs, exp).pvalue > 1e-3
+    assert 0.5 * np.abs(counts / n - want).sum() < 0.02  # total variation
 
 
 def test_sampled_tokens_stay_in_the_kept_set():
@@ -164,7 +238,7 @@ def test_sampled_tokens_stay_in_the_kept_set():
         seed=np.arange(n),
     )
     ids, *_ = _sample(jnp.asarray(np.repeat(logits, n, 0)), batch)
-    kept = set(np.flatnonzero(np.isfinite(_truncate_reference(logits / 1.5, [4], [0.95], [0.0])[0])))
+    kept = set(np.flatnonzero(np.isfinite(_hf_warped(logits[0], 1.5, 4, 0.95, 0.0))))
     got = set(np.asarray(ids).tolist())
     assert got <= kept
     assert len(got) > 1  # different seeds really sample different tokens
