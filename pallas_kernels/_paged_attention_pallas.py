@@ -8,8 +8,11 @@ The story of one call:
 2. The grid is ``(T, K, num_splits)``. A program takes the ``G`` query heads that share
    KV head ``k`` as one ``[G, H]`` tile (GQA: each K/V page is loaded once per group,
    not once per query head) and walks its split's share of the page table, reading each
-   K/V page through the table (``k_ref[page]``). Pages past the visible length are not
-   visited: the loop bound is the token's own page count.
+   K/V page through the table: the pool is viewed as ``[P * S, K, H]`` and a page is one
+   masked load of rows ``page * S + [0, Sp)`` and columns ``[0, Hp)``, ``Sp`` and ``Hp``
+   the page size and head dim rounded up to powers of two (Triton tensors are power-of-two
+   sized), so page size 12 or head dim 80 work without padding the pool. Pages past the
+   visible length are not visited: the loop bound is the token's own page count.
 3. Each split writes an unnormalised accumulator with its running max and sum; the
    wrapper combines the splits with a log-sum-exp (split-K, "flash decoding"), so a long
    context is read by several programs in parallel.
@@ -29,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.dispatch import gpu_compiler_params
@@ -39,9 +43,11 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 def _paged_kernel(
     tok_len_ref,  # [T] int32: cache positions visible to each query token
     table_ref,  # [M] int32: this token's row's page table
-    q_ref,  # [Gp, H]: the query heads of one KV group
-    k_ref, v_ref,  # [P, S, H]: this KV head's slice of the whole pool
-    *rest,  # (k_scale_ref, v_scale_ref [P, S]) for int8 pages, then acc_ref, m_ref, l_ref
+    q_ref,  # [Gp, Hp]: the query heads of one KV group, zero-padded to Hp columns
+    k_ref, v_ref,  # [P * S, H]: this KV head's slice of the whole pool
+    *rest,  # (k_scale_ref, v_scale_ref [P * S]) for int8 pages, then acc_ref, m_ref, l_ref
+    page_size: int,
+    page_size_p2: int,
     pages_per_split: int,
     scale: float,
     quantized: bool,
@@ -52,8 +58,10 @@ def _paged_kernel(
     else:
         acc_ref, m_ref, l_ref = rest
     t, split = pl.program_id(0), pl.program_id(2)
-    page_size = k_ref.shape[1]
     rows, head_dim = q_ref.shape
+    col = jnp.arange(head_dim)
+    col_ok = col < k_ref.shape[1]
+    in_page = jnp.arange(page_size_p2)
     q = q_ref[...]
     n_tok = tok_len_ref[t]
     n_pages = (n_tok + page_size - 1) // page_size
@@ -62,16 +70,19 @@ def _paged_kernel(
 
     def body(p, carry):
         acc, m, l = carry
-        page = table_ref[p]
-        k = k_ref[page]  # [S, H]
-        v = v_ref[page]
+        key = p * page_size + in_page  # [Sp] cache positions of the page's (padded) rows
+        key_ok = (in_page < page_size) & (key < n_tok)
+        slot = table_ref[p] * page_size + in_page
+        ld_mask = key_ok[:, None] & col_ok[None, :]
+        k = plt.load(k_ref.at[slot[:, None], col[None, :]], mask=ld_mask, other=0)  # [Sp, Hp]
+        v = plt.load(v_ref.at[slot[:, None], col[None, :]], mask=ld_mask, other=0)
         if quantized:
-            k = (k.astype(jnp.float32) * ks_ref[page][:, None]).astype(q.dtype)
-            v = (v.astype(jnp.float32) * vs_ref[page][:, None]).astype(q.dtype)
+            k = (k.astype(jnp.float32) * plt.load(ks_ref.at[slot], mask=key_ok, other=0)[:, None]).astype(q.dtype)
+            v = (v.astype(jnp.float32) * plt.load(vs_ref.at[slot], mask=key_ok, other=0)[:, None]).astype(q.dtype)
         s = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
-        ) * scale  # [Gp, S]
-        mask = (p * page_size + jnp.arange(page_size))[None, :] < n_tok
+        ) * scale  # [Gp, Sp]
+        mask = key_ok[None, :]
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         prob = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
@@ -135,38 +146,42 @@ def paged_attention_pallas(
     row = jnp.where(valid, segment_ids, 0)
     tok_len = jnp.where(valid, jnp.minimum(lengths[row], positions + 1), 0).astype(jnp.int32)  # [T]
     tok_tables = page_tables[row].astype(jnp.int32)  # [T, M]
+    # Triton tensors are power-of-two sized: pad the head dim (80 -> 128) and the page (12 -> 16)
+    # in the kernel's tiles; loads past H or past the page are masked, so the pool is not copied.
+    hp = max(pl.next_power_of_2(h), 16 if on_gpu else 1)
+    page_size_p2 = max(pl.next_power_of_2(page_size), 16 if on_gpu else 1)
     qg = q.reshape(t, kh, group, h)
-    if rows > group:
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, hp - h)))
     if quantized:
         qg = qg.astype(jnp.float32) if q.dtype == jnp.float32 else qg
     compute_dtype = qg.dtype
 
-    pool_spec = pl.BlockSpec((num_pages, page_size, None, h), lambda i, j, s: (0, 0, j, 0))
+    pool_spec = pl.BlockSpec((num_pages * page_size, None, h), lambda i, j, s: (0, j, 0))
     in_specs = [
         pl.BlockSpec((t,), lambda i, j, s: (0,)),
         pl.BlockSpec((None, max_pages), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((None, None, rows, h), lambda i, j, s: (i, j, 0, 0)),
+        pl.BlockSpec((None, None, rows, hp), lambda i, j, s: (i, j, 0, 0)),
         pool_spec,
         pool_spec,
     ]
-    args = [tok_len, tok_tables, qg, k_pages, v_pages]
+    flat = (num_pages * page_size, kh, h)
+    args = [tok_len, tok_tables, qg, k_pages.reshape(flat), v_pages.reshape(flat)]
     if quantized:
-        scale_spec = pl.BlockSpec((num_pages, page_size, None), lambda i, j, s: (0, 0, j))
+        scale_spec = pl.BlockSpec((num_pages * page_size, None), lambda i, j, s: (0, j))
         in_specs += [scale_spec, scale_spec]
-        args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
+        args += [x.astype(jnp.float32).reshape(num_pages * page_size, kh) for x in (k_scale, v_scale)]
     part = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))  # noqa: E731
     precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
     kernel = functools.partial(
-        _paged_kernel, pages_per_split=pages_per_split, scale=scale, quantized=quantized, precision=precision
+        _paged_kernel, page_size=page_size, page_size_p2=page_size_p2, pages_per_split=pages_per_split, scale=scale, quantized=quantized, precision=precision
     )
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(t, kh, num_splits),
         in_specs=in_specs,
-        out_specs=[part(rows, h), part(rows), part(rows)],
+        out_specs=[part(rows, hp), part(rows), part(rows)],
         out_shape=[
-            jax.ShapeDtypeStruct((t, kh, num_splits, rows, h), jnp.float32),
+            jax.ShapeDtypeStruct((t, kh, num_splits, rows, hp), jnp.float32),
             jax.ShapeDtypeStruct((t, kh, num_splits, rows), jnp.float32),
             jax.ShapeDtypeStruct((t, kh, num_splits, rows), jnp.float32),
         ],
@@ -174,5 +189,5 @@ def paged_attention_pallas(
         compiler_params=gpu_compiler_params(interpret=interpret, num_warps=4, num_stages=2),
         name="paged_attention",
     )(*args)
-    out = combine_splits(acc, m, l)[:, :, :group]  # [T, K, G, H]
+    out = combine_splits(acc, m, l)[:, :, :group, :h]  # [T, K, G, H]
     return out.reshape(t, n, h).astype(q.dtype)

@@ -228,6 +228,18 @@ def test_paged_attention_lowers_to_mosaic_tpu(shape, pages):
     assert "paged_attention_tpu" in text
 
 
+@pytest.mark.parametrize("shape", [(8, 32, 8, 80, 16, 64), (8, 16, 4, 96, 12, 64), (4, 8, 2, 24, 12, 32),
+                                   (16, 32, 8, 256, 16, 64)], ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("pages", ["bf16", "int8"])
+def test_paged_attention_awkward_sizes_lower_to_triton(monkeypatch, shape, pages):
+    """Head dims 80, 96, 24 and page size 12 (not powers of two) lower: the kernel pads its tiles."""
+    ir = assert_one_triton_kernel(lower_for_cuda(monkeypatch, _paged_fn(_paged_pallas), *_paged_args(shape, pages)),
+                                  "paged_attention")
+    h = shape[3]
+    if h & (h - 1):  # the padded head dim shows in the tiles
+        assert f"x{1 << h.bit_length()}x" in ir
+
+
 def test_paged_attention_multi_query_rows_lower_to_triton(monkeypatch):
     """Chunked prefill / speculative rows: several query tokens per row, padding tokens."""
     t, b, n, kh, h, page, per_row = 40, 8, 32, 8, 128, 16, 128

@@ -30,17 +30,21 @@ NUM_KV_HEADS, PAGE_SIZE, NUM_PAGES, MAX_PAGES = 2, 8, 24, 6
 
 def _problem(rng, case):
     h, dtype = case["head_dim"], case["dtype"]
+    page_size, max_pages = case.get("page_size", PAGE_SIZE), case.get("max_pages", MAX_PAGES)
+    num_pages = max(NUM_PAGES, 3 * max_pages + 1)
     b = 3
-    lengths = rng.integers(1, MAX_PAGES * PAGE_SIZE, size=b).astype(np.int32)  # rarely page multiples
-    lengths[0] = 3 * PAGE_SIZE + 5
-    perm = rng.permutation(np.arange(1, NUM_PAGES))
-    tables = np.zeros((b, MAX_PAGES), np.int32)
+    lengths = rng.integers(1, max_pages * page_size, size=b).astype(np.int32)  # rarely page multiples
+    lengths[0] = 3 * page_size + 5
+    if "max_pages" in case:  # a long context: one row near the limit
+        lengths[1] = max_pages * page_size - 3
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((b, max_pages), np.int32)
     used = 0
     for r in range(b):
-        need = -(-int(lengths[r]) // PAGE_SIZE)
+        need = -(-int(lengths[r]) // page_size)
         tables[r, :need] = perm[used:used + need]
         used += need
-    shape = (NUM_PAGES, PAGE_SIZE, NUM_KV_HEADS, h)
+    shape = (num_pages, page_size, NUM_KV_HEADS, h)
     k, v = randn(rng, shape, jnp.float32), randn(rng, shape, jnp.float32)
     scales = {}
     if case["int8"]:
@@ -94,6 +98,46 @@ def test_matches_reference_pairwise(case):
 @pytest.mark.parametrize("case", [dict(zip(FACTORS, c)) for c in itertools.product(*FACTORS.values())], ids=case_id)
 def test_matches_reference_full_grid(case):
     _run(case, seed=2)
+
+
+# Head dims and page sizes that are not powers of two: the GPU kernel pads them in its tiles
+# (it raised "power of 2" in the Triton lowering before; see test_kernel_lowering).
+AWKWARD_CASES = [
+    dict(mode="decode", group=2, head_dim=80, dtype=jnp.float32, int8=False, splits=2, page_size=12),
+    dict(mode="multi_query", group=4, head_dim=96, dtype=jnp.bfloat16, int8=True, splits=1, page_size=8),
+    dict(mode="multi_query", group=1, head_dim=24, dtype=jnp.float32, int8=False, splits=3, page_size=12),
+]
+
+
+@pytest.mark.parametrize("case", AWKWARD_CASES, ids=case_id)
+def test_awkward_head_dims_and_page_sizes(case):
+    _run(case, seed=9)
+
+
+WIDE_FACTORS = {
+    "mode": ("decode", "multi_query"),
+    "group": (1, 4),
+    "head_dim": (64, 80, 96, 128, 256),
+    "dtype": (jnp.float32, jnp.bfloat16),
+    "int8": (False, True),
+    "splits": (1, 3),
+    "page_size": (8, 12, 16, 32),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", pairwise(WIDE_FACTORS), ids=case_id)
+def test_matches_reference_wide_grid(case):
+    _run(case, seed=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_long_contexts_split_k(page_size):
+    """Contexts into the thousands (up to 3000 tokens), split 8 ways, decode and multi-query rows."""
+    for mode in ("decode", "multi_query"):
+        _run(dict(mode=mode, group=4, head_dim=128, dtype=jnp.bfloat16, int8=False, splits=8,
+                  page_size=page_size, max_pages=-(-3000 // page_size)), seed=7)
 
 
 # Each value of each factor at least once: TPU interpret mode is slower than plain interpret.
