@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip warm-up: no step shape compiled at start and no warm-up request (first requests compile)",
     )  # fmt: skip
     parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
+    add_http_arguments(parser)
     from energon_jax import compile_cache
 
-    add_http_arguments(parser)
     compile_cache.add_arguments(parser)  # --compile-cache DIR, --no-compile-cache
     from energon_jax.commands.generate import add_parallel_arguments
     from energon_jax.parallel.distributed import add_distributed_arguments
@@ -80,8 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    from energon_jax.commands.generate import parallel_kwargs
 def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     """The OpenAI HTTP API and the admission limits both front ends share."""
     from serving.admission import AdmissionLimits
@@ -111,6 +109,8 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
         )  # fmt: skip
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from energon_jax.commands.generate import parallel_kwargs
 
     kwargs: dict[str, Any] = {
         name: getattr(args, name) for name, _, _ in _ENGINE_FLAGS if getattr(args, name) is not None
@@ -130,9 +130,9 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace):
+    from serving.admission import AdmissionLimits
     from serving.auth import API_KEY_ENV, TlsFiles
     from serving.server import ServerConfig
-    from serving.admission import AdmissionLimits
 
     tls = None
     if args.tls_cert or args.tls_key:
@@ -151,12 +151,12 @@ def server_config(args: argparse.Namespace):
         grace_s=args.grace,
         warmup=not args.no_warmup,
         port_file=args.port_file,
-    )
-
         http_port=None if args.no_http else args.http_port,
         served_model_name=args.served_model_name,
         chat_template=args.chat_template,
         limits=AdmissionLimits(**{name: getattr(args, name) for name in AdmissionLimits.__dataclass_fields__}),
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     from energon_jax.parallel import distributed
