@@ -121,6 +121,12 @@ class AsyncEngine:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the step loop (None while it lives); a server polls it to notice a death
+        that happened with nothing in flight."""
+        return self._dead
+
     # -- requests -----------------------------------------------------------------------
 
     async def submit(
@@ -130,12 +136,6 @@ class AsyncEngine:
         sub = self._enqueue(prompt, params or SamplingParams(), request_id)
         done = False
         try:
-    @property
-    def failure(self) -> BaseException | None:
-        """What killed the step loop (None while it lives); a server polls it to notice a death
-        that happened with nothing in flight."""
-        return self._dead
-
             while True:
                 item = await sub.queue.get()
                 if isinstance(item, BaseException):
