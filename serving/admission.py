@@ -251,19 +251,31 @@ class Admission:
         *,
         label: str = "",
         cancel_reason: Callable[[], str] = lambda: "cancelled",
-    ) -> AsyncIterator[Any]:
+    ) -> EngineStream:
         """Submit under a server-owned id and wait for the first delta; returns the whole stream.
 
         Validation in the engine (vocabulary, context length, queue) raises here, before the
         caller has sent anything, so an HTTP front end can still answer 400 or 429.
         """
+        # The engine checks every id of the prompt on the event loop; a prompt that cannot fit
+        # is refused here first, in O(1), so a huge one never costs that walk.
+        max_len = int(binding.engine.info.max_model_len)
+        max_tokens = int(getattr(params, "max_tokens", 0) or 0)
+        if len(prompt_ids) + max_tokens > max_len:
+            self.count("invalid")
+            raise RequestError(
+                f"prompt length {len(prompt_ids)} + max_tokens={max_tokens} = {len(prompt_ids) + max_tokens} "
+                f"must be <= max_model_len={max_len}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         stream = self._stream(binding, list(prompt_ids), params, label, cancel_reason)
         try:
             first = await stream.__anext__()
         except BaseException:
             await stream.aclose()
             raise
-        return _prepend(first, stream)
+        return EngineStream(first, stream)
 
     async def _stream(
         self,
@@ -327,15 +339,28 @@ class Admission:
             await _close(source)
 
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    try:
-        yield first
-        if getattr(first, "finished", False):
-            return
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
+class EngineStream:
+    """The deltas of one admitted request: the first (already received), then the rest.
+
+    ``aclose()`` aborts the request (if not finished) even when iteration never started,
+    which an async generator's ``aclose`` would not do.
+    """
+
+    def __init__(self, first: Any, rest: AsyncIterator[Any]) -> None:
+        self._first: Any = first
+        self._rest = rest
+
+    def __aiter__(self) -> EngineStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
 
 
 async def _close(stream: AsyncIterator) -> None:

@@ -57,18 +57,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         adm.enter()  # in flight until the final status is sent, so a drain waits for it
         failure: tuple[grpc.StatusCode, str] | None = None
         stream: AsyncIterator[Any] | None = None
+        submitted = False  # from here on the admission path counts the request's outcome
         try:
             try:
                 adm.check_stop(list(request.params.stop), "stop")
                 params = params_from_proto(request.params, binding.params_cls)
                 prompt_ids = await self._prompt_ids(binding, request)
+                submitted = True
                 stream = await adm.open_stream(
                     binding, prompt_ids, params, label=label, cancel_reason=lambda: _cancel_reason(context)
                 )
                 async for delta in stream:
                     yield response_from_delta(label, delta)
             except ValueError as e:
-                if stream is None:
+                if not submitted:
                     adm.count("invalid")
                 failure = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except QueueFull as e:

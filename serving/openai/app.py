@@ -36,7 +36,7 @@ from serving.binding import EngineBinding
 from serving.openai import errors
 from serving.openai import generation as g
 from serving.openai import protocol as p
-from serving.openai.chat_template import ChatTemplate
+from serving.openai.chat_template import ChatTemplate, ChatTemplateError
 from serving.openai.errors import ApiError
 
 log = logging.getLogger("energon.serving.openai")
@@ -306,7 +306,8 @@ async def _completion_choices(
     kwargs = g.sampling_kwargs(body, adm)
     if body.logprobs is not None:
         kwargs["logprobs"] = body.logprobs
-    binding.params_cls(**kwargs)  # every sampling field checked before any tokenization
+    early = {} if body.max_tokens is None else {"max_tokens": body.max_tokens}
+    binding.params_cls(**kwargs, **early)  # every sampling field checked before any tokenization
     max_model_len = int(binding.engine.info.max_model_len)
     choices = []
     for i, prompt in enumerate(prompts):
@@ -357,7 +358,10 @@ async def _render_chat(service: OpenAIService, messages: Sequence[p.ChatMessage]
     dicts = _messages_as_dicts(messages)
     service.admission.check_prompt_chars(sum(len(d["content"]) for d in dicts), "messages")
     template = service.chat_template
-    return await asyncio.to_thread(template.render, dicts, add_generation_prompt=add_generation_prompt)
+    try:
+        return await asyncio.to_thread(template.render, dicts, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as e:
+        raise RequestError(str(e), param="messages") from e
 
 
 async def _chat_choices(
@@ -377,10 +381,11 @@ async def _chat_choices(
     kwargs = g.sampling_kwargs(body, adm)
     if body.logprobs:
         kwargs["logprobs"] = body.top_logprobs or 0
-    binding.params_cls(**kwargs)  # every sampling field checked before rendering and tokenizing
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    early = {} if requested is None else {"max_tokens": requested}
+    binding.params_cls(**kwargs, **early)  # every sampling field checked before rendering and tokenizing
     text = await _render_chat(service, body.messages, body.add_generation_prompt)
     ids = await adm.tokenize(binding, text, field="messages", add_special_tokens=False)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = g.default_max_tokens(requested, len(ids), int(binding.engine.info.max_model_len))
     return [g.Choice(j, ids, g.make_params(binding, kwargs, max_tokens, j)) for j in range(body.n)]
 
