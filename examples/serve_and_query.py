@@ -73,8 +73,8 @@ def main() -> int:
     port = free_port()
     target = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--no-metrics", "--max-model-len", "256", "--max-num-seqs", "2", "--max-num-batched-tokens", "64",
-           "--grace", "5"]
+           "--no-metrics", "--http-port", "0", "--max-model-len", "256", "--max-num-seqs", "2",
+           "--max-num-batched-tokens", "64", "--grace", "5"]
     if args.model is not None:
         cmd += ["--model", args.model]
     server = subprocess.Popen(cmd, env=os.environ.copy())

@@ -197,7 +197,8 @@ class InferenceServer:
         self._openai = OpenAIService(
             self._admission, served_model_name=name, api_key=c.api_key, chat_template_file=c.chat_template
         )
-        return HttpFrontEnd(build_app(self._openai, self._metrics), c.host, c.http_port, c.tls)
+        app = build_app(self._openai, self._metrics, max_body_bytes=c.max_receive_bytes)
+        return HttpFrontEnd(app, c.host, c.http_port, c.tls)
 
     def _write_port_file(self) -> None:
         if self._config.port_file is not None:

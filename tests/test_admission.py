@@ -164,6 +164,8 @@ def test_grpc_limits_name_the_flag(server) -> None:
             stub.Embed(pb.EmbedRequest(texts=["1"] * 5), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-embed-texts" in e.value.details()
     with httpx.Client(base_url=server.http_url, timeout=30) as h:
+        r = h.post("/v1/completions", json={"prompt": "1 " * (3 << 20)})  # 6 MiB: over --max-message-bytes
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         r = h.post("/v1/embeddings", json={"input": ["1"] * 5})
         assert r.status_code == 400 and r.json()["error"]["param"] == "input"
         r = h.post("/v1/embeddings", json={"input": ["1 2", "3"], "model": "mock-model"})

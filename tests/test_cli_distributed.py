@@ -143,8 +143,8 @@ def test_launch_serve_tp2_serves_one_api_and_stops_the_worker(tiny_checkpoint):
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "energon_jax.cli", "launch", "-n", "2", "--cpu-devices-per-process", "1",
            "--grace-seconds", "30", "--", "serve", "--model", path, "--tp", "2", "--port", str(port),
-           "--no-metrics", "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens", "32",
-           "--grace", "5"]
+           "--no-metrics", "--no-http", "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens",
+           "32", "--grace", "5"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     async def talk():

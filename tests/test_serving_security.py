@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 from serving_harness import ServerProcess
@@ -71,6 +72,17 @@ def test_api_key_required_everywhere_but_health_and_never_logged() -> None:
             auth = (("authorization", f"Bearer {KEY}"),)
             [ok] = list(stub.ServerReflectionInfo(iter([req]), timeout=10, metadata=auth))
             assert "energon.v1.Inference" in {s.name for s in ok.list_services_response.service}
+        # The HTTP API takes the same key; /health, /version and /metrics need none.
+        with httpx.Client(base_url=srv.http_url, timeout=10) as h:
+            body = {"prompt": "5 6", "max_tokens": 3, "temperature": 0}
+            for bad in (None, "wrong", KEY[:-1], KEY + "x"):
+                headers = {} if bad is None else {"Authorization": f"Bearer {bad}"}
+                for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/tokenize")):
+                    r = h.request(method, path, json=body if method == "POST" else None, headers=headers)
+                    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, bad)
+            r = h.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+            assert r.json()["choices"][0]["text"] == " 7 8 9"
+            assert [h.get(p).status_code for p in ("/health", "/version", "/metrics")] == [200, 200, 200]
         srv.signal(15)
         assert srv.wait_exit(30) == 0
         log = srv.log()
@@ -192,6 +204,13 @@ def test_tls_server_accepts_tls_clients_and_refuses_plaintext(certs: Path) -> No
         assert _run(_status_of(lambda c: c.model_info(timeout=5), plain)) == grpc.StatusCode.UNAVAILABLE
         untrusted = ClientConfig(target=srv.target, tls_ca=certs / "client.pem")  # not the CA that signed the server
         assert _run(_status_of(lambda c: c.model_info(timeout=5), untrusted)) == grpc.StatusCode.UNAVAILABLE
+        # The HTTP API serves TLS with the same files, and nothing in plain text.
+        url = f"https://127.0.0.1:{srv.http_port}"
+        with httpx.Client(base_url=url, verify=_ssl_context(certs), timeout=10) as h:
+            r = h.post("/v1/completions", json={"prompt": "5 6", "max_tokens": 3, "temperature": 0})
+            assert r.json()["choices"][0]["text"] == " 7 8 9"
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{srv.http_port}/health", timeout=5)
 
 
 def test_mutual_tls_requires_a_client_certificate(certs: Path) -> None:
@@ -206,6 +225,20 @@ def test_mutual_tls_requires_a_client_certificate(certs: Path) -> None:
         assert _run(_generate_ids(mtls)) == [7, 8, 9]
         no_cert = ClientConfig(target=srv.target, tls_ca=certs / "ca.pem")
         assert _run(_status_of(lambda c: c.model_info(timeout=5), no_cert)) == grpc.StatusCode.UNAVAILABLE
+        url = f"https://127.0.0.1:{srv.http_port}"
+        with httpx.Client(base_url=url, verify=_ssl_context(certs, client=True), timeout=10) as h:
+            assert h.get("/health").status_code == 200
+        with pytest.raises(httpx.HTTPError), httpx.Client(base_url=url, verify=_ssl_context(certs), timeout=5) as h:
+            h.get("/health")
+
+
+def _ssl_context(certs: Path, client: bool = False):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    if client:
+        ctx.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    return ctx
 
 
 def test_open_channel_refuses_half_a_client_identity(certs: Path) -> None:

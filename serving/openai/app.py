@@ -145,13 +145,14 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-def build_app(service: OpenAIService, metrics: Any) -> FastAPI:
-    """The FastAPI app; ``metrics`` is the server's ``ServingMetrics``."""
+def build_app(service: OpenAIService, metrics: Any, max_body_bytes: int = 4 * 1024 * 1024) -> FastAPI:
+    """The FastAPI app; ``metrics`` is the server's ``ServingMetrics``; larger bodies get 413."""
     app = FastAPI(title="energon-jax OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
     app.add_exception_handler(ApiError, errors.api_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_exception_handler)
     app.add_exception_handler(Exception, errors.unexpected_error_handler)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_RequestCounter, counter=metrics.http_requests)
     adm = service.admission
     auth = [Depends(service.authorize)]
@@ -476,9 +477,11 @@ def _stream_response(
         if closed:
             return
         closed = True
-        for s in streams:
-            await s.aclose()
-        adm.leave()
+        try:  # each aclose aborts its request before its first await, so a cancelled close still aborts
+            for s in streams:
+                await s.aclose()
+        finally:
+            adm.leave()
 
     def chunk(state: g._ChoiceState, finished: bool) -> Any:
         start, end = state.pending_from, len(state.token_ids)
@@ -534,6 +537,24 @@ def _stream_response(
             await close()
 
     return _SSEResponse(events(), close)
+
+
+class _BodyLimit:
+    """ASGI middleware: a body whose Content-Length exceeds the limit gets 413 before it is read."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self._app = app
+        self._max = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > self._max:
+                message = f"request body of {int(length)} bytes is larger than {self._max} (--max-message-bytes)"
+                body = p.ErrorBody(message=message, type="invalid_request_error", code="request_too_large")
+                await errors.error_response(413, body)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
 
 
 class _RequestCounter:
