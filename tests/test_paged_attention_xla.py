@@ -110,7 +110,7 @@ def _check(out, ref, seg, dtype):
 @pytest.mark.parametrize("int8", [False, True])
 def test_xla_matches_reference(path, group, int8):
     page_size = 5 if group != 2 else 8  # 5 divides none of the lengths
-    rng = np.random.default_rng(hash((path, group, int8)) % 2**32)
+    rng = np.random.default_rng(100 * list(PATHS).index(path) + 10 * group + int8)  # fixed: reproducible
     args, kw = _problem(rng, path=path, group=group, int8=int8, page_size=page_size)
     out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
     ref = paged_attention_reference(*args, **kw)
@@ -121,7 +121,7 @@ def test_xla_matches_reference(path, group, int8):
 def test_xla_small_tiles(monkeypatch, path):
     """Tiles of 4: several query and key tiles per chunk, tiles skipped on both sides."""
     monkeypatch.setattr(xla_module, "ATTENTION_BLOCK", 4)
-    rng = np.random.default_rng(hash(("tiles", path)) % 2**32)
+    rng = np.random.default_rng(500 + list(PATHS).index(path))
     args, kw = _problem(rng, path=path, group=2, int8=path == "walk", page_size=5)
     out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
     _check(out, paged_attention_reference(*args, **kw), kw["segment_ids"], jnp.float32)
@@ -223,3 +223,15 @@ def test_engine_greedy_tokens_same_with_reference_and_default(monkeypatch, tiny_
     default = run(None)
     assert all(len(t) == 6 for t in ref)
     assert default == ref
+
+
+def test_no_test_input_is_drawn_from_hash():
+    """``hash()`` of a string changes with PYTHONHASHSEED, so a failure drawn from it would not
+    reproduce: every test seeds its generators with fixed numbers."""
+    import pathlib
+    import re
+
+    pattern = re.compile(r"(default_rng|PRNGKey|random\.key|seed)\s*[(=]\s*hash\(")
+    offenders = [f"{path.name}:{n}" for path in sorted(pathlib.Path(__file__).parent.glob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
