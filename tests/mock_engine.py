@@ -342,10 +342,10 @@ def real_binding_failing_on_token(model: str | None, engine_kwargs: dict[str, An
     add_request, step = engine.add_request, engine.step
     poisoned = threading.Event()
 
-    def add_request_watching(prompt, params=None, *, request_id=None):
+    def add_request_watching(prompt, params=None, *, request_id=None, **kwargs):
         if not isinstance(prompt, str) and poison in list(prompt):
             poisoned.set()
-        return add_request(prompt, params, request_id=request_id)
+        return add_request(prompt, params, request_id=request_id, **kwargs)
 
     def failing_step():
         if poisoned.is_set():

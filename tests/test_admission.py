@@ -20,7 +20,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2
-from mock_engine import SamplingParams  # noqa: F401  (the runtime's class, through the mock)
+from mock_engine import SamplingParams  # the runtime's class, through the mock
 from serving_harness import ServerProcess
 
 from serving.admission import AdmissionLimits, RequestError
@@ -67,6 +67,51 @@ def test_limit_messages_name_the_field_the_value_and_the_flag() -> None:
         adm.check_n(17)
     with pytest.raises(RequestError, match=r"texts holds 300 texts, more than max_embed_texts=256"):
         adm.check_embed_texts(["a"] * 300)
+
+
+def test_tokenized_once_off_the_event_loop_and_the_engine_gets_server_ids() -> None:
+    import asyncio
+
+    from mock_engine import MockAsyncEngine, QueueFullError
+
+    from serving.admission import Admission
+    from serving.binding import EngineBinding
+    from serving.metrics import ServingMetrics
+
+    engine = MockAsyncEngine(step_s=0.001)
+    encodes: list[bool] = []  # per call: was it on the event loop's thread?
+    submitted: list[tuple[object, str]] = []
+    encode, submit = engine.tokenizer.encode, engine.submit
+
+    def counting_encode(text, add_special_tokens=True):
+        encodes.append(threading.current_thread() is threading.main_thread())
+        return encode(text)
+
+    def recording_submit(prompt, params, *, request_id):
+        submitted.append((prompt, request_id))
+        return submit(prompt, params, request_id=request_id)
+
+    engine.tokenizer.encode, engine.submit = counting_encode, recording_submit
+    binding = EngineBinding(engine=engine, params_cls=SamplingParams, queue_full_error=QueueFullError)
+    adm = Admission(ServingMetrics(lambda: None), lambda e: None)
+    adm.attach(binding)
+    engine.start()
+
+    async def go():
+        ids = await adm.tokenize(binding, "5 6 7")
+        params = SamplingParams(max_tokens=2, temperature=0)
+        streams = [await adm.open_stream(binding, ids, params, label="same") for _ in range(2)]
+        return [[t for d in [x async for x in s] for t in d.token_ids] for s in streams]
+
+    try:
+        outs = asyncio.run(go())
+    finally:
+        engine.shutdown()
+    assert encodes == [False]  # once, in a worker thread
+    assert outs == [[8, 9], [8, 9]]
+    assert [p for p, _ in submitted] == [[5, 6, 7], [5, 6, 7]]  # the engine got ids, not text
+    rids = [rid for _, rid in submitted]
+    assert len(set(rids)) == 2 and "same" not in rids  # the server's ids, never the label
 
 
 # -- one mock server: loading, queue, ids, limits, drain -------------------------------------------
