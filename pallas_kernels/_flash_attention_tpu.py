@@ -110,6 +110,7 @@ def flash_attention_tpu(
     c, kh, _ = k.shape
     group = n // kh
     bs = block_sizes or FlashBlockSizes(block_q=128, block_k=128)
+    bs.check_tpu()  # a ValueError naming the field, not a Mosaic lowering error
     block_q, block_k = bs.block_q, bs.block_k
     tp, cp = _round_up(t, block_q), _round_up(c, block_k)
     nq, nk = tp // block_q, cp // block_k

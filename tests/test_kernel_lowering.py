@@ -168,12 +168,15 @@ def test_flash_attention_lowers_to_mosaic_tpu(monkeypatch, shape, causal):
     assert "flash_attention_packed_tpu" in text
 
 
-def test_flash_attention_tpu_lowers_with_small_blocks():
-    """The block sizes the interpret-mode tests use are legal for Mosaic too."""
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_attention_tpu_lowers_with_small_blocks(dtype):
+    """The block sizes the TPU interpret-mode tests use are legal for Mosaic too (the same object)."""
+    from test_flash_attention_tpu import BLOCKS
+
     fn = lambda q, k, v, seg, pos: flash_attention_tpu(  # noqa: E731
-        q, k, v, segment_ids=seg, positions=pos, causal=True, block_sizes=FlashBlockSizes(block_q=128, block_k=256)
+        q, k, v, segment_ids=seg, positions=pos, causal=True, block_sizes=BLOCKS
     )
-    text = lower_for_tpu(fn, *packed_causal_args(1000, 8, 2, 128, jnp.float32))
+    text = lower_for_tpu(fn, *packed_causal_args(171, 8, 2, 64, dtype))
     assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
 
 
