@@ -105,7 +105,7 @@ def add_http_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name),
-            help=f"{help_text} (default {getattr(defaults, name)})",
+            help=help_text,
         )  # fmt: skip
 
 
