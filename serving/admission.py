@@ -115,7 +115,16 @@ class Admission:
     @property
     def serving(self) -> bool:
         """What both health endpoints report."""
-        return self._binding is not None and not self._draining and not self._failed
+        return self.state == "serving"
+
+    @property
+    def state(self) -> str:
+        """``loading``, ``serving``, ``draining`` or ``failed``."""
+        if self._failed:
+            return "failed"
+        if self._draining:
+            return "draining"
+        return "loading" if self._binding is None else "serving"
 
     @property
     def inflight(self) -> int:

@@ -160,16 +160,8 @@ def build_app(service: OpenAIService, metrics: Any, max_body_bytes: int = 4 * 10
     # -- unauthenticated ------------------------------------------------------------------------
     @app.get("/health", response_model=p.HealthResponse)
     async def health() -> JSONResponse:
-        if adm.serving:
-            status, code = "serving", 200
-        else:
-            try:
-                adm.ready()
-                status = "draining"
-            except Unavailable as e:
-                status = "loading" if "loading" in str(e) else ("failed" if "failed" in str(e) else "draining")
-            code = 503
-        return JSONResponse(p.HealthResponse(status=status).model_dump(), status_code=code)
+        status = adm.state
+        return JSONResponse(p.HealthResponse(status=status).model_dump(), status_code=200 if adm.serving else 503)
 
     @app.get("/version", response_model=p.VersionResponse)
     async def version() -> p.VersionResponse:
