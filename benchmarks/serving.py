@@ -14,7 +14,7 @@ output lengths, per-request sampling seeds, ``ignore_eos``):
 2. the same burst through the server, once per ``--backends`` entry: ``grpc``
    (an asyncio gRPC client) and/or ``openai`` (streamed ``/v1/completions`` on the
    server's HTTP port, httpx); 1 and 2 alternate ``--repeats`` times so drift in the
-   machine's load hits every one;
+   machine's load hits every one, and the backends take turns going first;
 3. Poisson arrivals at each of ``--rates`` requests/s through the server, again
    once per backend, one after the other on the same server;
 4. the offline ceiling: the whole workload through ``Engine.generate`` at once.
@@ -228,7 +228,7 @@ def main() -> int:
                     direct = summarize(asyncio.run(run_direct(engine, workload(None))), **slo)
                     print(format_summary(direct, f"\n## [{rep}] baseline: burst into an in-process AsyncEngine"))
                     results[f"direct burst {rep}"] = direct
-                for b in backends:
+                for b in backends if rep % 2 == 0 else backends[::-1]:  # neither always goes first
                     recs = asyncio.run(served(b, targets, workload(None)))
                     burst = summarize(recs, **slo)
                     print(format_summary(burst, f"\n## [{rep}] served over {_LABEL[b]}: the same burst"))
@@ -236,8 +236,8 @@ def main() -> int:
                     pairs[b].append((direct, burst))
                     results[f"{b} burst {rep}"] = burst
                 loads.append(f"burst {rep}")
-            for rate in args.rates:
-                for b in backends:
+            for i, rate in enumerate(args.rates):
+                for b in backends if i % 2 == 0 else backends[::-1]:
                     recs = asyncio.run(served(b, targets, workload(rate)))
                     s = summarize(recs, **slo)
                     results[f"{b} Poisson {rate:g}"] = s
