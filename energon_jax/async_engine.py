@@ -173,10 +173,14 @@ class AsyncEngine:
                 self._aborts.append(request_id)
                 self._cond.notify_all()
 
-    async def embed(self, texts: Sequence[str], normalize: bool = True) -> list[list[float]]:
+    async def embed(
+        self, texts: Sequence[str], normalize: bool | None = None, *, truncate: bool = False
+    ) -> list[list[float]]:
+        """``Engine.embed`` off the event loop (``normalize=None``: as the checkpoint does)."""
+
         def run() -> list[list[float]]:
             with self._embed_lock:
-                return self.engine.embed(list(texts), normalize=normalize).tolist()
+                return self.engine.embed(list(texts), normalize=normalize, truncate=truncate).tolist()
 
         return await asyncio.to_thread(run)
 

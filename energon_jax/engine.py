@@ -123,7 +123,7 @@ class Engine:
         split_prefill_decode: bool | None = None,
         async_scheduling: bool | None = None,
         warmup: bool = True,
-        pooling: Any | None = None,
+        sentence_config: Any | None = None,
         model_path: str | None = None,
         tp: int = 1,
         pp: int = 1,
@@ -150,15 +150,18 @@ class Engine:
             # ahead measured 0.87x-1.06x of the synchronous loop (noise), no longer 0.5x.
             async_scheduling = True
         self.async_scheduling = async_scheduling
-        self._pooling = pooling
-        self._embed_fns: dict[tuple[int, int], Any] = {}
-        if model_config.is_encoder:
-            limit = model_config.max_position_embeddings
-            self.config = EngineConfig(
-                max_model_len=min(max_model_len or limit, limit), page_size=page_size, num_pages=2,
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
-            )
+        self._embedder = None  # an EmbeddingRunner (encoders only)
+        if model_config.is_encoder:  # an encoder gets its own runner: no scheduler, no KV pool
+            from energon_jax.embedding import EmbeddingRunner, embedder_config
+
+            self._embedder = EmbeddingRunner(model, model_config, tokenizer, embedder_config(
+                model_config, sentence_config, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, min_token_bucket=min_token_bucket,
+            ), sentence_config)
+            self.config = self._embedder.config
             self._scheduler = self._runner = self._buckets = None
+            if warmup:
+                self._embedder.warmup()
             return
         check_fraction(kv_cache_memory_fraction)
         # On an accelerator with no pool size given, the pool is sized from device memory
@@ -288,7 +291,7 @@ class Engine:
         read straight into its tensor-parallel shards.
         """
         from models.loading import load, load_config
-        from models.pooling import read_pooling_config
+        from models.sentence_config import read_sentence_config
 
         from energon_jax.parallel.runtime import load_sharding
 
@@ -311,8 +314,8 @@ class Engine:
             report = quantize_model(model, mode, sparsity=0.8 if sparsity is None else float(sparsity))
             logger.info("quantized: %s", report.summary())
         tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
-        pooling = read_pooling_config(root) if config.is_encoder else None
-        return cls(model, config, tokenizer, pooling=pooling, model_path=str(root), **engine_kwargs)
+        sentence = read_sentence_config(root) if config.is_encoder else None
+        return cls(model, config, tokenizer, sentence_config=sentence, model_path=str(root), **engine_kwargs)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -323,6 +326,8 @@ class Engine:
 
     @property
     def num_compiles(self) -> int:
+        if self._embedder is not None:
+            return self._embedder.num_compiles
         return 0 if self._runner is None else self._runner.num_compiles
 
     @property
@@ -332,6 +337,11 @@ class Engine:
     @property
     def runner(self) -> ModelRunner | None:
         return self._runner
+
+    @property
+    def embedder(self) -> Any:
+        """The encoder's ``EmbeddingRunner`` (``embedding.py``); None for a decoder."""
+        return self._embedder
 
     @property
     def num_planned_ahead(self) -> int:
@@ -351,6 +361,8 @@ class Engine:
         A progress bar (stderr, process 0) counts the shapes as they compile: a large model
         on a cold compilation cache can take minutes here, and silence looks like a hang.
         """
+        if self._embedder is not None:
+            return self._embedder.warmup()
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
@@ -533,8 +545,14 @@ class Engine:
                 self.abort(rid)
                 self._done.pop(rid, None)
 
-    def embed(self, texts: str | Sequence[str], normalize: bool = True) -> np.ndarray:
-        """Pooled embeddings ``[len(texts), D]`` of an encoder checkpoint (float32)."""
-        from energon_jax.embedding import embed_texts
+    def embed(
+        self, texts: str | Sequence[str], normalize: bool | None = None, *, truncate: bool = False
+    ) -> np.ndarray:
+        """Pooled embeddings ``[len(texts), D]`` of an encoder checkpoint (float32).
 
-        return embed_texts(self, texts, normalize=normalize)
+        ``normalize=None`` follows the checkpoint (on when its sentence-transformers pipeline
+        has a Normalize module). A text over the token limit is a ValueError, unless
+        ``truncate=True`` cuts it to the limit (``embedding.py``)."""
+        if self._embedder is None:
+            raise ValueError(f"model {self.model_config.architecture} is a decoder: embed() needs an encoder (BERT)")
+        return self._embedder.embed(texts, normalize=normalize, truncate=truncate)

@@ -83,9 +83,16 @@ class Tokenizer:
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens) -> None:
+        # Padding and truncation stored in tokenizer.json never apply: sentence-transformers
+        # checkpoints save a fixed padding to 128 tokens (pads would be fed as input) and a
+        # truncation at 128 (text silently dropped). A limit is the engine's to enforce;
+        # ``encode_batch(max_length=)`` truncates only where a caller asks.
+        backend.no_padding()
+        backend.no_truncation()
         self._backend = backend
         self.special = special
         self.byte_fallback_ids = _byte_fallback_ids(backend)
+        self._truncating: dict[int, tokenizers.Tokenizer] = {}  # max_length -> a truncating copy
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -183,12 +190,28 @@ class Tokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_special_tokens: bool = True, *, max_length: int | None = None
+    ) -> list[list[int]]:
+        """Token ids of every text. ``max_length`` truncates each to that many ids, special
+        tokens included (the template's [CLS]/[SEP] stay, as transformers' ``truncation=True``)."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        backend = self._backend if max_length is None else self._truncating_backend(max_length)
+        encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         return [list(e.ids) for e in encodings]
+
+    def _truncating_backend(self, max_length: int) -> tokenizers.Tokenizer:
+        # A copy, so that the shared backend never changes state (other threads encode with it).
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"{max_length=} must be an int >= 1")
+        backend = self._truncating.get(max_length)
+        if backend is None:
+            backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            backend.enable_truncation(max_length)
+            self._truncating[max_length] = backend
+        return backend
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. ``skip_special_tokens`` drops the tokens registered as

@@ -7,31 +7,18 @@ Results are float32 ``[B, D]``.
 
 A sentence-transformers checkpoint says how it pools in ``1_Pooling/config.json`` (the
 folder is named in ``modules.json``) and whether it L2-normalises (a ``Normalize``
-module); ``read_pooling_config`` turns that into a ``PoolingConfig``.
+module); ``models/sentence_config.py`` reads that into a ``PoolingConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len", "lasttoken")
-
-# sentence-transformers' boolean config keys, in the order it concatenates them.
-_ST_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-_ST_POOLING = "sentence_transformers.models.Pooling"
-_ST_NORMALIZE = "sentence_transformers.models.Normalize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,33 +95,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 
 def read_pooling_config(checkpoint_dir: str | Path) -> PoolingConfig | None:
-    """The sentence-transformers pooling of a checkpoint, or ``None`` if it has none.
+    """The sentence-transformers pooling of a checkpoint (mode, and whether its pipeline
+    normalises), or ``None`` if it has none. ``models/sentence_config.py`` reads it."""
+    from models.sentence_config import read_sentence_config
 
-    Looks for the Pooling module in ``modules.json`` (falling back to ``1_Pooling``) and
-    for a Normalize module after it.
-    """
-    root = Path(checkpoint_dir)
-    pooling_dir, normalize = root / "1_Pooling", False
-    modules_file = root / "modules.json"
-    if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
-        for module in modules:
-            if module.get("type") == _ST_POOLING:
-                pooling_dir = root / module.get("path", "1_Pooling")
-            elif module.get("type") == _ST_NORMALIZE:
-                normalize = True
-    config_file = pooling_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    return PoolingConfig(mode=_mode_from_st(json.loads(config_file.read_text()), config_file), normalize=normalize)
-
-
-def _mode_from_st(st: dict, where: Path) -> str:
-    if st.get("include_prompt") is False:
-        raise ValueError(f"{where}: include_prompt=False is not supported (pooling would have to skip prompt tokens)")
-    modes = [mode for key, mode in _ST_KEYS.items() if st.get(key)]
-    if len(modes) != 1 or modes[0] not in POOLING_MODES:
-        raise ValueError(
-            f"{where}: pooling modes={modes} are not supported; exactly one of {POOLING_MODES} must be set"
-        )
-    return modes[0]
+    config = read_sentence_config(checkpoint_dir)
+    return None if config is None else config.pooling

@@ -275,3 +275,63 @@ def load_hf_model(path: str | Path, variant: str):
     else:
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return model.eval()
+
+
+# sentence-transformers module types as released checkpoints (all-MiniLM-L6-v2 & co) name them.
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+ST_POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
+
+
+def sentence_transformers_layout(
+    bert_dir: str | Path,
+    out_dir: str | Path,
+    pooling: str,
+    *,
+    normalize: bool,
+    pad_to: int = MAX_POSITIONS,
+    truncate_at: int = 16,
+    max_seq_length: int = MAX_POSITIONS,
+) -> Path:
+    """A copy of a tiny ``bert`` checkpoint laid out as sentence-transformers releases save one.
+
+    ``modules.json`` (Transformer, Pooling, and Normalize when ``normalize``),
+    ``1_Pooling/config.json`` with the boolean ``pooling_mode_*`` keys, and
+    ``sentence_bert_config.json``. The weights stay as ``BertModel`` saves them, without a
+    ``bert.`` prefix. As in those releases, ``tokenizer.json`` pads every text to a fixed
+    ``pad_to`` tokens and truncates at ``truncate_at``: settings that must not change what
+    an engine computes (sentence-transformers' own tokenizer call overrides both).
+    """
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    src, out = Path(bert_dir), Path(out_dir)
+    shutil.copytree(src, out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.enable_padding(length=pad_to, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    tok.enable_truncation(max_length=truncate_at)
+    tok.save(str(out / "tokenizer.json"))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_POOLING},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "1_Pooling").mkdir()
+    config = {"word_embedding_dimension": HIDDEN, "pooling_mode_weightedmean_tokens": False, "include_prompt": True}
+    config.update({key: mode == pooling for mode, key in ST_POOLING_KEYS.items()})
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
+    return out

@@ -310,11 +310,13 @@ def test_embed_matches_transformers_and_honours_pooling_config(tiny_checkpoint, 
 
     src = tiny_checkpoint("bert")
     texts = ["The quick brown fox.", "hello", "Paged attention keeps the key value cache in fixed size pages. " * 3]
-    engine = Engine.from_pretrained(src, max_num_batched_tokens=64, max_num_seqs=2)
+    engine = Engine.from_pretrained(src, max_num_batched_tokens=64, max_num_seqs=2, warmup=False)
     got = engine.embed(texts, normalize=False)
     want = _hf_embeddings(src, texts, "mean")  # no pooling config: mean pooling
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    unit = engine.embed(texts)
+    assert not engine.embedder.default_normalize  # no Normalize module: as sentence-transformers, not normalised
+    np.testing.assert_allclose(engine.embed(texts), got, rtol=1e-6)
+    unit = engine.embed(texts, normalize=True)
     np.testing.assert_allclose(unit, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
 
     st = tmp_path / "st"
@@ -326,7 +328,7 @@ def test_embed_matches_transformers_and_honours_pooling_config(tiny_checkpoint, 
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]))
-    cls_engine = Engine.from_pretrained(st, max_num_batched_tokens=64, max_num_seqs=2)
+    cls_engine = Engine.from_pretrained(st, max_num_batched_tokens=64, max_num_seqs=2, warmup=False)
     np.testing.assert_allclose(cls_engine.embed(texts, normalize=False), _hf_embeddings(src, texts, "cls"),
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="encoder"):

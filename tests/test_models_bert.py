@@ -183,13 +183,18 @@ def test_pooling_config_without_modules_json(checkpoint, tmp_path):
     [
         ({"cls_token": True, "mean_tokens": True}, r"pooling modes=\['cls', 'mean'\] are not supported"),
         ({"weightedmean_tokens": True}, r"pooling modes=\['weightedmean'\] are not supported"),
-        ({}, r"pooling modes=\[\] are not supported"),
     ],
 )
 def test_unsupported_pooling_config_is_an_error(checkpoint, tmp_path, modes, match):
     st = _sentence_transformers_dir(checkpoint, tmp_path / "st", _st_config(**modes), normalize=False)
     with pytest.raises(ValueError, match=match):
         pooling.read_pooling_config(st)
+
+
+def test_no_pooling_mode_set_means_mean(checkpoint, tmp_path):
+    # As sentence-transformers 6 reads a config whose pooling_mode_* keys are all false.
+    st = _sentence_transformers_dir(checkpoint, tmp_path / "st", _st_config(), normalize=True)
+    assert pooling.read_pooling_config(st) == pooling.PoolingConfig(mode="mean", normalize=True)
 
 
 def test_orbax_round_trip_is_identical(checkpoint, batch, tmp_path):

@@ -227,7 +227,8 @@ def test_encoder_server_embeds_like_engine_embed(tiny_checkpoint) -> None:
 
     bert = tiny_checkpoint("bert")
     texts = ["The quick brown fox", "hello world", "Paged attention keeps the key value cache in pages."]
-    with ServerProcess("--model", str(bert), factory=None) as srv:
+    # A 64-token budget: three encoder buckets to warm up instead of nine.
+    with ServerProcess("--model", str(bert), "--max-num-batched-tokens", "64", factory=None) as srv:
         srv.wait_serving(timeout_s=300)
 
         async def go():
@@ -241,7 +242,7 @@ def test_encoder_server_embeds_like_engine_embed(tiny_checkpoint) -> None:
                 return vecs, raw, None
 
         vecs, raw, gen_error = _run(go())
-    ref = Engine.from_pretrained(bert)
+    ref = Engine.from_pretrained(bert, warmup=False)
     np.testing.assert_allclose(np.asarray(vecs), ref.embed(texts, normalize=True), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(raw), ref.embed(texts, normalize=False), rtol=1e-5, atol=1e-6)
     assert np.allclose(np.linalg.norm(np.asarray(vecs), axis=1), 1.0, atol=1e-5)
