@@ -6,7 +6,8 @@ The checkpoints are tiny random BERTs laid out as sentence-transformers releases
 WordPiece ``tokenizer.json`` that pads every text to 128 tokens and truncates at 16).
 sentence-transformers itself, loading the same folder, is the reference: for mean, CLS and
 last-token pooling, with and without a Normalize module, ``Engine.embed`` with its defaults
-must give the same vectors (cosine distance <= 1e-5). Also: stored padding/truncation never
+must give the same vectors (cosine distance <= 1e-5); max and mean/sqrt(length) pooling
+too. Also: stored padding/truncation never
 reach the engine, an over-long text is an error naming the limit (or cut where asked), and
 the encoder's runner (``EmbeddingRunner``) buckets like the decoder and compiles nothing
 after warm-up.
@@ -39,13 +40,18 @@ MODES = ("mean", "cls", "lasttoken")
 ENGINE_KWARGS = dict(max_num_batched_tokens=64, max_num_seqs=4, warmup=False)
 
 
+# The other pooling modes sentence-transformers and the engine share, without Normalize.
+OTHER_MODES = ("max", "mean_sqrt_len")
+PIPELINES = [(mode, norm) for mode in MODES for norm in (False, True)] + [(mode, False) for mode in OTHER_MODES]
+
+
 @pytest.fixture(scope="module")
 def st_dirs(tiny_checkpoint, tmp_path_factory):
-    """``(mode, normalize) -> checkpoint folder`` for the six pipelines."""
+    """``(mode, normalize) -> checkpoint folder`` for every pipeline tested."""
     root = tmp_path_factory.mktemp("st")
     bert = tiny_checkpoint("bert")
     return {(mode, norm): sentence_transformers_layout(bert, root / f"{mode}_{norm}", mode, normalize=norm)
-            for mode in MODES for norm in (False, True)}
+            for mode, norm in PIPELINES}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +92,7 @@ def test_stored_padding_and_truncation_never_apply(st_dirs):
         ours.encode_batch(TEXTS, max_length=0)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode,normalize", PIPELINES)
 def test_embeddings_match_sentence_transformers(st_dirs, engines, mode, normalize):
     engine = engines[(mode, normalize)]
     assert engine.embedder.sentence.pooling == PoolingConfig(mode=mode, normalize=normalize)
