@@ -260,6 +260,7 @@ class Admission:
         *,
         label: str = "",
         cancel_reason: Callable[[], str] = lambda: "cancelled",
+        cache_salt: str | None = None,
     ) -> EngineStream:
         """Submit under a server-owned id and wait for the first delta; returns the whole stream.
 
@@ -278,7 +279,8 @@ class Admission:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        stream = self._stream(binding, list(prompt_ids), params, label, cancel_reason)
+        extra = {} if cache_salt is None else {"cache_salt": cache_salt}  # prefix-cache isolation
+        stream = self._stream(binding, list(prompt_ids), params, label, cancel_reason, extra)
         try:
             first = await stream.__anext__()
         except BaseException:
@@ -293,6 +295,7 @@ class Admission:
         params: Any,
         label: str,
         cancel_reason: Callable[[], str],
+        extra: dict[str, Any],
     ) -> AsyncIterator[Any]:
         engine = binding.engine
         request_id = uuid.uuid4().hex  # the server's; ``label`` never reaches the engine
@@ -300,7 +303,7 @@ class Admission:
         arrived = time.perf_counter()
         finished = False
         last_token_at: float | None = None
-        source = engine.submit(prompt_ids, params, request_id=request_id)
+        source = engine.submit(prompt_ids, params, request_id=request_id, **extra)
         try:
             try:
                 async for delta in source:

@@ -17,6 +17,7 @@ Errors map to status codes here:
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,7 +54,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         adm = self._admission
         binding = await self._ready(context)
-        label = request.request_id  # echoed back; the engine's id is the server's own
+        # Echoed in every response (one is made up when empty); the engine's id is the server's own.
+        label = request.request_id or uuid.uuid4().hex
         adm.enter()  # in flight until the final status is sent, so a drain waits for it
         failure: tuple[grpc.StatusCode, str] | None = None
         stream: AsyncIterator[Any] | None = None

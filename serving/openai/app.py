@@ -314,7 +314,7 @@ async def _completion_choices(
         max_tokens = g.default_max_tokens(body.max_tokens, len(ids), max_model_len)
         for j in range(body.n):
             params = g.make_params(binding, kwargs, max_tokens, j)
-            choices.append(g.Choice(i * body.n + j, ids, params, echo if body.echo else ""))
+            choices.append(g.Choice(i * body.n + j, ids, params, echo if body.echo else "", body.cache_salt))
     return choices
 
 
@@ -380,7 +380,10 @@ async def _chat_choices(
     text = await _render_chat(service, body.messages, body.add_generation_prompt)
     ids = await adm.tokenize(binding, text, field="messages", add_special_tokens=False)
     max_tokens = g.default_max_tokens(requested, len(ids), int(binding.engine.info.max_model_len))
-    return [g.Choice(j, ids, g.make_params(binding, kwargs, max_tokens, j)) for j in range(body.n)]
+    return [
+        g.Choice(j, ids, g.make_params(binding, kwargs, max_tokens, j), cache_salt=body.cache_salt)
+        for j in range(body.n)
+    ]
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Choice:
     prompt_ids: list[int]
     params: Any
     echo_text: str = ""
+    cache_salt: str | None = None
 
 
 def sampling_kwargs(req: p._SamplingFields, admission: Admission) -> dict[str, Any]:
@@ -89,7 +90,8 @@ async def open_choices(
 ) -> list[AsyncIterator[Any]]:
     """Open every choice's stream, all or nothing (the first error is raised, the rest aborted)."""
     results = await asyncio.gather(
-        *(admission.open_stream(binding, c.prompt_ids, c.params, label=label) for c in choices),
+        *(admission.open_stream(binding, c.prompt_ids, c.params, label=label, cache_salt=c.cache_salt)
+          for c in choices),
         return_exceptions=True,
     )
     failure = next((r for r in results if isinstance(r, BaseException)), None)

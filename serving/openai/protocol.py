@@ -56,6 +56,7 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    cache_salt: str | None = None  # requests with different salts never share prefix-cache pages
 
 
 class CompletionRequest(_SamplingFields):
