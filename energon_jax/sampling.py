@@ -12,7 +12,9 @@ Per row, in this order (vLLM's):
 2. temperature 0 rows take the argmax (greedy);
 3. other rows, in the order of transformers' logits warpers (``TemperatureLogitsWarper``,
    ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, as ``generate``
-   chains them) and of vLLM's top-k/top-p sampler:
+   chains them; vLLM's ``apply_top_k_top_p`` also renormalises after top-k, and v0 applied
+   min-p last too; v1 applies min-p before top-k/top-p, which differs only when top-p and
+   min-p are combined: top-k and min-p both keep a most-likely prefix, so they commute):
    a. divide the logits by the temperature;
    b. top-k: keep the ``top_k`` largest (every token tied with the k-th stays);
    c. top-p on the distribution *renormalised over the top-k set*: keep a token when the
