@@ -54,8 +54,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Attention over the KV cache (pallas_kernels.step_attention): "auto" (the ragged kernel on
+    # GPU/TPU, XLA on CPU), or forced "pallas" (interpreted on CPU), "xla", "reference".
+    attention_implementation: str = "auto"
 
     def __post_init__(self) -> None:
+        from pallas_kernels.dispatch import IMPLEMENTATIONS
+
+        if self.attention_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"config attention_implementation={self.attention_implementation!r} must be one of "
+                             f"{IMPLEMENTATIONS}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if value < 1:

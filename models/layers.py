@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import RopeScaling
-from pallas_kernels import KVPages, PagedAttentionMetadata, flash_attention, paged_attention, write_kv
+from pallas_kernels import KVPages, PagedAttentionMetadata, flash_attention, write_kv
+from pallas_kernels.step_attention import step_attention
 
 Axes = tuple[str | None, ...]
 
@@ -140,11 +141,14 @@ def attend(
     attn_meta: PagedAttentionMetadata | None,
     causal: bool = True,
     sm_scale: float | None = None,
+    implementation: str = "auto",
 ) -> tuple[jax.Array, KVPages | None]:
     """Attention for one layer: ``q [T, N, H]``, ``k, v [T, K, H]`` -> ``([T, N, H], pages)``.
 
     Without a cache this is packed prefill (``flash_attention``); with one, the new
-    K/V are written to their slots and the queries attend over the page pool.
+    K/V are written to their slots and the queries attend over the page pool
+    (``step_attention``: the ragged kernel on GPU/TPU; ``implementation`` is the model
+    config's ``attention_implementation``).
     """
     if kv_pages is None:
         out = flash_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale)
@@ -152,9 +156,6 @@ def attend(
     if attn_meta is None:
         raise ValueError("attn_meta is required when a KV cache is given")
     kv_pages = write_kv(kv_pages, k, v, attn_meta.slot_mapping)
-    out = paged_attention(
-        q, kv_pages.k, kv_pages.v, attn_meta.page_tables, attn_meta.context_lens,
-        segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-        k_scale=kv_pages.k_scale, v_scale=kv_pages.v_scale,
-    )
+    out = step_attention(q, kv_pages, attn_meta, segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
+                         implementation=implementation)
     return out, kv_pages

@@ -127,6 +127,7 @@ class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.attention_implementation = config.attention_implementation
         self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
@@ -148,7 +149,8 @@ class LlamaAttention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, kv_pages = attend(
-            q, k, v, segment_ids=segment_ids, positions=positions, kv_pages=kv_pages, attn_meta=attn_meta
+            q, k, v, segment_ids=segment_ids, positions=positions, kv_pages=kv_pages, attn_meta=attn_meta,
+            implementation=self.attention_implementation,
         )  # [T, N, H]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), kv_pages
 

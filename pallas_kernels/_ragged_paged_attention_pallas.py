@@ -32,7 +32,12 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels._paged_attention_pallas import MASK_VALUE, combine_splits
 from pallas_kernels.block_sizes import RaggedBlockSizes, split_k
 from pallas_kernels.dispatch import gpu_compiler_params
-from pallas_kernels.ragged_paged_attention import gather_query_blocks, ragged_schedule, scatter_query_blocks
+from pallas_kernels.ragged_paged_attention import (
+    default_block_sizes,
+    gather_query_blocks,
+    ragged_schedule,
+    scatter_query_blocks,
+)
 
 
 def _kernel(
@@ -127,8 +132,8 @@ def ragged_paged_attention_pallas(
     num_pages, page_size, kh, _ = k_pages.shape
     b, max_pages = page_tables.shape
     group = n // kh
-    bs = block_sizes or RaggedBlockSizes()
     on_gpu = gpu_compiler_params(interpret=interpret) is not None
+    bs = block_sizes or default_block_sizes(num_tokens=t, num_rows=b, page_size=page_size, group=group, tpu=False)
     block_q = bs.block_q
     rows = max(pl.next_power_of_2(block_q * group), bs.min_rows, 16 if on_gpu else 1)
     head_dim_p = pl.next_power_of_2(h) if on_gpu or h & (h - 1) else h

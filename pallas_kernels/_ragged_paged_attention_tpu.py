@@ -39,7 +39,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._paged_attention_pallas import MASK_VALUE
 from pallas_kernels.block_sizes import RaggedBlockSizes
-from pallas_kernels.ragged_paged_attention import gather_query_blocks, ragged_schedule, scatter_query_blocks
+from pallas_kernels.ragged_paged_attention import (
+    default_block_sizes,
+    gather_query_blocks,
+    ragged_schedule,
+    scatter_query_blocks,
+)
 
 
 def _kernel(
@@ -162,8 +167,7 @@ def ragged_paged_attention_tpu(
     num_pages, page_size, kh, _ = k_pages.shape
     b, max_pages = page_tables.shape
     group = n // kh
-    # Defaults: 8 query tokens per item (a whole 8-row tile for any group), >= 128 keys per block (lane-dense scores).
-    bs = block_sizes or RaggedBlockSizes(block_q=8, pages_per_block=max(1, 128 // page_size))
+    bs = block_sizes or default_block_sizes(num_tokens=t, num_rows=b, page_size=page_size, group=group, tpu=True)
     bs.check_tpu(page_size=page_size, group=group, head_dim=h, kv_dtype=k_pages.dtype)
     quantized = k_scales is not None
     compute_dtype = jnp.float32 if quantized and q.dtype == jnp.float32 else q.dtype

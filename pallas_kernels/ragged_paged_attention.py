@@ -120,6 +120,28 @@ def check_inputs(q, k_pages, v_pages, page_tables, context_lens, cu_q_lens, k_sc
 # --- the work list shared by both kernels ---------------------------------------------------
 
 
+def default_block_sizes(*, num_tokens: int, num_rows: int, page_size: int, group: int, tpu: bool) -> RaggedBlockSizes:
+    """Untuned defaults until a device run fills ``block_sizes.TUNED``.
+
+    ``block_q`` follows the step's mean tokens per row (a decode bucket gets 1-token items,
+    a prefill bucket 16-token ones), but a tile keeps at least 16 rows on a GPU (``tl.dot``)
+    and whole 8-row tiles on a TPU. A KV block is ~64 keys on a GPU (two bf16 ``[64, 128]``
+    tiles per stage in shared memory) and ~128 on a TPU (lane-dense ``[rows, 128]`` scores).
+    """
+    mean = -(-num_tokens // max(1, num_rows))
+    block_q = 1
+    while block_q < min(mean, 16):
+        block_q *= 2
+    if tpu:
+        while (block_q * group) % 8:
+            block_q *= 2
+        return RaggedBlockSizes(block_q=block_q, pages_per_block=max(1, 128 // page_size))
+    while block_q * group < 16 and block_q < 16:
+        block_q *= 2
+    return RaggedBlockSizes(block_q=block_q, pages_per_block=max(1, 64 // page_size))
+
+
+
 def max_work_items(num_tokens: int, num_rows: int, block_q: int) -> int:
     """Static bound on work items: whole blocks of all tokens plus one partial block per row."""
     return max(1, min(num_tokens, -(-num_tokens // block_q) + num_rows))

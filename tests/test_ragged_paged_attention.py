@@ -285,3 +285,102 @@ def test_reference_matches_dense_numpy_grid(case):
     want = dense_numpy(q, k, v, tables, ctx, cu, int(nr[0]), scale=scale, window=c.get("window"),
                        soft_cap=c.get("soft_cap"), ks=clean_kw.get("k_scales"), vs=clean_kw.get("v_scales"))
     assert np.abs(np.asarray(ref) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+# --- the serving path: a tiny model with the kernel forced -----------------------------------
+
+
+def _with_attention(model, config, implementation: str):
+    """The same weights in a model whose config forces ``attention_implementation``."""
+    import dataclasses
+
+    from flax import nnx
+
+    from models.loading import abstract_model
+
+    forced = abstract_model(dataclasses.replace(config, attention_implementation=implementation))
+    nnx.update(forced, nnx.state(model))
+    return forced
+
+
+def greedy_staggered(model, config, prompts, steps, *, page_size=4, chunk=4, tokens=16):
+    """Greedy decoding over a paged cache as the engine packs steps: row 0's whole prompt,
+    then row 0 decoding beside row 1's prompt in ``chunk``-token chunks (mixed steps), then
+    both decoding. Every step is one static ``tokens``-token bucket with padding at the end."""
+    import jax
+    from flax import nnx
+
+    from pallas_kernels import PagedAttentionMetadata, make_kv_pages
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, ids, pos, seg, cache, meta, last):  # one compile for every step (static bucket)
+        return nnx.merge(graphdef, state)(ids, pos, seg, kv_cache=cache, attn_meta=meta, logits_indices=last)
+
+    per_row = 8
+    cache = tuple(make_kv_pages(1 + per_row * len(prompts), page_size, config.num_kv_heads, config.head_dim)
+                  for _ in range(config.num_layers))
+    tables = np.array([np.arange(1 + r * per_row, 1 + (r + 1) * per_row) for r in range(len(prompts))], np.int32)
+    seqs = [list(p) for p in prompts]
+    fed = [0, 0]  # tokens of each row in the cache
+    out = [[], []]
+    while min(len(o) for o in out) < steps:
+        feeds = []
+        for r in range(len(prompts)):
+            if r == 1 and fed[0] == 0:  # row 1 joins at the second step
+                feeds.append([])
+                continue
+            take = len(seqs[r]) - fed[r] if r == 0 or fed[r] >= len(prompts[r]) else min(chunk, len(seqs[r]) - fed[r])
+            feeds.append(list(range(fed[r], fed[r] + take)))
+        ids = np.zeros(tokens, np.int32)
+        seg = np.full(tokens, -1, np.int32)
+        pos = np.zeros(tokens, np.int32)
+        t = 0
+        for r, f in enumerate(feeds):
+            ids[t:t + len(f)] = [seqs[r][i] for i in f]
+            seg[t:t + len(f)], pos[t:t + len(f)] = r, f
+            t += len(f)
+        slots = np.where(seg >= 0, tables[np.maximum(seg, 0), pos // page_size] * page_size + pos % page_size, 0)
+        lens = np.array([fed[r] + len(f) for r, f in enumerate(feeds)], np.int32)
+        ends = np.cumsum([len(f) for f in feeds]) - 1
+        meta = PagedAttentionMetadata(jnp.asarray(slots, jnp.int32), jnp.asarray(tables), jnp.asarray(lens))
+        logits, cache = forward(state, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg), cache, meta,
+                                jnp.asarray(np.maximum(ends, 0), jnp.int32))
+        best = np.asarray(jnp.argmax(logits, axis=-1))
+        for r, f in enumerate(feeds):
+            fed[r] += len(f)
+            if f and fed[r] == len(seqs[r]) and len(out[r]) < steps:  # prompt done (or a decode step)
+                seqs[r].append(int(best[r]))
+                out[r].append(int(best[r]))
+    return out
+
+
+def test_tiny_model_greedy_tokens_with_the_ragged_kernel_forced(tiny_checkpoint, monkeypatch):
+    """Decode, chunked prefill and mixed steps through the ragged kernel (interpret mode on CPU):
+    the same greedy tokens as the reference attention and as plain prefill without a cache."""
+    import models
+    import pallas_kernels.step_attention as step_attention
+    from kernel_cases import greedy_no_cache, two_prompts
+
+    calls = []
+    kernel = step_attention.ragged_paged_attention
+    monkeypatch.setattr(step_attention, "ragged_paged_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    model, config = models.load(tiny_checkpoint("llama_gqa"))
+    prompts = two_prompts(np.random.default_rng(0))
+    want = greedy_staggered(_with_attention(model, config, "reference"), config, prompts, 4)
+    assert want == greedy_no_cache(model, prompts, steps=4) and calls == []
+    assert greedy_staggered(_with_attention(model, config, "pallas"), config, prompts, 4) == want
+    assert len(calls) == config.num_layers  # traced once per layer: every step runs the one compiled kernel
+
+
+def test_attention_implementation_is_checked():
+    import dataclasses
+
+    from models.config import ModelConfig
+
+    base = dict(architecture="LlamaForCausalLM", vocab_size=8, hidden_size=8, num_layers=1, num_heads=2,
+                num_kv_heads=1, head_dim=4, intermediate_size=8, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="attention_implementation='ragged'"):
+        ModelConfig(**base, attention_implementation="ragged")
+    assert dataclasses.replace(ModelConfig(**base), attention_implementation="pallas").attention_implementation == "pallas"
