@@ -106,6 +106,9 @@ class Buckets:
         return [(t, self.row_bucket(t)) for t in self.token_buckets]
 
 
+MIN_TOKENS_BAN_WIDTH = 16  # most ids one row's min_tokens can hold back (eos + stop_token_ids)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingBatch:
@@ -128,6 +131,8 @@ class SamplingBatch:
     # [B] int32: top-N logprobs the row's request asked for (0: none). The sampler skips its
     # top-k over the vocabulary (a sort on the CPU) when no row of the step asks.
     num_logprobs: np.ndarray
+    min_tokens: np.ndarray  # [B] int32: while step < min_tokens the row may not sample its ban ids
+    ban_ids: np.ndarray  # [B, MIN_TOKENS_BAN_WIDTH] int32: eos / stop_token_ids, -1 padded
 
 
 @jax.tree_util.register_dataclass
@@ -171,6 +176,8 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
         history=np.full((b, buckets.history_len), -1, i32),
         prompt_len=np.zeros(b, i32),
         num_logprobs=np.zeros(b, i32),
+        min_tokens=np.zeros(b, i32),
+        ban_ids=np.full((b, MIN_TOKENS_BAN_WIDTH), -1, i32),
     )
     attn = PagedAttentionMetadata(
         slot_mapping=np.zeros(t, i32),  # slot 0 of the null page
@@ -265,6 +272,10 @@ def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) ->
     s.step[:n] = [len(r.output_token_ids) + (p >= 0) for r, p in zip(reqs, prev_rows, strict=True)]
     s.prompt_len[:n] = [len(r.prompt_token_ids) for r in reqs]
     s.num_logprobs[:n] = [p.logprobs or 0 for p in params]
+    for i, r in enumerate(reqs):
+        if r.min_tokens_ban and s.step[i] < r.params.min_tokens:  # rare: host work only for such rows
+            s.min_tokens[i] = r.params.min_tokens
+            s.ban_ids[i, : len(r.min_tokens_ban)] = r.min_tokens_ban
     for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
         if p.uses_penalties:
             hist = r.tokens(0, r.num_tokens)

@@ -405,6 +405,20 @@ class Engine:
             )
         return text, ids
 
+    def _min_tokens_ban(self, params: SamplingParams) -> tuple[int, ...]:
+        """The ids ``min_tokens`` keeps from being sampled (checked to fit the sampler's table)."""
+        if params.min_tokens == 0:
+            return ()
+        from energon_jax.batch import MIN_TOKENS_BAN_WIDTH
+
+        ban = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        if len(ban) > MIN_TOKENS_BAN_WIDTH:
+            raise ValueError(
+                f"min_tokens={params.min_tokens} holds back {len(ban)} stop ids (eos and stop_token_ids), "
+                f"more than {MIN_TOKENS_BAN_WIDTH}"
+            )
+        return tuple(sorted(ban))
+
     def add_request(
         self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str | None = None
     ) -> str:
@@ -416,7 +430,8 @@ class Engine:
             raise ValueError(f"request_id={rid!r} is already in flight")
         detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
         tracker = OutputTracker(detok, params.stop)
-        request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
+        request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text,
+                          min_tokens_ban=self._min_tokens_ban(params))
         self._scheduler.add(request)  # raises ValueError when it can never fit
         self._live[rid] = _Live(request, tracker, logprobs=[] if params.logprobs is not None else None)
         return rid

@@ -53,6 +53,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token, N <= MAX_LOGPROBS
     skip_special_tokens: bool = True  # drop special tokens (bos, eos, ...) from the output text
+    min_tokens: int = 0  # eos and stop_token_ids are not sampled before this many output tokens
 
     def __post_init__(self) -> None:
         # Normalise containers first so a list (or a lone string) is accepted.
@@ -64,6 +65,7 @@ class SamplingParams:
             object.__setattr__(self, "top_k", 0)
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, f"must be in [0, max_tokens={self.max_tokens}]"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100] (0 means greedy)"),
             ("top_k", self.top_k >= 0, "must be >= 0 (0 or -1 disables)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
@@ -93,7 +95,7 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids[{i}]={t!r} must be >= 0")
 
     def _check_types(self) -> None:
-        ints = ["max_tokens", "top_k"]
+        ints = ["max_tokens", "top_k", "min_tokens"]
         reals = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
         for name in ints:
             if not _is_int(getattr(self, name)):
@@ -185,6 +187,9 @@ class Request:
     first_token_time: float | None = None  # time.monotonic() of the first output token
     finish_time: float | None = None
     num_preemptions: int = 0
+    # With params.min_tokens: the ids that would end the request (eos unless ignore_eos, and
+    # stop_token_ids), which the sampler masks until min_tokens tokens are out (batch.py).
+    min_tokens_ban: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -186,6 +186,15 @@ def _random_ids(logits: jax.Array, s: SamplingBatch) -> jax.Array:
     return jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
 
 
+def ban_stop_ids(logits: jax.Array, s: SamplingBatch) -> jax.Array:
+    """``min_tokens``: rows that have generated fewer than that may not sample their ban ids."""
+    b, v = logits.shape
+    active = (s.step < s.min_tokens)[:, None] & (s.ban_ids >= 0)  # [B, S]
+    cols = jnp.where(active, s.ban_ids, v)  # column v is out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], cols.shape)
+    return logits.at[rows, cols].set(-jnp.inf, mode="drop")
+
+
 def _argmax(x: jax.Array) -> jax.Array:
     """First index of the row maximum, ``[B, V] -> [B]`` int32: ``jnp.argmax`` without NaNs,
     as two plain reductions (on the CPU 0.64 ms instead of 0.92 at 16 x 32000)."""
@@ -208,6 +217,7 @@ def sample(logits: jax.Array, s: SamplingBatch) -> tuple[jax.Array, jax.Array, j
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]
     penalized = jax.lax.cond(_any_penalty(s), apply_penalties, lambda x, _: x, logits, s)
+    penalized = jax.lax.cond(jnp.any(s.step < s.min_tokens), ban_stop_ids, lambda x, _: x, penalized, s)
     greedy_ids = _argmax(penalized)
     any_random = jnp.any(s.temperature > 0)
     random_ids = jax.lax.cond(any_random, _random_ids, lambda x, _: greedy_ids, penalized, s)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -145,6 +147,24 @@ def test_max_tokens_and_stop_token_ids_and_eos(engine, model, tokenizer):
     assert out.finish_reason == "stop" and out.token_ids == ref[: first + 1]
     out = eos_engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
     assert out.finish_reason == "length" and out.token_ids == ref
+
+
+def test_min_tokens_holds_stop_token_ids_back(engine, model):
+    prompt = _prompts(5, [8])[0]
+    stop_id = greedy_reference(model, prompt, 1)[0]  # greedy would stop at once
+    fwd = jax.jit(lambda ids, pos, seg: model(ids, pos, seg)[0])
+    n = len(prompt)
+    logits = np.asarray(fwd(jnp.asarray(prompt, jnp.int32), jnp.arange(n, dtype=jnp.int32), jnp.zeros(n, jnp.int32)))
+    runner_up = int(np.argsort(logits[n - 1])[-2])  # the best token that is not the stop id
+    params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop_id], min_tokens=3)
+    out = engine.generate([prompt], params, use_tqdm=False)[0]
+    assert out.token_ids[0] == runner_up
+    assert len(out.token_ids) >= 3 and stop_id not in out.token_ids[:3]
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop_id  # after min_tokens it stops again
+    with pytest.raises(ValueError, match=r"min_tokens=11 must be in \[0, max_tokens=10\]"):
+        SamplingParams(max_tokens=10, min_tokens=11)
+    with pytest.raises(ValueError, match=r"min_tokens=3 holds back 18 stop ids \(eos and stop_token_ids\), more than 16"):
+        engine.generate([prompt], SamplingParams(min_tokens=3, stop_token_ids=list(range(3, 20))), use_tqdm=False)
 
 
 def _boundary_stop(tokenizer, tokens: list[int]) -> str:

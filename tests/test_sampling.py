@@ -38,6 +38,8 @@ class FakeSamplingBatch:
     history: jax.Array
     prompt_len: jax.Array
     num_logprobs: jax.Array
+    min_tokens: jax.Array
+    ban_ids: jax.Array
 
 
 def make_batch(b: int, **fields) -> FakeSamplingBatch:
@@ -54,6 +56,8 @@ def make_batch(b: int, **fields) -> FakeSamplingBatch:
         history=np.full((b, H), -1, np.int32),
         prompt_len=np.zeros(b, np.int32),
         num_logprobs=np.zeros(b, np.int32),
+        min_tokens=np.zeros(b, np.int32),
+        ban_ids=np.full((b, 16), -1, np.int32),
     )
     for name, value in fields.items():
         defaults[name] = np.asarray(value, defaults[name].dtype)
@@ -80,6 +84,18 @@ def test_greedy_and_logprobs():
     order = np.argsort(-ref_lp, axis=-1)[:, :MAX_LOGPROBS]
     np.testing.assert_array_equal(np.asarray(top_ids), order)
     np.testing.assert_allclose(np.asarray(top_lp), np.take_along_axis(ref_lp, order, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_min_tokens_keeps_the_ban_ids_from_being_sampled():
+    rng = np.random.default_rng(11)
+    logits = _logits(rng, 3)
+    top = logits.argmax(axis=-1)
+    ban = np.full((3, 16), -1, np.int32)
+    ban[:, 0] = top  # each row's greedy token is its stop id
+    s = make_batch(3, min_tokens=[2, 2, 0], step=[1, 2, 0], ban_ids=ban)
+    ids = np.asarray(_sample(jnp.asarray(logits), s)[0])
+    assert ids[0] == np.argsort(logits[0])[-2]  # one token short of min_tokens: held back
+    assert ids[1] == top[1] and ids[2] == top[2]  # min_tokens reached / not asked
 
 
 def test_top_logprobs_skipped_when_no_row_asks():

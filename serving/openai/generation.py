@@ -57,6 +57,8 @@ def sampling_kwargs(req: p._SamplingFields, admission: Admission) -> dict[str, A
         kwargs["seed"] = req.seed
     if not req.skip_special_tokens:
         kwargs["skip_special_tokens"] = False
+    if req.min_tokens:
+        kwargs["min_tokens"] = req.min_tokens
     return kwargs
 
 
@@ -66,9 +68,6 @@ def check_common(req: p._SamplingFields, admission: Admission) -> None:
         raise RequestError("stream_options is only allowed with stream: true", param="stream_options")
     if req.logit_bias:
         raise RequestError("logit_bias is not supported by this server", param="logit_bias")
-    if req.min_tokens != 0:
-        raise RequestError(f"min_tokens={req.min_tokens!r} is not supported by this server (only 0)",
-                           param="min_tokens")  # fmt: skip
     admission.check_n(req.n)
 
 
