@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                 # every case, sizes for the backend found
     python benchmarks/kernels.py --small         # small sizes (what CPU runs by default)
+    python benchmarks/kernels.py --tiny          # seconds on a CPU (benchmarks/device_check.sh --tiny)
     python benchmarks/kernels.py --only flash    # cases whose name contains "flash"
 
 One command for a one-shot GPU run: it runs every case and prints a Markdown table in the
@@ -26,7 +27,9 @@ paged attention) on CPU, where interpret mode is far too slow to time; the ``imp
 says which ran, and targets are judged only for rows where the Pallas kernel ran.
 
 Targets (issue 4): FlashAttention bf16, T 4k-16k, H 128: >= 0.8x cuDNN and >= 3x plain jnp;
-paged decode: >= 60 % of HBM bandwidth on the K/V bytes read; sparse matmul at 80 %
+paged decode and ragged paged attention (issue 17: decode rows and a prefill chunk in one
+step): >= 60 % of HBM bandwidth on the K/V bytes read; batch-1 decode of a 1B-class random
+Llama (``decode_roofline.py``): >= 75 % of the HBM roofline; sparse matmul at 80 %
 sparsity, N (= M here, activation rows) 8-32, 7168x28672: >= 1.3x dense bf16; int8 matmul
 at batch 1: >= 1.5x bf16.
 """
@@ -53,6 +56,8 @@ from pallas_kernels import (
     pack_sparse,
     paged_attention,
     paged_attention_reference,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
     resolve_implementation,
     sparse_matmul,
 )
@@ -174,6 +179,38 @@ def paged_rows(b: int, ctx: int, n: int, k: int, h: int, page: int, dtype, reps:
                   ours, q, kp, vp, scales, reps=reps)
 
 
+def ragged_rows(decode: int, ctx: int, chunk: int, n: int, k: int, h: int, page: int, dtype, reps: int
+                ) -> Iterator[Row]:
+    """One mixed serving step: ``decode`` decode rows at context ``ctx`` and one ``chunk``-token
+    prefill chunk resuming at ``ctx``: the ragged kernel against the per-token paged path."""
+    rng = np.random.default_rng(1)
+    b = decode + (1 if chunk else 0)
+    lens = np.array([ctx] * decode + ([ctx + chunk] if chunk else []), np.int32)
+    per_row = -(-int(lens.max()) // page)
+    shape = (1 + b * per_row, page, k, h)
+    kp, vp = (randn(i, shape, jnp.float32).astype(dtype) for i in (6, 7))
+    tables = jnp.asarray(1 + rng.permutation(b * per_row).reshape(b, per_row), jnp.int32)
+    q_lens = [1] * decode + ([chunk] if chunk else [])
+    t = sum(q_lens)
+    q = randn(8, (t, n, h), dtype)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    seg = jnp.asarray(np.repeat(np.arange(b), q_lens), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(L - ql, L) for L, ql in zip(lens, q_lens)]), jnp.int32)
+    lengths, num_rows = jnp.asarray(lens), jnp.asarray([b], jnp.int32)
+    nbytes = 2 * int(lens.sum()) * k * h * jnp.dtype(dtype).itemsize  # every row's K and V, read once
+    flops = 4 * n * h * (decode * ctx + chunk * ctx + chunk * chunk / 2)
+    case = f"ragged step {decode} decode@{ctx} + chunk {chunk} N={n} K={k} H={h} S={page} {jnp.dtype(dtype).name}"
+    ref = jax.jit(lambda q, kp, vp: ragged_paged_attention_reference(q, kp, vp, tables, lengths, cu, num_rows))
+    yield measure(Row(case, "jnp reference", flops=flops, nbytes=nbytes), ref, q, kp, vp, reps=reps)
+    per_token = jax.jit(lambda q, kp, vp: paged_attention(q, kp, vp, tables, lengths, segment_ids=seg, positions=pos))
+    paged_impl = resolve_implementation("auto", has_xla=True)
+    label = "per-token pallas" if paged_impl == "pallas" else paged_impl
+    yield measure(Row(case, label, flops=flops, nbytes=nbytes), per_token, q, kp, vp, reps=reps)
+    ours = jax.jit(lambda q, kp, vp: ragged_paged_attention(q, kp, vp, tables, lengths, cu, num_rows))
+    yield measure(Row(case, resolve_implementation("auto"), flops=flops, nbytes=nbytes, baseline=label,
+                      target=Target("hbm", 0.6)), ours, q, kp, vp, reps=reps)
+
+
 def matmul_rows(m_values, k: int, n: int, sparsity: float, reps: int) -> Iterator[Row]:
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.standard_normal((k, n)) * 0.02, jnp.bfloat16)
@@ -203,14 +240,25 @@ def matmul_rows(m_values, k: int, n: int, sparsity: float, reps: int) -> Iterato
                       sp, x, packed, reps=reps)
 
 
-def cases(small: bool, reps: int) -> list[tuple[str, Callable[[], Iterator[Row]]]]:
+def cases(small: bool, reps: int, tiny: bool = False) -> list[tuple[str, Callable[[], Iterator[Row]]]]:
     """(name, thunk) per case; a thunk builds its inputs only when run, so one that fails to
     even build (out of memory) fails alone."""
+    from decode_roofline import decode_rows
+
+    if tiny:  # every case once, at sizes a CPU runs in seconds: the script cannot rot
+        return [
+            ("flash T=64", lambda: flash_rows(64, 4, 2, 64, jnp.float32, reps)),
+            ("paged ctx=64 f32", lambda: paged_rows(2, 64, 4, 2, 64, 16, jnp.float32, reps)),
+            ("ragged step f32", lambda: ragged_rows(2, 64, 16, 4, 2, 64, 16, jnp.float32, reps)),
+            ("matmul 256x512", lambda: matmul_rows((1,), 256, 512, 0.8, reps)),
+            ("decode tiny", lambda: decode_rows(tiny=True, reps=reps)),
+        ]
     if small:
         return [
             ("flash T=512", lambda: flash_rows(512, 8, 2, 128, jnp.float32, reps)),
             ("paged ctx=512 f32", lambda: paged_rows(8, 512, 8, 2, 128, 16, jnp.float32, reps)),
             ("paged ctx=512 int8", lambda: paged_rows(8, 512, 8, 2, 128, 16, jnp.int8, reps)),
+            ("ragged step 8 decode + 128 chunk", lambda: ragged_rows(8, 512, 128, 8, 2, 128, 16, jnp.float32, reps)),
             ("matmul 512x2048", lambda: matmul_rows((1, 8), 512, 2048, 0.8, reps)),
         ]
     out: list[tuple[str, Callable[[], Iterator[Row]]]] = []
@@ -219,6 +267,10 @@ def cases(small: bool, reps: int) -> list[tuple[str, Callable[[], Iterator[Row]]
     for ctx in (1024, 4096, 16384):
         out.append((f"paged ctx={ctx} bf16", lambda ctx=ctx: paged_rows(32, ctx, 32, 8, 128, 16, jnp.bfloat16, reps)))
     out.append(("paged ctx=4096 int8", lambda: paged_rows(32, 4096, 32, 8, 128, 16, jnp.int8, reps)))
+    for decode, ctx, chunk in ((32, 4096, 0), (31, 4096, 512), (1, 16384, 0), (8, 2048, 2048)):
+        out.append((f"ragged step {decode} decode + {chunk} chunk ctx={ctx}",
+                    lambda d=decode, c=ctx, ch=chunk: ragged_rows(d, c, ch, 32, 8, 128, 16, jnp.bfloat16, reps)))
+    out.append(("decode 1B batch 1", lambda: decode_rows(tiny=False, reps=reps)))
     out.append(("matmul 7168x28672", lambda: matmul_rows((1, 8, 16, 32), 7168, 28672, 0.8, reps)))
     return out
 
@@ -265,6 +317,7 @@ def format_row(row: Row, baseline: Row | None) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="small sizes (default on CPU)")
+    parser.add_argument("--tiny", action="store_true", help="every case once at tiny sizes (seconds on a CPU)")
     parser.add_argument("--only", default="", help="run only the cases whose name contains this")
     parser.add_argument("--reps", type=int, default=10, help="timed runs per row (median reported)")
     args = parser.parse_args(argv)
@@ -275,8 +328,8 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {now}, jax {jax.__version__}, backend={jax.default_backend()} device={dev.device_kind} "
           f"({platform.machine()}, {platform.python_version()}), peak (bf16 TFLOP/s, HBM GB/s)={peak()}, "
-          f"sizes={'small' if small else 'full'}", flush=True)
-    selected = [(name, thunk) for name, thunk in cases(small, args.reps) if args.only in name]
+          f"sizes={'tiny' if args.tiny else 'small' if small else 'full'}", flush=True)
+    selected = [(name, thunk) for name, thunk in cases(small, args.reps, args.tiny) if args.only in name]
     if not selected:
         parser.error(f"--only={args.only!r} matches no case")
     print(HEADER)
