@@ -18,6 +18,11 @@ forced (``implementation="pallas"``, ``interpret=False``):
   ``AbstractDevice`` supplies them (TPU v5e here). Mosaic's own compilation to TPU code
   happens in libtpu and needs a TPU.
 
+The TPU interpret-mode tests (FlashAttention, paged and ragged paged attention) run at
+block sizes Mosaic accepts, and the tests here lower each kernel at exactly those sizes, so
+interpret mode never passes a configuration that Mosaic would refuse; the block-size
+classes refuse such sizes by name (``check_tpu``).
+
 Each test also checks that the kernel's Triton IR holds a ``tt.dot`` (the kernel does the
 matmuls itself; a kernel that called the reference inside ``pallas_call`` would not lower
 at all) and that the module holds exactly one kernel call and no fallback. On a GPU or TPU
@@ -241,6 +246,21 @@ def test_paged_attention_awkward_sizes_lower_to_triton(monkeypatch, shape, pages
     h = shape[3]
     if h & (h - 1):  # the padded head dim shows in the tiles
         assert f"x{1 << h.bit_length()}x" in ir
+
+
+def test_paged_tpu_interpret_cases_lower():
+    """The shapes and split counts of the TPU interpret-mode paged tests are legal for Mosaic too."""
+    import test_paged_attention as cases
+
+    for case in cases.TPU_CASES:
+        b, kh, h = 3, cases.NUM_KV_HEADS, case["head_dim"]
+        pool = (cases.NUM_PAGES, cases.PAGE_SIZE, kh, h)
+        dtype = jnp.int8 if case["int8"] else case["dtype"]
+        scales = [S(pool[:3], jnp.float32)] * 2 if case["int8"] else []
+        fn = _paged_fn(lambda *a, **kw: _paged_tpu(*a, **kw, block_sizes=PagedBlockSizes(num_splits=case["splits"])))
+        text = lower_for_tpu(fn, S((b, kh * case["group"], h), case["dtype"]), S(pool, dtype), S(pool, dtype),
+                             S((b, cases.MAX_PAGES), jnp.int32), S((b,), jnp.int32), *scales)
+        assert text.count("stablehlo.custom_call @tpu_custom_call") == 1
 
 
 def test_paged_attention_multi_query_rows_lower_to_triton(monkeypatch):
