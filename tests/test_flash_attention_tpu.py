@@ -62,7 +62,7 @@ def test_matches_reference(case):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", pairwise(FACTORS), ids=case_id)
+@pytest.mark.parametrize("case", pairwise({**FACTORS, "head_dim": (64, 80, 96, 128, 256)}), ids=case_id)
 def test_matches_reference_pairwise(case):
     _run(case, seed=1)
 
