@@ -22,7 +22,8 @@ int8 pages are dequantised in the kernel with their per-token, per-head scales.
 Decode (one query per row) is the case this is built for. Multi-token rows (chunked
 prefill, speculative decoding) use the same kernel, one program per query token; each
 token re-reads its row's pages, which is fine for a few tokens per row but wasteful for
-long prefill chunks, where a query-blocked variant is still to be written.
+long prefill chunks. The serving path therefore uses ``ragged_paged_attention`` (query
+blocks per row, K/V read once per block) on GPU and TPU; this kernel stays for direct calls.
 """
 
 from __future__ import annotations
