@@ -35,7 +35,7 @@ from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.timeout(600)
 
 KEY = "test-key-123"
-ENGINE_KW = dict(max_model_len=128, page_size=4, max_num_seqs=8, max_num_batched_tokens=32)
+ENGINE_KW = dict(max_model_len=128, page_size=4, max_num_seqs=8, max_num_batched_tokens=16)  # one step shape
 PROMPTS = ["The quick brown fox", "def fib(n):", "Hello world"]
 MAX_TOKENS = 10
 LOGPROB_PROMPT = "Once upon a time"
