@@ -82,6 +82,16 @@ class _Live:
     finish_reason: str | None = None
 
 
+def warm_up_with_progress(runner: Any, batches: Sequence[Any]) -> int:
+    """``runner.warmup(batches)`` under a progress bar (stderr, process 0) that ticks per compile."""
+    from tqdm.auto import tqdm
+
+    replicas = len(getattr(runner, "replicas", ())) or 1  # dp: each replica compiles its own
+    with tqdm(total=len(batches) * replicas, desc="warm-up compiles", unit="shape",
+              disable=jax.process_index() != 0) as bar:
+        return runner.warmup(_Ticking(batches, bar))
+
+
 class _Ticking(Sequence):
     """The warm-up batches; each pass ticks ``bar`` once a batch has been handled.
 
@@ -363,14 +373,8 @@ class Engine:
         """
         if self._embedder is not None:
             return self._embedder.warmup()
-        from tqdm.auto import tqdm
-
         start = time.perf_counter()
-        batches = self._batch_lib.warmup_batches(self._buckets)
-        replicas = len(getattr(self._runner, "replicas", ())) or 1  # dp: each replica compiles its own
-        with tqdm(total=len(batches) * replicas, desc="warm-up compiles", unit="shape",
-                  disable=jax.process_index() != 0) as bar:
-            n = self._runner.warmup(_Ticking(batches, bar))
+        n = warm_up_with_progress(self._runner, self._batch_lib.warmup_batches(self._buckets))
         logger.info("warm-up: %d step shapes compiled in %.1fs", n, time.perf_counter() - start)
         return n
 

@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 import tomllib
-from types import SimpleNamespace
 
 import pytest
 from serving_harness import REPO, ServerProcess
 
 from energon_jax import compile_cache
 from energon_jax.cli import build_parser, main
-from energon_jax.engine import Engine
+from energon_jax.engine import warm_up_with_progress
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,9 +105,7 @@ class _CountingRunner:
 def test_warmup_shows_a_progress_bar_over_its_compiles(capfd, replicas) -> None:
     shapes = [5, 6, 7, 8]
     runner = _CountingRunner(replicas)
-    engine = SimpleNamespace(_batch_lib=SimpleNamespace(warmup_batches=lambda buckets: list(buckets)),
-                             _buckets=shapes, _runner=runner)  # fmt: skip
-    assert Engine.warmup(engine) == len(shapes) * replicas
+    assert warm_up_with_progress(runner, shapes) == len(shapes) * replicas
     assert runner.seen == shapes * replicas
     err = capfd.readouterr().err
     total = len(shapes) * replicas
