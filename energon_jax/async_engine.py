@@ -22,13 +22,16 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from energon_jax.engine import Engine, PromptInput
-from energon_jax.request import QueueFullError, SamplingParams, StreamDelta
+from energon_jax.request import QueueFullError, SamplingParams, StreamDelta, validate_cache_salt
 
 logger = logging.getLogger(__name__)
+
+STATS_LOG_INTERVAL_S = 10.0  # the step thread logs running/queued/pages/prefix-cache hit rate this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,8 @@ class EngineStats:
     running: int
     pages_used: int
     pages_total: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of those, tokens whose KV pages were reused
 
 
 @dataclasses.dataclass
@@ -55,6 +60,7 @@ class _Submission:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    cache_salt: str | None = None
 
 
 class AsyncEngine:
@@ -74,6 +80,7 @@ class AsyncEngine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._embed_lock = threading.Lock()
+        self._last_log = time.monotonic()  # of the periodic stats line (_log_stats)
 
     @classmethod
     def from_pretrained(cls, path: str | None = None, *, max_queue: int = 256, **engine_kwargs: Any) -> AsyncEngine:
@@ -130,10 +137,12 @@ class AsyncEngine:
     # -- requests -----------------------------------------------------------------------
 
     async def submit(
-        self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str
+        self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[StreamDelta]:
-        """Yield the request's deltas until the last one (``finished=True``)."""
-        sub = self._enqueue(prompt, params or SamplingParams(), request_id)
+        """Yield the request's deltas until the last one (``finished=True``); ``cache_salt`` as
+        ``Engine.add_request``."""
+        sub = self._enqueue(prompt, params or SamplingParams(), request_id, cache_salt)
         done = False
         try:
             while True:
@@ -149,13 +158,16 @@ class AsyncEngine:
             if not done:
                 self.abort(request_id)
 
-    def _enqueue(self, prompt: PromptInput, params: SamplingParams, request_id: str) -> _Submission:
+    def _enqueue(
+        self, prompt: PromptInput, params: SamplingParams, request_id: str, cache_salt: str | None = None
+    ) -> _Submission:
         if self._dead is not None:
             raise RuntimeError(f"engine is dead: {self._dead!r}")
         if self._thread is None:
             raise RuntimeError("AsyncEngine.start() must be called before submit()")
         self.engine.check_request(prompt, params)  # ValueError on the caller's thread
-        sub = _Submission(str(request_id), prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+        validate_cache_salt(cache_salt)
+        sub = _Submission(str(request_id), prompt, params, asyncio.get_running_loop(), asyncio.Queue(), cache_salt)
         with self._cond:
             if sub.request_id in self._subs:
                 raise ValueError(f"request_id={sub.request_id!r} is already in flight")
@@ -190,7 +202,10 @@ class AsyncEngine:
         s = self.engine.scheduler
         if s is None:
             return EngineStats(queued_extra, 0, 0, 0)
-        return EngineStats(s.num_waiting + queued_extra, s.num_running, s.pages_used, s.pages_total)
+        return EngineStats(
+            s.num_waiting + queued_extra, s.num_running, s.pages_used, s.pages_total,
+            getattr(s, "prefix_cache_queries", 0), getattr(s, "prefix_cache_hits", 0),
+        )
 
     def _run(self) -> None:
         try:
@@ -208,11 +223,25 @@ class AsyncEngine:
                 stats = self._read_stats(queued_extra=0)
                 with self._cond:
                     self._stats = stats  # before delivery: a submitter that sees its end sees the pages freed
+                self._log_stats(stats)
                 for delta in deltas:
                     self._deliver(delta)
         except BaseException as e:  # the engine dies; everyone in flight hears about it
             logger.exception("engine step loop failed")
             self._fail_all(e)
+
+    def _log_stats(self, stats: EngineStats) -> None:
+        """The periodic engine log line (at most every ``STATS_LOG_INTERVAL_S`` seconds)."""
+        now = time.monotonic()
+        if now - self._last_log < STATS_LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
+        logger.info(
+            "engine: %d running, %d queued, KV pages %d/%d used, prefix cache hit rate %.1f%% (%d of %d tokens)",
+            stats.running, stats.queued, stats.pages_used, stats.pages_total, 100 * rate,
+            stats.prefix_cache_hits, stats.prefix_cache_queries,
+        )
 
     def _admit(self, inbox: list[_Submission], aborts: list[str]) -> list[StreamDelta]:
         """Queue new submissions and apply aborts; returns the deltas that ends produced."""
@@ -223,7 +252,7 @@ class AsyncEngine:
                 out.append(StreamDelta(sub.request_id, "", [], None, True, "abort", None))
                 continue
             try:
-                self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id)
+                self.engine.add_request(sub.prompt, sub.params, request_id=sub.request_id, cache_salt=sub.cache_salt)
             except ValueError as e:  # raced with something the caller-side check could not see
                 self._deliver_error(sub, e)
         for rid in aborts:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -60,7 +61,9 @@ from energon_jax.memory_sizing import (
     pages_for_memory,
 )
 from energon_jax.output import OutputTracker
-from energon_jax.request import Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_prompt
+from energon_jax.request import (
+    Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_cache_salt, validate_prompt,
+)
 from energon_jax.runner import ModelRunner
 from energon_jax.step_loop import StepLoop
 from pallas_kernels import make_kv_pages
@@ -141,6 +144,8 @@ class Engine:
         offload: str | None = None,
         resident_layers: int | None = None,
         kv_cache_memory_fraction: float = DEFAULT_KV_CACHE_MEMORY_FRACTION,
+        enable_prefix_caching: bool = True,
+        prefix_cache_seed: int | None = None,
     ) -> None:
         from energon_jax.parallel.runtime import ParallelOptions
 
@@ -160,6 +165,15 @@ class Engine:
             # ahead measured 0.87x-1.06x of the synchronous loop (noise), no longer 0.5x.
             async_scheduling = True
         self.async_scheduling = async_scheduling
+        # Automatic prefix caching (kv_cache.py, prefix_cache.py); decoders only, the embedder has no cache.
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"{enable_prefix_caching=} must be a bool")
+        if prefix_cache_seed is not None and not (isinstance(prefix_cache_seed, int) and prefix_cache_seed >= 0):
+            raise ValueError(f"{prefix_cache_seed=} must be None or an integer >= 0")
+        self.enable_prefix_caching = enable_prefix_caching and not model_config.is_encoder
+        # One root for every dp replica (so a request's page hashes mean the same on each):
+        # random per engine unless pinned.
+        self._prefix_cache_seed = secrets.randbits(63) if prefix_cache_seed is None else prefix_cache_seed
         self._embedder = None  # an EmbeddingRunner (encoders only)
         if model_config.is_encoder:  # an encoder gets its own runner: no scheduler, no KV pool
             from energon_jax.embedding import EmbeddingRunner, embedder_config
@@ -235,7 +249,8 @@ class Engine:
         scheduler_config = SchedulerConfig(
             max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
-            static_batching=c.static_batching,
+            static_batching=c.static_batching, enable_prefix_caching=self.enable_prefix_caching,
+            prefix_cache_seed=self._prefix_cache_seed,
         )
         self._buckets = batch_lib.Buckets.create(
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
@@ -424,17 +439,21 @@ class Engine:
         return tuple(sorted(ban))
 
     def add_request(
-        self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str | None = None
+        self, prompt: PromptInput, params: SamplingParams | None = None, *, request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> str:
-        """Validate and queue one request; returns its id. Raises ValueError for bad input."""
+        """Validate and queue one request; returns its id. Raises ValueError for bad input.
+
+        ``cache_salt``: requests share prefix-cache pages only with requests of the same salt."""
         params = SamplingParams() if params is None else params
+        validate_cache_salt(cache_salt)
         text, ids = self.check_request(prompt, params)
         rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if rid in self._live:
             raise ValueError(f"request_id={rid!r} is already in flight")
         detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
         tracker = OutputTracker(detok, params.stop)
-        request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text,
+        request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text, cache_salt=cache_salt,
                           min_tokens_ban=self._min_tokens_ban(params))
         self._scheduler.add(request)  # raises ValueError when it can never fit
         self._live[rid] = _Live(request, tracker, logprobs=[] if params.logprobs is not None else None)
@@ -492,7 +511,7 @@ class Engine:
             req.finish_time = time.monotonic()
         self._live.pop(req.request_id, None)
         self._done[req.request_id] = live
-        usage = Usage(len(req.prompt_token_ids), len(live.token_ids))
+        usage = Usage(len(req.prompt_token_ids), len(live.token_ids), req.num_cached_tokens)
         return StreamDelta(req.request_id, text, ids, logprobs, True, reason, usage)
 
     def take_output(self, rid: str) -> RequestOutput | None:
@@ -506,6 +525,7 @@ class Engine:
             request_id=rid, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
             token_ids=list(live.token_ids), text=live.tracker.text, finish_reason=live.finish_reason,
             logprobs=live.logprobs, ttft_s=req.ttft_s or 0.0, latency_s=req.latency_s or 0.0,
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     # -- the user API -----------------------------------------------------------------

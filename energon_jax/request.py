@@ -152,6 +152,19 @@ def validate_prompt(
     return [int(t) for t in ids]
 
 
+MAX_CACHE_SALT_LEN = 1024
+
+
+def validate_cache_salt(cache_salt: object) -> None:
+    """A prefix-cache salt is ``None`` or a non-empty string of at most ``MAX_CACHE_SALT_LEN`` characters."""
+    if cache_salt is None:
+        return
+    if not isinstance(cache_salt, str) or not 1 <= len(cache_salt) <= MAX_CACHE_SALT_LEN:
+        raise ValueError(
+            f"cache_salt={cache_salt!r:.60} must be None or a non-empty string of <= {MAX_CACHE_SALT_LEN} characters"
+        )
+
+
 def seed_key_for(seed: int | None) -> int:
     """The uint32 the sampler keys its PRNG with: folded from ``seed``, or fresh random bits."""
     if seed is None:  # unseeded requests must differ from one another
@@ -190,6 +203,11 @@ class Request:
     # With params.min_tokens: the ids that would end the request (eos unless ignore_eos, and
     # stop_token_ids), which the sampler masks until min_tokens tokens are out (batch.py).
     min_tokens_ban: tuple[int, ...] = ()
+    # Prefix caching: requests with different salts never share KV pages (multi-tenant isolation).
+    cache_salt: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # Scheduler-owned: the block hash of each full page of known tokens (kv_cache.block_hash)
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -247,12 +265,14 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None  # per token: token id -> logprob, the sampled id included
     ttft_s: float
     latency_s: float
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
 
 @dataclasses.dataclass(frozen=True)

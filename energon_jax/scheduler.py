@@ -38,9 +38,22 @@ One step, in order (``schedule``):
    the first chunk of its known tokens. Admission is first come, first served: a request
    that does not fit blocks those behind it, so large requests are not starved.
 
+Prefix caching (``enable_prefix_caching``; ``kv_cache.py`` has the hashes and the LRU):
+a request's known tokens are hashed page by page when it is queued. Admission reuses every
+published page of its longest cached prefix, up to ``num_tokens - 1`` tokens (the last
+known token is always fed, for its logits), and starts feeding after them. A page is
+published in ``update``, once the step that wrote it is done and every one of its
+positions is written, never at ``schedule``: a plan made ahead must not read a page that
+the plan still in flight is writing. Pages filled by decoding are published the same way.
+When at most ``PREFER_CACHED_MAX_WAITING`` requests wait, the ones with the longest cached
+prefix are admitted first (preempted ones still lead; one passed over for
+``MAX_BYPASSED_STEPS`` steps goes first); a request whose next page is one that a running
+request is still computing waits (SGLang's in-batch prefix sharing: the page is a hit a
+step later instead of computed twice). Static batching keeps plain FCFS admission.
+
 Pages are allocated for exactly the tokens fed this step; a request that finishes or is
-aborted gives all of them back in that same call. ``static_batching=True`` is the
-benchmark's baseline: a batch of up to ``max_num_seqs`` requests is admitted only when
+aborted drops its references in that same call (a shared page stays with its other
+users). ``static_batching=True`` is the benchmark's baseline: a batch of up to ``max_num_seqs`` requests is admitted only when
 the previous batch has completely finished, and no request joins it while it runs.
 """
 
@@ -53,12 +66,19 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from energon_jax.kv_cache import PageAllocator
+from energon_jax.prefix_cache import PrefixCache
 
 PLACEHOLDER = -1  # a fed token that the previous, still running step samples (see ``prev_row``)
 from energon_jax.request import Request, RequestStatus
 
 if TYPE_CHECKING:  # SampledTokens lives with the device-side sampler; only its arrays are read here
     from energon_jax.sampling import SampledTokens
+
+# Prefix-aware admission order applies when at most this many requests wait (sorting costs a
+# cache lookup per waiting request, each step)...
+PREFER_CACHED_MAX_WAITING = 32
+# ...and a request passed over for this many schedule calls is tried first again (no starvation).
+MAX_BYPASSED_STEPS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +89,8 @@ class SchedulerConfig:
     page_size: int  # tokens per KV page
     num_pages: int  # pages in the pool, the null page 0 included
     static_batching: bool = False  # benchmark baseline: admit a batch, run it to completion
+    enable_prefix_caching: bool = False  # reuse published KV pages of identical prefixes (kv_cache.py)
+    prefix_cache_seed: int | None = None  # pins the hash chain's root (None: random per scheduler)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -143,6 +165,11 @@ class Scheduler:
         self._in_flight: list[StepPlan] = []
         self.num_planned_ahead = 0  # plans made while the previous one was in flight
         self.num_preemptions = 0
+        self.prefix_cache = (
+            PrefixCache(self.allocator, seed=config.prefix_cache_seed) if config.enable_prefix_caching else None
+        )
+        self._queued_at: dict[str, int] = {}  # waiting request id -> schedule calls when it was queued
+        self._num_schedules = 0
 
     # -- what the engine asks -------------------------------------------------------------
     @property
@@ -160,6 +187,21 @@ class Scheduler:
     @property
     def pages_total(self) -> int:
         return self.allocator.num_usable
+
+    @property
+    def pages_cached(self) -> int:
+        """Published prefix-cache pages, referenced or free."""
+        return self.allocator.num_cached
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens of admitted requests looked up in the prefix cache (0 when it is off)."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.query_tokens
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of ``prefix_cache_queries``, the tokens whose pages were reused."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.hit_tokens
 
     @property
     def running(self) -> tuple[Request, ...]:
@@ -203,6 +245,9 @@ class Scheduler:
             )
         self._requests[rid] = request
         self._waiting.append(request)
+        self._queued_at[rid] = self._num_schedules
+        if self.prefix_cache is not None:
+            self.prefix_cache.hash_prompt(request)
 
     def abort(self, request_id: str) -> Request | None:
         """Finish with reason "abort" and free its pages now; ``None`` if unknown or already finished."""
@@ -223,6 +268,9 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         self.allocator.free(req.pages)
         req.pages = []
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(req)
+        self._queued_at.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = time.monotonic()
@@ -234,6 +282,7 @@ class Scheduler:
         """The next step's rows, or ``None`` when there is nothing to run."""
         if len(self._in_flight) > 1:
             raise RuntimeError("schedule() called with two plans in flight: update() the oldest first")
+        self._num_schedules += 1
         if self._in_flight:
             return self._schedule_ahead(self._in_flight[0])
         budget = self.config.max_num_batched_tokens
@@ -304,6 +353,7 @@ class Scheduler:
         if len(self._in_flight) >= num_groups:
             raise RuntimeError(f"{len(self._in_flight)} plans in flight for {num_groups=}: update() the oldest first")
         cfg = self.config
+        self._num_schedules += 1
         busy = {id(row.request) for plan in self._in_flight for row in plan.rows}
         idle = [req for req in self._running if id(req) not in busy]  # admission order
         cap = -(-min(cfg.max_num_seqs, len(self._running) + len(self._waiting)) // num_groups)
@@ -328,28 +378,67 @@ class Scheduler:
         return plan
 
     def _admit(self, rows: list[ScheduledRow], budget: int, max_rows: int | None = None) -> int:
-        """Admit waiting requests into ``rows`` (at most ``max_rows`` rows in all when given)."""
+        """Admit waiting requests into ``rows`` (at most ``max_rows`` rows in all when given).
+
+        A request that does not fit blocks those behind it (first come, first served in the
+        admission order); one deferred for a prefix being computed is skipped."""
         cfg = self.config
         if cfg.static_batching and not self._static_batch and not self._running:
             # The previous batch is over: the next one is the head of the queue.
             self._static_batch = {r.request_id for r in list(self._waiting)[: cfg.max_num_seqs]}
-        while self._waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
+        cache = self.prefix_cache
+        smart = cache is not None and not cfg.static_batching  # prefix-aware order and deferral
+        pending = cache.pending(self._running) if smart and self._waiting else None
+        for req in self._admission_order() if smart else list(self._waiting):
+            if budget <= 0 or len(self._running) >= cfg.max_num_seqs:
+                break
             if max_rows is not None and len(rows) >= max_rows:
                 break
-            req = self._waiting[0]
             if cfg.static_batching and req.request_id not in self._static_batch:
                 break  # batch members are always a prefix of the queue
-            n = min(req.num_tokens, budget)
-            need = self.allocator.pages_needed(n)
-            if not self.allocator.can_allocate(need):
+            hits = [] if cache is None else cache.match(req)
+            if pending is not None and cache.waits_for(req, len(hits), pending):
+                continue  # hits the cache a step later instead of computing the same pages twice
+            cached = len(hits) * cfg.page_size
+            n = min(req.num_tokens - cached, budget)
+            need = self.allocator.pages_needed(cached + n) - len(hits)
+            if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits)):
                 break
-            self._waiting.popleft()
-            req.pages = self.allocator.allocate(need)
+            self._waiting.remove(req)
+            self._queued_at.pop(req.request_id, None)
+            self.allocator.acquire(hits)
+            req.pages = hits + self.allocator.allocate(need)
+            req.num_computed_tokens = cached
+            if cache is not None:
+                cache.admitted(req, len(hits), first=req.status is RequestStatus.WAITING)
+                if pending is not None:
+                    pending.update(req.block_hashes[len(hits):])
             req.status = RequestStatus.RUNNING
             self._running.append(req)
             rows.append(self._row(req, n))
             budget -= n
         return budget
+
+    def _admission_order(self) -> list[Request]:
+        """The waiting queue in the order admission tries it: as queued, or, when it is short and
+        pages are cached, longest cached prefix first (preempted and long-bypassed requests lead)."""
+        waiting = list(self._waiting)
+        if len(waiting) > PREFER_CACHED_MAX_WAITING or len(waiting) < 2 or not self.allocator.num_cached:
+            return waiting
+        now = self._num_schedules
+
+        def key(req: Request) -> tuple[int, int]:
+            if req.status is RequestStatus.PREEMPTED:
+                return (0, 0)
+            if now - self._queued_at.get(req.request_id, now) > MAX_BYPASSED_STEPS:
+                return (1, 0)
+            return (2, -len(self.prefix_cache.match(req)))
+
+        return sorted(waiting, key=key)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached page no request references; returns how many were dropped."""
+        return self.allocator.reset_prefix_cache()
 
     def _grow_pages(self, req: Request, num_tokens: int) -> bool:
         """Make ``req.pages`` hold ``num_tokens`` tokens; ``False`` if the pool is short."""
@@ -391,8 +480,11 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._running.remove(req)
-        self.allocator.free(req.pages)
+        self.allocator.free(req.pages)  # a page shared with another request stays with it
         req.pages = []
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(req)
+        self._queued_at[req.request_id] = self._num_schedules
         req.num_computed_tokens = 0  # recompute prompt + generated tokens when readmitted
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -416,6 +508,8 @@ class Scheduler:
             req = row.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted, or finished by the engine or by the previous step, while it ran
+            if self.prefix_cache is not None:  # this step's K/V is written: its full pages can be hits
+                self.prefix_cache.publish(req, row.start_pos + row.num_tokens)
             if not row.sample:
                 continue  # a prefill chunk that does not reach the end of the prompt
             token = int(sampled.token_ids[i])

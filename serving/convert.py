@@ -73,6 +73,7 @@ def response_from_delta(request_id: str, delta: Any) -> pb.GenerateResponse:
         if delta.usage is not None:
             resp.usage.prompt_tokens = int(delta.usage.prompt_tokens)
             resp.usage.completion_tokens = int(delta.usage.completion_tokens)
+            resp.usage.cached_tokens = int(getattr(delta.usage, "cached_tokens", 0))
     return resp
 
 

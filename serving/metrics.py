@@ -14,7 +14,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Latency buckets from 1 ms to 60 s: a CPU test model and a GPU service both fit.
@@ -25,7 +25,7 @@ class _EngineStatsCollector(Collector):
     def __init__(self, stats: Callable[[], Any | None]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._stats()
         if s is None:  # the engine is not loaded yet
             return
@@ -35,6 +35,15 @@ class _EngineStatsCollector(Collector):
         yield GaugeMetricFamily("energon_kv_pages_total", "KV cache pages in the pool", value=s.pages_total)
         usage = s.pages_used / s.pages_total if s.pages_total else 0.0
         yield GaugeMetricFamily("energon_kv_cache_usage_ratio", "Share of KV pages in use", value=usage)
+        # Cumulative engine counters, exposed as counters (the engine owns them; a scrape reads them).
+        yield CounterMetricFamily(
+            "energon_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+            value=getattr(s, "prefix_cache_queries", 0),
+        )
+        yield CounterMetricFamily(
+            "energon_prefix_cache_hits", "Prompt tokens whose KV pages came from the prefix cache",
+            value=getattr(s, "prefix_cache_hits", 0),
+        )
 
 
 class ServingMetrics:

@@ -21,18 +21,23 @@ HELP = "generate text from a prompt, streamed to the terminal (default model: th
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tp/--pp/--dp/--offload/--resident-layers`` (shared with ``energon serve``)."""
+    """``--tp/--pp/--dp/--offload/--resident-layers`` and the prefix-cache flags (shared with ``energon serve``)."""
     g = parser.add_argument_group("parallelism (energon_jax/parallel)")
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
     g.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (single process)")
     g.add_argument("--dp", type=int, default=None, help="data-parallel degree")
     g.add_argument("--offload", choices=("host", "peer"), default=None, help="stream layers from host or peer memory")
     g.add_argument("--resident-layers", type=int, default=None, help="layers kept on device with --offload")
+    c = parser.add_argument_group("prefix caching (energon_jax/kv_cache.py)")
+    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="recompute every prompt from its first token (default: reuse cached KV pages of shared prefixes)")
+    c.add_argument("--prefix-cache-seed", type=int, default=None,
+                   help="seed of the page-hash chain's root (default: random per process)")
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The engine keyword arguments of the flags above that were given."""
-    names = ("tp", "pp", "dp", "offload", "resident_layers")
+    names = ("tp", "pp", "dp", "offload", "resident_layers", "enable_prefix_caching", "prefix_cache_seed")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

@@ -10,9 +10,10 @@ into stages, stage ``s`` on ``mesh[r, s, :]``), its own KV page pool of
 serves up to ``N * max_num_seqs`` rows at once.
 
 - Admission (``DataParallelScheduler.add``): a new request goes to the replica with the
-  least outstanding work (fewest unfinished requests, then fewest tokens still to feed
-  or generate, then the lowest index) and stays there until it finishes: its KV pages
-  live on that replica's devices.
+  least outstanding work (fewest unfinished requests, then the longest cached prefix of
+  the request, then fewest tokens still to feed or generate, then the lowest index) and
+  stays there until it finishes: its KV pages live on that replica's devices, and so
+  does each replica's prefix cache.
 - One engine step (``DataParallelStepLoop.step``) is one step of every replica with
   work: every replica's ``start`` (plan, pack, dispatch; JAX dispatch is asynchronous,
   so nothing waits) runs before any replica's ``finish`` (fetch the sampled ids,
@@ -119,11 +120,24 @@ class DataParallelScheduler:
         self.assigned = [0] * len(self.replicas)  # requests given to each replica
 
     def add(self, request: Request) -> int:
-        """Queue ``request`` on the least loaded replica; returns its index. ValueError as ``Scheduler.add``."""
-        r = min(range(len(self.replicas)), key=lambda i: (*_outstanding(self.replicas[i]), i))
+        """Queue ``request`` on the least loaded replica; returns its index. ValueError as ``Scheduler.add``.
+
+        Among replicas with as few unfinished requests, the one holding the longest cached
+        prefix of the request wins (its pages live there only)."""
+        loads = [_outstanding(s) for s in self.replicas]
+        cached = self._cached_pages(request)
+        r = min(range(len(self.replicas)), key=lambda i: (loads[i][0], -cached[i], loads[i][1], i))
         self.replicas[r].add(request)
         self.assigned[r] += 1
         return r
+
+    def _cached_pages(self, request: Request) -> list[int]:
+        """Pages of ``request``'s prefix cached on each replica (all 0 unless every replica caches
+        with the same hash root, so that the request's block hashes mean the same everywhere)."""
+        caches = [getattr(s, "prefix_cache", None) for s in self.replicas]
+        if any(c is None for c in caches) or len({c.root for c in caches}) != 1:
+            return [0] * len(self.replicas)
+        return [len(c.match(request)) for c in caches]
 
     def replica_of(self, request_id: str) -> int | None:
         """The replica that holds an unfinished request (None when unknown or finished)."""
@@ -165,6 +179,18 @@ class DataParallelScheduler:
     @property
     def num_preemptions(self) -> int:
         return self._sum("num_preemptions")
+
+    @property
+    def pages_cached(self) -> int:
+        return self._sum("pages_cached")
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self._sum("prefix_cache_queries")
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self._sum("prefix_cache_hits")
 
     @property
     def num_planned_ahead(self) -> int:
