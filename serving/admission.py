@@ -237,9 +237,7 @@ class Admission:
         tokenizer = binding.engine.tokenizer
         if tokenizer is None:
             raise RequestError(f"{field} is text, but this model has no tokenizer.json: pass token ids", param=field)
-        if add_special_tokens:
-            return await asyncio.to_thread(tokenizer.encode, text)
-        return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+        return await asyncio.to_thread(_encode, tokenizer, text, add_special_tokens)
 
     async def detokenize(self, binding: EngineBinding, ids: Sequence[int], field: str = "tokens") -> str:
         tokenizer = binding.engine.tokenizer
@@ -349,6 +347,21 @@ class Admission:
             if not finished:
                 engine.abort(request_id)
             await _close(source)
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    """``tokenizer.encode`` as the engine would run it, in a way that lets the event loop run.
+
+    The ``tokenizers`` binding holds the GIL for the whole of a single ``encode`` (a 3 MiB
+    prompt: seconds of stalled health checks even from a worker thread) but releases it in
+    ``encode_batch``; a tokenizer without ``encode_batch`` (the tests' mock) is called plainly.
+    """
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return batch([text], add_special_tokens=add_special_tokens)[0]
+    if add_special_tokens:
+        return tokenizer.encode(text)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 class EngineStream:
