@@ -364,6 +364,14 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def count_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Token counts of ``texts`` (for usage), through ``encode_batch`` when there is one (GIL free)."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return [len(ids) for ids in batch(list(texts))]
+    return [len(tokenizer.encode(t)) for t in texts]
+
+
 class EngineStream:
     """The deltas of one admitted request: the first (already received), then the rest.
 

@@ -242,6 +242,17 @@ def test_encoder_server_embeds_like_engine_embed(tiny_checkpoint) -> None:
                 return vecs, raw, None
 
         vecs, raw, gen_error = _run(go())
+        # The OpenAI API over the same engine: /v1/embeddings, and completions refused naming the encoder.
+        import httpx
+
+        with httpx.Client(base_url=srv.http_url, timeout=60) as h:
+            emb = h.post("/v1/embeddings", json={"model": str(bert), "input": texts})
+            completion = h.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2})
+    assert emb.status_code == 200, emb.text
+    body = emb.json()
+    assert [d["index"] for d in body["data"]] == [0, 1, 2] and body["usage"]["prompt_tokens"] > 0
+    np.testing.assert_allclose(np.asarray([d["embedding"] for d in body["data"]]), np.asarray(vecs), rtol=1e-6)
+    assert completion.status_code == 400 and "encoder" in completion.json()["error"]["message"]
     ref = Engine.from_pretrained(bert, warmup=False)
     np.testing.assert_allclose(np.asarray(vecs), ref.embed(texts, normalize=True), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(raw), ref.embed(texts, normalize=False), rtol=1e-5, atol=1e-6)

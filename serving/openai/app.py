@@ -31,7 +31,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.admission import Admission, EngineFailure, QueueFull, RequestError, Unavailable
+from serving.admission import Admission, EngineFailure, QueueFull, RequestError, Unavailable, count_tokens
 from serving.binding import EngineBinding
 from serving.openai import errors
 from serving.openai import generation as g
@@ -229,7 +229,7 @@ def build_app(service: OpenAIService, metrics: Any, max_body_bytes: int = 4 * 10
         try:
             vectors = await _unless_disconnected(request, binding.engine.embed(texts, normalize=True))
             tokenizer = binding.engine.tokenizer
-            counts = await asyncio.to_thread(lambda: [len(tokenizer.encode(t)) for t in texts]) if tokenizer else []
+            counts = await asyncio.to_thread(count_tokens, tokenizer, texts) if tokenizer else []
         except ValueError as e:
             raise errors.invalid(
                 f"model {service.model_name!r} cannot produce embeddings: {e}", param="model"
