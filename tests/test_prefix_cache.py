@@ -520,3 +520,41 @@ def test_usage_reaches_grpc_prometheus_and_the_log_line(engines, caplog):
     with caplog.at_level("INFO", logger="energon_jax.async_engine"):
         aengine._log_stats(stats)
     assert "prefix cache hit rate 75.0% (150 of 200 tokens)" in caplog.text
+
+
+def test_async_submit_takes_a_cache_salt_and_cli_flags_reach_the_engine(engines):
+    import argparse
+    import asyncio
+
+    from energon_jax.async_engine import AsyncEngine
+    from energon_jax.commands.generate import add_parallel_arguments, parallel_kwargs
+
+    on, _ = engines
+    prompt = _rand(8, 21)
+    aengine = AsyncEngine(on)
+    aengine.start()
+    try:
+        async def last(rid: str, salt: str | None):
+            return [d async for d in aengine.submit(prompt, GREEDY, request_id=rid, cache_salt=salt)][-1]
+
+        async def main():
+            first = await last("s1", "tenant")
+            return first, await last("s2", "tenant"), await last("s3", "other")
+
+        first, second, other = asyncio.run(main())
+        assert (first.usage.cached_tokens, second.usage.cached_tokens, other.usage.cached_tokens) == (0, 20, 0)
+        assert first.token_ids == second.token_ids == other.token_ids
+
+        async def bad():
+            async for _ in aengine.submit(prompt, GREEDY, request_id="s4", cache_salt=""):
+                pass
+
+        with pytest.raises(ValueError, match="cache_salt"):
+            asyncio.run(bad())
+    finally:
+        aengine.shutdown()
+    parser = argparse.ArgumentParser()
+    add_parallel_arguments(parser)
+    assert parallel_kwargs(parser.parse_args([])) == {}
+    kw = parallel_kwargs(parser.parse_args(["--no-prefix-caching", "--prefix-cache-seed", "5"]))
+    assert kw == {"enable_prefix_caching": False, "prefix_cache_seed": 5}
