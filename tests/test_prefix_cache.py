@@ -130,8 +130,9 @@ def test_reuse_stops_before_the_last_known_token_and_counts_hits():
     assert sched.pages_used == 0
 
 
-def test_outputs_match_reference_and_salts_do_not_share():
-    sched, buckets, model = make(_cfg())
+@pytest.mark.parametrize("static", [False, True])
+def test_outputs_match_reference_and_salts_do_not_share(static):
+    sched, buckets, model = make(_cfg(static_batching=static))  # the static baseline reuses pages too
     prompt = list(range(30, 47))
     reqs = [_req("a", prompt, 6), _req("b", prompt, 6, salt="t1"), _req("c", prompt, 6, salt="t1"),
             _req("d", prompt[:9] + [1, 2], 6)]
