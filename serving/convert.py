@@ -26,6 +26,8 @@ _SCALAR_FIELDS = (
     "seed",
     "ignore_eos",
     "logprobs",
+    "skip_special_tokens",
+    "min_tokens",
 )
 
 

@@ -45,7 +45,8 @@ def test_sampling_params_message_mirrors_every_python_field() -> None:
     wire = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
     python = {
         "max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-        "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+        "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs", "skip_special_tokens",
+        "min_tokens",
     }  # fmt: skip
     assert wire == python
     assert python == {f.name for f in dataclasses.fields(SamplingParams)}
