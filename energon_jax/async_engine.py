@@ -41,6 +41,7 @@ class ModelInfo:
     vocab_size: int
     layout: dict[str, int]
     model: str = ""
+    overlap: str = ""  # whether the step loop plans step N+1 while step N runs, and why not
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,7 @@ class AsyncEngine:
             vocab_size=e.model_config.vocab_size,
             layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp},
             model=e.model_path or "",
+            overlap=getattr(e, "overlap", ""),
         )
 
     @property

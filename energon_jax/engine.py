@@ -222,6 +222,28 @@ class Engine:
         )
         self._build_decoder(model, model_config, warmup)
 
+    def _note_overlap(self) -> None:
+        """Make ``async_scheduling`` what the step loop really does, and ``overlap`` say why.
+
+        A layout that cannot plan ahead (a runner that cannot take the previous step's ids
+        on device, a pipeline whose overlap is its micro-batches) logs it once, so asking
+        for ``async_scheduling=True`` never silently runs synchronous steps."""
+        loops = getattr(self._loop, "loops", [self._loop])
+        ahead = bool(loops) and all(getattr(loop, "plans_ahead", False) for loop in loops)
+        runner = type(self._runner).__name__
+        if ahead:
+            self.overlap = "plans ahead: step N+1 is planned and dispatched before step N's ids are fetched"
+        elif self.parallel.pp > 1:
+            self.overlap = (f"pipeline: {self.parallel.pp} micro-batches in flight, one tick per step; the host "
+                            "fetches the micro-batch leaving each tick (no planning ahead)")
+        elif self.async_scheduling:
+            self.overlap = f"synchronous: the {runner} cannot take the previous step's ids on device"
+        else:
+            self.overlap = "synchronous: async_scheduling=False"
+        if self.async_scheduling and not ahead:
+            logger.warning("async_scheduling is off for this layout: %s", self.overlap)
+        self.async_scheduling = ahead
+
     def _pool_pages_from_memory(self, fraction: float) -> int:
         """Profile the largest step shape on the provisional pool; the pages device memory allows."""
         batches = self._batch_lib.warmup_batches(self._buckets)
@@ -289,11 +311,12 @@ class Engine:
 
             self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
             self._loop = PipelineStepLoop(self._scheduler, self._runner, self._buckets, self._process)
-        else:  # the other parallel runners keep steps synchronous (no planning ahead)
+        else:  # one runner (tp included): plans ahead when it takes the previous step's ids on device
             self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
-            plans_ahead = self.async_scheduling and isinstance(self._runner, ModelRunner) and not built_parallel
+            plans_ahead = self.async_scheduling and getattr(self._runner, "supports_prev_ids", False)
             self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
                                   split_prefill_decode=self.split_prefill_decode, plans_ahead=plans_ahead)
+        self._note_overlap()
         if warmup:
             self.warmup()
 

@@ -256,7 +256,7 @@ def test_engine_arguments_are_validated(model, tokenizer):
         Engine(model, CONFIG, tokenizer, kv_cache_pages=10, kv_cache_bytes=10**6, warmup=False)
     e = Engine(model, CONFIG, tokenizer, kv_cache_bytes=2 * 4 * 2 * 2 * 8 * 4 * 50, page_size=4, warmup=False)
     assert e.config.num_pages == 50
-    with pytest.raises(ValueError, match=re.escape("holds 2 pages x page_size=4 = 8 tokens, fewer than one sequence of max_model_len=256 (64 pages)")):
+    with pytest.raises(ValueError, match=re.escape("holds 2 pages x page_size=4 = 8 tokens, fewer than one sequence of max_model_len=128 (32 pages)")):
         Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, warmup=False)
     tiny_pool = Engine(model, CONFIG, tokenizer, kv_cache_pages=3, page_size=4, max_model_len=8, warmup=False)
     with pytest.raises(ValueError, match="max_model_len"):

@@ -58,6 +58,11 @@ def test_engine_layouts_match_single_device(group):
         assert case["runner"] == case["expect_runner"], case
         if case["layout"].get("pp", 1) > 1:  # generate kept pp micro-batches in the pipeline at once
             assert case["max_in_flight"] == case["layout"]["pp"], case
+            assert not case["async_scheduling"] and case["overlap"].startswith("pipeline: "), case
+        elif "offload" in case["layout"]:  # said, not silently off
+            assert not case["async_scheduling"] and "OffloadedRunner cannot take" in case["overlap"], case
+        else:  # tp and dp replicas plan step N+1 before fetching step N's ids
+            assert case["async_scheduling"] and case["planned_ahead"] > 0, case
 
 
 @pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
@@ -157,7 +162,9 @@ def _child_layouts(group: str) -> dict:
         kind = next((v for k, v in expect.items() if k in layout), "ModelRunner")
         stats = getattr(engine.runner, "stats", None)  # PipelineRunner's counters (reset by warm-up)
         cases.append({"layout": layout, "tokens": _generate(engine), "runner": type(engine.runner).__name__,
-                      "expect_runner": kind, "max_in_flight": getattr(stats, "max_in_flight", None)})
+                      "expect_runner": kind, "max_in_flight": getattr(stats, "max_in_flight", None),
+                      "async_scheduling": engine.async_scheduling, "overlap": engine.overlap,
+                      "planned_ahead": engine.num_planned_ahead})
     return {"base": base, "cases": cases}
 
 

@@ -25,7 +25,9 @@ _ENGINE_FLAGS = (
     ("dtype", str, "parameter dtype, e.g. float32 or bfloat16"),
     ("max_model_len", int, "longest prompt + completion in tokens"),
     ("page_size", int, "tokens per KV page"),
-    ("kv_cache_pages", int, "KV pages in the pool"),
+    ("kv_cache_pages", int, "KV pages in the pool (default on accelerators: sized from device memory)"),
+    ("kv_cache_memory_fraction", float, "share of each device's memory the weights, a step and the KV pool may "
+     "use when the pool is sized from memory (engine default 0.9)"),
     ("max_num_seqs", int, "most requests in the running batch"),
     ("max_num_batched_tokens", int, "token budget of one step"),
     ("max_queue", int, "most requests waiting for admission (more get RESOURCE_EXHAUSTED)"),
