@@ -143,7 +143,8 @@ class _ChoiceState:
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         if delta.finished:
-            self.finish_reason = "length" if delta.finish_reason == "length" else "stop"
+            # "abort" passes through as vLLM reports it: a client must be able to tell a cut answer from a stop.
+            self.finish_reason = delta.finish_reason if delta.finish_reason in ("length", "abort") else "stop"
             self.usage = delta.usage
 
 
