@@ -273,6 +273,7 @@ class Engine:
             max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
             static_batching=c.static_batching, enable_prefix_caching=self.enable_prefix_caching,
             prefix_cache_seed=self._prefix_cache_seed,
+            attention_window=getattr(model_config, "kv_window", None),  # sliding window: release old pages
         )
         self._buckets = batch_lib.Buckets.create(
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,

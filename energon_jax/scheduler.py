@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING
 
 from energon_jax.kv_cache import PageAllocator
 from energon_jax.prefix_cache import PrefixCache
+from energon_jax.sliding_window import live_pages, release_pages_behind_window
 
 PLACEHOLDER = -1  # a fed token that the previous, still running step samples (see ``prev_row``)
 from energon_jax.request import Request, RequestStatus
@@ -91,6 +92,9 @@ class SchedulerConfig:
     static_batching: bool = False  # benchmark baseline: admit a batch, run it to completion
     enable_prefix_caching: bool = False  # reuse published KV pages of identical prefixes (kv_cache.py)
     prefix_cache_seed: int | None = None  # pins the hash chain's root (None: random per scheduler)
+    # Every layer attends within this many latest positions (ModelConfig.kv_window): pages
+    # behind every future query's window are released in update (sliding_window.py). None: keep all.
+    attention_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -100,6 +104,8 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2")
         if self.num_pages < 2:
             raise ValueError(f"num_pages={self.num_pages} must be >= 2 (page 0 is the reserved null page)")
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ValueError(f"attention_window={self.attention_window} must be >= 1 (or None)")
         if self.max_num_batched_tokens < self.max_num_seqs:  # every running request must decode each step
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_num_seqs={self.max_num_seqs}"
@@ -266,7 +272,7 @@ class Scheduler:
         return req
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.allocator.free(req.pages)
+        self.allocator.free(live_pages(req.pages))  # without the ones a sliding window released
         req.pages = []
         if self.prefix_cache is not None:
             self.prefix_cache.forget(req)
@@ -480,7 +486,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._running.remove(req)
-        self.allocator.free(req.pages)  # a page shared with another request stays with it
+        self.allocator.free(live_pages(req.pages))  # a page shared with another request stays with it
         req.pages = []
         if self.prefix_cache is not None:
             self.prefix_cache.forget(req)
@@ -510,6 +516,12 @@ class Scheduler:
                 continue  # aborted, or finished by the engine or by the previous step, while it ran
             if self.prefix_cache is not None:  # this step's K/V is written: its full pages can be hits
                 self.prefix_cache.publish(req, row.start_pos + row.num_tokens)
+            if self.config.attention_window is not None:
+                # Sliding window: every later query (a plan in flight included) sits at or after
+                # the tokens written so far; pages behind all their windows go back to the pool
+                # (after publish, so a released page stays a prefix-cache hit for others).
+                release_pages_behind_window(req.pages, self.allocator, row.start_pos + row.num_tokens,
+                                            self.config.attention_window)
             if not row.sample:
                 continue  # a prefill chunk that does not reach the end of the prompt
             token = int(sampled.token_ids[i])

@@ -57,6 +57,10 @@ class ModelConfig:
     # Attention over the KV cache (pallas_kernels.step_attention): "auto" (the ragged kernel on
     # GPU/TPU, XLA on CPU), or forced "pallas" (interpreted on CPU), "xla", "reference".
     attention_implementation: str = "auto"
+    # Sliding-window attention (Mistral, Qwen2): each decoder layer's window in tokens (a query
+    # at position p sees keys p - W < k <= p), None for a layer with full attention; () when
+    # every layer attends to the whole context.
+    layer_windows: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
         from pallas_kernels.dispatch import IMPLEMENTATIONS
@@ -72,6 +76,24 @@ class ModelConfig:
             raise ValueError(
                 f"config num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"config layer_windows has {len(self.layer_windows)} entries; "
+                             f"num_layers={self.num_layers}")
+        for w in self.layer_windows:
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ValueError(f"config layer_windows entry {w!r} must be an integer >= 1 or None")
+
+    def sliding_window(self, layer: int) -> int | None:
+        """Layer ``layer``'s attention window (None: full attention)."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def kv_window(self) -> int | None:
+        """How many latest positions any layer still reads: the largest window when every layer
+        has one (older KV can be dropped), None when some layer sees the whole context."""
+        if not self.layer_windows or any(w is None for w in self.layer_windows):
+            return None
+        return max(self.layer_windows)
 
     @property
     def is_decoder(self) -> bool:

@@ -141,6 +141,7 @@ def attend(
     attn_meta: PagedAttentionMetadata | None,
     causal: bool = True,
     sm_scale: float | None = None,
+    sliding_window: int | None = None,
     implementation: str = "auto",
 ) -> tuple[jax.Array, KVPages | None]:
     """Attention for one layer: ``q [T, N, H]``, ``k, v [T, K, H]`` -> ``([T, N, H], pages)``.
@@ -148,14 +149,16 @@ def attend(
     Without a cache this is packed prefill (``flash_attention``); with one, the new
     K/V are written to their slots and the queries attend over the page pool
     (``step_attention``: the ragged kernel on GPU/TPU; ``implementation`` is the model
-    config's ``attention_implementation``).
+    config's ``attention_implementation``). ``sliding_window=W`` (the layer's window, None for
+    full attention) limits each query to its ``W`` latest positions on both paths.
     """
     if kv_pages is None:
-        out = flash_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale)
+        out = flash_attention(q, k, v, segment_ids=segment_ids, positions=positions, causal=causal, sm_scale=sm_scale,
+                              sliding_window=sliding_window)
         return out, None
     if attn_meta is None:
         raise ValueError("attn_meta is required when a KV cache is given")
     kv_pages = write_kv(kv_pages, k, v, attn_meta.slot_mapping)
     out = step_attention(q, kv_pages, attn_meta, segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-                         implementation=implementation)
+                         sliding_window=sliding_window, implementation=implementation)
     return out, kv_pages

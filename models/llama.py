@@ -10,15 +10,16 @@ in config: Qwen2 has q/k/v biases, Llama may have ``attention_bias`` (q/k/v/o) a
 ``mlp_bias``, any of them may tie the output head to the token embedding or set an
 explicit ``head_dim``.
 
-Mistral's sliding window is not implemented by the attention kernels; instead the
-usable length (``max_position_embeddings``) is capped at the window, inside which
-windowed and full attention are the same thing.
+Sliding-window attention follows transformers (``layer_windows_from_hf``): Mistral and
+Mixtral window every layer when ``sliding_window`` is set; Qwen2 only with
+``use_sliding_window``, and then the layers its ``layer_types`` mark "sliding_attention"
+(by default those from ``max_window_layers`` on). A windowed layer's queries see their
+``W`` latest positions, in every attention path (``models.layers.attend``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -65,19 +66,41 @@ def rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     return float(hf.get("rope_theta", 10000.0)), RopeScaling.from_hf(hf.get("rope_scaling"))
 
 
-def usable_length(hf: dict) -> int:
-    """``max_position_embeddings``, capped at an active sliding window (see module docstring)."""
-    max_len = int(hf.get("max_position_embeddings", 2048))
+# Architectures whose transformers implementation windows every layer when ``sliding_window`` is set.
+WINDOW_EVERY_LAYER = ("MistralForCausalLM", "MixtralForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows_from_hf(hf: dict, architecture: str) -> tuple[int | None, ...]:
+    """Each layer's attention window as transformers (5.x) applies it; ``()`` when none has one.
+
+    Mistral / Mixtral: every layer, whenever ``sliding_window`` is not null. Qwen2: only with
+    ``use_sliding_window`` (default false), on the layers ``layer_types`` marks
+    "sliding_attention" (when absent: layers ``i >= max_window_layers``, default 28). Llama
+    has no window (transformers ignores the field there).
+    """
     window = hf.get("sliding_window")
-    active = window is not None and hf.get("use_sliding_window", True)
-    if active and int(window) < max_len:
-        warnings.warn(
-            f"config sliding_window={window} < max_position_embeddings={max_len}: sliding-window attention "
-            f"is not implemented, so the usable length is capped at {window}",
-            stacklevel=3,
-        )
-        return int(window)
-    return max_len
+    num_layers = int(hf["num_hidden_layers"])
+    if architecture == "Qwen2ForCausalLM":
+        if not hf.get("use_sliding_window", False):
+            window = None
+    elif architecture not in WINDOW_EVERY_LAYER:
+        return ()
+    if window is None:
+        return ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"config sliding_window={window!r} must be an integer >= 1 or null")
+    if architecture in WINDOW_EVERY_LAYER:
+        return (window,) * num_layers
+    types = hf.get("layer_types")
+    if types is None:
+        first = int(hf.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(f"config layer_types={types!r} must list one of {LAYER_TYPES} for each of "
+                         f"num_hidden_layers={num_layers}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return windows if any(w is not None for w in windows) else ()
 
 
 def common_fields(hf: dict, architecture: str) -> dict:
@@ -98,7 +121,8 @@ def common_fields(hf: dict, architecture: str) -> dict:
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
         intermediate_size=int(hf["intermediate_size"]),
-        max_position_embeddings=usable_length(hf),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        layer_windows=layer_windows_from_hf(hf, architecture),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         hidden_act="silu",
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -124,10 +148,11 @@ def config_from_hf(hf: dict) -> LlamaConfig:
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, sliding_window: int | None = None):
         d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.attention_implementation = config.attention_implementation
+        self.sliding_window = sliding_window  # this layer's window (None: full attention)
         self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
@@ -150,7 +175,7 @@ class LlamaAttention(nnx.Module):
         k = apply_rope(k, positions, inv_freq)
         out, kv_pages = attend(
             q, k, v, segment_ids=segment_ids, positions=positions, kv_pages=kv_pages, attn_meta=attn_meta,
-            implementation=self.attention_implementation,
+            sliding_window=self.sliding_window, implementation=self.attention_implementation,
         )  # [T, N, H]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), kv_pages
 
@@ -169,10 +194,11 @@ class LlamaMLP(nnx.Module):
 class LlamaBlock(nnx.Module):
     """One decoder layer; ``mlp`` is any ``[T, D] -> [T, D]`` module (Mixtral passes its MoE)."""
 
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, mlp: nnx.Module | None = None):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs, mlp: nnx.Module | None = None,
+                 sliding_window: int | None = None):
         d, eps = config.hidden_size, config.norm_eps
         self.input_layernorm = RMSNorm(d, eps=eps, dtype=dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(config, dtype=dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(config, dtype=dtype, rngs=rngs, sliding_window=sliding_window)
         self.post_attention_layernorm = RMSNorm(d, eps=eps, dtype=dtype, rngs=rngs)
         self.mlp = mlp if mlp is not None else LlamaMLP(config, dtype=dtype, rngs=rngs)
 
@@ -191,8 +217,9 @@ class LlamaForCausalLM(nnx.Module):
         d = config.hidden_size
         self.embed_tokens = Embed(config.vocab_size, d, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([
-            LlamaBlock(config, dtype=dtype, rngs=rngs, mlp=None if make_mlp is None else make_mlp(config, dtype, rngs))
-            for _ in range(config.num_layers)
+            LlamaBlock(config, dtype=dtype, rngs=rngs, mlp=None if make_mlp is None else make_mlp(config, dtype, rngs),
+                       sliding_window=config.sliding_window(i))
+            for i in range(config.num_layers)
         ])
         self.norm = RMSNorm(d, eps=config.norm_eps, dtype=dtype, rngs=rngs)
         self.lm_head = untied_head(config, d, dtype=dtype, rngs=rngs)

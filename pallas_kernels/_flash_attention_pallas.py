@@ -49,6 +49,7 @@ def block_schedule(
     block_q: int,
     block_k: int,
     causal: bool,
+    sliding_window: int | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Which KV blocks each query block must visit.
 
@@ -58,7 +59,8 @@ def block_schedule(
     none), so that a pipeline prefetching one entry ahead never asks for a new block. A pair
     is skipped only when no query/key pair in it can be visible: no valid token on either
     side, disjoint segment ranges, or (causal) every key position after every query
-    position. The test is conservative, so skipping never changes the result.
+    position, or (``sliding_window=W``) every key position at or below every query position
+    minus ``W``. The test is conservative, so skipping never changes the result.
     """
     nq, nk = q_seg.shape[0] // block_q, kv_seg.shape[0] // block_k
     qs, qp = q_seg.reshape(nq, block_q), q_pos.reshape(nq, block_q)
@@ -74,6 +76,10 @@ def block_schedule(
         q_pmax = jnp.max(jnp.where(qv, qp, -_BIG), axis=1)
         k_pmin = jnp.min(jnp.where(kv, kp, _BIG), axis=1)
         needed &= k_pmin[None, :] <= q_pmax[:, None]
+    if sliding_window is not None:
+        q_pmin = jnp.min(jnp.where(qv, qp, _BIG), axis=1)
+        k_pmax = jnp.max(jnp.where(kv, kp, -_BIG), axis=1)
+        needed &= k_pmax[None, :] > q_pmin[:, None] - sliding_window
     counts = jnp.sum(needed, axis=1).astype(jnp.int32)
     # Stable sort of "not needed" puts the needed blocks first, in ascending order.
     order = jnp.argsort(~needed, axis=1, stable=True).astype(jnp.int32)
@@ -93,6 +99,7 @@ def _flash_kernel(
     block_k: int,
     num_kv_blocks: int,
     causal: bool,
+    sliding_window: int | None,
     scale: float,
     precision,
 ):
@@ -113,6 +120,8 @@ def _flash_kernel(
         mask = (q_seg[:, None] == kv_seg[None, :]) & (q_seg[:, None] >= 0)
         if causal:
             mask &= kv_pos_ref[kv_slice][None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= kv_pos_ref[kv_slice][None, :] > q_pos[:, None] - sliding_window
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
@@ -137,7 +146,7 @@ def _flash_kernel(
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "interpret", "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "sliding_window", "interpret", "block_sizes"))
 def flash_attention_pallas(
     q: jax.Array,  # [T, N, H]
     k: jax.Array,  # [C, K, H]
@@ -149,6 +158,7 @@ def flash_attention_pallas(
     sm_scale: float | None = None,
     kv_segment_ids: jax.Array | None = None,  # [C]
     kv_positions: jax.Array | None = None,  # [C]
+    sliding_window: int | None = None,
     interpret: bool = False,
     block_sizes: FlashBlockSizes | None = None,
 ) -> jax.Array:
@@ -175,11 +185,12 @@ def flash_attention_pallas(
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), (0, cp - c), constant_values=-1)
     kv_pos = jnp.pad(kv_pos.astype(jnp.int32), (0, cp - c))
     _, kv_blocks, counts = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k,
-                                          causal=causal)
+                                          causal=causal, sliding_window=sliding_window)
 
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _flash_kernel, block_k=block_k, num_kv_blocks=nk, causal=causal, scale=scale, precision=precision
+        _flash_kernel, block_k=block_k, num_kv_blocks=nk, causal=causal, sliding_window=sliding_window, scale=scale,
+        precision=precision,
     )
     whole = lambda size: pl.BlockSpec((size,), lambda hd, i: (0,))  # noqa: E731
     out = pl.pallas_call(

@@ -48,6 +48,7 @@ def _tpu_kernel(
     *,
     num_kv_blocks: int,
     causal: bool,
+    sliding_window: int | None,
     scale: float,
     precision,
 ):
@@ -65,6 +66,8 @@ def _tpu_kernel(
         mask = (q_seg == kv_seg_ref[...]) & (q_seg >= 0)  # [bq, bk]
         if causal:
             mask &= kv_pos_ref[...] <= q_pos_ref[...]
+        if sliding_window is not None:
+            mask &= kv_pos_ref[...] > q_pos_ref[...] - sliding_window
         s = jax.lax.dot_general(
             q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
         ) * scale
@@ -88,7 +91,7 @@ def _tpu_kernel(
         o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes"))
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "sliding_window", "block_sizes"))
 def flash_attention_tpu(
     q: jax.Array,  # [T, N, H]
     k: jax.Array,  # [C, K, H]
@@ -100,6 +103,7 @@ def flash_attention_tpu(
     sm_scale: float | None = None,
     kv_segment_ids: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
+    sliding_window: int | None = None,
     block_sizes: FlashBlockSizes | None = None,
 ) -> jax.Array:
     """TPU FlashAttention-2 on the packed layout; returns ``[T, N, H]`` in ``q.dtype``.
@@ -126,7 +130,7 @@ def flash_attention_tpu(
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), (0, cp - c), constant_values=-1)
     kv_pos = jnp.pad(kv_pos.astype(jnp.int32), (0, cp - c))
     _, kv_blocks, counts = block_schedule(q_seg, q_pos, kv_seg, kv_pos, block_q=block_q, block_k=block_k,
-                                          causal=causal)
+                                          causal=causal, sliding_window=sliding_window)
 
     def kv_block(hd, i, j, counts_ref, kv_blocks_ref):
         # Past the list's end kv_blocks repeats its last entry: an unchanged index issues no DMA.
@@ -158,7 +162,8 @@ def flash_attention_tpu(
     )
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     out = pl.pallas_call(
-        functools.partial(_tpu_kernel, num_kv_blocks=nk, causal=causal, scale=scale, precision=precision),
+        functools.partial(_tpu_kernel, num_kv_blocks=nk, causal=causal, sliding_window=sliding_window, scale=scale,
+                          precision=precision),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((n, tp, h), q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),

@@ -63,6 +63,7 @@ def paged_attention_xla(
     sm_scale: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Same contract as ``paged_attention_reference``; picks paths at run time.
 
@@ -79,13 +80,15 @@ def paged_attention_xla(
       which skips the key blocks a query block cannot see. Otherwise the reference page
       walk serves them.
 
-    A one-token step (batch-1 decode) goes straight to the reference walk.
+    A one-token step (batch-1 decode) goes straight to the reference walk. With
+    ``sliding_window=W`` every part masks keys at or below ``position - W`` (the walks start
+    at the window's first page; the packed path still gathers each row from position 0).
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
     if q.shape[0] == 1:
         return paged_attention_reference(
             q, k_pages, v_pages, page_tables, lengths, segment_ids=segment_ids, positions=positions,
-            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
+            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
         )
     # The pages usually come straight from the step's KV scatter, whose result is also a
     # step output. Without this barrier XLA duplicates that in-place scatter into the
@@ -111,7 +114,8 @@ def paged_attention_xla(
     tok_of_row = jnp.zeros((num_rows,), jnp.int32).at[jnp.where(single_tok, rows, num_rows)].set(
         jnp.arange(t, dtype=jnp.int32), mode="drop")
     out_rows = _decode_rows(q[tok_of_row], k_pages, v_pages, page_tables, jnp.where(single_row, need, 0),
-                            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)  # [B, N, H]
+                            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
+                            sliding_window=sliding_window)  # [B, N, H]
     out_single = out_rows[rows]  # [T, N, H]
 
     need_multi = jnp.where(single_row, 0, need)
@@ -120,6 +124,8 @@ def paged_attention_xla(
     total = ends[-1]
     # Keys of token t: its row's span of the packed list, up to its own position.
     key_lo = row_start[rows]
+    if sliding_window is not None:  # tighter bounds skip key tiles below the window
+        key_lo = key_lo + jnp.clip(positions - sliding_window + 1, 0, need_multi[rows])
     key_hi = jnp.where(multi_seg >= 0, key_lo + jnp.minimum(positions + 1, need_multi[rows]), 0)
 
     def packed(budget: int):
@@ -139,7 +145,7 @@ def paged_attention_xla(
             return _blocked_attention(
                 q, k_ctx, v_ctx, segment_ids=multi_seg, positions=positions,
                 kv_segment_ids=jnp.where(valid, kv_row, -1), kv_positions=kv_pos,
-                key_lo=key_lo, key_hi=key_hi, sm_scale=sm_scale,
+                key_lo=key_lo, key_hi=key_hi, sm_scale=sm_scale, sliding_window=sliding_window,
             )
 
         return run
@@ -147,7 +153,7 @@ def paged_attention_xla(
     def walk():
         return paged_attention_reference(
             q, k_pages, v_pages, page_tables, lengths, segment_ids=multi_seg, positions=positions,
-            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
+            sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
         )
 
     # Branch 0: no multi-token row; i: the smallest budget that holds them; last: none does.
@@ -166,6 +172,7 @@ def _decode_rows(
     sm_scale: float | None,
     k_scale: jax.Array | None,
     v_scale: jax.Array | None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """One query per row, ``q_rows [B, N, H]``, over the first ``need[b]`` cache positions
     of its row; ``[B, N, H]`` in ``q_rows.dtype``, zeros where ``need`` is 0.
@@ -180,6 +187,7 @@ def _decode_rows(
         q_rows, k_pages, v_pages, page_tables, need,
         segment_ids=jnp.where(need > 0, jnp.arange(num_rows, dtype=jnp.int32), -1),
         positions=jnp.maximum(need - 1, 0), sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
+        sliding_window=sliding_window,
     )
 
 
@@ -195,6 +203,7 @@ def _blocked_attention(
     key_lo: jax.Array,
     key_hi: jax.Array,
     sm_scale: float | None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Causal packed attention (``flash_attention_reference``'s contract, ``k, v [C, K, H]``)
     in tiles of ``ATTENTION_BLOCK``: each query tile visits only the key tiles that
@@ -236,6 +245,8 @@ def _blocked_attention(
             kseg = jax.lax.dynamic_slice_in_dim(k_seg, j * bk, bk)
             kpos = jax.lax.dynamic_slice_in_dim(k_pos, j * bk, bk)
             mask = (seg[:, None] == kseg[None, :]) & (seg[:, None] >= 0) & (kpos[None, :] <= pos[:, None])
+            if sliding_window is not None:
+                mask &= kpos[None, :] > pos[:, None] - sliding_window
             s = jnp.einsum("qkgh,ckh->kgqc", qs, ks)
             s = jnp.where(mask[None, None], s, -jnp.inf)
             return online_softmax_step(carry, s, lambda p: jnp.einsum("kgqc,ckh->kgqh", p, vs))

@@ -4,7 +4,9 @@ Layout (see ``page_layout``): ``q [T, N, H]``; ``k_pages, v_pages [P, S, K, H]``
 ``page_tables [B, M]``; ``lengths [B]`` (cached tokens of each row, this step's
 tokens included). Query token ``t`` belongs to row ``segment_ids[t]`` (negative:
 padding, output zeros) and sits at ``positions[t]``; it attends to cache positions
-``j <= positions[t]`` with ``j < lengths[row]``. Without ``segment_ids`` there is one
+``j <= positions[t]`` with ``j < lengths[row]``, and with ``sliding_window=W`` only to
+``j > positions[t] - W`` (pages wholly below every query's window may hold anything, e.g.
+the null page once the scheduler released them). Without ``segment_ids`` there is one
 query per row (``T == B``) at position ``lengths - 1``: plain decode.
 
 int8 pages pass ``k_scale, v_scale [P, S, K]``.
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.block_sizes import PagedBlockSizes
 from pallas_kernels.dispatch import backend, resolve_implementation, use_interpret
+from pallas_kernels.flash_attention import check_sliding_window
 
 # Pages read per iteration of the reference loop. One page a step measured fastest on
 # the CPU (the gathered block [T, S, K, H] stays in cache): against 8 pages, 16 decode
@@ -45,6 +48,7 @@ def paged_attention(
     sm_scale: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    sliding_window: int | None = None,
     implementation: str = "auto",
     interpret: bool = False,
     block_sizes: PagedBlockSizes | None = None,
@@ -56,10 +60,16 @@ def paged_attention(
     program per query token, KV head and split; ``interpret=True`` on CPU). Both take the
     general packed form with ``segment_ids``/``positions``, not only decode; ``block_sizes``
     tunes either.
-    ``"xla"`` runs ``paged_attention_xla``; ``"reference"`` the jnp reference.
+    ``"xla"`` runs ``paged_attention_xla``; ``"reference"`` the jnp reference. The split-K
+    kernels take no ``sliding_window`` (models reach windowed attention on accelerators
+    through ``step_attention``'s ragged kernel); asking them for one is an error.
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    check_sliding_window(sliding_window)
     impl = resolve_implementation(implementation, interpret=interpret, has_xla=True)
+    if impl == "pallas" and sliding_window is not None:
+        raise ValueError(f"{sliding_window=} is not supported by the split-K paged kernel (implementation="
+                         f"{implementation!r}); use step_attention's ragged kernel, or 'xla' / 'reference'")
     if impl == "pallas" and backend() == "tpu" and not interpret:
         from pallas_kernels._paged_attention_tpu import paged_attention_tpu
 
@@ -74,7 +84,7 @@ def paged_attention(
         return paged_attention_xla(
             q, k_pages, v_pages, page_tables, lengths,
             segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-            k_scale=k_scale, v_scale=v_scale,
+            k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
         )
     if impl == "pallas":
         from pallas_kernels import _paged_attention_pallas as kernel
@@ -87,7 +97,7 @@ def paged_attention(
     return paged_attention_reference(
         q, k_pages, v_pages, page_tables, lengths,
         segment_ids=segment_ids, positions=positions, sm_scale=sm_scale,
-        k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
     )
 
 
@@ -117,9 +127,12 @@ def paged_attention_reference(
     sm_scale: float | None = None,
     k_scale: jax.Array | None = None,
     v_scale: jax.Array | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
-    """Plain jnp: walk the page table a block of pages at a time with an online softmax."""
+    """Plain jnp: walk the page table a block of pages at a time with an online softmax
+    (with a window, from the first block any token's window reaches)."""
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
+    check_sliding_window(sliding_window)
     t, n, h = q.shape
     _, page_size, kh, _ = k_pages.shape
     g = n // kh
@@ -137,6 +150,9 @@ def paged_attention_reference(
     tok_len = jnp.where(valid_tok, tok_len, 0)
     # Only walk as many blocks as the longest visible context needs.
     n_blocks = jnp.minimum(num_blocks, (jnp.max(tok_len) + ppb * page_size - 1) // (ppb * page_size))
+    # First key each token sees: 0, or the start of its window.
+    tok_lo = jnp.zeros_like(tok_len) if sliding_window is None else jnp.maximum(positions - sliding_window + 1, 0)
+    first_block = jnp.min(jnp.where(tok_len > 0, tok_lo, jnp.iinfo(jnp.int32).max)) // (ppb * page_size)
     qg = q.reshape(t, kh, g, h).astype(jnp.float32) * scale
 
     def body(b, carry):
@@ -150,11 +166,12 @@ def paged_attention_reference(
         vb = vb.reshape(t, ppb * page_size, kh, h)
         s = jnp.einsum("tkgh,tckh->tkgc", qg, kb)
         kpos = b * ppb * page_size + jnp.arange(ppb * page_size)
-        mask = kpos[None, :] < tok_len[:, None]  # [T, C]
+        mask = (kpos[None, :] < tok_len[:, None]) & (kpos[None, :] >= tok_lo[:, None])  # [T, C]
         s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
         return online_softmax_step(carry, s, lambda p: jnp.einsum("tkgc,tckh->tkgh", p, vb))
 
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, online_softmax_init((t, kh, g), h))
+    _, l, acc = jax.lax.fori_loop(jnp.minimum(first_block, n_blocks), n_blocks, body,
+                                  online_softmax_init((t, kh, g), h))
     return online_softmax_result(l, acc).reshape(t, n, h).astype(q.dtype)
 
 

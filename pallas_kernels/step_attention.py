@@ -41,17 +41,20 @@ def step_attention(
     segment_ids: jax.Array,  # [T], -1 for padding
     positions: jax.Array,  # [T]
     sm_scale: float | None = None,
+    sliding_window: int | None = None,
     implementation: str = "auto",
 ) -> jax.Array:
-    """``[T, N, H]``: the step's queries over the pool (their own K/V already written)."""
+    """``[T, N, H]``: the step's queries over the pool (their own K/V already written);
+    ``sliding_window=W`` limits each query to its ``W`` latest positions (None: all)."""
     impl = resolve_implementation(implementation, has_xla=True)
     if impl == "pallas":
         cu_q_lens, num_rows = ragged_rows(segment_ids, meta.context_lens.shape[0])
         return ragged_paged_attention(
             q, pages.k, pages.v, meta.page_tables, meta.context_lens, cu_q_lens, num_rows, sm_scale=sm_scale,
-            k_scales=pages.k_scale, v_scales=pages.v_scale, implementation="pallas",
+            sliding_window=sliding_window, k_scales=pages.k_scale, v_scales=pages.v_scale, implementation="pallas",
         )
     return paged_attention(
         q, pages.k, pages.v, meta.page_tables, meta.context_lens, segment_ids=segment_ids, positions=positions,
-        sm_scale=sm_scale, k_scale=pages.k_scale, v_scale=pages.v_scale, implementation=impl,
+        sm_scale=sm_scale, k_scale=pages.k_scale, v_scale=pages.v_scale, sliding_window=sliding_window,
+        implementation=impl,
     )

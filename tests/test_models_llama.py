@@ -122,10 +122,10 @@ def test_legacy_rope_fields_and_sliding_window():
         num_attention_heads=2, num_key_value_heads=1, intermediate_size=16, max_position_embeddings=64,
         rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0}, sliding_window=32,
     )
-    with pytest.warns(UserWarning, match="sliding_window=32"):
-        cfg = config_from_hf(hf)
+    cfg = config_from_hf(hf)
     assert cfg.rope_theta == 500.0 and cfg.rope_scaling.rope_type == "linear" and cfg.rope_scaling.factor == 2.0
-    assert cfg.max_position_embeddings == 32
+    # The window is attention's business (tests/test_sliding_window.py), no longer a length cap.
+    assert cfg.max_position_embeddings == 64 and cfg.layer_windows == (32,)
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         config_from_hf({**hf, "hidden_act": "gelu", "sliding_window": None})
     with pytest.raises(ValueError, match="rope_type='yarn'"):
