@@ -79,7 +79,9 @@ def _kernel(
             in_block = jnp.arange(kv_block_p2) < kv_block
             page = table_ref[row * max_pages + jnp.minimum(key // page_size, max_pages - 1)]
             slot = page * page_size + key % page_size
-            key_ok = in_block & (key <= last)
+            # Keys behind the window of the item's first query are never loaded: their pages may
+            # already be released (the null page) or hold anything.
+            key_ok = in_block & (key <= last) & (key >= first)
             ld_mask = key_ok[:, None] & col_ok[None, :]
             k = plt.load(k_ref.at[slot[:, None], col[None, :]], mask=ld_mask, other=0)  # [C, Hp]
             v = plt.load(v_ref.at[slot[:, None], col[None, :]], mask=ld_mask, other=0)

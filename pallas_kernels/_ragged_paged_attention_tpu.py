@@ -13,7 +13,7 @@ The story of one call (shapes in ``ragged_paged_attention``'s docstring):
    or 0 to its last query's position), ``pages_per_block`` pages per block. Block
    ``b + 1``'s page DMAs are started before block ``b`` is waited for and computed, into
    the other half of a two-slot VMEM buffer (double buffering); pages past the item's
-   last visible key are never fetched.
+   last visible key, or wholly behind its first query's window, are never fetched.
 4. Per block, each KV head's keys are a lane slice ``[:, k*H:(k+1)*H]`` of the buffer;
    the head's ``block_q * G`` query rows attend to them with the causal (and window)
    mask and an online softmax carried through the loop. K/V are read from HBM once
@@ -71,7 +71,7 @@ def _kernel(
         last = pos0 + n_q - 1
         first = jnp.maximum(pos0 - window + 1, 0) if window is not None else 0
         blk_lo, blk_hi = first // kv_block, last // kv_block + 1
-        last_page = last // page_size
+        first_page, last_page = first // page_size, last // page_size
 
         def copies(blk, slot):
             """The DMAs of block ``blk`` into ``slot``, each with the condition that it is needed."""
@@ -83,7 +83,7 @@ def _kernel(
                 for j, (src, dst) in enumerate(pairs):
                     dma = pltpu.make_async_copy(src.at[page], dst.at[slot, pl.ds(i * page_size, page_size)],
                                                 sems.at[slot, j])
-                    out.append((p <= last_page, dma))
+                    out.append(((p <= last_page) & (p >= first_page), dma))
             return out
 
         def start(blk, slot):
@@ -111,7 +111,8 @@ def _kernel(
             mask = row_ok & (key <= q_pos)  # [R, C]
             if window is not None:
                 mask &= key > q_pos - window
-            fetched = key_col <= last  # [C, 1]: rows of pages not fetched hold stale data
+            # [C, 1]: rows of pages not fetched (past the last query, behind the window) hold stale data
+            fetched = (key_col <= last) & (key_col >= first_page * page_size)
             new = []
             for h in range(kh):
                 m, l, acc = carry[h]

@@ -105,6 +105,32 @@ def run_case(case, seed, *, tpu=False):
     check(out, ref, args, case["dtype"])
 
 
+@pytest.mark.parametrize("tpu", [False, True], ids=["pallas", "tpu"])
+def test_pages_behind_the_window_are_not_read(tpu):
+    """With a sliding window, pages wholly behind every query's window may be released (the
+    scheduler puts the null page there) or hold anything: NaN there must not reach the output."""
+    rng = np.random.default_rng(21)
+    page, window = 8, 20
+    rows = [(1, 100), (30, 90), (1, 9), (0, 40)]
+    args, kw, clean, clean_kw = make_problem(rng, rows=rows, page_size=page, group=2, head_dim=128,
+                                             dtype=jnp.float32, int8=False)
+    q, k, v, tables, ctx, cu, nr = args
+    behind = []
+    for r, (ql, c) in enumerate(rows):
+        first_visible = max(c - ql - window + 1, 0)  # the row's first query sees keys from here on
+        behind += [int(tables[r, p]) for p in range(first_visible // page)]
+    assert len(behind) > 10
+    k, v = k.at[jnp.asarray(behind)].set(jnp.nan), v.at[jnp.asarray(behind)].set(jnp.nan)
+    blocks = RaggedBlockSizes(block_q=4, pages_per_block=4, num_splits=None if tpu else 2, min_rows=MIN_ROWS)
+    if tpu:
+        with pltpu.force_tpu_interpret_mode():
+            out = ragged_paged_attention_tpu(q, k, v, tables, ctx, cu, nr, sliding_window=window, block_sizes=blocks)
+    else:
+        out = ragged_paged_attention(q, k, v, tables, ctx, cu, nr, sliding_window=window, block_sizes=blocks,
+                                     implementation="pallas", interpret=INTERPRET)
+    check(out, ragged_paged_attention_reference(*clean, sliding_window=window), args, jnp.float32)
+
+
 # --- the reference against dense attention written out in numpy ------------------------------
 
 
