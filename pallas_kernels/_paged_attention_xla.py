@@ -81,8 +81,9 @@ def paged_attention_xla(
       walk serves them.
 
     A one-token step (batch-1 decode) goes straight to the reference walk. With
-    ``sliding_window=W`` every part masks keys at or below ``position - W`` (the walks start
-    at the window's first page; the packed path still gathers each row from position 0).
+    ``sliding_window=W`` every part masks keys at or below ``position - W``; the walks start
+    at the window's first page and the packed path gathers each row from its first token's
+    window start (``need`` above then counts from there).
     """
     segment_ids, positions = _default_rows(q, lengths, segment_ids, positions)
     if q.shape[0] == 1:
@@ -119,21 +120,31 @@ def paged_attention_xla(
     out_single = out_rows[rows]  # [T, N, H]
 
     need_multi = jnp.where(single_row, 0, need)
-    ends = jnp.cumsum(need_multi)  # [B]
-    row_start = ends - need_multi  # [B] where each row's keys begin in the packed list
+    # Each row's keys are gathered from row_lo: 0, or with a sliding window the window start
+    # of its first token, so a chunk's gather follows the window rather than its whole context.
+    if sliding_window is None:
+        row_lo = jnp.zeros_like(need_multi)
+    else:
+        big = jnp.iinfo(jnp.int32).max
+        first_key = jnp.where(multi_seg >= 0, jnp.maximum(positions - sliding_window + 1, 0), big)
+        row_lo = jnp.minimum(jnp.full((num_rows,), big, jnp.int32).at[rows].min(first_key), need_multi)
+    span = need_multi - row_lo  # [B] keys of each row in the packed list
+    ends = jnp.cumsum(span)  # [B]
+    row_start = ends - span  # [B] where each row's keys (from position row_lo) begin in the packed list
     total = ends[-1]
-    # Keys of token t: its row's span of the packed list, up to its own position.
-    key_lo = row_start[rows]
-    if sliding_window is not None:  # tighter bounds skip key tiles below the window
-        key_lo = key_lo + jnp.clip(positions - sliding_window + 1, 0, need_multi[rows])
-    key_hi = jnp.where(multi_seg >= 0, key_lo + jnp.minimum(positions + 1, need_multi[rows]), 0)
+    # Keys of token t: its row's span of the packed list, from its window start up to its own position.
+    own_lo = 0 if sliding_window is None else jnp.maximum(positions - sliding_window + 1, 0)
+    key_lo = row_start[rows] + jnp.clip(own_lo - row_lo[rows], 0, span[rows])
+    key_hi = jnp.where(multi_seg >= 0,
+                       row_start[rows] + jnp.clip(jnp.minimum(positions + 1, need_multi[rows]) - row_lo[rows], 0,
+                                                  span[rows]), 0)
 
     def packed(budget: int):
         def run():
             c = jnp.arange(budget, dtype=jnp.int32)
             kv_row = jnp.minimum(jnp.searchsorted(ends, c, side="right"), num_rows - 1).astype(jnp.int32)  # [C]
             valid = c < total
-            kv_pos = c - row_start[kv_row]  # position inside its row
+            kv_pos = c - row_start[kv_row] + row_lo[kv_row]  # position inside its row
             page_idx = jnp.clip(kv_pos // page_size, 0, max_pages - 1)
             slot = page_tables[kv_row, page_idx] * page_size + kv_pos % page_size
             slot = jnp.where(valid, slot, 0)  # invalid keys read the null page, masked below
