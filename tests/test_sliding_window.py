@@ -162,12 +162,14 @@ def test_layer_windows_follow_transformers():
     import transformers as tf
 
     from models.llama import config_from_hf
+    from models.mixtral import config_from_hf as mixtral_config_from_hf
 
     base = dict(vocab_size=10, hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
                 max_position_embeddings=64)
     cases = [
         tf.MistralConfig(**base, num_hidden_layers=3, sliding_window=16),
         tf.MistralConfig(**base, num_hidden_layers=2, sliding_window=None),
+        tf.MixtralConfig(**base, num_hidden_layers=2, sliding_window=12),
         tf.Qwen2Config(**base, num_hidden_layers=4, use_sliding_window=True, sliding_window=16, max_window_layers=1),
         tf.Qwen2Config(**base, num_hidden_layers=4, use_sliding_window=False, sliding_window=16, max_window_layers=1),
         tf.Qwen2Config(**base, num_hidden_layers=3, use_sliding_window=True, sliding_window=5,
@@ -175,7 +177,7 @@ def test_layer_windows_follow_transformers():
     ]
     for hf in cases:
         d = {**hf.to_dict(), "architectures": [type(hf).__name__.replace("Config", "ForCausalLM")]}
-        cfg = config_from_hf(d)
+        cfg = (mixtral_config_from_hf if isinstance(hf, tf.MixtralConfig) else config_from_hf)(d)
         if isinstance(hf, tf.Qwen2Config):
             want = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
         else:
