@@ -361,3 +361,18 @@ def test_release_function_edits_pages_in_place():
     assert live_pages(pages) == [] and live_pages([3, 4]) == [3, 4]
     with pytest.raises(ValueError, match="window=0"):
         pages_behind_window(3, 0, 4)
+
+
+# -- the windowed flash kernels lower for their real platforms (no hardware needed) ---------
+def test_windowed_flash_kernels_lower_for_gpu_and_tpu(monkeypatch):
+    from test_kernel_lowering import assert_one_triton_kernel, lower_for_cuda, lower_for_tpu, packed_causal_args
+
+    from pallas_kernels._flash_attention_tpu import flash_attention_tpu
+
+    args = packed_causal_args(1000, 8, 2, 128, jnp.bfloat16)
+    gpu = lambda q, k, v, seg, pos: flash_attention(  # noqa: E731
+        q, k, v, segment_ids=seg, positions=pos, sliding_window=256, implementation="pallas")
+    assert_one_triton_kernel(lower_for_cuda(monkeypatch, gpu, *args), "flash_attention_packed")
+    tpu = lambda q, k, v, seg, pos: flash_attention_tpu(  # noqa: E731
+        q, k, v, segment_ids=seg, positions=pos, sliding_window=256)
+    assert lower_for_tpu(tpu, *args).count("stablehlo.custom_call @tpu_custom_call") == 1
