@@ -8,9 +8,11 @@ to slot 0 of the null page. Rows are padded to the row bucket ``B`` with unused 
 (``context_lens`` 0, temperature 0, ``logits_indices`` 0).
 
 Shapes come from a small fixed set (``Buckets``): ``T`` is the smallest token bucket
-that holds the step, ``B`` follows from ``T``, and every other dimension (``M`` pages
-per row, ``H`` history) is static. So the runner compiles one function per token
-bucket, and ``Buckets.all_shapes`` / ``warmup_batches`` list them all up front.
+that holds the step, ``B`` the smallest of that bucket's few row buckets that holds its
+rows (``Buckets.row_split``), and every other dimension (``M`` pages per row, ``H``
+history, 0 when the runner keeps penalty counts on the device) is static. So the runner
+compiles one function per ``(T, B)``, and ``Buckets.all_shapes`` / ``warmup_batches``
+list them all up front.
 
 A plan made ahead (while the previous step runs) feeds placeholders for tokens the
 previous step samples: ``prev_token_index`` names, per token, the row of the previous
@@ -21,6 +23,7 @@ same for the one penalty-history entry it adds; the runner fills them on device.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import numpy as np
@@ -36,6 +39,11 @@ def _next_pow2(n: int) -> int:
 
 # Token count from which ``Buckets.create`` adds half-steps between powers of two.
 HALF_STEPS_FROM = 64
+# Row buckets split (``Buckets.row_split``) only from ``SPLIT_ROWS_FROM`` rows (where a step's
+# LM head and sampler over unused rows cost most; every split adds compiled shapes), and
+# never into fewer than ``MIN_ROW_BUCKET`` rows.
+SPLIT_ROWS_FROM = 64
+MIN_ROW_BUCKET = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,16 +54,27 @@ class Buckets:
     max_num_seqs: int
     page_size: int  # S: tokens per KV page (slot = page * S + offset)
     max_pages_per_row: int  # M = ceil(max_model_len / page_size)
-    history_len: int  # H = max_model_len
+    # H = max_model_len; 0 when the runner keeps penalty counts on the device (no history upload)
+    history_len: int
     max_logprobs: int = MAX_LOGPROBS
+    # Row buckets per token bucket: the full one (``row_bucket``), then, when it has at least
+    # ``SPLIT_ROWS_FROM`` rows, each ``row_split``-th of it down to ``MIN_ROW_BUCKET`` rows;
+    # 1 keeps one row bucket per token bucket. A step
+    # takes the smallest that holds its rows, so a one-row prefill chunk runs the LM head and
+    # the sampler on a few rows, not on ``next_pow2(max_num_seqs)``.
+    row_split: int = 1
 
     def __post_init__(self) -> None:
         tb = self.token_buckets
         if not tb or any(b < 1 for b in tb) or list(tb) != sorted(set(tb)):
             raise ValueError(f"token_buckets={tb} must be non-empty, positive and strictly ascending")
-        for name in ("max_num_seqs", "page_size", "max_pages_per_row", "history_len"):
+        for name in ("max_num_seqs", "page_size", "max_pages_per_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.row_split < 1:
+            raise ValueError(f"row_split={self.row_split} must be >= 1")
+        if self.history_len < 0:
+            raise ValueError(f"history_len={self.history_len} must be >= 0")
 
     @classmethod
     def create(
@@ -66,6 +85,8 @@ class Buckets:
         max_model_len: int,
         page_size: int,
         min_tokens: int = 16,
+        penalty_tables: bool = False,
+        row_split: int = 1,
     ) -> Buckets:
         """Powers of two from ``min_tokens`` up to the budget, the last one exactly the budget;
         from ``HALF_STEPS_FROM`` tokens on, also the half-steps ``1.5 x 2^k`` between them.
@@ -73,6 +94,9 @@ class Buckets:
         Half-steps cap a step's padding at a third instead of a half where padding costs
         most (prefill chunks): on the offline workload they cut padded token slots from
         18.8% to 11.9%, for one more compiled shape per doubling.
+
+        ``penalty_tables``: the runner keeps penalty counts on the device
+        (``sampling.PenaltyTables``), so batches carry no ``[B, max_model_len]`` history.
         """
         if min_tokens < 1:
             raise ValueError(f"{min_tokens=} must be >= 1")
@@ -84,7 +108,9 @@ class Buckets:
                 buckets.append(b + b // 2)
             b *= 2
         buckets.append(max_num_batched_tokens)
-        return cls(tuple(buckets), max_num_seqs, page_size, -(-max_model_len // page_size), max_model_len)
+        history_len = 0 if penalty_tables else max_model_len
+        return cls(tuple(buckets), max_num_seqs, page_size, -(-max_model_len // page_size), history_len,
+                   row_split=row_split)
 
     @property
     def max_tokens(self) -> int:
@@ -101,9 +127,22 @@ class Buckets:
         """Rows of a step with ``tokens_bucket`` tokens: no more rows than tokens, nor than max_num_seqs allows."""
         return min(tokens_bucket, _next_pow2(self.max_num_seqs))
 
+    def row_buckets(self, tokens_bucket: int) -> tuple[int, ...]:
+        """The row buckets of a token bucket, ascending; the last is ``row_bucket(tokens_bucket)``."""
+        b = self.row_bucket(tokens_bucket)
+        out = [b]
+        while self.row_split > 1 and b >= SPLIT_ROWS_FROM and out[-1] // self.row_split >= MIN_ROW_BUCKET:
+            out.append(out[-1] // self.row_split)
+        return tuple(reversed(out))
+
+    def rows_bucket(self, tokens_bucket: int, num_rows: int) -> int:
+        """The smallest row bucket of ``tokens_bucket`` that holds ``num_rows`` (else the largest)."""
+        options = self.row_buckets(tokens_bucket)
+        return next((b for b in options if num_rows <= b), options[-1])
+
     def all_shapes(self) -> list[tuple[int, int]]:
         """Every ``(T, B)`` the runner can see."""
-        return [(t, self.row_bucket(t)) for t in self.token_buckets]
+        return [(t, b) for t in self.token_buckets for b in self.row_buckets(t)]
 
 
 MIN_TOKENS_BAN_WIDTH = 16  # most ids one row's min_tokens can hold back (eos + stop_token_ids)
@@ -133,6 +172,10 @@ class SamplingBatch:
     num_logprobs: np.ndarray
     min_tokens: np.ndarray  # [B] int32: while step < min_tokens the row may not sample its ban ids
     ban_ids: np.ndarray  # [B, MIN_TOKENS_BAN_WIDTH] int32: eos / stop_token_ids, -1 padded
+    # Device-kept penalty counts (``history_len`` 0): the row's slot in the runner's
+    # ``PenaltyTables`` (-1: no penalty), and whether the step zeroes it first (the row joins).
+    penalty_slot: np.ndarray  # [B] int32
+    penalty_reset: np.ndarray  # [B] int32: 1 = zero the slot first
 
 
 @jax.tree_util.register_dataclass
@@ -178,6 +221,8 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
         num_logprobs=np.zeros(b, i32),
         min_tokens=np.zeros(b, i32),
         ban_ids=np.full((b, MIN_TOKENS_BAN_WIDTH), -1, i32),
+        penalty_slot=np.full(b, -1, i32),
+        penalty_reset=np.zeros(b, i32),
     )
     attn = PagedAttentionMetadata(
         slot_mapping=np.zeros(t, i32),  # slot 0 of the null page
@@ -202,35 +247,44 @@ def warmup_batches(buckets: Buckets) -> list[StepBatch]:
     return [dummy_batch(buckets, t, b) for t, b in buckets.all_shapes()]
 
 
-def pack(plan: StepPlan, buckets: Buckets) -> StepBatch:
+def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray] | None = None) -> StepBatch:
     """Lay the plan's rows end to end in the smallest bucket that holds them.
+
+    ``penalty``: ``(slot [R], reset [R])`` per plan row from ``PenaltySlots.assign`` when the
+    runner keeps penalty counts on the device (``buckets.history_len == 0``).
 
     Per-token fields are computed with whole-array numpy ops and per-row fields are
     gathered into one list each, so packing 256 decode rows costs well under a millisecond.
     """
     t = buckets.token_bucket(plan.num_tokens)
-    b = buckets.row_bucket(t)
     rows = plan.rows
     nr = len(rows)
+    b = buckets.rows_bucket(t, nr)
     if nr > b:
         raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
     out = dummy_batch(buckets, t, b)
     s, attn, size = out.sampling, out.attn, buckets.page_size
     if nr == 0:
         return out
-    lens = np.array([row.num_tokens for row in rows], np.int64)  # [R]
-    starts = np.array([row.start_pos for row in rows], np.int64)  # [R]
-    num_pages = np.array([len(row.request.pages) for row in rows], np.int64)  # [R]
+    reqs = [row.request for row in rows]
+    # One pass over the rows for every per-row integer: [R, 4] (tokens, start, pages, prev row).
+    per_row = np.array([(row.num_tokens, row.start_pos, len(r.pages), row.prev_row) for row, r in zip(rows, reqs)],
+                       np.int64).reshape(nr, 4)
+    lens, starts, num_pages = per_row[:, 0], per_row[:, 1], per_row[:, 2]
     _check_rows(rows, lens, starts, num_pages, buckets)
     total = int(lens.sum())
     ends = np.cumsum(lens)  # [R] offset just past each row
     seg = np.repeat(np.arange(nr), lens)  # [total]
     pos = np.arange(total) - np.repeat(ends - lens, lens) + np.repeat(starts, lens)  # [total]
-    for r, row in enumerate(rows):
-        attn.page_tables[r, : num_pages[r]] = row.request.pages
-    out.input_ids[:total] = [tok for row in rows for tok in row.token_ids]
-    prev_rows = [row.prev_row for row in rows]
-    if any(p >= 0 for p in prev_rows):  # placeholders (a plan made ahead): one fed token each
+    # Page tables in one scatter: row r's pages go to columns 0..num_pages[r]-1.
+    n_pages = int(num_pages.sum())
+    flat_pages = np.fromiter(itertools.chain.from_iterable(r.pages for r in reqs), np.int32, n_pages)
+    page_rows = np.repeat(np.arange(nr), num_pages)
+    page_cols = np.arange(n_pages) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+    attn.page_tables[page_rows, page_cols] = flat_pages
+    out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
+    prev_rows = per_row[:, 3]
+    if (prev_rows >= 0).any():  # placeholders (a plan made ahead): one fed token each
         out.prev_token_index[:total] = np.repeat(prev_rows, lens)
         out.input_ids[:total] = np.where(out.prev_token_index[:total] >= 0, 0, out.input_ids[:total])
     out.positions[:total] = pos
@@ -238,7 +292,9 @@ def pack(plan: StepPlan, buckets: Buckets) -> StepBatch:
     attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
     attn.context_lens[:nr] = starts + lens
     out.logits_indices[:nr] = ends - 1
-    _fill_sampling(out, [row.request for row in rows], prev_rows)
+    _fill_sampling(out, reqs, prev_rows.tolist(), buckets.history_len > 0)
+    if penalty is not None:
+        out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
     return out
 
 
@@ -256,28 +312,26 @@ def _check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.
         )
 
 
-def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) -> None:
+def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int], history: bool) -> None:
     s = out.sampling
     n = len(reqs)
     params = [r.params for r in reqs]
-    s.temperature[:n] = [p.temperature for p in params]
-    s.top_k[:n] = [p.top_k for p in params]
-    s.top_p[:n] = [p.top_p for p in params]
-    s.min_p[:n] = [p.min_p for p in params]
-    s.repetition_penalty[:n] = [p.repetition_penalty for p in params]
-    s.presence_penalty[:n] = [p.presence_penalty for p in params]
-    s.frequency_penalty[:n] = [p.frequency_penalty for p in params]
-    s.seed[:n] = [r.seed_key for r in reqs]
+    # One pass per dtype: [R, 6] floats and [R, 4] ints, then a column per field.
+    floats = np.array([(p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                        p.frequency_penalty) for p in params], np.float32).reshape(n, 6)
     # A placeholder row's request owes one token: it has generated one more than the host knows.
-    s.step[:n] = [len(r.output_token_ids) + (p >= 0) for r, p in zip(reqs, prev_rows, strict=True)]
-    s.prompt_len[:n] = [len(r.prompt_token_ids) for r in reqs]
-    s.num_logprobs[:n] = [p.logprobs or 0 for p in params]
+    ints = np.array([(p.top_k, len(r.output_token_ids) + (prev >= 0), len(r.prompt_token_ids), p.logprobs or 0)
+                     for r, p, prev in zip(reqs, params, prev_rows, strict=True)], np.int64).reshape(n, 4)
+    s.temperature[:n], s.top_p[:n], s.min_p[:n] = floats[:, 0], floats[:, 1], floats[:, 2]
+    s.repetition_penalty[:n], s.presence_penalty[:n], s.frequency_penalty[:n] = floats[:, 3], floats[:, 4], floats[:, 5]
+    s.top_k[:n], s.step[:n], s.prompt_len[:n], s.num_logprobs[:n] = ints[:, 0], ints[:, 1], ints[:, 2], ints[:, 3]
+    s.seed[:n] = [r.seed_key for r in reqs]
     for i, r in enumerate(reqs):
         if r.min_tokens_ban and s.step[i] < r.params.min_tokens:  # rare: host work only for such rows
             s.min_tokens[i] = r.params.min_tokens
             s.ban_ids[i, : len(r.min_tokens_ban)] = r.min_tokens_ban
     for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
-        if p.uses_penalties:
+        if history and p.uses_penalties:
             hist = r.tokens(0, r.num_tokens)
             s.history[i, : len(hist)] = hist
             if prev_rows[i] >= 0:

@@ -69,6 +69,10 @@ from energon_jax.step_loop import StepLoop
 from pallas_kernels import make_kv_pages
 
 logger = logging.getLogger(__name__)
+# Row buckets per token bucket (batch.Buckets.row_split): from 64 rows, also 1/8 and 1/64 of
+# the full one (>= 4 rows). Defaults (32 seqs, 512 tokens): 9 step shapes as before; 256
+# seqs, 2048 tokens: 31 instead of 13, and a one-row prefill chunk samples 4 rows, not 256.
+ROW_SPLIT = 8
 
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
@@ -275,15 +279,18 @@ class Engine:
             prefix_cache_seed=self._prefix_cache_seed,
             attention_window=getattr(model_config, "kv_window", None),  # sliding window: release old pages
         )
+        built_parallel = self.parallel != self.parallel.__class__() or jax.process_count() > 1
+        # One ModelRunner keeps penalty counts on the device (no per-step history upload);
+        # the parallel runners still take each penalty row's history in the batch.
         self._buckets = batch_lib.Buckets.create(
             max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
             max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
+            penalty_tables=not built_parallel, row_split=ROW_SPLIT,
         )
         from energon_jax.parallel.runtime import dp_replicas
 
         max_rows = max(b for _, b in self._buckets.all_shapes())
         dtype = param_dtype(model)
-        built_parallel = self.parallel != self.parallel.__class__() or jax.process_count() > 1
         if built_parallel:
             from energon_jax.parallel.runtime import build_runner
 
@@ -297,7 +304,8 @@ class Engine:
                 make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
                 for _ in range(model_config.num_layers)
             )
-            self._runner = ModelRunner(model, kv, max_rows=max_rows)
+            self._runner = ModelRunner(model, kv, max_rows=max_rows, penalty_slots=c.max_num_seqs,
+                                       vocab=model_config.vocab_size)
         if dp_replicas(self.parallel):  # one scheduler (page pool, limits) and step loop per replica
             from energon_jax.parallel.data_parallel import DataParallelScheduler, DataParallelStepLoop
 

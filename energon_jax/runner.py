@@ -15,7 +15,10 @@ before the forward, so the host can fetch step N's ids after dispatching N+1.
 
 The KV cache lives here, as a field that every step replaces: the old buffers are
 donated to the jitted step, so a step updates the cache in place instead of copying
-it. The model's parameters are split once (``nnx.split``) and passed as a pytree.
+it. So do the penalty tables (``penalty_slots > 0``): per-slot token counts that each
+step updates with the tokens it feeds (``sampling.update_penalty_tables``), so that no
+``[B, max_model_len]`` history goes up per step; ``penalty_slots.PenaltySlots`` (in the
+step loop) assigns the slots. The model's parameters are split once (``nnx.split``) and passed as a pytree.
 
 Compiles are explicit: each distinct batch shape is lowered and compiled once
 (ahead of time) and the executable kept in a table. ``num_compiles`` counts them and
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from energon_jax.sampling import SampledTokens, sample
+from energon_jax.sampling import PenaltyTables, SampledTokens, make_penalty_tables, sample, update_penalty_tables
 from pallas_kernels import KVCache
 
 logger = logging.getLogger(__name__)
@@ -80,9 +83,17 @@ class ModelRunner:
 
     supports_prev_ids = True  # step_async(batch, prev=...) fills placeholders on device
 
-    def __init__(self, model: nnx.Module, kv_cache: KVCache, *, max_rows: int = 256) -> None:
+    def __init__(
+        self, model: nnx.Module, kv_cache: KVCache, *, max_rows: int = 256, penalty_slots: int = 0, vocab: int = 0
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"{max_rows=} must be >= 1")
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        # Device penalty counts, one row per slot (None: batches carry the history instead).
+        self.penalty_slots = penalty_slots
+        self.vocab = vocab
+        self.penalty_tables: PenaltyTables | None = make_penalty_tables(penalty_slots, vocab) if penalty_slots else None
         self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
         self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)
@@ -92,8 +103,11 @@ class ModelRunner:
         self.num_compiles = 0
         self.warmed_up = False
 
-        def step_fn(state, kv_cache, batch, prev_ids):  # prev_ids [max_rows] int32
+        def step_fn(state, kv_cache, tables, batch, prev_ids):  # prev_ids [max_rows] int32
             batch = _fill_placeholders(batch, prev_ids)
+            if tables is not None:
+                tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
+                                               batch.sampling)
             model = nnx.merge(graphdef, state)
             logits, kv_cache = model(  # logits [B, V]
                 batch.input_ids,
@@ -103,12 +117,24 @@ class ModelRunner:
                 attn_meta=batch.attn,
                 logits_indices=batch.logits_indices,
             )
-            out = sample(logits, batch.sampling)
+            out = sample(logits, batch.sampling, tables)
             rows = out[0].shape[0]  # a batch wider than max_rows keeps every id (it cannot be a prev then)
             ids_buffer = jnp.zeros(max(max_rows, rows), jnp.int32).at[:rows].set(out[0].astype(jnp.int32))
-            return kv_cache, out, ids_buffer
+            return kv_cache, tables, out, ids_buffer
 
-        self._jitted = jax.jit(step_fn, donate_argnums=(1,))
+        self._jitted = jax.jit(step_fn, donate_argnums=(1, 2))
+
+        def load_row(tables, slot, counts, seen):  # one slot's counts, rebuilt on the host
+            return PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
+
+        self._load_row = jax.jit(load_row, donate_argnums=(0,))
+        self._load_exe: Any = None  # compiled by warmup()
+
+    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+        """Overwrite one penalty slot (a row that joins past position 0); dispatched, not awaited."""
+        load = self._load_row if self._load_exe is None else self._load_exe
+        self.penalty_tables = load(self.penalty_tables, np.int32(slot), np.asarray(counts, np.int32),
+                                   np.asarray(seen, bool))
 
     @property
     def compiled_shapes(self) -> list[ShapeKey]:
@@ -124,7 +150,8 @@ class ModelRunner:
     def _compile(self, batch: Any, key: ShapeKey) -> Any:
         start = time.perf_counter()
         exe = self._jitted.lower(
-            _abstract(self._state), _abstract(self.kv_cache), _abstract(batch), _abstract(self._no_prev)
+            _abstract(self._state), _abstract(self.kv_cache), _abstract(self.penalty_tables), _abstract(batch),
+            _abstract(self._no_prev),
         ).compile()
         self._executables[key] = exe
         self.num_compiles += 1
@@ -142,6 +169,12 @@ class ModelRunner:
         """Compile the step for every batch shape given (nothing runs); returns the compile count."""
         for batch in batches:
             self._executable(batch)
+        if self.penalty_tables is not None and self._load_exe is None:
+            v = self.vocab
+            self._load_exe = self._load_row.lower(
+                _abstract(self.penalty_tables), jax.ShapeDtypeStruct((), np.int32),
+                jax.ShapeDtypeStruct((v,), np.int32), jax.ShapeDtypeStruct((v,), bool),
+            ).compile()
         self.warmed_up = True
         return self.num_compiles
 
@@ -153,7 +186,9 @@ class ModelRunner:
         """
         prev_ids = self._no_prev if prev is None or prev.ids_buffer is None else prev.ids_buffer
         exe = self._executable(batch)
-        self.kv_cache, outputs, ids_buffer = exe(self._state, self.kv_cache, batch, prev_ids)
+        self.kv_cache, self.penalty_tables, outputs, ids_buffer = exe(
+            self._state, self.kv_cache, self.penalty_tables, batch, prev_ids
+        )
         for x in outputs:
             x.copy_to_host_async()
         return StepHandle(outputs, ids_buffer)
@@ -170,6 +205,8 @@ def _fill_placeholders(batch: Any, prev_ids: jax.Array) -> Any:
     input_ids = jnp.where(idx >= 0, prev_ids[jnp.maximum(idx, 0)], batch.input_ids)
     hrow, hpos = batch.prev_history_row, batch.prev_history_pos  # [B], [B]
     history = batch.sampling.history  # [B, H]
+    if history.shape[1] == 0:  # penalty counts live on the device: the fed ids are counted there
+        return dataclasses.replace(batch, input_ids=input_ids)
     b = jnp.arange(history.shape[0])
     filled = jnp.where(hrow >= 0, prev_ids[jnp.maximum(hrow, 0)], history[b, hpos])
     sampling = dataclasses.replace(batch.sampling, history=history.at[b, hpos].set(filled))

@@ -8,7 +8,9 @@ Per row, in this order (vLLM's):
 
 1. penalties on the raw logits: ``repetition_penalty`` over prompt and output tokens
    (divide positive logits, multiply negative ones), ``presence_penalty`` and
-   ``frequency_penalty`` over output tokens only;
+   ``frequency_penalty`` over output tokens only; the counts come from the runner's
+   ``PenaltyTables`` (kept on the device, updated by each step's fed tokens) or, for
+   runners without them, from the batch's ``history``;
 2. temperature 0 rows take the argmax (greedy);
 3. other rows, in the order of transformers' logits warpers (``TemperatureLogitsWarper``,
    ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, as ``generate``
@@ -74,14 +76,68 @@ def _token_counts(history: jax.Array, mask: jax.Array, vocab: int) -> jax.Array:
     return counts.at[rows, ids].add(1, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, s: SamplingBatch) -> jax.Array:
-    """Repetition (prompt + output), presence and frequency (output only) penalties."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyTables:
+    """Per-slot token counts for penalties, kept on the device between steps.
+
+    A request that uses a penalty holds one slot (``SamplingBatch.penalty_slot``) while it
+    runs; each step adds the tokens it feeds (``update_penalty_tables``), so nothing of
+    size ``max_model_len`` is uploaded per step. Counting the fed tokens is counting the
+    history: a step feeds a row every token up to the one it samples after.
+    """
+
+    output_counts: jax.Array  # [S, V] int32: generated tokens (positions >= prompt_len)
+    prompt_seen: jax.Array  # [S, V] bool: prompt tokens
+
+
+def make_penalty_tables(slots: int, vocab: int) -> PenaltyTables:
+    return PenaltyTables(jnp.zeros((slots, vocab), jnp.int32), jnp.zeros((slots, vocab), bool))
+
+
+def update_penalty_tables(
+    tables: PenaltyTables, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, s: SamplingBatch
+) -> PenaltyTables:
+    """Zero the slots of rows that join (``s.penalty_reset``), then add the step's fed tokens.
+
+    ``input_ids/segment_ids/positions [T]`` are the step's (placeholders already filled), so
+    a token sampled by the previous step and fed now is counted on device."""
+
+    def update(tables: PenaltyTables) -> PenaltyTables:
+        slots, vocab = tables.output_counts.shape
+        reset = jnp.where((s.penalty_reset > 0) & (s.penalty_slot >= 0), s.penalty_slot, slots)  # [B]
+        counts = tables.output_counts.at[reset].set(0, mode="drop")
+        seen = tables.prompt_seen.at[reset].set(False, mode="drop")
+        row = jnp.maximum(segment_ids, 0)  # [T]
+        slot = jnp.where(segment_ids >= 0, s.penalty_slot[row], -1)
+        slot = jnp.where((slot >= 0) & (input_ids >= 0) & (input_ids < vocab), slot, slots)  # slots: dropped
+        is_output = positions >= s.prompt_len[row]
+        counts = counts.at[jnp.where(is_output, slot, slots), input_ids].add(1, mode="drop")
+        seen = seen.at[jnp.where(is_output, slots, slot), input_ids].set(True, mode="drop")
+        return PenaltyTables(counts, seen)
+
+    return jax.lax.cond(jnp.any(s.penalty_slot >= 0), update, lambda t: t, tables)
+
+
+def apply_penalties(logits: jax.Array, s: SamplingBatch, tables: PenaltyTables | None = None) -> jax.Array:
+    """Repetition (prompt + output), presence and frequency (output only) penalties.
+
+    Counts come from ``tables`` (rows' ``penalty_slot``) when given, else from ``s.history``."""
     vocab = logits.shape[-1]
-    hist = s.history  # [B, H]
-    valid = hist >= 0
-    out_mask = valid & (jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None])
-    seen = _token_counts(hist, valid, vocab) > 0  # [B, V]
-    out_counts = _token_counts(hist, out_mask, vocab).astype(jnp.float32)  # [B, V]
+    if tables is None:
+        hist = s.history  # [B, H]
+        valid = hist >= 0
+        out_mask = valid & (jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None])
+        seen = _token_counts(hist, valid, vocab) > 0  # [B, V]
+        out_counts = _token_counts(hist, out_mask, vocab).astype(jnp.float32)  # [B, V]
+    else:
+        if tables.output_counts.shape[-1] != vocab:
+            raise ValueError(f"penalty tables hold {tables.output_counts.shape[-1]} ids but the logits {vocab}")
+        has = (s.penalty_slot >= 0)[:, None]  # [B, 1]: rows without a slot have neutral penalties
+        slot = jnp.maximum(s.penalty_slot, 0)
+        counts = jnp.where(has, tables.output_counts[slot], 0)  # [B, V]
+        seen = has & (tables.prompt_seen[slot] | (counts > 0))
+        out_counts = counts.astype(jnp.float32)
     rp = s.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
     logits = logits - s.frequency_penalty[:, None] * out_counts
@@ -208,15 +264,18 @@ def _top_logprobs(logits: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Arr
     return top_ids.astype(jnp.int32), top_logits - lse[:, None]
 
 
-def sample(logits: jax.Array, s: SamplingBatch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def sample(
+    logits: jax.Array, s: SamplingBatch, tables: PenaltyTables | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``logits [B, V]`` -> ``(ids [B], logprobs [B], top_ids [B, 20], top_logprobs [B, 20])``.
 
-    Traced inside the runner's jitted step; ``s`` is the step's ``SamplingBatch``.
+    Traced inside the runner's jitted step; ``s`` is the step's ``SamplingBatch``; penalty
+    counts come from ``tables`` (already updated with this step's tokens) when given.
     ``top_ids`` / ``top_logprobs`` are zeros unless some row asked for logprobs.
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B]
-    penalized = jax.lax.cond(_any_penalty(s), apply_penalties, lambda x, _: x, logits, s)
+    penalized = jax.lax.cond(_any_penalty(s), lambda x: apply_penalties(x, s, tables), lambda x: x, logits)
     penalized = jax.lax.cond(jnp.any(s.step < s.min_tokens), ban_stop_ids, lambda x, _: x, penalized, s)
     greedy_ids = _argmax(penalized)
     any_random = jnp.any(s.temperature > 0)

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
+from energon_jax.penalty_slots import PenaltySlots
 from energon_jax.request import StreamDelta
 from energon_jax.step_split import merge_sampled, split_plan
 
@@ -89,6 +90,9 @@ class StepLoop:
         self.split_prefill_decode = split_prefill_decode
         self.plans_ahead = plans_ahead
         self._pack_batch = batch_lib.pack
+        # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
+        slots = getattr(runner, "penalty_slots", 0) if buckets.history_len == 0 else 0
+        self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
         self._in_flight: InFlight | None = None  # dispatched step whose ids are not fetched yet
@@ -98,9 +102,14 @@ class StepLoop:
         self.counts = DispatchCounts()  # what this loop has sent to the device
 
     def _pack(self, plan: Any, buckets: Any) -> Any:
-        """``batch.pack``, counted: every device batch goes through here (subclasses too)."""
+        """``batch.pack``, counted: every device batch goes through here (subclasses too).
+
+        With device penalty tables, the rows' slots are assigned here, in dispatch order
+        (a slot rebuilt from the host is written before the step that reads it)."""
         self.counts += DispatchCounts(1, plan.num_rows, plan.num_tokens)
-        return self._pack_batch(plan, buckets)
+        if self._penalty is None:
+            return self._pack_batch(plan, buckets)
+        return self._pack_batch(plan, buckets, self._penalty.assign(plan.rows, self.runner.load_penalty_row))
 
     def busy(self) -> bool:
         """Deferred text to emit, or a step in flight that still has an unfinished request."""
