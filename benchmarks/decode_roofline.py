@@ -61,7 +61,8 @@ def decode_rows(*, tiny: bool, reps: int, context: int = 1024, page_size: int = 
 
     case = (f"decode batch 1, random Llama {sum(x.size for x in jax.tree.leaves(state)) / 1e9:.2f} B params "
             f"{jnp.dtype(dtype).name}, ctx {context}")
-    row = Row(case, resolve_implementation("auto", has_xla=True), nbytes=weight_bytes + kv_bytes, target=Target("hbm", 0.75))
+    row = Row(case, resolve_implementation("auto", has_xla=True), nbytes=weight_bytes + kv_bytes,
+              target=Target("hbm", 0.75))
 
     def run(state, cache):  # one compile, then steps chained as the engine chains them
         ids = jnp.asarray(np.ones(1, np.int32))

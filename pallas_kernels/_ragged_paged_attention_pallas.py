@@ -162,7 +162,9 @@ def ragged_paged_attention_pallas(
         scale_spec = pl.BlockSpec((num_pages * page_size, None), lambda i, j, s: (0, j))
         in_specs += [scale_spec, scale_spec]
         args += [x.astype(jnp.float32).reshape(num_pages * page_size, kh) for x in (k_scales, v_scales)]
-    part = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))  # noqa: E731
+    def part(*shape):  # one split's partial result of one (item, KV head)
+        return pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
+
     kernel = functools.partial(
         _kernel, page_size=page_size, max_pages=max_pages, group=group, kv_block=kv_block, kv_block_p2=kv_block_p2,
         num_splits=num_splits, scale=h**-0.5 if sm_scale is None else sm_scale, window=sliding_window,

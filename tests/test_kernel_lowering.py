@@ -316,7 +316,8 @@ RAGGED_OPTS = {"plain": {}, "window-softcap": dict(sliding_window=1024, soft_cap
 # Every shape, page dtype and option at least once in the default run; the product is @slow.
 RAGGED_CASES = [(RAGGED_SHAPES[0], "bf16", "plain"), (RAGGED_SHAPES[1], "int8", "window-softcap"),
                 (RAGGED_SHAPES[2], "f32", "window-softcap"), (RAGGED_SHAPES[3], "bf16", "window-softcap")]
-RAGGED_ALL = [c for c in itertools.product(RAGGED_SHAPES, ["bf16", "f32", "int8"], RAGGED_OPTS) if c not in RAGGED_CASES]
+RAGGED_ALL = [c for c in itertools.product(RAGGED_SHAPES, ["bf16", "f32", "int8"], RAGGED_OPTS)
+              if c not in RAGGED_CASES]
 
 
 def _ragged_id(case) -> str:

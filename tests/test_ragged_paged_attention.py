@@ -409,4 +409,5 @@ def test_attention_implementation_is_checked():
                 num_kv_heads=1, head_dim=4, intermediate_size=8, max_position_embeddings=16)
     with pytest.raises(ValueError, match="attention_implementation='ragged'"):
         ModelConfig(**base, attention_implementation="ragged")
-    assert dataclasses.replace(ModelConfig(**base), attention_implementation="pallas").attention_implementation == "pallas"
+    forced = dataclasses.replace(ModelConfig(**base), attention_implementation="pallas")
+    assert forced.attention_implementation == "pallas"
