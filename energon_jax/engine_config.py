@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from energon_jax.request import SamplingParams
+from energon_jax.sliding_window import pages_held_at_once
 
 PromptInput = str | Sequence[int]
 
@@ -86,22 +87,33 @@ def engine_config(
         )
     elif kv_cache_pages is not None:
         num_pages = kv_cache_pages
-    else:  # room for every sequence at full length, plus the null page
-        num_pages = 1 + max_num_seqs * -(-max_model_len // page_size)
-    check_pool_holds_one_sequence(num_pages, page_size, max_model_len)
+    else:  # room for every sequence at full length (or its sliding window), plus the null page
+        num_pages = 1 + max_num_seqs * pages_held_at_once(
+            max_model_len, page_size, getattr(model_config, "kv_window", None), max_num_batched_tokens)
+    check_pool_holds_one_sequence(num_pages, page_size, max_model_len, window=getattr(model_config, "kv_window", None),
+                                  max_num_batched_tokens=max_num_batched_tokens)
     return EngineConfig(
         max_model_len=max_model_len, page_size=page_size, num_pages=num_pages, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
     )
 
 
-def check_pool_holds_one_sequence(num_pages: int, page_size: int, max_model_len: int) -> None:
-    """Refuse a pool in which one ``max_model_len`` sequence cannot fit (it could never finish)."""
+def check_pool_holds_one_sequence(
+    num_pages: int, page_size: int, max_model_len: int, *, window: int | None = None,
+    max_num_batched_tokens: int | None = None,
+) -> None:
+    """Refuse a pool in which one ``max_model_len`` sequence cannot fit (it could never finish);
+    with a sliding window on every layer (``window``), one that cannot hold the pages such a
+    sequence keeps at once (``sliding_window.pages_held_at_once``)."""
     per_seq = -(-max_model_len // page_size)
+    held = ""
+    if window is not None and max_num_batched_tokens is not None:
+        per_seq = pages_held_at_once(max_model_len, page_size, window, max_num_batched_tokens)
+        held = f" held at once with sliding window {window}"
     if num_pages - 1 < per_seq:
         raise ValueError(
             f"the KV pool holds {num_pages - 1} pages x {page_size=} = {(num_pages - 1) * page_size} tokens, "
-            f"fewer than one sequence of {max_model_len=} ({per_seq} pages): give a larger kv_cache_pages "
+            f"fewer than one sequence of {max_model_len=} ({per_seq} pages{held}): give a larger kv_cache_pages "
             f"(>= {per_seq + 1}) or kv_cache_bytes, or a smaller max_model_len"
         )
 

@@ -67,7 +67,13 @@ from typing import TYPE_CHECKING
 
 from energon_jax.kv_cache import PageAllocator
 from energon_jax.prefix_cache import PrefixCache
-from energon_jax.sliding_window import live_pages, release_pages_behind_window
+from energon_jax.sliding_window import (
+    live_pages,
+    pages_behind_window,
+    pages_held_at_once,
+    release_pages_behind_window,
+)
+from pallas_kernels.page_layout import NULL_PAGE
 
 PLACEHOLDER = -1  # a fed token that the previous, still running step samples (see ``prev_row``)
 from energon_jax.request import Request, RequestStatus
@@ -244,6 +250,9 @@ class Scheduler:
             )
         # The last sampled token is never fed, so at most total - 1 tokens ever sit in the cache.
         need = self.allocator.pages_needed(total - 1)
+        if cfg.attention_window is not None:  # it never holds more than its window's pages at once
+            need = min(need, pages_held_at_once(cfg.max_model_len, cfg.page_size, cfg.attention_window,
+                                                cfg.max_num_batched_tokens))
         if need > self.allocator.num_usable:
             raise ValueError(
                 f"request_id={rid!r} needs {need} KV pages ({total - 1} tokens, page_size={cfg.page_size}) "
@@ -406,14 +415,17 @@ class Scheduler:
             if pending is not None and cache.waits_for(req, len(hits), pending):
                 continue  # hits the cache a step later instead of computing the same pages twice
             cached = len(hits) * cfg.page_size
+            # Sliding window: cached pages behind the first fed token's window are never read.
+            behind = 0 if cfg.attention_window is None else pages_behind_window(cached, cfg.attention_window,
+                                                                                cfg.page_size)
             n = min(req.num_tokens - cached, budget)
             need = self.allocator.pages_needed(cached + n) - len(hits)
-            if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits)):
+            if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits[behind:])):
                 break
             self._waiting.remove(req)
             self._queued_at.pop(req.request_id, None)
-            self.allocator.acquire(hits)
-            req.pages = hits + self.allocator.allocate(need)
+            self.allocator.acquire(hits[behind:])
+            req.pages = [NULL_PAGE] * behind + hits[behind:] + self.allocator.allocate(need)
             req.num_computed_tokens = cached
             if cache is not None:
                 cache.admitted(req, len(hits), first=req.status is RequestStatus.WAITING)

@@ -26,6 +26,20 @@ def pages_behind_window(first_query_pos: int, window: int, page_size: int) -> in
     return max(0, (first_query_pos - window + 1) // page_size)
 
 
+def pages_held_at_once(max_model_len: int, page_size: int, window: int | None, max_num_batched_tokens: int) -> int:
+    """The most pages one sequence holds at any time: all of ``max_model_len`` without a window.
+
+    With one, after an update it holds pages from its window's start on; before the next
+    update it grows by at most two steps' tokens (a plan in flight and the one planned
+    ahead), and each end may cut a page: ``ceil((W + 2 * budget) / S) + 2``. A pool of this
+    many usable pages always lets a lone request finish.
+    """
+    full = -(-max_model_len // page_size)
+    if window is None:
+        return full
+    return min(full, -(-(window + 2 * max_num_batched_tokens) // page_size) + 2)
+
+
 def live_pages(pages: list[int]) -> list[int]:
     """``pages`` without the entries released behind a window (a prefix of ``NULL_PAGE``)."""
     if not pages or pages[0] != NULL_PAGE:

@@ -20,7 +20,12 @@ from energon_jax.batch import Buckets, pack
 from energon_jax.request import Request, SamplingParams
 from energon_jax.sampling import SampledTokens
 from energon_jax.scheduler import Scheduler, SchedulerConfig
-from energon_jax.sliding_window import live_pages, pages_behind_window, release_pages_behind_window
+from energon_jax.sliding_window import (
+    live_pages,
+    pages_behind_window,
+    pages_held_at_once,
+    release_pages_behind_window,
+)
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.page_layout import NULL_PAGE
 from pallas_kernels.paged_attention import paged_attention
@@ -277,8 +282,9 @@ def test_engine_greedy_matches_transformers_and_releases_pages(windowed):
 
 # -- page release ---------------------------------------------------------------------------
 class WindowEcho:
-    """A fake model over the page pool that reads only each query's window: its next token is
-    a hash of the last ``window`` tokens and of the position, read back through the page table."""
+    """A fake model over the page pool that reads only the fed tokens' windows (checking that
+    every page there is live and holds its positions); its next token is a hash of the last
+    ``window`` tokens and of the length, read back through the page table."""
 
     def __init__(self, num_pages: int, page_size: int, window: int) -> None:
         self.page_size, self.window = page_size, window
@@ -292,12 +298,13 @@ class WindowEcho:
         ids = np.zeros(batch.logits_indices.shape[0], np.int32)
         for r in range(len(plan.rows)):
             ctx = int(batch.attn.context_lens[r])
-            p = np.arange(max(0, ctx - self.window), ctx)
+            # Every fed token reads its own window: positions from the first one's window start.
+            p = np.arange(max(0, plan.rows[r].start_pos - self.window + 1), ctx)
             pages = batch.attn.page_tables[r][p // s]
             assert np.all(pages != NULL_PAGE), "a page inside the window was released"
             sl = pages * s + p % s
             assert np.all(self.pos[sl] == p), "a page inside the window was reused"
-            ids[r] = window_rule(self.tok[sl].tolist(), ctx)
+            ids[r] = window_rule(self.tok[sl][-self.window:].tolist(), ctx)
         top = np.zeros((len(ids), 2), np.int32)
         return SampledTokens(ids, np.zeros(len(ids), np.float32), top, np.zeros((len(ids), 2), np.float32))
 
@@ -316,16 +323,19 @@ def window_reference(prompt: list[int], n: int, window: int) -> list[int]:
     return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("num_pages", [40, 10])  # 10: a pool of 9 usable pages, for 20-page sequences
 @pytest.mark.parametrize("prefix_caching", [False, True])
-def test_scheduler_releases_pages_behind_the_window(prefix_caching):
+def test_scheduler_releases_pages_behind_the_window(prefix_caching, num_pages):
     ps, w = 4, 6
-    cfg = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=10, max_model_len=96, page_size=ps, num_pages=40,
-                          enable_prefix_caching=prefix_caching, prefix_cache_seed=0, attention_window=w)
+    cfg = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=10, max_model_len=96, page_size=ps,
+                          num_pages=num_pages, enable_prefix_caching=prefix_caching, prefix_cache_seed=0,
+                          attention_window=w)
+    assert pages_held_at_once(96, ps, w, 10) == 9  # ceil((6 + 2 * 10) / 4) + 2
     sched = Scheduler(cfg)
     buckets = Buckets.create(max_num_batched_tokens=10, max_num_seqs=3, max_model_len=96, page_size=ps, min_tokens=4)
     fake = WindowEcho(cfg.num_pages, ps, w)
     rng = np.random.default_rng(2)
-    shared = rng.integers(5, 95, 12).tolist()
+    shared = rng.integers(5, 95, 20).tolist()  # the last request's hits start behind its window
     prompts = [shared + rng.integers(5, 95, k).tolist() for k in (3, 17, 0)] + [rng.integers(5, 95, 30).tolist()]
     reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
             for i, p in enumerate(prompts)]
@@ -343,8 +353,26 @@ def test_scheduler_releases_pages_behind_the_window(prefix_caching):
     for r, p in zip(reqs, prompts):
         assert r.output_token_ids == window_reference(p, 40, w), r.request_id
     assert sched.pages_used == 0
-    # Without release, three running requests of ~60 tokens would hold 45 pages; the pool has 39.
-    assert peak <= 3 * (-(-w // ps) + 2) + 3
+    assert peak <= 3 * (-(-w // ps) + 2) + 3  # without release, three requests of ~60 tokens hold ~45 pages
+    if prefix_caching:
+        assert sched.prefix_cache_hits > 0
+
+
+def test_pool_needs_only_the_window():
+    from energon_jax.engine_config import check_pool_holds_one_sequence
+
+    check_pool_holds_one_sequence(10, 4, 96, window=6, max_num_batched_tokens=10)  # 9 pages held at once
+    with pytest.raises(ValueError, match=r"holds 8 pages .*\(9 pages held at once with sliding window 6\)"):
+        check_pool_holds_one_sequence(9, 4, 96, window=6, max_num_batched_tokens=10)
+    with pytest.raises(ValueError, match="24 pages"):
+        check_pool_holds_one_sequence(10, 4, 96)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=10, max_model_len=96, page_size=4,
+                                      num_pages=10, attention_window=6))
+    sched.add(Request("long", list(range(5, 50)), SamplingParams(max_tokens=50)))  # 94 tokens, 9 usable pages
+    no_window = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=10, max_model_len=96, page_size=4,
+                                          num_pages=10))
+    with pytest.raises(ValueError, match="needs 24 KV pages"):
+        no_window.add(Request("long", list(range(5, 50)), SamplingParams(max_tokens=50)))
 
 
 def test_release_function_edits_pages_in_place():
