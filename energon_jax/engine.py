@@ -218,7 +218,9 @@ class Engine:
             self._build_decoder(model, model_config, warmup=False)
             num_pages = self._pool_pages_from_memory(kv_cache_memory_fraction)
             self._runner = self._scheduler = self._loop = None  # drop the provisional pool before the real one
-            check_pool_holds_one_sequence(num_pages, self.config.page_size, self.config.max_model_len)
+            check_pool_holds_one_sequence(num_pages, self.config.page_size, self.config.max_model_len,
+                                          window=getattr(model_config, "kv_window", None),
+                                          max_num_batched_tokens=self.config.max_num_batched_tokens)
             self.config = dataclasses.replace(self.config, num_pages=num_pages)
         logger.info(
             "KV pool (%s): %s", "sized from device memory" if sized_by_memory else "explicit",
