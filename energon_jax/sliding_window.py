@@ -12,6 +12,11 @@ already in flight, sits at or after it. Released entries of ``request.pages`` be
 ``NULL_PAGE`` so the list keeps one entry per page of the sequence (page tables stay
 position-indexed); the kernels never read them (they are below every query's window),
 and the scheduler frees only ``live_pages`` when the request finishes or is preempted.
+Admission takes no prefix-cache hit behind the first fed token's window either.
+
+So a sequence holds about ``W / S`` pages at a time, not ``max_model_len / S``:
+``pages_held_at_once`` bounds it, and ``Scheduler.add`` and the engine's pool check (and
+the CPU default pool) use that bound instead of the full length.
 """
 
 from __future__ import annotations
