@@ -80,3 +80,27 @@ def decode_rows(*, tiny: bool, reps: int, context: int = 1024, page_size: int = 
     except Exception as e:  # noqa: BLE001 - reported as the row's error, like every other case
         row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     yield row
+
+
+def main(argv=None) -> int:
+    """Run this case alone (``kernels.py`` runs it among the others, in one table)."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Batch-1 decode of a random 1B-class Llama against the HBM "
+                                                 "roofline (one case of benchmarks/kernels.py, run alone)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model and context (a CPU smoke run)")
+    parser.add_argument("--reps", type=int, default=20, help="timed decode steps (median reported)")
+    parser.add_argument("--context", type=int, default=1024, help="tokens already in the row's cache")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parent))  # kernels.py, for the row type and its formatting
+    from kernels import format_row
+
+    for row in decode_rows(tiny=args.tiny, reps=args.reps, context=args.context):
+        print(format_row(row, None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,6 +157,7 @@ def test_penalties_and_seeded_sampling_same_on_and_off(engines):
     assert [len(t) for t, _, _ in got] == [14, 9, 12, 10]
 
 
+@pytest.mark.slow  # ~30 s quiet; async is the default, so test_engine's stop/eos tests run it on every change
 def test_stops_eos_max_tokens_same_on_and_off(engines, model, tokenizer):
     prompt = _prompts(12, [8])[0]
     ref = greedy_reference(model, prompt, 30)
@@ -189,6 +190,7 @@ def test_stops_eos_max_tokens_same_on_and_off(engines, model, tokenizer):
     assert all(e.scheduler.pages_used == 0 for e in eos_engines)
 
 
+@pytest.mark.slow  # ~30 s quiet; test_engine and test_prefix_cache preempt with planning ahead by default
 def test_preemption_same_on_and_off(model, tokenizer):
     # 12 usable pages of 4 tokens: the four requests cannot all hold their pages at once.
     small = [Engine(model, CONFIG, tokenizer, kv_cache_pages=13, async_scheduling=a, **SMALL_POOL_KW) for a in (True, False)]
