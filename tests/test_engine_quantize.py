@@ -50,6 +50,7 @@ def _count(engine: Engine, cls) -> int:
     return sum(isinstance(node, cls) for _, node in nnx.iter_graph(engine._model))
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): test_quantize covers the int8 layers
 def test_int8_engine_matches_dequantized_dense_engine(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     q_engine = Engine.from_pretrained(path, quantize="int8", **SIZES)
@@ -69,6 +70,7 @@ def test_int8_engine_matches_dequantized_dense_engine(tiny_checkpoint):
     print(f"int8 vs float32 weights: {same}/{sum(map(len, f32))} greedy tokens equal")
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): test_quantize covers the sparse layers
 def test_sparse_engine_matches_dense_engine_on_pruned_weights(tiny_checkpoint):
     path = tiny_checkpoint("llama")
     s_engine = Engine.from_pretrained(path, sparsity=0.5, **SIZES)

@@ -91,6 +91,7 @@ def test_engine_dp_matches_single_device_and_spreads_requests(group):
             assert case["stream"] == base["r2"], case
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet)
 def test_from_pretrained_dp2_tp2_loads_replica0_shards(tmp_path):
     from hf_fixtures import make_tiny_checkpoint
 

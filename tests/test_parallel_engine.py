@@ -101,6 +101,7 @@ def test_engine_pipeline_keeps_pp_micro_batches_in_flight(group):
             assert ab["pages_used"] == 0, ab
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): test_parallel_controller runs tp=4 over two processes
 def test_engine_tp4_across_two_processes(tmp_path):
     from energon_jax.parallel.launch import LaunchConfig, launch
 

@@ -20,6 +20,7 @@ from test_parallel_mesh import ROOT, run_child
 LAYERS = 4
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): test_parallel_engine's default layouts run offload='host'
 def test_offloaded_matches_resident_and_bounds_memory():
     out = run_child(__file__, "run", devices=2)
     ref = out["reference"]

@@ -110,6 +110,7 @@ def test_partition_specs_column_row_vocab_expert():
 # ----------------------------------------------------------------- 8 simulated devices
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): tp parity is test_parallel_tp_models[llama] and test_parallel_engine's tp=8 layout
 def test_tensor_parallel_matches_single_device():
     out = run_child(__file__, "tp")
     for case in out["cases"]:
@@ -122,6 +123,7 @@ def test_tensor_parallel_matches_single_device():
     assert sorted(c["tp"] for c in out["cases"]) == [2, 4, 8]
 
 
+@pytest.mark.slow  # default-run budget (15 min quiet): test_cli_distributed's from_pretrained tp=2 load checks the same
 def test_checkpoint_loads_straight_into_shards(tmp_path):
     """models.load(param_sharding=param_sharding_fn(...)) at tp=4 == load on one device."""
     out = run_child(__file__, "load", str(tmp_path))

@@ -25,7 +25,9 @@ LAYERS = 4
 CASES = {"default": [(4, 1), (2, 4)], "more": [(2, 1)]}
 
 
-@pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
+# Both groups slow (15 min budget): test_parallel_engine checks pp=2 and pp=2 x tp=4 tokens by default.
+@pytest.mark.parametrize("group", [pytest.param("default", marks=pytest.mark.slow),
+                                   pytest.param("more", marks=pytest.mark.slow)])
 def test_pipeline_matches_single_device(group):
     out = run_child(__file__, "run", group)
     want = out["reference"]

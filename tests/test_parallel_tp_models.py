@@ -21,11 +21,13 @@ from test_parallel_mesh import ROOT, run_child
 
 # Llama (GQA), GPT-2 (fused qkv, uneven vocab) and Mixtral (experts) run by default; Qwen2 and
 # OPT repeat the same layouts with biases, so they are in the slow set to keep the default run short.
+# Default run: llama only (15 min budget); the other families' tp parity runs with -m slow.
 FAMILIES = [
-    "llama", "gpt2",
+    "llama",
+    pytest.param("gpt2", marks=pytest.mark.slow),
     pytest.param("qwen2", marks=pytest.mark.slow),
     pytest.param("opt", marks=pytest.mark.slow),
-] + (["mixtral"] if importlib.util.find_spec("models.mixtral") else [])
+] + ([pytest.param("mixtral", marks=pytest.mark.slow)] if importlib.util.find_spec("models.mixtral") else [])
 
 HF_CONFIGS = {
     "llama": {
