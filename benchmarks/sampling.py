@@ -18,32 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class _Params:
-    """The fields of batch.SamplingBatch that sampling reads (no penalties here)."""
-
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
-    repetition_penalty: jax.Array
-    presence_penalty: jax.Array
-    frequency_penalty: jax.Array
-    seed: jax.Array
-    step: jax.Array
-    history: jax.Array
-    prompt_len: jax.Array
-    num_logprobs: jax.Array
+from energon_jax.batch import Buckets, SamplingBatch, dummy_batch
 
 
-def _params(b: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> _Params:
+def _params(b: int, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0) -> SamplingBatch:
+    """The engine's own neutral sampling batch for ``b`` rows, with the case's knobs set."""
+    buckets = Buckets.create(max_num_batched_tokens=b, max_num_seqs=b, max_model_len=16, page_size=16, min_tokens=b)
     full = lambda v, dt: np.full(b, v, dt)  # noqa: E731
-    return _Params(full(temperature, np.float32), full(top_k, np.int32), full(top_p, np.float32),
-                   full(min_p, np.float32), full(1.0, np.float32), full(0.0, np.float32), full(0.0, np.float32),
-                   np.arange(b, dtype=np.uint32), full(0, np.int32), np.full((b, 1), -1, np.int32),
-                   full(0, np.int32), full(0, np.int32))
+    return dataclasses.replace(
+        dummy_batch(buckets, b, b).sampling, temperature=full(temperature, np.float32), top_k=full(top_k, np.int32),
+        top_p=full(top_p, np.float32), min_p=full(min_p, np.float32), seed=np.arange(b, dtype=np.uint32),
+    )
 
 
 def _time_ms(fn, *args, reps: int, rounds: int) -> float:
