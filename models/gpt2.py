@@ -80,6 +80,7 @@ class GPT2Attention(nnx.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.sm_scale = scale
+        self.attention_implementation = config.attention_implementation
 
     def __call__(
         self,
@@ -94,6 +95,7 @@ class GPT2Attention(nnx.Module):
         out, kv_pages = attend(
             qkv[0], qkv[1], qkv[2], segment_ids=segment_ids, positions=positions,
             kv_pages=kv_pages, attn_meta=attn_meta, sm_scale=self.sm_scale,
+            implementation=self.attention_implementation,
         )  # [T, N, H]
         y = jnp.einsum("TNH,NHD->TD", out, self.o[...].astype(x.dtype)) + self.o_bias[...].astype(x.dtype)
         return y, kv_pages

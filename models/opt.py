@@ -102,6 +102,7 @@ class OPTAttention(nnx.Module):
             self.o_bias = param(rngs, (d,), ("embed",), dtype, init="zeros")
         else:
             self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+        self.attention_implementation = config.attention_implementation
 
     def __call__(
         self,
@@ -115,7 +116,8 @@ class OPTAttention(nnx.Module):
         k = _project(x, self.k, self.k_bias)
         v = _project(x, self.v, self.v_bias)
         out, kv_pages = attend(
-            q, k, v, segment_ids=segment_ids, positions=positions, kv_pages=kv_pages, attn_meta=attn_meta
+            q, k, v, segment_ids=segment_ids, positions=positions, kv_pages=kv_pages, attn_meta=attn_meta,
+            implementation=self.attention_implementation,
         )
         y = jnp.einsum("TNH,NHD->TD", out, self.o[...].astype(x.dtype))
         if self.o_bias is not None:

@@ -411,3 +411,46 @@ def test_attention_implementation_is_checked():
         ModelConfig(**base, attention_implementation="ragged")
     forced = dataclasses.replace(ModelConfig(**base), attention_implementation="pallas")
     assert forced.attention_implementation == "pallas"
+
+
+@pytest.mark.parametrize("variant", ["gpt2", pytest.param("opt", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow),
+                                     pytest.param("mixtral", marks=pytest.mark.slow),
+                                     pytest.param("qwen2", marks=pytest.mark.slow)])
+def test_every_decoder_passes_its_forced_attention_implementation(tiny_checkpoint, monkeypatch, variant):
+    """``attention_implementation`` reaches ``step_attention`` from every decoder family, and the
+    forced reference path gives the logits of the default path (one cached step, 2 rows)."""
+    import models
+    import models.layers as layers
+    from pallas_kernels import PagedAttentionMetadata, make_kv_pages
+
+    seen = []
+    real = layers.step_attention
+    monkeypatch.setattr(layers, "step_attention",
+                        lambda *a, **kw: seen.append(kw.get("implementation")) or real(*a, **kw))
+    model, config = models.load(tiny_checkpoint(variant))
+    rng = np.random.default_rng(3)
+    page, lens = 4, np.array([5, 3], np.int32)
+    ids = jnp.asarray(rng.integers(3, config.vocab_size, int(lens.sum())), jnp.int32)
+    seg = jnp.asarray(np.repeat([0, 1], lens), jnp.int32)
+    pos = jnp.asarray(np.concatenate([np.arange(n) for n in lens]), jnp.int32)
+    tables = np.array([[1, 2], [3, 4]], np.int32)
+    slots = tables[np.asarray(seg), np.asarray(pos) // page] * page + np.asarray(pos) % page
+    meta = PagedAttentionMetadata(jnp.asarray(slots, jnp.int32), jnp.asarray(tables), jnp.asarray(lens))
+    last = jnp.asarray(np.cumsum(lens) - 1, jnp.int32)
+
+    def logits(m):
+        import jax
+        from flax import nnx
+
+        graphdef, state = nnx.split(m)
+        cache = tuple(make_kv_pages(5, page, config.num_kv_heads, config.head_dim) for _ in range(config.num_layers))
+        step = jax.jit(lambda st, c: nnx.merge(graphdef, st)(ids, pos, seg, kv_cache=c, attn_meta=meta,
+                                                             logits_indices=last)[0])
+        return np.asarray(step(state, cache))
+
+    default = logits(model)
+    assert set(seen) == {"auto"} and len(seen) == config.num_layers
+    seen.clear()
+    forced = logits(_with_attention(model, config, "reference"))
+    assert seen == ["reference"] * config.num_layers
+    np.testing.assert_allclose(forced, default, rtol=1e-4, atol=1e-4)
