@@ -413,9 +413,8 @@ def test_attention_implementation_is_checked():
     assert forced.attention_implementation == "pallas"
 
 
-@pytest.mark.parametrize("variant", ["gpt2", pytest.param("opt", marks=pytest.mark.slow), pytest.param("llama", marks=pytest.mark.slow),
-                                     pytest.param("mixtral", marks=pytest.mark.slow),
-                                     pytest.param("qwen2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["gpt2"] + [pytest.param(v, marks=pytest.mark.slow)
+                                                 for v in ("opt", "llama", "mixtral", "qwen2")])
 def test_every_decoder_passes_its_forced_attention_implementation(tiny_checkpoint, monkeypatch, variant):
     """``attention_implementation`` reaches ``step_attention`` from every decoder family, and the
     forced reference path gives the logits of the default path (one cached step, 2 rows)."""
