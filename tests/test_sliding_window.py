@@ -396,7 +396,7 @@ def test_release_function_edits_pages_in_place():
 
 # -- the windowed flash kernels lower for their real platforms (no hardware needed) ---------
 def test_windowed_flash_kernels_lower_for_gpu_and_tpu(monkeypatch):
-    from test_kernel_lowering import assert_one_triton_kernel, lower_for_cuda, lower_for_tpu, packed_causal_args
+    from kernel_lowering import assert_one_triton_kernel, lower_for_cuda, lower_for_tpu, packed_causal_args
 
     from pallas_kernels._flash_attention_tpu import flash_attention_tpu
 
