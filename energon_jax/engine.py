@@ -8,15 +8,12 @@ pooled embeddings (``embed``, encoder checkpoints). Which thread: whichever call
 
 The step loop (``step_loop.py``): every ``step()`` plans a step with the scheduler,
 packs it into one padding-free bucketed batch, dispatches it to the runner and turns
-the sampled ids into deltas. With ``async_scheduling`` (the default) the
-next step is planned and dispatched while the previous one runs; with ``pp > 1`` each
-step is one tick of the pipeline clock and up to ``pp`` micro-batches are in flight
-(``PipelineStepLoop`` in ``parallel/pipeline.py``); with ``dp > 1`` the engine holds
-``dp`` replicas (own devices, weights, KV pool, scheduler and step loop; ``max_num_seqs``
-and the pool are per replica), each request stays on the replica it was admitted to,
-and a step is one step of every replica, all dispatched before any is collected
-(``DataParallelStepLoop`` in ``parallel/data_parallel.py``; ``scheduler`` is then a view
-that routes requests and sums the replicas' accounting). The tokens are the same either way.
+the sampled ids into deltas; with ``async_scheduling`` (the default) the next step is
+planned and dispatched while the previous one runs. Runner, scheduler and step loop
+come from ``parallel/runtime.py``, built from one ``ParallelOptions`` (``tp``, ``pp``,
+``dp``, offload): a pipeline ticks with ``pp`` micro-batches in flight, ``dp`` replicas
+each keep their own requests behind a scheduler view. The engine itself keeps only the
+requests' bookkeeping, and the tokens are the same whatever the layout.
 
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
 runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
@@ -53,26 +50,16 @@ from energon_jax.engine_config import (
     param_dtype,
 )
 from energon_jax.memory_sizing import (
-    DEFAULT_KV_CACHE_MEMORY_FRACTION,
-    check_fraction,
-    describe_pool,
-    device_memory,
-    memory_stats,
-    pages_for_memory,
+    DEFAULT_KV_CACHE_MEMORY_FRACTION, check_fraction, describe_pool, memory_stats, pool_pages_from_memory,
 )
 from energon_jax.output import OutputTracker
 from energon_jax.request import (
     Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_cache_salt, validate_prompt,
 )
-from energon_jax.runner import ModelRunner
-from energon_jax.step_loop import StepLoop
-from pallas_kernels import make_kv_pages
+from energon_jax.parallel.options import ParallelOptions
+from energon_jax.protocols import CompiledRunner, EngineLoop, SchedulerView
 
 logger = logging.getLogger(__name__)
-# Row buckets per token bucket (batch.Buckets.row_split): from 64 rows, also 1/8 and 1/64 of
-# the full one (>= 4 rows). Defaults (32 seqs, 512 tokens): 9 step shapes as before; 256
-# seqs, 2048 tokens: 31 instead of 13, and a one-row prefill chunk samples 4 rows, not 256.
-ROW_SPLIT = 8
 
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
@@ -87,37 +74,6 @@ class _Live:
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
-
-
-def warm_up_with_progress(runner: Any, batches: Sequence[Any]) -> int:
-    """``runner.warmup(batches)`` under a progress bar (stderr, process 0) that ticks per compile."""
-    from tqdm.auto import tqdm
-
-    replicas = len(getattr(runner, "replicas", ())) or 1  # dp: each replica compiles its own
-    with tqdm(total=len(batches) * replicas, desc="warm-up compiles", unit="shape",
-              disable=jax.process_index() != 0) as bar:
-        return runner.warmup(_Ticking(batches, bar))
-
-
-class _Ticking(Sequence):
-    """The warm-up batches; each pass ticks ``bar`` once a batch has been handled.
-
-    A Sequence (not a one-shot iterator): a dp runner walks it once per replica.
-    """
-
-    def __init__(self, batches: Sequence[Any], bar: Any) -> None:
-        self._batches, self._bar = batches, bar
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def __getitem__(self, i: Any) -> Any:
-        return self._batches[i]
-
-    def __iter__(self) -> Iterator[Any]:
-        for batch in self._batches:
-            yield batch  # the runner compiles it before asking for the next
-            self._bar.update(1)
 
 
 class Engine:
@@ -142,19 +98,24 @@ class Engine:
         warmup: bool = True,
         sentence_config: Any | None = None,
         model_path: str | None = None,
+        parallel: ParallelOptions | None = None,
         tp: int = 1,
         pp: int = 1,
         dp: int = 1,
         offload: str | None = None,
         resident_layers: int | None = None,
+        expert_parallel: bool = False,
         kv_cache_memory_fraction: float = DEFAULT_KV_CACHE_MEMORY_FRACTION,
         enable_prefix_caching: bool = True,
         prefix_cache_seed: int | None = None,
     ) -> None:
-        from energon_jax.parallel.runtime import ParallelOptions
-
-        # Parallel layout (energon_jax/parallel): validated here, applied in _build_decoder.
-        self.parallel = ParallelOptions(dp=dp, pp=pp, tp=tp, offload=offload, resident_layers=resident_layers)
+        # The parallel layout: one frozen object (``parallel=``, or built here from the shorthand),
+        # turned into runner, scheduler and step loop by parallel/runtime.py.
+        shorthand = ParallelOptions(dp=dp, pp=pp, tp=tp, offload=offload, resident_layers=resident_layers,
+                                    expert_parallel=expert_parallel)
+        if parallel is not None and not shorthand.single_device:
+            raise ValueError(f"give parallel={parallel} or tp/pp/dp/offload/expert_parallel, not both")
+        self.parallel = shorthand if parallel is None else parallel
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -162,13 +123,14 @@ class Engine:
         self._ids = itertools.count()
         self._live: dict[str, _Live] = {}
         self._done: dict[str, _Live] = {}  # finished, RequestOutput not yet taken
-        self._loop: StepLoop | None = None  # built with the runner (decoders only)
+        self._loop: EngineLoop | None = None  # built with the runner (decoders only)
         if async_scheduling is None:
             # On by default everywhere. An accelerator runs the step off the host cores; on
             # the 2-core CPU box, once paged attention stopped copying the pool, planning
             # ahead measured 0.87x-1.06x of the synchronous loop (noise), no longer 0.5x.
             async_scheduling = True
-        self.async_scheduling = async_scheduling
+        self.async_scheduling = async_scheduling  # what the step loop really does, once built
+        self._async_asked = async_scheduling
         # Automatic prefix caching (kv_cache.py, prefix_cache.py); decoders only, the embedder has no cache.
         if not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"{enable_prefix_caching=} must be a bool")
@@ -187,7 +149,7 @@ class Engine:
                 max_num_batched_tokens=max_num_batched_tokens, min_token_bucket=min_token_bucket,
             ), sentence_config)
             self.config = self._embedder.config
-            self._scheduler = self._runner = self._buckets = None
+            self._scheduler = self._runner = None
             if warmup:
                 self._embedder.warmup()
             return
@@ -215,8 +177,9 @@ class Engine:
             split_prefill_decode = resolve_implementation("auto") == "reference"
         self.split_prefill_decode = split_prefill_decode
         if sized_by_memory:
-            self._build_decoder(model, model_config, warmup=False)
-            num_pages = self._pool_pages_from_memory(kv_cache_memory_fraction)
+            self._build_decoder(warmup=False)
+            num_pages = pool_pages_from_memory(self._runner, self._buckets, self.config.num_pages,
+                                               kv_cache_memory_fraction)
             self._runner = self._scheduler = self._loop = None  # drop the provisional pool before the real one
             check_pool_holds_one_sequence(num_pages, self.config.page_size, self.config.max_model_len,
                                           window=getattr(model_config, "kv_window", None),
@@ -226,108 +189,20 @@ class Engine:
             "KV pool (%s): %s", "sized from device memory" if sized_by_memory else "explicit",
             describe_pool(self.config.num_pages, self.config.page_size, self.config.max_model_len),
         )
-        self._build_decoder(model, model_config, warmup)
+        self._build_decoder(warmup)
 
-    def _note_overlap(self) -> None:
-        """Make ``async_scheduling`` what the step loop really does, and ``overlap`` say why.
+    def _build_decoder(self, warmup: bool) -> None:
+        """Runner, scheduler (view) and step loop for ``self.parallel`` (``parallel/runtime.py``)."""
+        from energon_jax.parallel.runtime import build_executor
 
-        A layout that cannot plan ahead (a runner that cannot take the previous step's ids
-        on device, a pipeline whose overlap is its micro-batches) logs it once, so asking
-        for ``async_scheduling=True`` never silently runs synchronous steps."""
-        loops = getattr(self._loop, "loops", [self._loop])
-        ahead = bool(loops) and all(getattr(loop, "plans_ahead", False) for loop in loops)
-        runner = type(self._runner).__name__
-        if ahead:
-            self.overlap = "plans ahead: step N+1 is planned and dispatched before step N's ids are fetched"
-        elif self.parallel.pp > 1:
-            self.overlap = (f"pipeline: {self.parallel.pp} micro-batches in flight, one tick per step; the host "
-                            "fetches the micro-batch leaving each tick (no planning ahead)")
-        elif self.async_scheduling:
-            self.overlap = f"synchronous: the {runner} cannot take the previous step's ids on device"
-        else:
-            self.overlap = "synchronous: async_scheduling=False"
-        if self.async_scheduling and not ahead:
-            logger.warning("async_scheduling is off for this layout: %s", self.overlap)
-        self.async_scheduling = ahead
-
-    def _pool_pages_from_memory(self, fraction: float) -> int:
-        """Profile the largest step shape on the provisional pool; the pages device memory allows."""
-        batches = self._batch_lib.warmup_batches(self._buckets)
-        largest = max(batches, key=lambda b: (np.shape(b.input_ids)[0], np.shape(b.logits_indices)[0]))
-        runners = list(getattr(self._runner, "replicas", [self._runner]))
-        for runner in runners:  # dummy rows write only the null page
-            runner.step(largest)
-        memories = device_memory([r.kv_cache for r in runners])
-        if memories is None:
-            raise RuntimeError("a device of the KV pool stopped reporting memory statistics during the profile")
-        num_pages = pages_for_memory(memories, provisional_pages=self.config.num_pages, fraction=fraction)
-        tight = min(memories, key=lambda m: fraction * m.limit - m.peak)
-        logger.info(
-            "KV pool sized from memory: %d pages (kv_cache_memory_fraction=%.2f of %d bytes on %s, whose "
-            "profiled peak is %d bytes)", num_pages, fraction, tight.limit, tight.device, tight.peak,
+        ex = build_executor(
+            self._model, self.model_config, self.parallel, self.config, process=self._process,
+            eos_token_ids=self.eos_token_ids, min_token_bucket=self._min_token_bucket,
+            split_prefill_decode=self.split_prefill_decode, async_scheduling=self._async_asked,
+            enable_prefix_caching=self.enable_prefix_caching, prefix_cache_seed=self._prefix_cache_seed,
         )
-        return num_pages
-
-    def _build_decoder(self, model: Any, model_config: Any, warmup: bool) -> None:
-        from energon_jax import batch as batch_lib
-        from energon_jax.scheduler import Scheduler, SchedulerConfig
-
-        c = self.config
-        self._batch_lib = batch_lib
-        scheduler_config = SchedulerConfig(
-            max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-            max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
-            static_batching=c.static_batching, enable_prefix_caching=self.enable_prefix_caching,
-            prefix_cache_seed=self._prefix_cache_seed,
-            attention_window=getattr(model_config, "kv_window", None),  # sliding window: release old pages
-        )
-        built_parallel = self.parallel != self.parallel.__class__() or jax.process_count() > 1
-        # One ModelRunner keeps penalty counts on the device (no per-step history upload);
-        # the parallel runners still take each penalty row's history in the batch.
-        self._buckets = batch_lib.Buckets.create(
-            max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
-            max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=self._min_token_bucket,
-            penalty_tables=not built_parallel, row_split=ROW_SPLIT,
-        )
-        from energon_jax.parallel.runtime import dp_replicas
-
-        max_rows = max(b for _, b in self._buckets.all_shapes())
-        dtype = param_dtype(model)
-        if built_parallel:
-            from energon_jax.parallel.runtime import build_runner
-
-            # Sharded / pipelined / offloaded / replicated runner, wrapped in a Controller across processes.
-            self._runner = build_runner(
-                model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=dtype,
-                options=self.parallel, templates=batch_lib.warmup_batches(self._buckets), max_rows=max_rows,
-            )
-        else:
-            kv = tuple(
-                make_kv_pages(c.num_pages, c.page_size, model_config.num_kv_heads, model_config.head_dim, dtype)
-                for _ in range(model_config.num_layers)
-            )
-            self._runner = ModelRunner(model, kv, max_rows=max_rows, penalty_slots=c.max_num_seqs,
-                                       vocab=model_config.vocab_size)
-        if dp_replicas(self.parallel):  # one scheduler (page pool, limits) and step loop per replica
-            from energon_jax.parallel.data_parallel import DataParallelScheduler, DataParallelStepLoop
-
-            self._scheduler = DataParallelScheduler([
-                Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids) for _ in range(self.parallel.dp)
-            ])
-            self._loop = DataParallelStepLoop(self._scheduler, self._runner, self._buckets, self._process,
-                                              split_prefill_decode=self.split_prefill_decode,
-                                              plans_ahead=self.async_scheduling)
-        elif self.parallel.pp > 1:  # pp micro-batches in flight, one pipeline tick per step()
-            from energon_jax.parallel.pipeline import PipelineStepLoop
-
-            self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
-            self._loop = PipelineStepLoop(self._scheduler, self._runner, self._buckets, self._process)
-        else:  # one runner (tp included): plans ahead when it takes the previous step's ids on device
-            self._scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
-            plans_ahead = self.async_scheduling and getattr(self._runner, "supports_prev_ids", False)
-            self._loop = StepLoop(self._scheduler, self._runner, self._buckets, self._process,
-                                  split_prefill_decode=self.split_prefill_decode, plans_ahead=plans_ahead)
-        self._note_overlap()
+        self._runner, self._scheduler, self._loop, self._buckets = ex.runner, ex.scheduler, ex.loop, ex.buckets
+        self.async_scheduling, self.overlap = ex.async_scheduling, ex.overlap
         if warmup:
             self.warmup()
 
@@ -363,7 +238,8 @@ class Engine:
         if quantize is not None and sparsity is not None:
             raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
         root = demo_model_path() if path is None else Path(path)
-        model, config = load(root, dtype, param_sharding=load_sharding(load_config(root), engine_kwargs))
+        parallel = engine_kwargs.pop("parallel", None) or ParallelOptions.take(engine_kwargs)
+        model, config = load(root, dtype, param_sharding=load_sharding(load_config(root), parallel))
         if quantize is not None or sparsity is not None:
             from energon_jax.quantize import quantize_model
 
@@ -374,7 +250,8 @@ class Engine:
             logger.info("quantized: %s", report.summary())
         tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
         sentence = read_sentence_config(root) if config.is_encoder else None
-        return cls(model, config, tokenizer, sentence_config=sentence, model_path=str(root), **engine_kwargs)
+        return cls(model, config, tokenizer, sentence_config=sentence, model_path=str(root), parallel=parallel,
+                   **engine_kwargs)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -390,11 +267,11 @@ class Engine:
         return 0 if self._runner is None else self._runner.num_compiles
 
     @property
-    def scheduler(self) -> Any:
+    def scheduler(self) -> SchedulerView | None:
         return self._scheduler
 
     @property
-    def runner(self) -> ModelRunner | None:
+    def runner(self) -> CompiledRunner | None:
         return self._runner
 
     @property
@@ -423,7 +300,10 @@ class Engine:
         if self._embedder is not None:
             return self._embedder.warmup()
         start = time.perf_counter()
-        n = warm_up_with_progress(self._runner, self._batch_lib.warmup_batches(self._buckets))
+        from energon_jax.batch import warmup_batches
+        from energon_jax.parallel.runtime import warm_up_with_progress
+
+        n = warm_up_with_progress(self._runner, warmup_batches(self._buckets))
         logger.info("warm-up: %d step shapes compiled in %.1fs", n, time.perf_counter() - start)
         return n
 

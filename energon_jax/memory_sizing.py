@@ -18,11 +18,13 @@ default (room for ``max_num_seqs`` full sequences). Nothing here imports the eng
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import jax
+import numpy as np
 
 DEFAULT_KV_CACHE_MEMORY_FRACTION = 0.9
 
@@ -106,3 +108,24 @@ def describe_pool(num_pages: int, page_size: int, max_model_len: int) -> str:
         f"{usable} pages x {page_size} tokens = {tokens} tokens; "
         f"{usable // per_seq} sequences of max_model_len={max_model_len} at once"
     )
+
+
+def pool_pages_from_memory(runner: Any, buckets: Any, provisional_pages: int, fraction: float) -> int:
+    """Profile the largest step shape on a runner built with a provisional pool; the pages
+    device memory allows (every dp replica's devices counted; dummy rows write only the null page)."""
+    from energon_jax.batch import warmup_batches
+
+    largest = max(warmup_batches(buckets), key=lambda b: (np.shape(b.input_ids)[0], np.shape(b.logits_indices)[0]))
+    runners = list(getattr(runner, "replicas", [runner]))
+    for one in runners:
+        one.step(largest)
+    memories = device_memory([r.kv_cache for r in runners])
+    if memories is None:
+        raise RuntimeError("a device of the KV pool stopped reporting memory statistics during the profile")
+    num_pages = pages_for_memory(memories, provisional_pages=provisional_pages, fraction=fraction)
+    tight = min(memories, key=lambda m: fraction * m.limit - m.peak)
+    logging.getLogger(__name__).info(
+        "KV pool sized from memory: %d pages (kv_cache_memory_fraction=%.2f of %d bytes on %s, whose "
+        "profiled peak is %d bytes)", num_pages, fraction, tight.limit, tight.device, tight.peak,
+    )
+    return num_pages

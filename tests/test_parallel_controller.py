@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from test_parallel_mesh import ROOT, run_child
+from energon_jax.parallel.options import ParallelOptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [[5, 9, 13, 7, 22, 30, 31], [40, 41, 42], [17, 3, 88, 60, 12, 11, 10, 9, 8, 7, 6]]
@@ -109,13 +110,13 @@ def _setup(tp: int):
     import jax.numpy as jnp
 
     from energon_jax.batch import Buckets, warmup_batches
-    from energon_jax.parallel.mesh import ParallelConfig, kv_pages_sharding, make_mesh, shard_model, sharding_rules
+    from energon_jax.parallel.mesh import kv_pages_sharding, make_mesh, shard_model, sharding_rules
     from energon_jax.runner import ModelRunner
     from pallas_kernels import make_kv_pages
     from test_parallel_tp_models import build_model
 
     model, config = build_model("llama")
-    mesh = make_mesh(ParallelConfig(tp=tp))
+    mesh = make_mesh(ParallelOptions(tp=tp))
     rules = sharding_rules(tp, num_kv_heads=config.num_kv_heads)
     shard_model(model, mesh, rules)
     kv = tuple(make_kv_pages(24, 4, config.num_kv_heads, config.head_dim, jnp.float32,

@@ -152,8 +152,9 @@ def test_dp_of_pipelines_ticks_every_replica_before_collecting_host_only():
     log: list = []
     pipes = [EchoPipeline(pp, model, log, name=str(i)) for i, (_, _, model) in enumerate(made)]
     dps = DataParallelScheduler([sched for sched, _, _ in made])
-    loop = DataParallelStepLoop(dps, DataParallelRunner(pipes), made[0][1], lambda delta: [delta],
-                                make_loop=lambda s, r, b, p, **_: PipelineStepLoop(s, r, b, p))
+    buckets = made[0][1]
+    loop = DataParallelStepLoop(dps, DataParallelRunner(pipes),
+                                make_loop=lambda s, r: PipelineStepLoop(s, r, buckets, lambda delta: [delta]))
     requests = echo_requests(random.Random(7), 12, VOCAB)  # more than one replica's max_num_seqs
     got: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     tick = 0
@@ -182,7 +183,7 @@ def test_dp_across_processes_replicates_and_dp_pp_is_refused(monkeypatch):
     from energon_jax.parallel import runtime
     from energon_jax.parallel.runtime import ParallelOptions
 
-    assert ParallelOptions(dp=2, pp=2, tp=2).parallel.num_devices == 8  # dp x pp is a layout now
+    assert ParallelOptions(dp=2, pp=2, tp=2).num_devices == 8  # dp x pp is a layout now
     assert runtime.dp_replicas(ParallelOptions(dp=2)) and not runtime.dp_replicas(ParallelOptions(tp=2))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     # Across processes dp replicates one broadcast step over the global mesh (no replicas; the

@@ -24,6 +24,7 @@ import pytest
 
 from energon_jax.parallel.distributed import DistributedConfig, add_distributed_arguments, config_from_args
 from energon_jax.parallel.launch import LaunchConfig, launch, worker_env
+from energon_jax.parallel.options import ParallelOptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -217,9 +218,9 @@ def _child_collective(outdir: str) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from energon_jax.parallel.mesh import ParallelConfig, make_mesh
+    from energon_jax.parallel.mesh import make_mesh
 
-    mesh = make_mesh(ParallelConfig(tp=4))
+    mesh = make_mesh(ParallelOptions(tp=4))
     x = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)
     xs = jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("tp", None)), lambda i: x[i])
     rep = NamedSharding(mesh, P())
@@ -246,9 +247,9 @@ def _child_hang(outdir: str) -> None:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from energon_jax.parallel.mesh import ParallelConfig, make_mesh
+    from energon_jax.parallel.mesh import make_mesh
 
-    mesh = make_mesh(ParallelConfig(tp=4))
+    mesh = make_mesh(ParallelOptions(tp=4))
     x = jax.make_array_from_callback((4,), NamedSharding(mesh, P("tp")), lambda i: np.ones(4, np.float32)[i])
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
     total(x).block_until_ready()

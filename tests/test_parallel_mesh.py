@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from energon_jax.parallel.options import ParallelOptions
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -41,37 +43,36 @@ def run_child(script: str, *args: str, devices: int = 8, timeout: int = 600) -> 
 
 
 def test_parallel_config_rejects_bad_sizes():
-    from energon_jax.parallel.mesh import ParallelConfig
 
     with pytest.raises(ValueError, match=r"tp=0 must be an integer >= 1"):
-        ParallelConfig(tp=0)
+        ParallelOptions(tp=0)
     with pytest.raises(ValueError, match=r"pp=-1"):
-        ParallelConfig(pp=-1)
-    assert ParallelConfig(dp=2, pp=3, tp=4).num_devices == 24
+        ParallelOptions(pp=-1)
+    assert ParallelOptions(dp=2, pp=3, tp=4).num_devices == 24
 
 
 def test_more_devices_than_exist_says_why():
     import jax
 
-    from energon_jax.parallel.mesh import ParallelConfig, make_mesh
+    from energon_jax.parallel.mesh import make_mesh
 
     n = len(jax.devices())
     with pytest.raises(ValueError, match=rf"{n + 1} devices asked, but only {n} exist"):
-        make_mesh(ParallelConfig(tp=n + 1))
+        make_mesh(ParallelOptions(tp=n + 1))
 
 
 def test_tp_must_divide_heads():
-    from energon_jax.parallel.mesh import ParallelConfig, validate_model_parallelism
+    from energon_jax.parallel.mesh import validate_model_parallelism
 
     with pytest.raises(ValueError, match=r"tp=3 must divide num_heads=8"):
-        validate_model_parallelism(ParallelConfig(tp=3), num_heads=8, num_kv_heads=8, num_layers=2)
+        validate_model_parallelism(ParallelOptions(tp=3), num_heads=8, num_kv_heads=8, num_layers=2)
     with pytest.raises(ValueError, match=r"tp=4 must divide intermediate_size=6"):
         validate_model_parallelism(
-            ParallelConfig(tp=4), num_heads=8, num_kv_heads=4, num_layers=2, intermediate_size=6
+            ParallelOptions(tp=4), num_heads=8, num_kv_heads=4, num_layers=2, intermediate_size=6
         )
     with pytest.raises(ValueError, match=r"pp=3 must be <= num_layers=2"):
-        validate_model_parallelism(ParallelConfig(pp=3), num_heads=8, num_kv_heads=8, num_layers=2)
-    validate_model_parallelism(ParallelConfig(tp=8, pp=2), num_heads=8, num_kv_heads=2, num_layers=2)
+        validate_model_parallelism(ParallelOptions(pp=3), num_heads=8, num_kv_heads=8, num_layers=2)
+    validate_model_parallelism(ParallelOptions(tp=8, pp=2), num_heads=8, num_kv_heads=2, num_layers=2)
 
 
 def test_kv_heads_rule():
@@ -142,12 +143,12 @@ def _child_load(tmp: str) -> dict:
     from flax import nnx
 
     import models
-    from energon_jax.parallel.mesh import ParallelConfig, make_mesh, param_sharding_fn, replicated, sharding_rules
+    from energon_jax.parallel.mesh import make_mesh, param_sharding_fn, replicated, sharding_rules
     from hf_fixtures import make_tiny_checkpoint
 
     path = make_tiny_checkpoint(os.path.join(tmp, "llama"), "llama")
     ref_model, config = models.load(path, "float32")
-    mesh = make_mesh(ParallelConfig(tp=4))
+    mesh = make_mesh(ParallelOptions(tp=4))
     rules = sharding_rules(4, num_kv_heads=config.num_kv_heads)
     model, _ = models.load(path, "float32", param_sharding=param_sharding_fn(mesh, rules))
     rng = np.random.default_rng(3)
@@ -228,7 +229,7 @@ def _child_tp() -> dict:
     from flax import nnx
 
     from energon_jax.parallel.mesh import (
-        ParallelConfig, kv_pages_sharding, make_mesh, replicated, shard_model, sharding_rules,
+        kv_pages_sharding, make_mesh, replicated, shard_model, sharding_rules,
     )
     from pallas_kernels import PagedAttentionMetadata, make_kv_pages
 
@@ -248,7 +249,7 @@ def _child_tp() -> dict:
 
     def run(tp: int):
         model = TinyLM()
-        mesh = make_mesh(ParallelConfig(tp=tp))
+        mesh = make_mesh(ParallelOptions(tp=tp))
         rules = sharding_rules(tp, num_kv_heads=num_kv)
         shard_model(model, mesh, rules)
         ps = kv_pages_sharding(mesh, rules)

@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from test_parallel_mesh import ROOT, run_child
+from energon_jax.parallel.options import ParallelOptions
 
 # Llama (GQA), GPT-2 (fused qkv, uneven vocab) and Mixtral (experts) run by default; Qwen2 and
 # OPT repeat the same layouts with biases, so they are in the slow set to keep the default run short.
@@ -119,7 +120,7 @@ def _child(family: str) -> dict:
     from flax import nnx
 
     from energon_jax.parallel.mesh import (
-        ParallelConfig, kv_pages_sharding, make_mesh, replicated, shard_model, sharding_rules,
+        kv_pages_sharding, make_mesh, replicated, shard_model, sharding_rules,
         validate_model_parallelism,
     )
     from pallas_kernels import PagedAttentionMetadata, make_kv_pages
@@ -131,7 +132,7 @@ def _child(family: str) -> dict:
 
     def run(tp: int):
         model, config = build_model(family)
-        pc = ParallelConfig(tp=tp)
+        pc = ParallelOptions(tp=tp)
         validate_model_parallelism(pc, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                                    num_layers=config.num_layers, intermediate_size=config.intermediate_size)
         mesh = make_mesh(pc)

@@ -14,7 +14,7 @@ from serving_harness import REPO, ServerProcess
 
 from energon_jax import compile_cache
 from energon_jax.cli import build_parser, main
-from energon_jax.engine import warm_up_with_progress
+from energon_jax.parallel.runtime import warm_up_with_progress
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -5,7 +5,8 @@ Replica ``r`` owns the sub-mesh ``mesh[r, :, :]`` (its own ``P * T`` devices), a
 of the weights placed there (sharded over its ``tp`` devices; with ``pp > 1`` split
 into stages, stage ``s`` on ``mesh[r, s, :]``), its own KV page pool of
 ``kv_cache_pages`` pages on those devices, its own ``Scheduler`` and its own step loop
-(``StepLoop``, or ``PipelineStepLoop`` for a pipeline replica: ``replica_loop``).
+(``StepLoop``, or ``PipelineStepLoop`` for a pipeline replica; ``runtime.build_executor``
+builds them).
 ``max_num_seqs``, ``max_num_batched_tokens`` and the KV pool are per replica: ``dp=N``
 serves up to ``N * max_num_seqs`` rows at once.
 
@@ -53,7 +54,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from energon_jax.request import Request, StreamDelta
-from energon_jax.step_loop import DispatchCounts, ProcessFn, StepLoop
+from energon_jax.step_loop import DispatchCounts, StepLoop
 
 
 @dataclasses.dataclass
@@ -197,21 +198,6 @@ class DataParallelScheduler:
         return self._sum("num_planned_ahead")
 
 
-def replica_loop(
-    scheduler: Any, runner: Any, buckets: Any, process: ProcessFn, *, split_prefill_decode: bool = False,
-    plans_ahead: bool = False,
-) -> StepLoop:
-    """One replica's step loop: ``PipelineStepLoop`` for a pipeline replica (``pp > 1``: one
-    tick per step; a micro-batch is never split nor planned past, so both options are moot
-    there), else ``StepLoop``."""
-    from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
-
-    if isinstance(runner, PipelineRunner):
-        return PipelineStepLoop(scheduler, runner, buckets, process)
-    return StepLoop(scheduler, runner, buckets, process, split_prefill_decode=split_prefill_decode,
-                    plans_ahead=plans_ahead)
-
-
 class DataParallelStepLoop:
     """The engine's step loop for ``dp > 1``: one ``StepLoop`` per replica, started together."""
 
@@ -219,23 +205,15 @@ class DataParallelStepLoop:
         self,
         scheduler: DataParallelScheduler,
         runner: DataParallelRunner,
-        buckets: Any,
-        process: ProcessFn,
         *,
-        split_prefill_decode: bool = False,
-        plans_ahead: bool = False,
-        make_loop: Callable[..., StepLoop] | None = None,
+        make_loop: Callable[[Any, Any], StepLoop],
     ) -> None:
+        """``make_loop(scheduler, runner)``: one replica's step loop (``runtime._loop_for``)."""
         if len(scheduler.replicas) != runner.dp:
             raise ValueError(f"{len(scheduler.replicas)} schedulers for {runner.dp} replica runners")
         self.scheduler = scheduler
         self.runner = runner
-        make_loop = replica_loop if make_loop is None else make_loop
-        self.loops = [
-            make_loop(s, r, buckets, process, split_prefill_decode=split_prefill_decode,
-                      plans_ahead=plans_ahead and getattr(r, "supports_prev_ids", False))
-            for s, r in zip(scheduler.replicas, runner.replicas)
-        ]
+        self.loops = [make_loop(s, r) for s, r in zip(scheduler.replicas, runner.replicas)]
 
     @property
     def num_planned_ahead(self) -> int:

@@ -31,45 +31,20 @@ sharded, so every tokenizer works at any ``tp``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("dp", "pp", "tp")
+from energon_jax.parallel.options import MESH_AXES, ParallelOptions
 
 # Logical axes an uneven size may replicate instead of failing (see module docstring).
 REPLICATE_IF_UNEVEN = frozenset({"vocab"})
 
-LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "expert", "norm", "qkv")
 
-
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-    """How many ways each mesh axis splits the devices: ``dp * pp * tp`` devices in all."""
-
-    dp: int = 1
-    pp: int = 1
-    tp: int = 1
-
-    def __post_init__(self) -> None:
-        for name in MESH_AXES:
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an integer >= 1")
-
-    @property
-    def num_devices(self) -> int:
-        return self.dp * self.pp * self.tp
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.dp, self.pp, self.tp)
-
-
-def make_mesh(config: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(config: ParallelOptions, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``("dp", "pp", "tp")`` mesh over ``devices`` (default: every device of every process).
 
     With more devices than asked, the first ``dp * pp * tp`` are used on one process;
@@ -120,7 +95,7 @@ def kv_heads_axis(tp: int, num_kv_heads: int) -> str | None:
 
 
 def validate_model_parallelism(
-    config: ParallelConfig,
+    config: ParallelOptions,
     *,
     num_heads: int,
     num_kv_heads: int,
@@ -137,7 +112,12 @@ def validate_model_parallelism(
         raise ValueError(f"tp={tp} must divide intermediate_size={intermediate_size} (the MLP is split over tp)")
     if pp > num_layers:
         raise ValueError(f"pp={pp} must be <= num_layers={num_layers} (each stage owns at least one layer)")
-    del num_experts  # expert weights follow the mlp rule unless expert_parallel is asked
+    if config.expert_parallel:  # whole experts per tp shard (else each expert's MLP follows the mlp rule)
+        if num_experts is None:
+            raise ValueError("expert_parallel=True needs a mixture-of-experts model; this one has no experts")
+        if num_experts % tp:
+            raise ValueError(f"tp={tp} must divide num_experts={num_experts} with expert_parallel=True "
+                             "(whole experts are spread over tp)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,22 +275,6 @@ def kv_pages_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, None, rules.mesh_axis("kv_heads"), None))
 
 
-def kv_scale_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
-    """Sharding of int8 page scales ``[P, S, K]``, matching ``kv_pages_sharding``."""
-    return NamedSharding(mesh, PartitionSpec(None, None, rules.mesh_axis("kv_heads")))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     """Step inputs (token ids, positions, page tables) are small and replicated."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def describe_placement(model: nnx.Module) -> Mapping[str, str]:
-    """Parameter path -> its partition spec, for logs and tests."""
-    out: dict[str, str] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        value = var.get_value()
-        sharding = getattr(value, "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        out[".".join(str(p) for p in path)] = str(spec)
-    return out

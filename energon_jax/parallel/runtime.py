@@ -1,76 +1,180 @@
-"""One entry point for the engine: the step runner for a parallel configuration.
+"""The one place a parallel layout becomes an executor: runner, scheduler (view), step loop.
 
-``Engine(..., tp=, pp=, dp=, offload=, resident_layers=)`` hands its options here and
-gets back an object with the ``ModelRunner`` interface (``step_async``, ``step``,
-``warmup``, ``num_compiles``, ``kv_cache``):
+``Engine`` hands one frozen ``ParallelOptions`` (``options.py``) and its sizes to
+``build_executor`` and gets back an ``Executor`` whose parts meet the ``Protocol``\\ s of
+``energon_jax/protocols.py``; the engine keeps only request bookkeeping. The layouts,
+one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is driven):
 
-- nothing asked, one process: a plain ``ModelRunner`` on the default device;
+- nothing asked, one process: a plain ``ModelRunner`` on the default device, which keeps
+  the penalty counts on the device (the other runners take each penalty row's history
+  in the batch);
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
-  split by KV head (``mesh.py``), one ``ModelRunner`` over all of it;
-- ``dp > 1``: a ``DataParallelRunner`` (``data_parallel.py``): ``dp`` independent
-  replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` (its own ``pp * tp``
-  devices) with its own copy of the weights and its own KV page pool of ``num_pages``
-  pages: a ``ModelRunner``, or with ``pp > 1`` a ``PipelineRunner`` over that slice
-  (stage ``s`` on ``mesh[r, s, :]``); the engine gives each replica its own scheduler
-  and step loop. Within one process only: across processes (``jax.distributed``) the
-  controller broadcasts one runner's steps, so there ``dp`` falls back to one
-  ``ModelRunner`` over the whole ``(dp, 1, tp)`` mesh that every ``dp`` group computes
-  alike (correct, no extra throughput; logged as a warning);
-- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers, each on ``mesh[:, s, :]``),
-  which the engine drives with ``PipelineStepLoop`` (``pp`` micro-batches in flight);
-  single-process for now;
+  split by KV head (``mesh.py``), one ``ModelRunner`` over all of it; with
+  ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
+- ``dp > 1`` in one process: a ``DataParallelRunner`` (``data_parallel.py``): ``dp``
+  independent replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` with its own
+  weights and KV pool (a ``ModelRunner``, or a ``PipelineRunner`` when ``pp > 1``), each
+  with its own ``Scheduler`` and step loop behind ``DataParallelScheduler`` and
+  ``DataParallelStepLoop``. Across processes the controller broadcasts one runner's
+  steps, so there ``dp`` falls back to one ``ModelRunner`` over the whole
+  ``(dp, 1, tp)`` mesh that every ``dp`` group computes alike (logged as a warning);
+- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers on ``mesh[:, s, :]``)
+  driven by ``PipelineStepLoop`` (``pp`` micro-batches in flight); single-process;
 - ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
 - more than one process: whatever the above gave, wrapped in a ``Controller`` so that
   process 0's steps are broadcast and every process runs them (workers call
   ``controller.serve()``).
 
-The model is validated against the layout first, so an impossible configuration is a
-``ValueError`` that says why before anything is placed.
+A new layout is one branch in ``build_runner`` and, if it needs its own clock, one in
+``_loop_for``. The model is validated against the layout first, so an impossible
+configuration is a ``ValueError`` that says why before anything is placed.
+``load_sharding`` reads the same options to load a tensor-parallel checkpoint straight
+into its shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
 from energon_jax.parallel.mesh import (
-    ParallelConfig, kv_pages_sharding, make_mesh, param_sharding_fn, placed_copy, replica_meshes, shard_model,
-    sharding_rules, validate_model_parallelism,
+    kv_pages_sharding, make_mesh, param_sharding_fn, placed_copy, replica_meshes, shard_model, sharding_rules,
+    validate_model_parallelism,
 )
-from energon_jax.parallel.memory_pool import OffloadConfig
+from energon_jax.parallel.options import ParallelOptions
+from energon_jax.protocols import CompiledRunner, EngineLoop, SchedulerView, StepRunner
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "Executor", "ParallelOptions", "build_executor", "build_runner", "dp_replicas", "load_sharding",
+    "warm_up_with_progress",
+]
+
+# Row buckets per token bucket (batch.Buckets.row_split): from 64 rows, also 1/8 and 1/64 of
+# the full one (>= 4 rows). Defaults (32 seqs, 512 tokens): 9 step shapes as before; 256
+# seqs, 2048 tokens: 31 instead of 13, and a one-row prefill chunk samples 4 rows, not 256.
+ROW_SPLIT = 8
+
 
 @dataclasses.dataclass(frozen=True)
-class ParallelOptions:
-    dp: int = 1
-    pp: int = 1
-    tp: int = 1
-    offload: str | None = None  # "host" | "peer"
-    resident_layers: int | None = None
-    expert_parallel: bool = False
+class Executor:
+    """What runs the engine's steps, built by ``build_executor``."""
 
-    def __post_init__(self) -> None:
-        ParallelConfig(self.dp, self.pp, self.tp)  # validates the sizes
-        if self.offload is None:
-            if self.resident_layers is not None:
-                raise ValueError(f"resident_layers={self.resident_layers} needs offload='host' or 'peer'")
-            return
-        OffloadConfig(self.offload, self.resident_layers if self.resident_layers is not None else 1)
-        if (self.dp, self.pp, self.tp) != (1, 1, 1):
-            raise ValueError(
-                f"offload={self.offload!r} runs on one compute device: dp={self.dp}, pp={self.pp}, tp={self.tp} "
-                "must all be 1"
-            )
+    runner: CompiledRunner
+    scheduler: SchedulerView
+    loop: EngineLoop
+    buckets: Any  # batch.Buckets: the step shapes every part was built for
+    async_scheduling: bool  # whether the loop really plans step N+1 before N's ids are fetched
+    overlap: str  # why (or why not), in words
 
-    @property
-    def parallel(self) -> ParallelConfig:
-        return ParallelConfig(self.dp, self.pp, self.tp)
+
+def device_penalties(options: ParallelOptions) -> bool:
+    """Whether the runner keeps penalty counts on the device (the plain single-device one)."""
+    return options.single_device and jax.process_count() == 1
+
+
+def build_executor(
+    model: Any,
+    model_config: Any,
+    options: ParallelOptions,
+    config: Any,
+    *,
+    process: Any,
+    eos_token_ids: Sequence[int],
+    min_token_bucket: int,
+    split_prefill_decode: bool,
+    async_scheduling: bool,
+    enable_prefix_caching: bool,
+    prefix_cache_seed: int,
+) -> Executor:
+    """Runner, scheduler(s) and step loop for ``options`` over ``config`` (an ``EngineConfig``).
+
+    ``process``: the engine's callback turning a scheduler delta into its ``StreamDelta``\\ s."""
+    from energon_jax import batch as batch_lib
+    from energon_jax.engine_config import param_dtype
+    from energon_jax.scheduler import Scheduler, SchedulerConfig
+
+    c = config
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+        max_model_len=c.max_model_len, page_size=c.page_size, num_pages=c.num_pages,
+        static_batching=c.static_batching, enable_prefix_caching=enable_prefix_caching,
+        prefix_cache_seed=prefix_cache_seed,
+        attention_window=getattr(model_config, "kv_window", None),  # sliding window: release old pages
+    )
+    on_device = device_penalties(options)
+    buckets = batch_lib.Buckets.create(
+        max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
+        max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=min_token_bucket,
+        penalty_tables=on_device, row_split=ROW_SPLIT,
+    )
+    runner = build_runner(
+        model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=param_dtype(model),
+        options=options, templates=batch_lib.warmup_batches(buckets),
+        max_rows=max(b for _, b in buckets.all_shapes()), penalty_slots=c.max_num_seqs if on_device else 0,
+    )
+
+    def new_scheduler() -> Scheduler:
+        return Scheduler(scheduler_config, eos_token_ids=eos_token_ids)
+
+    def loop_for(scheduler: Any, replica: Any) -> EngineLoop:
+        return _loop_for(replica, scheduler, buckets, process, split_prefill_decode, async_scheduling)
+
+    if dp_replicas(options):  # one scheduler (page pool, limits) and step loop per replica
+        from energon_jax.parallel.data_parallel import DataParallelScheduler, DataParallelStepLoop
+
+        scheduler: SchedulerView = DataParallelScheduler([new_scheduler() for _ in range(options.dp)])
+        loop: EngineLoop = DataParallelStepLoop(scheduler, runner, make_loop=loop_for)
+    else:
+        scheduler = new_scheduler()
+        loop = loop_for(scheduler, runner)
+    ahead, overlap = describe_overlap(loop, runner, options, asked=async_scheduling)
+    return Executor(runner, scheduler, loop, buckets, ahead, overlap)
+
+
+def _loop_for(runner: Any, scheduler: Any, buckets: Any, process: Any, split: bool, ahead: bool) -> EngineLoop:
+    """The step loop that drives one (replica's) runner: a pipeline ticks, others step."""
+    from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
+    from energon_jax.step_loop import StepLoop
+
+    if isinstance(runner, PipelineRunner):  # a micro-batch is never split nor planned past
+        return PipelineStepLoop(scheduler, runner, buckets, process)
+    return StepLoop(scheduler, runner, buckets, process, split_prefill_decode=split,
+                    plans_ahead=ahead and getattr(runner, "supports_prev_ids", False))
+
+
+def describe_overlap(loop: Any, runner: Any, options: ParallelOptions, *, asked: bool) -> tuple[bool, str]:
+    """Whether ``loop`` plans ahead, and why in words. A layout that cannot (a runner that cannot
+    take the previous step's ids on device, a pipeline whose overlap is its micro-batches) logs
+    it once, so asking for ``async_scheduling=True`` never silently runs synchronous steps."""
+    loops = getattr(loop, "loops", [loop])
+    ahead = bool(loops) and all(getattr(one, "plans_ahead", False) for one in loops)
+    if ahead:
+        text = "plans ahead: step N+1 is planned and dispatched before step N's ids are fetched"
+    elif options.pp > 1:
+        text = (f"pipeline: {options.pp} micro-batches in flight, one tick per step; the host "
+                "fetches the micro-batch leaving each tick (no planning ahead)")
+    elif asked:
+        text = f"synchronous: the {type(runner).__name__} cannot take the previous step's ids on device"
+    else:
+        text = "synchronous: async_scheduling=False"
+    if asked and not ahead:
+        log.warning("async_scheduling is off for this layout: %s", text)
+    return ahead, text
+
+
+def validate_layout(options: ParallelOptions, model_config: Any) -> None:
+    """The ``ValueError`` saying why ``options`` cannot run this model, before anything is placed."""
+    c = model_config
+    validate_model_parallelism(
+        options, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
+        intermediate_size=getattr(c, "intermediate_size", None), num_experts=getattr(c, "num_experts", None),
+    )
 
 
 def build_runner(
@@ -83,28 +187,34 @@ def build_runner(
     options: ParallelOptions,
     templates: Sequence[Any] = (),
     max_rows: int = 256,
-) -> Any:
+    penalty_slots: int = 0,
+) -> CompiledRunner:
     """The runner for ``options`` (see the module docstring). ``templates``: one batch per step
     shape (``batch.warmup_batches``), needed only across processes. ``max_rows``: the most rows
-    of a step (``ModelRunner``'s sampled-ids buffer, for planning ahead)."""
+    of a step (``ModelRunner``'s sampled-ids buffer, for planning ahead). ``penalty_slots``:
+    device penalty tables of the plain single-device runner (``device_penalties``)."""
     from energon_jax.runner import ModelRunner
-    from pallas_kernels import make_kv_pages
 
     c = model_config
-    validate_model_parallelism(
-        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
-        intermediate_size=getattr(c, "intermediate_size", None),
-    )
+    validate_layout(options, c)
+
+    def kv_pages(sharding: Any = None) -> tuple:
+        from pallas_kernels import make_kv_pages
+
+        return tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
+                     for _ in range(c.num_layers))
+
+    if device_penalties(options):
+        return ModelRunner(model, kv_pages(), max_rows=max_rows, penalty_slots=penalty_slots, vocab=c.vocab_size)
     if options.offload is not None:
-        from energon_jax.parallel.memory_pool import OffloadedRunner
+        from energon_jax.parallel.memory_pool import OffloadConfig, OffloadedRunner
         from energon_jax.parallel.stages import decoder_parts
 
         if jax.process_count() > 1:
             raise ValueError("offload is single-process: run it without jax.distributed")
         k = options.resident_layers if options.resident_layers is not None else 1
-        runner = OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
-                                 num_pages=num_pages, page_size=page_size)
-        return runner
+        return OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
+                               num_pages=num_pages, page_size=page_size)
     if options.dp > 1 and jax.process_count() > 1:
         if options.pp > 1:
             raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
@@ -112,31 +222,25 @@ def build_runner(
         log.warning("dp=%d across %d processes: every dp group computes the same step (the controller broadcasts "
                     "one runner's steps); dp adds throughput only within one process", options.dp,
                     jax.process_count())
-    mesh = make_mesh(options.parallel)
+    mesh = make_mesh(options)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
+    parts = _pipeline_parts(model, options.pp)
     if dp_replicas(options):
         from energon_jax.parallel.data_parallel import DataParallelRunner
 
-        replicas = []
-        parts = _pipeline_parts(model, options.pp)
+        replicas: list[StepRunner] = []
         for m in replica_meshes(mesh):  # each replica: its own weights and pages on its own devices
             if parts is not None:  # a pipeline over mesh[r, :, :]: stage s on mesh[r, s, :]
                 replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype))
-                continue
-            sharding = kv_pages_sharding(m, rules)
-            kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
-                       for _ in range(c.num_layers))
-            replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
+            else:
+                kv = kv_pages(kv_pages_sharding(m, rules))
+                replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
         return DataParallelRunner(replicas)
-    parts = _pipeline_parts(model, options.pp)
     if parts is not None:
-        runner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype)
+        runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype)
     else:
         shard_model(model, mesh, rules)
-        sharding = kv_pages_sharding(mesh, rules)
-        kv = tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
-                   for _ in range(c.num_layers))
-        runner = ModelRunner(model, kv, max_rows=max_rows)
+        runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
 
@@ -170,23 +274,49 @@ def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_siz
     return PipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, kv_dtype=kv_dtype)
 
 
-def load_sharding(model_config: Any, engine_kwargs: dict[str, Any]) -> Any:
+def load_sharding(model_config: Any, options: ParallelOptions) -> Any:
     """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
 
     Only the plain tp/dp layout loads into shards (with ``dp > 1``, replica 0's): the pipeline
-    and offload runners place the layers themselves, and ``build_runner`` validates the layout
-    again either way."""
-    keys = ("dp", "pp", "tp", "offload", "resident_layers")
-    options = ParallelOptions(**{k: engine_kwargs[k] for k in keys if k in engine_kwargs})
+    and offload runners place the layers themselves. The layout is validated here first, so a
+    bad one fails before any weight is read."""
     if options.tp <= 1 or options.pp > 1 or options.offload is not None or model_config.is_encoder:
         return None
-    c = model_config
-    validate_model_parallelism(  # the same ValueError build_runner would give, before any weight is read
-        options.parallel, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_layers=c.num_layers,
-        intermediate_size=getattr(c, "intermediate_size", None),
-    )
-    rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads)
-    mesh = make_mesh(options.parallel)
+    validate_layout(options, model_config)
+    rules = sharding_rules(options.tp, num_kv_heads=model_config.num_kv_heads,
+                           expert_parallel=options.expert_parallel)
+    mesh = make_mesh(options)
     if dp_replicas(options):  # load into replica 0's shards; build_runner copies them to the others
         mesh = replica_meshes(mesh)[0]
     return param_sharding_fn(mesh, rules)
+
+
+def warm_up_with_progress(runner: CompiledRunner, batches: Sequence[Any]) -> int:
+    """``runner.warmup(batches)`` under a progress bar (stderr, process 0) that ticks per compile."""
+    from tqdm.auto import tqdm
+
+    replicas = len(getattr(runner, "replicas", ())) or 1  # dp: each replica compiles its own
+    with tqdm(total=len(batches) * replicas, desc="warm-up compiles", unit="shape",
+              disable=jax.process_index() != 0) as bar:
+        return runner.warmup(_Ticking(batches, bar))
+
+
+class _Ticking(Sequence[Any]):
+    """The warm-up batches; each pass ticks ``bar`` once a batch has been handled.
+
+    A Sequence (not a one-shot iterator): a dp runner walks it once per replica.
+    """
+
+    def __init__(self, batches: Sequence[Any], bar: Any) -> None:
+        self._batches, self._bar = batches, bar
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._batches[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._batches:
+            yield batch  # the runner compiles it before asking for the next
+            self._bar.update(1)
