@@ -116,7 +116,8 @@ class AsyncEngine:
             architecture=e.model_config.architecture,
             max_model_len=e.config.max_model_len,
             vocab_size=e.model_config.vocab_size,
-            layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp},
+            layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp,
+                    **({} if getattr(e, "disagg", None) is None else e.disagg.layout())},
             model=e.model_path or "",
             overlap=getattr(e, "overlap", ""),
         )

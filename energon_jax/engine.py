@@ -108,6 +108,10 @@ class Engine:
         kv_cache_memory_fraction: float = DEFAULT_KV_CACHE_MEMORY_FRACTION,
         enable_prefix_caching: bool = True,
         prefix_cache_seed: int | None = None,
+        prefill_devices: int | None = None,
+        decode_devices: int | None = None,
+        prefill_tp: int | None = None,
+        decode_tp: int | None = None,
     ) -> None:
         # The parallel layout: one frozen object (``parallel=``, or built here from the shorthand),
         # turned into runner, scheduler and step loop by parallel/runtime.py.
@@ -116,6 +120,13 @@ class Engine:
         if parallel is not None and not shorthand.single_device:
             raise ValueError(f"give parallel={parallel} or tp/pp/dp/offload/expert_parallel, not both")
         self.parallel = shorthand if parallel is None else parallel
+        from energon_jax.disagg import DisaggOptions
+
+        # Prefill and decode on disjoint device groups (disagg.py); None: colocated, the default.
+        self.disagg = DisaggOptions.from_kwargs(prefill_devices, decode_devices, prefill_tp, decode_tp)
+        if self.disagg is not None and not self.parallel.single_device:
+            raise ValueError(f"prefill_devices/decode_devices lay out the devices themselves: parallel={self.parallel} "
+                             "must be the default (tp, pp, dp, offload unset)")
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_path = model_path
@@ -195,8 +206,13 @@ class Engine:
         """Runner, scheduler (view) and step loop for ``self.parallel`` (``parallel/runtime.py``)."""
         from energon_jax.parallel.runtime import build_executor
 
+        layout: Any = self.parallel
+        if self.disagg is not None:  # two device groups, pages moved between them (disagg.py)
+            from energon_jax.disagg import build_disagg_executor as build_executor
+
+            layout = self.disagg
         ex = build_executor(
-            self._model, self.model_config, self.parallel, self.config, process=self._process,
+            self._model, self.model_config, layout, self.config, process=self._process,
             eos_token_ids=self.eos_token_ids, min_token_bucket=self._min_token_bucket,
             split_prefill_decode=self.split_prefill_decode, async_scheduling=self._async_asked,
             enable_prefix_caching=self.enable_prefix_caching, prefix_cache_seed=self._prefix_cache_seed,

@@ -292,6 +292,36 @@ class Scheduler:
         self._requests.pop(req.request_id, None)
         self._static_batch.discard(req.request_id)
 
+    # -- handing a running request to another pool (disagg.py: prefill group -> decode group) --
+    def detach(self, request_id: str) -> Request:
+        """Take a running request off this scheduler, its pages still referenced in ``allocator``:
+        the caller copies them elsewhere, then ``allocator.free(live_pages(req.pages))``.
+
+        ``RuntimeError`` when it is not running here or a plan in flight still holds it."""
+        req = self._requests.get(request_id)
+        if req is None or req not in self._running:
+            raise RuntimeError(f"detach: request_id={request_id!r} is not running here")
+        if any(row.request is req for plan in self._in_flight for row in plan.rows):
+            raise RuntimeError(f"detach: request_id={request_id!r} has a row in a plan in flight")
+        self._running.remove(req)
+        if self.prefix_cache is not None:  # its published pages stay hits after the caller frees them
+            self.prefix_cache.forget(req)
+        self._requests.pop(request_id)
+        self._static_batch.discard(request_id)
+        return req
+
+    def attach(self, request: Request) -> None:
+        """Adopt a running request whose ``pages`` this scheduler's ``allocator`` handed out and
+        whose first ``num_computed_tokens`` K/V they already hold; it decodes from the next plan."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise RuntimeError(f"attach: request_id={rid!r} is already in use here")
+        if request.status is not RequestStatus.RUNNING or self.prefix_cache is not None:
+            raise RuntimeError(f"attach: request_id={rid!r} has status={request.status.value} "
+                               f"(must be running) or this scheduler caches prefixes (it must not)")
+        self._requests[rid] = request
+        self._running.append(request)
+
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step's rows, or ``None`` when there is nothing to run."""

@@ -28,6 +28,14 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dp", type=int, default=None, help="data-parallel degree")
     g.add_argument("--offload", choices=("host", "peer"), default=None, help="stream layers from host or peer memory")
     g.add_argument("--resident-layers", type=int, default=None, help="layers kept on device with --offload")
+    d = parser.add_argument_group("prefill/decode disaggregation (energon_jax/disagg.py)")
+    d.add_argument("--prefill-devices", type=int, default=None,
+                   help="prefill on the first N devices, decode on the next --decode-devices (default: colocated)")
+    d.add_argument("--decode-devices", type=int, default=None, help="devices of the decode group")
+    d.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel degree of the prefill group "
+                   "(default and only value for now: --prefill-devices)")
+    d.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of the decode group "
+                   "(default and only value for now: --decode-devices)")
     c = parser.add_argument_group("prefix caching (energon_jax/kv_cache.py)")
     c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                    help="recompute every prompt from its first token (default: reuse cached KV pages of shared prefixes)")
@@ -37,7 +45,8 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The engine keyword arguments of the flags above that were given."""
-    names = ("tp", "pp", "dp", "offload", "resident_layers", "enable_prefix_caching", "prefix_cache_seed")
+    names = ("tp", "pp", "dp", "offload", "resident_layers", "enable_prefix_caching", "prefix_cache_seed",
+             "prefill_devices", "decode_devices", "prefill_tp", "decode_tp")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

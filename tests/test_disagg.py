@@ -1,0 +1,311 @@
+"""Prefill/decode disaggregation in one process (``energon_jax/disagg.py``).
+
+Engine-level checks run in a child process with several simulated CPU devices
+(``--xla_force_host_platform_device_count``), since the test process has one:
+
+- default run, ``prefill_devices=1, decode_devices=1`` on the tiny decoder: greedy tokens
+  equal a colocated engine's for prompts of many lengths (1 token, exact page multiples,
+  one chunk exactly, longer than two chunks), arriving over several steps while the decode
+  group is full (so requests wait in the transfer queue and the prefill group keeps
+  running); the first token is sampled on the prefill group and every later one on the
+  decode group (each group's dispatched token counts); both groups had a step on their
+  devices at once; each group's pages live on its own device. Then aborts: one request
+  waiting in the transfer queue, one decoding, one still in the inbox; the queue's bound
+  holds; every page of both pools is back at the end.
+- slow: ``P=2 (tp2), D=2 (tp2)`` and ``P=1, D=2 (tp2)`` on the demo model, and int8 KV
+  pages (both engines' pools swapped to int8 before their first step).
+
+In process (one device): ``PageMover`` copies float and int8 pages (scales included)
+between two pools; option errors name the field.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from test_parallel_mesh import run_child
+
+LENGTHS = [1, 2, 3, 4, 7, 8, 12, 15, 16, 17, 31, 32, 33, 45]  # page 4, chunk 16
+ENGINE_KW = dict(max_model_len=128, page_size=4, max_num_seqs=3, max_num_batched_tokens=16, kv_cache_pages=40,
+                 warmup=False, prefix_cache_seed=1)
+
+
+def _prompts(lengths, seed: int = 0, vocab: int = 97) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(1, vocab, n)] for n in lengths]
+
+
+# ----------------------------------------------------------------------------- child process
+
+
+def _drive(engine, arrivals, on_step=None) -> tuple[dict[str, list[int]], dict]:
+    """Add ``(prompt, params, step)`` requests at their steps, step to the end; tokens by request id."""
+    tokens: dict[str, list[int]] = {}
+    rids: list[str] = []
+    step = 0
+    facts = {"prefill_ran_while_pending": 0, "max_pending": 0, "inbox_while_full": 0}
+    while len(rids) < len(arrivals) or engine.has_unfinished():
+        for prompt, params, at in arrivals:
+            if at == step:
+                rid = engine.add_request(prompt, params)
+                rids.append(rid)
+                tokens[rid] = []
+        s = getattr(engine.scheduler, "pending", None)
+        pending_before = 0 if s is None else len(s)
+        before = engine._loop.prefill.counts.batches if s is not None else 0
+        for delta in engine.step():
+            tokens[delta.request_id].extend(delta.token_ids)
+        if s is not None:
+            sched = engine.scheduler
+            facts["max_pending"] = max(facts["max_pending"], len(sched.pending))
+            if pending_before and engine._loop.prefill.counts.batches > before:
+                facts["prefill_ran_while_pending"] += 1
+            if len(sched.pending) >= sched.max_pending and sched.inbox:
+                facts["inbox_while_full"] += 1
+        if on_step is not None:
+            on_step(engine, step, tokens)
+        step += 1
+        assert step < 2000, "the engine never finished"
+    return {rid: tokens[rid] for rid in rids}, facts
+
+
+def _child_p1d1() -> dict:
+    from tiny_decoder import TinyConfig, TinyDecoder
+
+    from energon_jax import Engine, SamplingParams
+
+    config = TinyConfig()
+    model = TinyDecoder(config, seed=3)
+    prompts = _prompts(LENGTHS)
+    params = [SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True) for _ in prompts]
+    params[4] = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)  # finishes on the prefill group
+    arrivals = [(p, sp, i // 3) for i, (p, sp) in enumerate(zip(prompts, params))]
+    colocated = Engine(model, config, **ENGINE_KW)
+    want, _ = _drive(colocated, arrivals)
+    engine = Engine(model, config, prefill_devices=1, decode_devices=1, **ENGINE_KW)
+    got, facts = _drive(engine, arrivals)
+    loop, runner, sched = engine._loop, engine.runner, engine.scheduler
+    out = {
+        "want": list(want.values()), "got": list(got.values()),
+        "prefill_tokens": loop.prefill.counts.tokens, "decode_tokens": loop.decode.counts.tokens,
+        "expected_prefill_tokens": sum(LENGTHS), "expected_decode_tokens": sum(sp.max_tokens - 1 for sp in params),
+        "prefix_hits": sched.prefix_cache_hits, "preemptions": sched.num_preemptions,
+        "both_on_device": loop.both_on_device, "transfers": runner.mover.stats.transfers,
+        "prefill_devices": sorted(d.id for d in runner.prefill.kv_cache[0].k.devices()),
+        "decode_devices": sorted(d.id for d in runner.decode.kv_cache[0].k.devices()),
+        "pages_after_finish": [sched.prefill.pages_used, sched.decode.pages_used],
+        "layout": engine.disagg.layout(), "overlap": engine.overlap, **facts,
+    }
+    out.update(_aborts(engine, prompts))
+    return out
+
+
+def _aborts(engine, prompts) -> dict:
+    """Long requests on a 3-row decode group, a transfer queue of 2: abort one in each place."""
+    from energon_jax import SamplingParams
+
+    sched = engine.scheduler
+    sched.max_pending = 2
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    arrivals = [(p, sp, 0) for p in prompts]
+    where: dict[str, str] = {}
+
+    def abort_once(eng, step, tokens):
+        if "pending" not in where and sched.pending:
+            rid = sched.pending[-1].request_id
+            where["pending"] = rid
+            assert eng.abort(rid) is not None
+        if "decode" not in where and sched.decode.running:
+            rid = sched.decode.running[0].request_id
+            where["decode"] = rid
+            eng.abort(rid)
+        if "inbox" not in where and sched.inbox:
+            rid = sched.inbox[-1].request_id
+            where["inbox"] = rid
+            eng.abort(rid)
+        where.setdefault("pages_mid_run", sched.prefill.pages_used + sched.decode.pages_used)
+
+    _, facts = _drive(engine, arrivals, abort_once)
+    return {"aborted_in": sorted(k for k in where if k != "pages_mid_run"),
+            "abort_max_pending": facts["max_pending"], "abort_inbox_while_full": facts["inbox_while_full"],
+            "pages_after_abort": [sched.prefill.pages_used, sched.decode.pages_used],
+            "allocated_after_abort": [sched.prefill.allocator.num_used, sched.decode.allocator.num_used],
+            "left": [len(sched.inbox), len(sched.pending), sched.prefill.has_work(), sched.decode.has_work()]}
+
+
+def _child_demo(case: str) -> dict:
+    """The demo model: colocated vs disaggregated layouts (``tp``), or int8 KV pages (``int8``)."""
+    import jax.numpy as jnp
+
+    from energon_jax import Engine, SamplingParams
+    from pallas_kernels import make_kv_pages
+
+    kw = dict(ENGINE_KW, max_model_len=256, page_size=8, max_num_batched_tokens=32, kv_cache_pages=80)
+    prompts = _prompts([1, 7, 8, 16, 31, 32, 33, 70], seed=1, vocab=4096)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    arrivals = [(p, sp, i // 2) for i, p in enumerate(prompts)]
+
+    def int8_pools(runner):
+        def like(pages):
+            n, s, k, h = pages.k.shape
+            return make_kv_pages(n, s, k, h, jnp.int8, sharding=pages.k.sharding)
+        runner.kv_cache = tuple(like(p) for p in runner.kv_cache)
+
+    colocated = Engine.from_pretrained(None, **kw)
+    if case == "int8":
+        int8_pools(colocated.runner)
+    want, _ = _drive(colocated, arrivals)
+    layouts = [(1, 1)] if case == "int8" else [(2, 2), (1, 2)]
+    out: dict = {"want": list(want.values()), "got": [], "pages": [], "scales": []}
+    for p, d in layouts:
+        engine = Engine.from_pretrained(None, prefill_devices=p, decode_devices=d, **kw)
+        if case == "int8":
+            int8_pools(engine.runner.prefill)
+            int8_pools(engine.runner.decode)
+            out["scales"].append(engine.runner.decode.kv_cache[0].k_scale is not None)
+        got, _ = _drive(engine, arrivals)
+        out["got"].append(list(got.values()))
+        s = engine.scheduler
+        out["pages"].append([s.prefill.pages_used, s.decode.pages_used])
+    return out
+
+
+# ----------------------------------------------------------------------------- default run
+
+
+@pytest.fixture(scope="module")
+def p1d1() -> dict:
+    return run_child(__file__, "p1d1", devices=2)
+
+
+def test_greedy_tokens_equal_colocated(p1d1):
+    assert len(p1d1["want"]) == len(LENGTHS)
+    assert p1d1["got"] == p1d1["want"]
+    assert [len(t) for t in p1d1["got"]] == [1 if i == 4 else 6 for i in range(len(LENGTHS))]
+
+
+def test_first_token_on_prefill_group_the_rest_on_decode(p1d1):
+    assert p1d1["prefix_hits"] == 0 and p1d1["preemptions"] == 0
+    assert p1d1["prefill_tokens"] == p1d1["expected_prefill_tokens"]
+    assert p1d1["decode_tokens"] == p1d1["expected_decode_tokens"]
+    assert p1d1["transfers"] == len(LENGTHS) - 1  # the max_tokens=1 request never moves
+
+
+def test_groups_on_disjoint_devices_compute_at_once(p1d1):
+    assert p1d1["prefill_devices"] == [0] and p1d1["decode_devices"] == [1]
+    assert p1d1["both_on_device"] > 0
+    assert p1d1["layout"] == {"prefill_devices": 1, "decode_devices": 1, "prefill_tp": 1, "decode_tp": 1}
+    assert p1d1["overlap"].startswith("disaggregated: prefill on devices 0..0 (tp=1), decode on devices 1..1")
+
+
+def test_queue_holds_prefilled_requests_while_prefill_runs_on(p1d1):
+    assert p1d1["max_pending"] > 0  # requests waited for decode pages/rows...
+    assert p1d1["prefill_ran_while_pending"] > 0  # ...while the prefill group went on
+
+
+def test_pages_back_after_finish_and_aborts(p1d1):
+    assert p1d1["pages_after_finish"] == [0, 0]
+    assert p1d1["aborted_in"] == ["decode", "inbox", "pending"]
+    assert p1d1["abort_max_pending"] <= 2 and p1d1["abort_inbox_while_full"] > 0  # back-pressure
+    assert p1d1["pages_after_abort"] == [0, 0] and p1d1["allocated_after_abort"] == [0, 0]
+    assert p1d1["left"] == [0, 0, False, False]
+
+
+def _pools(dtype, seed: int):
+    import jax.numpy as jnp
+
+    from pallas_kernels import KVPages, make_kv_pages
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(2):  # layers
+        p = make_kv_pages(9, 4, 2, 8, dtype)
+        fill = {f: jnp.asarray(rng.integers(-100, 100, a.shape).astype(a.dtype)) if a.dtype == jnp.int8
+                else jnp.asarray(rng.standard_normal(a.shape).astype(a.dtype))
+                for f, a in vars(p).items() if a is not None}
+        out.append(KVPages(**fill))
+    return tuple(out)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_page_mover_copies_pages_and_scales(dtype):
+    import jax
+
+    from energon_jax.disagg import PageMover
+
+    src, dst = _pools(dtype, 0), _pools(dtype, 1)
+    want = jax.tree.map(np.asarray, dst)
+    mover = PageMover(8)
+    assert mover.buckets == (1, 2, 4, 8)
+    out = mover.move(src, dst, [3, 5, 1], [7, 2, 4])  # padded to 4 pages with the null page
+    for layer_src, layer_out, layer_want in zip(src, out, want):
+        for field in ("k", "v", "k_scale", "v_scale"):
+            a, b, w = (getattr(x, field) for x in (layer_src, layer_out, layer_want))
+            if dtype == "float32" and field.endswith("scale"):
+                assert a is None and b is None
+                continue
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_array_equal(b[[7, 2, 4]], a[[3, 5, 1]])
+            untouched = [6, 8, 3, 5, 1]  # every page but the null page and the destinations
+            np.testing.assert_array_equal(b[untouched], w[untouched])
+    assert mover.num_compiles == 1
+
+
+def test_options_errors_name_the_field():
+    from tiny_decoder import TinyConfig, TinyDecoder
+
+    from energon_jax import Engine
+    from energon_jax.disagg import DisaggOptions
+
+    assert DisaggOptions.from_kwargs(None, None) is None
+    with pytest.raises(ValueError, match=r"give both prefill_devices=2 and decode_devices=None"):
+        DisaggOptions.from_kwargs(2, None)
+    with pytest.raises(ValueError, match=r"decode_devices=0 must be an integer >= 1"):
+        DisaggOptions(1, 0)
+    with pytest.raises(ValueError, match=r"prefill_tp=1 must equal prefill_devices=2"):
+        DisaggOptions(2, 2, prefill_tp=1)
+    with pytest.raises(ValueError, match=r"prefill_tp=2 / decode_tp=None need prefill_devices"):
+        DisaggOptions.from_kwargs(None, None, prefill_tp=2)
+    config = TinyConfig()
+    model = TinyDecoder(config, seed=3)
+    with pytest.raises(ValueError, match=r"= 3 devices asked, but only 1 exist"):
+        Engine(model, config, prefill_devices=1, decode_devices=2, **ENGINE_KW)
+    with pytest.raises(ValueError, match=r"must be the default \(tp, pp, dp, offload unset\)"):
+        Engine(model, config, prefill_devices=1, decode_devices=1, tp=2, **ENGINE_KW)
+
+
+def test_cli_flags_reach_the_engine():
+    from energon_jax.cli import build_parser
+    from energon_jax.commands.generate import parallel_kwargs
+
+    args = build_parser().parse_args(["generate", "hi", "--prefill-devices", "2", "--decode-devices", "1",
+                                      "--prefill-tp", "2"])
+    assert parallel_kwargs(args) == {"prefill_devices": 2, "decode_devices": 1, "prefill_tp": 2}
+
+
+# ----------------------------------------------------------------------------- slow run
+
+
+@pytest.mark.slow
+def test_tensor_parallel_groups_equal_colocated():
+    out = run_child(__file__, "tp", devices=4)
+    assert out["got"] == [out["want"], out["want"]]
+    assert out["pages"] == [[0, 0], [0, 0]]
+
+
+@pytest.mark.slow
+def test_int8_pages_move_with_their_scales():
+    out = run_child(__file__, "int8", devices=2)
+    assert out["scales"] == [True]
+    assert out["got"] == [out["want"]]
+    assert out["pages"] == [[0, 0]]
+
+
+if __name__ == "__main__":
+    case = sys.argv[1]
+    result = _child_p1d1() if case == "p1d1" else _child_demo(case)
+    print(json.dumps(result))
