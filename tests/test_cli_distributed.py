@@ -120,6 +120,7 @@ def test_from_pretrained_tp2_loads_into_shards_and_matches(tiny_checkpoint):
     assert out["tp"] == out["base"] and all(len(t) == 6 for t in out["tp"])
 
 
+@pytest.mark.slow  # the default run serves tp=2 over 2 processes through examples/tpu_pod/launch.sh --local
 @pytest.mark.timeout(300)
 def test_launch_serve_tp2_serves_one_api_and_stops_the_worker(tiny_checkpoint):
     """2 processes x 1 device: only process 0 binds the port; the stream equals ``generate``'s text;

@@ -98,11 +98,45 @@ def test_worker_env_and_launch_config():
 def test_launch_command_argv():
     from energon_jax.commands.launch import command_argv
 
-    assert command_argv(["--", "generate", "hi"], raw=False)[-3:] == ["energon_jax.cli", "generate", "hi"]
-    assert command_argv(["--", "energon", "serve"], raw=False)[-1] == "serve"
-    assert command_argv(["--", "python", "x.py"], raw=True) == ["python", "x.py"]
+    energon = [sys.executable, "-m", "energon_jax.cli"]
+    assert command_argv(["--", "generate", "hi"]) == [*energon, "generate", "hi"]
+    assert command_argv(["--", "energon", "serve", "--tp", "2"]) == [*energon, "serve", "--tp", "2"]
+    # A whole command line runs as given, as torchrun does; --raw forces that reading.
+    assert command_argv(["--", "python", "x.py", "serve"]) == ["python", "x.py", "serve"]
+    assert command_argv(["--", "bash", "-c", "energon serve"]) == ["bash", "-c", "energon serve"]
+    assert command_argv(["--", "serve"], raw=True) == ["serve"]
     with pytest.raises(ValueError, match=r"no command given"):
-        command_argv(["--"], raw=False)
+        command_argv(["--"])
+    with pytest.raises(ValueError, match=r"'energon' must be followed by a subcommand \(.*serve.*\), got nothing"):
+        command_argv(["--", "energon"])
+    with pytest.raises(ValueError, match=r"'energon' must be followed by a subcommand .*, got python"):
+        command_argv(["--", "energon", "python"])
+    with pytest.raises(ValueError, match=r"cannot launch itself"):
+        command_argv(["--", "energon", "launch", "-n", "2"])
+
+
+def test_launch_subcommands_match_the_parser():
+    from energon_jax.cli import build_parser
+    from energon_jax.commands.launch import subcommands
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert subcommands() == frozenset(sub.choices)
+
+
+def test_launch_runs_all_three_command_forms(tmp_path):
+    """``-- SUBCOMMAND``, ``-- energon SUBCOMMAND`` and ``-- PROGRAM ARGS`` each start 2 processes."""
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "energon_jax.cli", "launch", "-n", "2", "--", *command],
+                              env=_env(), capture_output=True, text=True, timeout=120)
+
+    for form in (["info", "--help"], ["energon", "info", "--help"]):
+        proc = run(*form)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("usage: energon info") == 2, proc.stdout
+    script = "import os, sys; open(os.path.join(sys.argv[1], os.environ['ENERGON_PROCESS_ID']), 'w').write('x')"
+    proc = run(sys.executable, "-c", script, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1"]
 
 
 def test_launch_propagates_exit_code():

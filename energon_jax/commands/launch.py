@@ -1,12 +1,17 @@
-"""``energon launch --num-processes N -- <energon command>``: a local multi-process run.
+"""``energon launch --num-processes N -- CMD``: a local multi-process run.
 
-Starts N copies of an energon command on 127.0.0.1, each joined to one
-``jax.distributed`` run (see ``energon_jax/parallel/launch.py``). Process 0 is the
-controller; the others follow it. Example, 2 processes x 2 simulated CPU devices:
+Starts N copies of a command on 127.0.0.1, each joined to one ``jax.distributed`` run
+(see ``energon_jax/parallel/launch.py``). Process 0 is the controller; the others
+follow it. As with ``torchrun``, CMD is either an energon subcommand or a whole
+command line:
 
     energon launch -n 2 --cpu-devices-per-process 2 -- generate --tp 4 "Hello"
+    energon launch -n 2 --cpu-devices-per-process 2 -- energon generate --tp 4 "Hello"
+    energon launch -n 2 -- python my_script.py        # any program (it reads ENERGON_*)
 
-``--raw`` runs any program instead of an energon subcommand (scripts, tests).
+A first word that names an energon subcommand (``serve``, ``generate``, ...) runs it with
+this interpreter; ``energon`` followed by one does the same; anything else is run as
+given. ``--raw`` forces the last reading (a program named like a subcommand).
 """
 
 from __future__ import annotations
@@ -28,12 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace-seconds", type=float, default=10.0,
                         help="after a failure or a signal, how long processes get to exit before SIGKILL")
     parser.add_argument("--raw", action="store_true",
-                        help="the command is a program to run as is, not an energon subcommand")
+                        help="run the command as given even when its first word names an energon subcommand")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
 
 
-def command_argv(command: list[str], *, raw: bool) -> list[str]:
-    """The argv each process runs."""
+def subcommands() -> frozenset[str]:
+    """The energon subcommand names (the last part of each ``cli.COMMANDS`` module; a test
+    checks them against the parser). Read without importing the modules: this process must
+    not start jax before it forks the workers (``launch._can_preexec``)."""
+    from energon_jax.cli import COMMANDS
+
+    return frozenset(name.rsplit(".", 1)[-1] for name in COMMANDS)
+
+
+def command_argv(command: list[str], *, raw: bool = False) -> list[str]:
+    """The argv each process runs (see the module docstring for the three forms)."""
     rest = command[1:] if command and command[0] == "--" else list(command)
     if not rest:
         raise ValueError("no command given: write it after '--', e.g. energon launch -n 2 -- generate 'hi'")
@@ -41,7 +55,13 @@ def command_argv(command: list[str], *, raw: bool) -> list[str]:
         return rest
     if rest[0] == "energon":
         rest = rest[1:]
-    if rest and rest[0] == NAME:
+        if not rest or rest[0] not in subcommands():
+            got = rest[0] if rest else "nothing"
+            raise ValueError(f"'energon' must be followed by a subcommand ({', '.join(sorted(subcommands()))}), "
+                             f"got {got}")
+    elif rest[0] not in subcommands():
+        return rest  # a whole command line: python script.py, bash -c ..., ./run.sh
+    if rest[0] == NAME:
         raise ValueError("energon launch cannot launch itself")
     return [sys.executable, "-m", "energon_jax.cli", *rest]
 

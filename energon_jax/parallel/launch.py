@@ -1,7 +1,9 @@
 """Start N processes of one command on this machine, wired into one jax.distributed run.
 
-``energon launch --num-processes N -- <energon command>`` is for development and
-tests: it stands in for a cluster by running every process on 127.0.0.1. Each child
+``energon launch --num-processes N -- CMD`` (an energon subcommand or a whole command
+line, ``commands/launch.py``) is for development and tests, and for rehearsing a pod
+(``examples/tpu_pod/launch.sh --local N``): it stands in for a cluster by running every
+process on 127.0.0.1. Each child
 gets ``ENERGON_COORDINATOR_ADDRESS`` (a free local port), ``ENERGON_NUM_PROCESSES``
 and ``ENERGON_PROCESS_ID``; ``parallel/distributed.py`` turns those into
 ``jax.distributed.initialize``. With ``cpu_devices_per_process`` each child also

@@ -8,11 +8,15 @@
 # wires the coordinator address (worker 0's internal IP) and forwards your flags.
 #
 # usage: examples/tpu_pod/launch.sh --tpu NAME --zone ZONE [options] -- <energon serve flags>
+#        examples/tpu_pod/launch.sh --local N [options] -- <energon serve flags>
 #
 #   --tpu NAME              TPU VM name (gcloud compute tpus tpu-vm list)
 #   --zone ZONE             its zone, e.g. us-east5-a
+#   --local N               rehearse on this machine: run the same per-worker command N
+#                           times here (coordinator 127.0.0.1), under `energon launch`
+#   --local-cpu-devices M   with --local: simulate M CPU devices in each process
 #   --project PROJECT       gcloud project (default: gcloud's configured one)
-#   --coordinator-ip IP     skip the lookup of worker 0's internal IP
+#   --coordinator-ip IP     skip the lookup of worker 0's internal IP (--local: 127.0.0.1)
 #   --coordinator-port N    coordinator port on worker 0 (default 8476)
 #   --workdir DIR           directory on the workers to run in (default: ~)
 #   --venv DIR              virtual environment on the workers to activate
@@ -22,6 +26,7 @@
 # example:
 #   examples/tpu_pod/launch.sh --tpu my-v5p-16 --zone us-east5-a --venv ~/venv -- \
 #       --model /data/llama-3-8b --tp 8 --port 50051
+#   examples/tpu_pod/launch.sh --local 2 --local-cpu-devices 2 -- --tp 4 --port 50051
 
 set -euo pipefail
 
@@ -43,6 +48,8 @@ coordinator_port=8476
 workdir=""
 venv=""
 dry_run=0
+local=0
+local_cpu_devices=""
 extra_env=()
 serve_flags=()
 
@@ -56,6 +63,8 @@ while (($# > 0)); do
     --workdir) workdir="${2:?--workdir needs a value}"; shift 2 ;;
     --venv) venv="${2:?--venv needs a value}"; shift 2 ;;
     --env) extra_env+=("${2:?--env needs KEY=VALUE}"); shift 2 ;;
+    --local) local="${2:?--local needs a number of processes}"; shift 2 ;;
+    --local-cpu-devices) local_cpu_devices="${2:?--local-cpu-devices needs a number}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h | --help) usage 0 ;;
     --) shift; serve_flags=("$@"); break ;;
@@ -63,8 +72,18 @@ while (($# > 0)); do
   esac
 done
 
-[[ -n "$tpu" ]] || die "--tpu is required"
-[[ -n "$zone" ]] || die "--zone is required"
+[[ "$local" =~ ^[0-9]+$ ]] || die "--local=$local must be a number of processes >= 1"
+if ((local > 0)); then
+  [[ -z "$tpu" && -z "$zone" && -z "$project" ]] || die "--local runs on this machine: drop --tpu/--zone/--project"
+  [[ -z "$coordinator_ip" ]] || die "--local puts the coordinator on 127.0.0.1: drop --coordinator-ip"
+  coordinator_ip=127.0.0.1
+else
+  [[ -n "$tpu" ]] || die "--tpu is required (or --local N to rehearse on this machine)"
+  [[ -n "$zone" ]] || die "--zone is required"
+  [[ -z "$local_cpu_devices" ]] || die "--local-cpu-devices needs --local N"
+fi
+[[ -z "$local_cpu_devices" || "$local_cpu_devices" =~ ^[1-9][0-9]*$ ]] ||
+  die "--local-cpu-devices=$local_cpu_devices must be a number >= 1"
 [[ "$coordinator_port" =~ ^[0-9]+$ ]] || die "--coordinator-port=$coordinator_port must be a number"
 for kv in "${extra_env[@]+"${extra_env[@]}"}"; do
   [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env $kv must be KEY=VALUE"
@@ -142,4 +161,21 @@ quote_words env "ENERGON_DISTRIBUTED=auto" "ENERGON_COORDINATOR_ADDRESS=${coordi
 remote+="$quoted"
 
 # 3. Start it on all workers at once; gcloud returns when every worker's process ends.
-run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_scope[@]}" --worker=all --command "$remote"
+if ((local == 0)); then
+  run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_scope[@]}" --worker=all --command "$remote"
+  exit 0
+fi
+
+# --local: the same command string, run by a shell N times on this machine. `energon launch`
+# plays the pod: it gives each copy its process index and count (TPU metadata does that on
+# a pod), and ends every copy when one fails or when this script is interrupted.
+launcher=(energon launch --num-processes "$local" --port "$coordinator_port")
+if [[ -n "$local_cpu_devices" ]]; then
+  launcher+=(--cpu-devices-per-process "$local_cpu_devices")
+fi
+if ((dry_run == 0)); then
+  command -v energon >/dev/null || die "--local needs 'energon' on PATH (activate the project's environment)"
+  show "${launcher[@]}" -- bash -c "$remote"
+  exec "${launcher[@]}" -- bash -c "$remote"
+fi
+show "${launcher[@]}" -- bash -c "$remote"
