@@ -74,7 +74,7 @@ def layer_bounds(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _rope(parts: DecoderParts) -> jax.Array:
+def rope_inv_freq(parts: DecoderParts) -> jax.Array:
     from models.layers import rope_inv_freq
 
     c = parts.config
@@ -98,17 +98,22 @@ def run_layers(parts: DecoderParts, first: int, layer_states: Any, kv_pages: tup
 def run_layer(parts: DecoderParts, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
     """One layer (``graphdef`` + ``state``) over ``x [T, D]``; returns ``(x, pages)``."""
     layer = nnx.merge(graphdef, state)
-    return layer(x, batch.positions, batch.segment_ids, _rope(parts), pages, batch.attn)
+    return layer(x, batch.positions, batch.segment_ids, rope_inv_freq(parts), pages, batch.attn)
 
 
 def run_head(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, batch: Any):
     """Final norm, the rows' last tokens, logits ``[B, V]`` float32, then on-device sampling."""
-    x = nnx.merge(parts.norm[0], norm_state)(x)[batch.logits_indices]  # [B, D]
+    return run_head_rows(parts, norm_state, head_state, x[batch.logits_indices], batch.sampling)
+
+
+def run_head_rows(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, sampling: Any):
+    """``run_head`` on the rows' last tokens ``x [B, D]`` already gathered (the norm is per token)."""
+    x = nnx.merge(parts.norm[0], norm_state)(x)  # [B, D]
     if parts.head is None:
         logits = nnx.merge(parts.embed[0], head_state).attend(x)
     else:
         logits = nnx.merge(parts.head[0], head_state)(x)
-    return sample(logits.astype(jnp.float32), batch.sampling)
+    return sample(logits.astype(jnp.float32), sampling)
 
 
 def head_piece(parts: DecoderParts) -> Piece:

@@ -1,0 +1,478 @@
+"""Pipeline parallelism as one SPMD program: one engine step is one jitted pipeline tick.
+
+The decoder's layers are stacked along a leading *slot* axis sharded over the mesh's
+``pp`` axis: stage ``s`` owns slots ``[s * n, (s + 1) * n)`` (``n = ceil(L / pp)``),
+filled with its layers ``layer_bounds(L, pp)[s]`` and, when ``L`` does not split
+evenly, with identity slots at the end (``active`` false: ``lax.cond`` skips them, so
+the activations pass through and their pages are never written). The KV pages are
+stacked the same way, ``[slots, P, S, K, H]`` sharded over ``pp`` (and over ``tp`` by
+KV head), so each stage's pages live on its own devices. Parameters inside a stage keep
+their tensor-parallel layout (``tp`` stays automatic: the ``shard_map`` is manual over
+``pp`` only).
+
+One ``tick(batch)`` is one call of one compiled function on every device::
+
+    x0 = embed(batch.input_ids)                       # vocab split over pp x tp
+    shard_map over pp, stage s:
+        meta, x = (batch, x0) if s == 0 else (ring[s], acts[s])   # what entered s ticks ago
+        x = scan over s's slots: layer(x, meta)        # writes s's KV pages
+        rows[s] = x[meta.logits_indices]               # [B, D]
+        acts, ring = ppermute(x, meta: s -> s + 1)     # handed on for the next tick
+    ids = sample(head(norm(rows[pp - 1])), ring_in[pp - 1].sampling)
+
+The ring of ``pp`` micro-batch plans (``ring``, a ``StepBatch`` with a leading ``[pp]``
+axis, sharded over ``pp``) and the activations in flight (``acts [pp, T, D]``) stay on
+the devices from tick to tick: only the new micro-batch's arrays are an input, so across
+processes the controller broadcasts just that (``PipelineController``). The micro-batch
+leaving the last stage comes back as a ``StepHandle`` ``pp - 1`` ticks after it
+entered; nothing here waits on a device.
+
+Shapes: every stage of one tick runs the same ``(T, B)`` bucket (the activations are one
+array over ``pp``). The tick takes the smallest bucket that holds every micro-batch in
+flight (their real tokens and rows are at the front of their arrays, ``batch.pack``), the
+new one is padded to it on the host, and when the bucket changes the ring and the
+activations are re-fitted on device (a small jitted pad/slice, one per bucket pair). So a
+decode-only pipeline runs decode-sized ticks, and a prefill chunk widens the ticks only
+while it is inside.
+
+The engine drives it with ``PipelineStepLoop`` (``pipeline.py``), unchanged: the
+interface (``tick``, ``empty``, ``in_flight_tags``, ``stats``, ``step_async`` for
+warm-up) is ``PipelineRunner``'s. Pages stay safe for the same reason as there:
+micro-batches pass every stage in the order they entered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from energon_jax.parallel.controller import Controller
+from energon_jax.parallel.mesh import ShardingRules, place
+from energon_jax.parallel.pipeline import PipelineStats
+from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
+from energon_jax.runner import StepHandle, shape_key
+
+logger = logging.getLogger(__name__)
+
+
+def _is_var(x: object) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Which layer each of the ``pp * per_stage`` slots holds (-1: an identity slot)."""
+
+    num_layers: int
+    pp: int
+
+    @property
+    def per_stage(self) -> int:
+        return -(-self.num_layers // self.pp)
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        return layer_bounds(self.num_layers, self.pp)
+
+    @property
+    def layer_of_slot(self) -> list[int]:
+        out = []
+        for a, b in self.bounds:
+            out += list(range(a, b)) + [-1] * (self.per_stage - (b - a))
+        return out
+
+
+def stack_layers(parts: DecoderParts, layout: SlotLayout) -> tuple[Any, Any]:
+    """``(graphdef, state)``: every layer's state stacked along a leading slot axis (numpy),
+    zeros in identity slots. Layers must share one structure (one graphdef)."""
+    graphdef = parts.layers[0][0]
+    for i, (g, _) in enumerate(parts.layers):
+        if g != graphdef:
+            windows = getattr(parts.config, "layer_windows", ())
+            raise ValueError(
+                f"layer {i} differs in structure from layer 0 (per-layer sliding windows {tuple(windows)}?): the "
+                "SPMD pipeline stacks identical layers; run this model with pp=1 or tp"
+            )
+    states = [s for _, s in parts.layers]
+    zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), a.dtype), states[0])
+    slots = [states[i] if i >= 0 else zeros for i in layout.layer_of_slot]
+    return graphdef, jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *slots)
+
+
+def _stacked_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
+    """Place a stacked layer state: slot axis over ``pp``, the rest by each variable's logical axes."""
+
+    def one(var):
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes")
+        spec = (None,) * (value.ndim - 1) if axes is None else tuple(
+            rules.partition_spec(axes, value.shape[1:], mesh, name="layer"))
+        return var.replace(place(value, NamedSharding(mesh, P("pp", *spec))))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def _outer_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
+    """Embedding, final norm, head: replicated over ``pp`` except the vocabulary, split over
+    ``pp x tp`` when it divides (every device holds a slice; no stage holds a whole copy)."""
+    ways = mesh.shape["pp"] * mesh.shape["tp"]
+
+    def one(var):
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes") or (None,) * value.ndim
+        spec = list(rules.partition_spec(axes, value.shape, mesh, name="outer"))
+        spec += [None] * (value.ndim - len(spec))
+        for d, name in enumerate(axes):
+            if name == "vocab" and value.shape[d] % ways == 0:
+                spec = [None if s == "tp" else s for s in spec]
+                spec[d] = ("pp", "tp")
+        return var.replace(place(value, NamedSharding(mesh, P(*spec))))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def _fit(tree: Any, template: Any, xp: Any = np) -> Any:
+    """Every leaf of ``tree`` (``[..., n, *rest]``, lead axes kept) cut or padded to ``template``'s
+    leading size ``m``, padded with the template's values. Real tokens and rows sit at the front
+    (``batch.pack``), so a fit that keeps them all changes nothing they compute."""
+
+    def one(old, new):
+        lead = old.ndim - new.ndim
+        out = xp.broadcast_to(new, (*old.shape[:lead], *new.shape))
+        n = min(old.shape[lead], new.shape[0])
+        idx = (slice(None),) * lead + (slice(0, n),)
+        if xp is np:
+            out = np.array(out)
+            out[idx] = old[idx]
+            return out
+        return out.at[idx].set(old[idx])
+
+    return jax.tree.map(one, tree, template)
+
+
+def real_size(batch: Any) -> tuple[int, int]:
+    """``(tokens, rows)`` a packed batch really holds (the rest is padding)."""
+    return int(np.count_nonzero(np.asarray(batch.segment_ids) >= 0)), int(
+        np.count_nonzero(np.asarray(batch.attn.context_lens) > 0))
+
+
+@dataclasses.dataclass
+class _Held:
+    tag: Any
+    tokens: int
+    rows: int
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+class SpmdPipelineRunner:
+    """``pp`` stages in one jitted tick (module docstring); ``PipelineRunner``'s interface."""
+
+    def __init__(self, parts: DecoderParts, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
+                 buckets: Any, kv_dtype: Any = None) -> None:
+        from energon_jax.batch import dummy_batch
+        from pallas_kernels import make_kv_pages
+
+        if mesh.shape["dp"] != 1:
+            raise ValueError(f"dp={mesh.shape['dp']}: give each data-parallel replica its own (1, pp, tp) mesh")
+        self.pp = mesh.shape["pp"]
+        if self.pp < 2:
+            raise ValueError(f"pp={self.pp} must be >= 2 for a pipeline (pp=1 is the plain ModelRunner)")
+        self.parts, self.mesh, self.buckets = parts, mesh, buckets
+        self.layout = SlotLayout(parts.num_layers, self.pp)
+        self.bounds = self.layout.bounds
+        self._dummy = functools.partial(dummy_batch, buckets)
+        c = parts.config
+        self._graphdef, stacked = stack_layers(parts, self.layout)
+        self._layers = _stacked_placed(stacked, mesh, rules)
+        by_pp = NamedSharding(mesh, P("pp"))
+        self._active = place(np.array([i >= 0 for i in self.layout.layer_of_slot]), by_pp)  # [slots] bool
+        self._embed = _outer_placed(parts.embed[1], mesh, rules)
+        self._norm = _outer_placed(parts.norm[1], mesh, rules)
+        self._head = _outer_placed(head_piece(parts)[1], mesh, rules)
+        slots = self.pp * self.layout.per_stage
+        kv_axis = rules.mesh_axis("kv_heads")
+        one = make_kv_pages(2, page_size, c.num_kv_heads, c.head_dim, parts.dtype if kv_dtype is None else kv_dtype)
+
+        def stacked(a):  # one layer's [P, S, K, H] (int8 scales [P, S, K]) -> [slots, P, S, K, ...]
+            spec = P("pp", None, None, kv_axis, *([None] * (a.ndim - 3)))
+            return jnp.zeros((slots, num_pages, *a.shape[1:]), a.dtype, device=NamedSharding(mesh, spec))
+
+        self.kv = jax.tree.map(stacked, one)
+        self._by_pp = by_pp
+        self._replicated = NamedSharding(mesh, P())
+        self._acts: jax.Array | None = None  # [pp, T, D]: what each stage takes next tick
+        self._ring: Any = None  # StepBatch with a leading [pp] axis: the plan each stage takes next tick
+        self._ring_shape: tuple[int, int] | None = None  # its (T, B), known on the host
+        self._slots: list[_Held | None] = [None] * self.pp  # what each stage ran at the last tick
+        self._executables: dict[Any, Any] = {}
+        self._refits: dict[Any, Any] = {}
+        self.num_compiles = 0
+        self.warmed_up = False
+        self.stats = PipelineStats(busy=[0] * self.pp)
+        # What runs a fitted batch on the devices: this runner, or (across processes) a
+        # PipelineController that broadcasts it to every process first.
+        self.dispatch: Callable[[Any], Any] = self.run_tick
+        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4),
+                               out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), by_pp, by_pp, self._replicated))
+
+    # -- the jitted tick ------------------------------------------------------------------
+
+    def _tick_fn(self, layers, active, kv, acts, ring, embed, norm, head, batch):
+        pp, parts = self.pp, self.parts
+        x0 = run_embed(parts, embed, batch.input_ids)  # [T, D]
+        perm = [(s, (s + 1) % pp) for s in range(pp)]
+
+        def stage(layers, active, kv, acts, ring, x0, batch):
+            first = jax.lax.axis_index("pp") == 0
+            meta = jax.tree.map(lambda new, old: jnp.where(first, new, old[0]), batch, ring)
+            x = jnp.where(first, x0, acts[0])
+            x, kv = self._run_slots(layers, active, kv, x, meta)
+            rows = x[meta.logits_indices]  # [B, D]
+            hand_on = functools.partial(jax.lax.ppermute, axis_name="pp", perm=perm)
+            return kv, hand_on(x)[None], jax.tree.map(lambda a: hand_on(a)[None], meta), rows[None]
+
+        kv, acts_next, ring_next, rows = jax.shard_map(
+            stage, mesh=self.mesh, in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
+            out_specs=(P("pp"), P("pp"), P("pp"), P("pp")), axis_names=frozenset({"pp"}), check_vma=False,
+        )(layers, active, kv, acts, ring, x0, batch)
+        # The last stage ran the plan that entered pp - 1 ticks ago: ring[pp - 1] as it came in.
+        sampling = jax.tree.map(lambda a: a[pp - 1], ring.sampling)
+        out = run_head_rows(parts, norm, head, rows[pp - 1], sampling)
+        return kv, acts_next, ring_next, out
+
+    def _run_slots(self, layers, active, kv, x, meta):
+        """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
+        pages (slot ``i``'s page ``p`` is ``i * P + p``), so a layer writes and reads its own
+        pages through offset tables, in place, without slicing the pool."""
+        n, num_pages, page_size = kv.k.shape[0], kv.k.shape[1], kv.k.shape[2]
+        pool = jax.tree.map(lambda a: a.reshape(n * num_pages, *a.shape[2:]), kv)
+        inv_freq = rope_inv_freq(self.parts)
+        graphdef = self._graphdef
+
+        def body(carry, xs):
+            x, pool = carry
+            state, on, i = xs
+            attn = dataclasses.replace(meta.attn, slot_mapping=meta.attn.slot_mapping + i * num_pages * page_size,
+                                       page_tables=meta.attn.page_tables + i * num_pages)
+
+            def run(x, pool):
+                layer = nnx.merge(graphdef, state)
+                return layer(x, meta.positions, meta.segment_ids, inv_freq, pool, attn)
+
+            return jax.lax.cond(on, run, lambda x, pool: (x, pool), x, pool), None
+
+        (x, pool), _ = jax.lax.scan(body, (x, pool), (layers, active, jnp.arange(n)))
+        return x, jax.tree.map(lambda a, old: a.reshape(old.shape), pool, kv)
+
+    # -- compiling --------------------------------------------------------------------------
+
+    def _carry_for(self, batch: Any) -> tuple[Any, Any]:
+        """Abstract (acts, ring) for a tick of ``batch``'s shape."""
+        t = np.shape(batch.input_ids)[0]
+        acts = jax.ShapeDtypeStruct((self.pp, t, self.parts.config.hidden_size), self.parts.dtype,
+                                    sharding=self._by_pp)
+        ring = jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.pp, *np.shape(a)), a.dtype, sharding=self._by_pp),
+                            batch)
+        return acts, ring
+
+    def _executable(self, batch: Any) -> Any:
+        key = shape_key(batch)
+        exe = self._executables.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            acts, ring = self._carry_for(batch)
+            exe = self._jitted.lower(_abstract(self._layers), _abstract(self._active), _abstract(self.kv), acts, ring,
+                                     _abstract(self._embed), _abstract(self._norm), _abstract(self._head),
+                                     _abstract(batch)).compile()
+            self._executables[key] = exe
+            self.num_compiles += 1
+            log = logger.warning if self.warmed_up else logger.info
+            log("compiled pipeline tick #%d for tokens=%d rows=%d in %.2fs%s", self.num_compiles,
+                np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0], time.perf_counter() - start,
+                " (after warm-up)" if self.warmed_up else "")
+        return exe
+
+    @property
+    def compiled_shapes(self) -> list:
+        return list(self._executables)
+
+    def warmup(self, batches: Iterable[Any]) -> int:
+        """Compile the tick for every batch shape given (nothing runs)."""
+        for batch in batches:
+            self._executable(batch)
+        self.warmed_up = True
+        return self.num_compiles
+
+    # -- the device side of a tick (every process) -------------------------------------------
+
+    def _refit(self, template: Any) -> None:
+        """The ring and the activations re-fitted to ``template``'s bucket (pad or cut on device)."""
+        if self._ring is None:  # the first tick: an empty pipeline of this shape
+            self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), self._by_pp),
+                                      template)
+            t = np.shape(template.input_ids)[0]
+            self._acts = place(np.zeros((self.pp, t, self.parts.config.hidden_size), self.parts.dtype), self._by_pp)
+            return
+        key = (self._ring_shape, shape_key(template))
+        fn = self._refits.get(key)
+        if fn is None:
+            def refit(acts, ring, template):
+                t = template.input_ids.shape[0]
+                grown = jnp.zeros((self.pp, t, acts.shape[2]), acts.dtype)
+                n = min(t, acts.shape[1])
+                return grown.at[:, :n].set(acts[:, :n]), _fit(ring, template, jnp)
+
+            # no donation: the outputs have other shapes than the inputs, so XLA could not reuse them
+            fn = self._refits[key] = jax.jit(refit, out_shardings=(self._by_pp, self._by_pp))
+        self._acts, self._ring = fn(self._acts, self._ring, template)
+
+    def run_tick(self, batch: Any) -> tuple:
+        """Run one tick of a batch already fitted to the tick's bucket; returns the sampled
+        outputs of the stage that finished a micro-batch (ids, logprobs, top ids, top logprobs)."""
+        shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
+        if shape != self._ring_shape:
+            self._refit(batch)
+            self._ring_shape = shape
+        exe = self._executable(batch)
+        self.kv, self._acts, self._ring, out = exe(self._layers, self._active, self.kv, self._acts, self._ring,
+                                                   self._embed, self._norm, self._head, batch)
+        for a in out:
+            a.copy_to_host_async()
+        return out
+
+    # -- the clock (process 0) -------------------------------------------------------------
+
+    @property
+    def empty(self) -> bool:
+        return all(slot is None for slot in self._slots)
+
+    @property
+    def in_flight_tags(self) -> list[Any]:
+        """The tags of the micro-batches in the pipeline, the next to leave first."""
+        return [slot.tag for slot in reversed(self._slots) if slot is not None and slot.tag is not None]
+
+    def reset_stats(self) -> None:
+        self.stats = PipelineStats(busy=[0] * self.pp, entered=self.stats.in_flight, completed=0)
+
+    def tick(self, batch: Any | None = None, tag: Any = None) -> tuple[Any, StepHandle] | None:
+        """Advance the clock once; ``batch`` enters stage 0. Returns ``(tag, handle)`` of the
+        micro-batch leaving the last stage this tick, if any. Never blocks on a device."""
+        entering = None if batch is None else _Held(tag, *real_size(batch))
+        stages = [entering, *self._slots[:-1]]  # what each stage runs this tick
+        held = [h for h in stages if h is not None]
+        if held:
+            t = self.buckets.token_bucket(max(1, *(h.tokens for h in held)))
+            b = self.buckets.rows_bucket(t, max(1, *(h.rows for h in held)))
+        else:  # nothing in flight: keep the current shape
+            t, b = self._ring_shape or (self.buckets.token_buckets[0], self.buckets.rows_bucket(
+                self.buckets.token_buckets[0], 1))
+        template = self._dummy(t, b)
+        fitted = template if batch is None else _fit(batch, template)
+        out = self.dispatch(fitted)
+        if entering is not None:
+            self.stats.entered += 1
+        for s, h in enumerate(stages):
+            self.stats.busy[s] += h is not None
+        self.stats.max_in_flight = max(self.stats.max_in_flight, len(held))
+        self.stats.ticks += 1
+        leaving = stages[-1]
+        self._slots = [*stages[:-1], None]
+        if leaving is None:
+            return None
+        self.stats.completed += 1
+        return leaving.tag, StepHandle(tuple(out))
+
+    # -- the runner's interface ------------------------------------------------------------
+
+    @property
+    def kv_cache(self) -> Any:
+        """The stacked pages ``[slots, P, S, K, H]`` (slot axis over ``pp``)."""
+        return self.kv
+
+    def step_async(self, batch: Any) -> StepHandle:
+        """One micro-batch alone through every stage (``pp`` ticks); needs an empty pipeline."""
+        if not self.empty:
+            raise RuntimeError("step_async() needs an empty pipeline (PipelineStepLoop drives tick())")
+        out = self.tick(batch)
+        while out is None:
+            out = self.tick()
+        return out[1]
+
+    def step(self, batch: Any) -> Any:
+        return self.step_async(batch).result()
+
+
+class _TickDispatch:
+    """What ``Controller`` drives: ``step_async`` runs one fitted tick on this process."""
+
+    def __init__(self, runner: SpmdPipelineRunner) -> None:
+        self.pipeline = runner
+
+    def step_async(self, batch: Any) -> tuple:
+        return self.pipeline.run_tick(batch)
+
+    def warmup(self, batches: Sequence[Any]) -> int:
+        return self.pipeline.warmup(batches)
+
+    @property
+    def kv_cache(self) -> Any:
+        return self.pipeline.kv
+
+    @property
+    def num_compiles(self) -> int:
+        return self.pipeline.num_compiles
+
+    @property
+    def compiled_shapes(self) -> list:
+        return self.pipeline.compiled_shapes
+
+
+class PipelineController(Controller):
+    """The ``Controller`` for an ``SpmdPipelineRunner``: process 0 runs the clock and
+    broadcasts each tick's (fitted) micro-batch; every process runs the same tick.
+
+    Only the new micro-batch crosses processes: the ring of plans and the activations stay on
+    the devices. Workers call ``serve()`` as for any ``Controller``. It has the pipeline's
+    interface (``tick``, ``empty``, ``in_flight_tags``, ``stats``), so ``PipelineStepLoop``
+    drives it as it drives the runner."""
+
+    def __init__(self, runner: SpmdPipelineRunner, templates: Sequence[Any], **kwargs: Any) -> None:
+        super().__init__(_TickDispatch(runner), templates, **kwargs)
+        self.pipeline = runner
+        self.pp = runner.pp
+        runner.dispatch = self.step_async
+
+    def tick(self, batch: Any | None = None, tag: Any = None):
+        return self.pipeline.tick(batch, tag)
+
+    @property
+    def empty(self) -> bool:
+        return self.pipeline.empty
+
+    @property
+    def in_flight_tags(self) -> list[Any]:
+        return self.pipeline.in_flight_tags
+
+    @property
+    def stats(self) -> PipelineStats:
+        return self.pipeline.stats
+
+    def reset_stats(self) -> None:
+        self.pipeline.reset_stats()
+
+    def step(self, batch: Any) -> Any:
+        return self.pipeline.step(batch)
