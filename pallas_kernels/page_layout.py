@@ -82,9 +82,12 @@ def make_kv_pages(
     shape = (num_pages, page_size, num_kv_heads, head_dim)
     k = jnp.zeros(shape, dtype, device=sharding)
     v = jnp.zeros(shape, dtype, device=sharding)
-    if jnp.dtype(dtype) == jnp.int8:
-        ks = jnp.ones(shape[:3], jnp.float32)
-        vs = jnp.ones(shape[:3], jnp.float32)
+    if jnp.dtype(dtype) == jnp.int8:  # scales [P, S, K] live where their pages do, split alike
+        scale_sharding = sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            scale_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:3]))
+        ks = jnp.ones(shape[:3], jnp.float32, device=scale_sharding)
+        vs = jnp.ones(shape[:3], jnp.float32, device=scale_sharding)
         return KVPages(k, v, ks, vs)
     return KVPages(k, v)
 

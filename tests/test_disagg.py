@@ -100,6 +100,14 @@ def _child_p1d1() -> dict:
         "pages_after_finish": [sched.prefill.pages_used, sched.decode.pages_used],
         "layout": engine.disagg.layout(), "overlap": engine.overlap, **facts,
     }
+    # Prefix caching on the prefill side: a second prompt sharing five full pages with the first.
+    base = _prompts([20], seed=2)[0]
+    shared = [(base + [5, 6], params[0], 0), (base + [7, 8, 9], params[0], 4)]
+    want, _ = _drive(colocated, shared)
+    hits = sched.prefix_cache_hits
+    got, _ = _drive(engine, shared)
+    out.update(shared_want=list(want.values()), shared_got=list(got.values()),
+               shared_hit_tokens=sched.prefix_cache_hits - hits)
     out.update(_aborts(engine, prompts))
     return out
 
@@ -193,6 +201,11 @@ def test_first_token_on_prefill_group_the_rest_on_decode(p1d1):
     assert p1d1["prefill_tokens"] == p1d1["expected_prefill_tokens"]
     assert p1d1["decode_tokens"] == p1d1["expected_decode_tokens"]
     assert p1d1["transfers"] == len(LENGTHS) - 1  # the max_tokens=1 request never moves
+
+
+def test_prefix_cache_hits_on_the_prefill_group(p1d1):
+    assert p1d1["shared_got"] == p1d1["shared_want"]
+    assert p1d1["shared_hit_tokens"] == 20  # the second prompt's five full shared pages
 
 
 def test_groups_on_disjoint_devices_compute_at_once(p1d1):
