@@ -3,7 +3,8 @@
 Defaults are for the Triton lowering on NVIDIA GPUs (power-of-two tiles that keep a
 query block, a KV block and the accumulator in registers/shared memory). Tests pass
 small blocks so that interpret mode on CPU walks many blocks in a few milliseconds.
-Tuned sizes keyed by device and shape belong in ``TUNED`` once a GPU run measures them.
+No table of tuned sizes yet: add one keyed by device and shape when a device run measures
+them, and read it where the defaults are chosen.
 """
 
 from __future__ import annotations
@@ -163,7 +164,3 @@ def split_k(num_splits: int | None, *, programs: int, num_k_blocks: int, on_gpu:
     else:
         per_split = -(-num_k_blocks // max(1, min(num_splits or 1, num_k_blocks)))
     return -(-num_k_blocks // per_split), per_split
-
-
-# (device_kind, op) -> tuned block sizes. Empty until a GPU run fills it in.
-TUNED: dict[tuple[str, str], object] = {}

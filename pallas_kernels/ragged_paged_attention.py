@@ -121,7 +121,7 @@ def check_inputs(q, k_pages, v_pages, page_tables, context_lens, cu_q_lens, k_sc
 
 
 def default_block_sizes(*, num_tokens: int, num_rows: int, page_size: int, group: int, tpu: bool) -> RaggedBlockSizes:
-    """Untuned defaults until a device run fills ``block_sizes.TUNED``.
+    """Untuned defaults (no device run has measured better ones yet).
 
     ``block_q`` follows the step's mean tokens per row (a decode bucket gets 1-token items,
     a prefill bucket 16-token ones), but a tile keeps at least 16 rows on a GPU (``tl.dot``)

@@ -131,7 +131,65 @@ def test_impossible_layouts_say_why():
         ParallelOptions(offload="gpu")
 
 
+def test_expert_parallel_is_reachable_and_checked():
+    """``Engine(..., expert_parallel=True)`` reaches the runtime's layout check (1 device: it
+    fails before anything is placed) and the options refuse it without tp."""
+    from energon_jax.engine import Engine
+    from energon_jax.parallel.mesh import validate_model_parallelism
+    from energon_jax.parallel.options import ParallelOptions
+    from test_parallel_tp_models import build_model
+
+    with pytest.raises(ValueError, match=r"expert_parallel=True spreads experts over tp: it needs tp > 1"):
+        ParallelOptions(expert_parallel=True)
+    model, config = build_model("llama")
+    with pytest.raises(ValueError, match=r"expert_parallel=True needs a mixture-of-experts model"):
+        Engine(model, config, None, max_model_len=32, kv_cache_pages=8, tp=2, expert_parallel=True, warmup=False)
+    with pytest.raises(ValueError, match=r"tp=4 must divide num_experts=6 with expert_parallel=True"):
+        validate_model_parallelism(ParallelOptions(tp=4, expert_parallel=True), num_heads=8, num_kv_heads=4,
+                                   num_layers=2, num_experts=6)
+    with pytest.raises(ValueError, match=r"give parallel=ParallelOptions\(.*\) or tp/pp/dp/offload/expert_parallel"):
+        Engine(model, config, None, parallel=ParallelOptions(tp=2), tp=2, warmup=False)
+    from energon_jax.cli import build_parser
+    from energon_jax.commands.generate import parallel_kwargs
+
+    args = build_parser().parse_args(["generate", "hi", "--tp", "2", "--expert-parallel"])
+    assert parallel_kwargs(args) == {"tp": 2, "expert_parallel": True}  # serve takes the same flags
+    kwargs = {"tp": 2, "expert_parallel": True, "max_model_len": 32}
+    assert ParallelOptions.take(kwargs) == ParallelOptions(tp=2, expert_parallel=True) and kwargs == {
+        "max_model_len": 32}
+
+
+@pytest.mark.slow
+def test_engine_expert_parallel_matches_single_device():
+    out = run_child(__file__, "experts", devices=4)
+    assert out["spec"] == ["tp", None, None]  # whole experts per tp shard
+    assert out["mlp_split_spec"] == [None, None, "tp"]  # the default: each expert's MLP split
+    assert out["expert_parallel"] == out["base"] == out["mlp_split"] and len(out["base"][0]) == 5
+
+
 # ----------------------------------------------------------------- the children
+
+
+def _child_experts() -> dict:
+    """Tiny Mixtral (4 experts): single device, tp=4 with each expert's MLP split, tp=4 with whole
+    experts spread over tp; greedy tokens and the placement of one expert weight."""
+    from energon_jax.engine import Engine
+    from test_parallel_tp_models import build_model
+
+    def run(**layout):
+        model, config = build_model("mixtral")
+        engine = Engine(model, config, None, max_model_len=32, page_size=4, kv_cache_pages=32, max_num_seqs=4,
+                        max_num_batched_tokens=16, warmup=False, **layout)
+        spec = list(getattr(model.layers[0].mlp.w_gate.get_value().sharding, "spec", ()))  # () on one device
+        return _generate(engine), spec + [None] * (3 - len(spec))
+
+    base, _ = run()
+    split, split_spec = run(tp=4)
+    experts, spec = run(tp=4, expert_parallel=True)
+    return {"base": base, "mlp_split": split, "mlp_split_spec": split_spec, "expert_parallel": experts,
+            "spec": spec}
+
+
 
 
 def _engine(kv_cache_pages: int = 32, **layout):
@@ -290,5 +348,7 @@ if __name__ == "__main__":
         print(json.dumps(_child_layouts(sys.argv[2])))
     elif mode == "pipeline":
         print(json.dumps(_child_pipeline(sys.argv[2])))
+    elif mode == "experts":
+        print(json.dumps(_child_experts()))
     else:
         print(json.dumps(_child_base()))

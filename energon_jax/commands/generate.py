@@ -21,13 +21,16 @@ HELP = "generate text from a prompt, streamed to the terminal (default model: th
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tp/--pp/--dp/--offload/--resident-layers`` and the prefix-cache flags (shared with ``energon serve``)."""
+    """``--tp/--pp/--dp/--offload/--resident-layers/--expert-parallel`` and the prefix-cache flags
+    (shared with ``energon serve``)."""
     g = parser.add_argument_group("parallelism (energon_jax/parallel)")
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree")
     g.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (single process)")
     g.add_argument("--dp", type=int, default=None, help="data-parallel degree")
     g.add_argument("--offload", choices=("host", "peer"), default=None, help="stream layers from host or peer memory")
     g.add_argument("--resident-layers", type=int, default=None, help="layers kept on device with --offload")
+    g.add_argument("--expert-parallel", action="store_true", default=None,
+                   help="mixture-of-experts models: whole experts per tp shard (default: each expert's MLP split)")
     d = parser.add_argument_group("prefill/decode disaggregation (energon_jax/disagg.py)")
     d.add_argument("--prefill-devices", type=int, default=None,
                    help="prefill on the first N devices, decode on the next --decode-devices (default: colocated)")
@@ -45,7 +48,8 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The engine keyword arguments of the flags above that were given."""
-    names = ("tp", "pp", "dp", "offload", "resident_layers", "enable_prefix_caching", "prefix_cache_seed",
+    names = ("tp", "pp", "dp", "offload", "resident_layers", "expert_parallel", "enable_prefix_caching",
+             "prefix_cache_seed",
              "prefill_devices", "decode_devices", "prefill_tp", "decode_tp")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 

@@ -13,8 +13,9 @@ axes to mesh axes. From that table the classic layouts fall out by themselves:
   *input* axis (same logical names) over ``tp``; XLA inserts the all-reduce;
 - vocabulary-parallel embedding and LM head: ``vocab -> tp``;
 - experts: the MLP dim of each expert is split over ``tp`` (tensor parallelism
-  inside every expert), or with ``expert_parallel=True`` whole experts are
-  spread over ``tp``.
+  inside every expert), or with ``expert_parallel=True`` (``Engine(...,
+  expert_parallel=True)``, ``--expert-parallel``) whole experts are spread over
+  ``tp``, which must then divide the number of experts.
 
 KV heads when ``tp`` exceeds them (the documented rule): with ``K`` KV heads,
 ``K % tp == 0`` shards them over ``tp``; ``tp % K == 0`` (``tp > K``) replicates
