@@ -19,6 +19,7 @@ COMMANDS = (
     "energon_jax.commands.info",
     "energon_jax.commands.convert",
     "energon_jax.commands.launch",
+    "energon_jax.commands.plan",
     "serving.commands.serve",
     "serving.commands.client",
     "serving.commands.bench",
