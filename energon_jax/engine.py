@@ -36,22 +36,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-from energon_jax.engine_config import (
-    EngineConfig,
-    PromptInput,
-    as_params_list,
-    as_prompt_list,
-    check_pool_holds_one_sequence,
-    demo_model_path,
-    engine_config,
-    param_dtype,
-)
-from energon_jax.memory_sizing import (
-    DEFAULT_KV_CACHE_MEMORY_FRACTION, check_fraction, describe_pool, memory_stats, pool_pages_from_memory,
-)
+from energon_jax.engine_config import PromptInput, as_params_list, as_prompt_list, demo_model_path
+from energon_jax.memory_sizing import DEFAULT_KV_CACHE_MEMORY_FRACTION, check_fraction
 from energon_jax.output import OutputTracker
 from energon_jax.request import (
     Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_cache_salt, validate_prompt,
@@ -113,13 +101,10 @@ class Engine:
         prefill_tp: int | None = None,
         decode_tp: int | None = None,
     ) -> None:
-        # The parallel layout: one frozen object (``parallel=``, or built here from the shorthand),
-        # turned into runner, scheduler and step loop by parallel/runtime.py.
-        shorthand = ParallelOptions(dp=dp, pp=pp, tp=tp, offload=offload, resident_layers=resident_layers,
-                                    expert_parallel=expert_parallel)
-        if parallel is not None and not shorthand.single_device:
-            raise ValueError(f"give parallel={parallel} or tp/pp/dp/offload/expert_parallel, not both")
-        self.parallel = shorthand if parallel is None else parallel
+        # The parallel layout: one frozen object (``parallel=``, or the shorthand), turned into
+        # runner, scheduler and step loop by parallel/runtime.py.
+        self.parallel = ParallelOptions.resolve(parallel, dp=dp, pp=pp, tp=tp, offload=offload,
+                                                resident_layers=resident_layers, expert_parallel=expert_parallel)
         from energon_jax.disagg import DisaggOptions
 
         # Prefill and decode on disjoint device groups (disagg.py); None: colocated, the default.
@@ -140,8 +125,7 @@ class Engine:
             # the 2-core CPU box, once paged attention stopped copying the pool, planning
             # ahead measured 0.87x-1.06x of the synchronous loop (noise), no longer 0.5x.
             async_scheduling = True
-        self.async_scheduling = async_scheduling  # what the step loop really does, once built
-        self._async_asked = async_scheduling
+        self.async_scheduling = async_scheduling  # asked; once built, what the step loop really does
         # Automatic prefix caching (kv_cache.py, prefix_cache.py); decoders only, the embedder has no cache.
         if not isinstance(enable_prefix_caching, bool):
             raise ValueError(f"{enable_prefix_caching=} must be a bool")
@@ -165,20 +149,6 @@ class Engine:
                 self._embedder.warmup()
             return
         check_fraction(kv_cache_memory_fraction)
-        # On an accelerator with no pool size given, the pool is sized from device memory
-        # (memory_sizing.py): built first with room for one sequence, then grown.
-        sized_by_memory = (
-            kv_cache_pages is None and kv_cache_bytes is None and jax.process_count() == 1
-            and memory_stats(jax.devices()[0]) is not None
-        )
-        if sized_by_memory:
-            kv_cache_pages = 1 + -(-(max_model_len or model_config.max_position_embeddings) // page_size)
-        self.config = engine_config(
-            model_config, max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
-            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, static_batching=static_batching,
-            kv_dtype=param_dtype(model),
-        )
         if min_token_bucket < 1:
             raise ValueError(f"{min_token_bucket=} must be >= 1")
         self._min_token_bucket = min_token_bucket
@@ -187,40 +157,30 @@ class Engine:
 
             split_prefill_decode = resolve_implementation("auto") == "reference"
         self.split_prefill_decode = split_prefill_decode
-        if sized_by_memory:
-            self._build_decoder(warmup=False)
-            num_pages = pool_pages_from_memory(self._runner, self._buckets, self.config.num_pages,
-                                               kv_cache_memory_fraction)
-            self._runner = self._scheduler = self._loop = None  # drop the provisional pool before the real one
-            check_pool_holds_one_sequence(num_pages, self.config.page_size, self.config.max_model_len,
-                                          window=getattr(model_config, "kv_window", None),
-                                          max_num_batched_tokens=self.config.max_num_batched_tokens)
-            self.config = dataclasses.replace(self.config, num_pages=num_pages)
-        logger.info(
-            "KV pool (%s): %s", "sized from device memory" if sized_by_memory else "explicit",
-            describe_pool(self.config.num_pages, self.config.page_size, self.config.max_model_len),
-        )
-        self._build_decoder(warmup)
+        from energon_jax.parallel.runtime import sized_executor
 
-    def _build_decoder(self, warmup: bool) -> None:
-        """Runner, scheduler (view) and step loop for ``self.parallel`` (``parallel/runtime.py``)."""
-        from energon_jax.parallel.runtime import build_executor
-
-        layout: Any = self.parallel
-        if self.disagg is not None:  # two device groups, pages moved between them (disagg.py)
-            from energon_jax.disagg import build_disagg_executor as build_executor
-
-            layout = self.disagg
-        ex = build_executor(
-            self._model, self.model_config, layout, self.config, process=self._process,
-            eos_token_ids=self.eos_token_ids, min_token_bucket=self._min_token_bucket,
-            split_prefill_decode=self.split_prefill_decode, async_scheduling=self._async_asked,
-            enable_prefix_caching=self.enable_prefix_caching, prefix_cache_seed=self._prefix_cache_seed,
+        self.config, ex = sized_executor(
+            model, model_config, self._executor, memory_fraction=kv_cache_memory_fraction,
+            max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
+            kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            static_batching=static_batching,
         )
         self._runner, self._scheduler, self._loop, self._buckets = ex.runner, ex.scheduler, ex.loop, ex.buckets
         self.async_scheduling, self.overlap = ex.async_scheduling, ex.overlap
         if warmup:
             self.warmup()
+
+    def _executor(self, config: Any) -> Any:
+        """Runner, scheduler (view) and step loop for the layout over ``config`` (``parallel/runtime.py``):
+        ``self.parallel``, or with ``prefill_devices`` two device groups (``disagg.py``)."""
+        from energon_jax.parallel.runtime import build_executor
+
+        return build_executor(
+            self._model, self.model_config, self.disagg or self.parallel, config, process=self._process,
+            eos_token_ids=self.eos_token_ids, min_token_bucket=self._min_token_bucket,
+            split_prefill_decode=self.split_prefill_decode, async_scheduling=self.async_scheduling,
+            enable_prefix_caching=self.enable_prefix_caching, prefix_cache_seed=self._prefix_cache_seed,
+        )
 
     # -- construction -----------------------------------------------------------------
 
@@ -289,11 +249,6 @@ class Engine:
     @property
     def runner(self) -> CompiledRunner | None:
         return self._runner
-
-    @property
-    def buckets(self) -> Any:
-        """The step shapes (``batch.Buckets``) the runner compiles; None for an encoder."""
-        return None if self._embedder is not None else self._buckets
 
     @property
     def embedder(self) -> Any:

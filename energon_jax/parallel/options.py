@@ -51,6 +51,14 @@ class ParallelOptions:
             )
 
     @classmethod
+    def resolve(cls, given: ParallelOptions | None, **shorthand: Any) -> ParallelOptions:
+        """``given``, or the options spelled by the shorthand keywords (``Engine(tp=2)``); not both."""
+        spelled = cls(**shorthand)
+        if given is not None and not spelled.single_device:
+            raise ValueError(f"give parallel={given} or tp/pp/dp/offload/expert_parallel, not both")
+        return spelled if given is None else given
+
+    @classmethod
     def take(cls, kwargs: MutableMapping[str, Any]) -> ParallelOptions:
         """The options named in ``kwargs`` (engine keyword arguments), removed from it."""
         names = [f.name for f in dataclasses.fields(cls)]

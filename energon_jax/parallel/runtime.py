@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Executor", "ParallelOptions", "build_executor", "build_runner", "dp_replicas", "load_sharding",
-    "warm_up_with_progress",
+    "sized_executor", "warm_up_with_progress",
 ]
 
 # Row buckets per token bucket (batch.Buckets.row_split): from 64 rows, also 1/8 and 1/64 of
@@ -78,10 +78,56 @@ def device_penalties(options: ParallelOptions) -> bool:
     return options.single_device and jax.process_count() == 1
 
 
+def sized_executor(
+    model: Any,
+    model_config: Any,
+    build: Callable[[Any], Executor],
+    *,
+    memory_fraction: float,
+    max_model_len: int | None,
+    page_size: int,
+    kv_cache_pages: int | None,
+    kv_cache_bytes: int | None,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    static_batching: bool,
+) -> tuple[Any, Executor]:
+    """The engine's sizes (an ``EngineConfig``) and ``build(sizes)``, its executor.
+
+    On an accelerator with no pool size given, the pool is sized from device memory
+    (``memory_sizing.py``): an executor with room for one sequence is built and profiled on
+    the largest step shape, dropped, and the real one built with the pages memory allows."""
+    from energon_jax.engine_config import check_pool_holds_one_sequence, engine_config, param_dtype
+    from energon_jax.memory_sizing import describe_pool, memory_stats, pool_pages_from_memory
+
+    sized_by_memory = (
+        kv_cache_pages is None and kv_cache_bytes is None and jax.process_count() == 1
+        and memory_stats(jax.devices()[0]) is not None
+    )
+    if sized_by_memory:
+        kv_cache_pages = 1 + -(-(max_model_len or model_config.max_position_embeddings) // page_size)
+    config = engine_config(
+        model_config, max_model_len=max_model_len, page_size=page_size, kv_cache_pages=kv_cache_pages,
+        kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        static_batching=static_batching, kv_dtype=param_dtype(model),
+    )
+    if sized_by_memory:
+        provisional = build(config)
+        num_pages = pool_pages_from_memory(provisional.runner, provisional.buckets, config.num_pages, memory_fraction)
+        del provisional  # drop the provisional pool before the real one
+        check_pool_holds_one_sequence(num_pages, config.page_size, config.max_model_len,
+                                      window=getattr(model_config, "kv_window", None),
+                                      max_num_batched_tokens=config.max_num_batched_tokens)
+        config = dataclasses.replace(config, num_pages=num_pages)
+    log.info("KV pool (%s): %s", "sized from device memory" if sized_by_memory else "explicit",
+             describe_pool(config.num_pages, config.page_size, config.max_model_len))
+    return config, build(config)
+
+
 def build_executor(
     model: Any,
     model_config: Any,
-    options: ParallelOptions,
+    options: Any,
     config: Any,
     *,
     process: Any,
@@ -94,7 +140,18 @@ def build_executor(
 ) -> Executor:
     """Runner, scheduler(s) and step loop for ``options`` over ``config`` (an ``EngineConfig``).
 
-    ``process``: the engine's callback turning a scheduler delta into its ``StreamDelta``\\ s."""
+    ``options``: a ``ParallelOptions``, or a ``disagg.DisaggOptions`` (prefill and decode on
+    two device groups). ``process``: the engine's callback turning a step's scheduler deltas
+    into ``StreamDelta``\\ s."""
+    if not isinstance(options, ParallelOptions):
+        from energon_jax.disagg import build_disagg_executor
+
+        return build_disagg_executor(
+            model, model_config, options, config, process=process, eos_token_ids=eos_token_ids,
+            min_token_bucket=min_token_bucket, split_prefill_decode=split_prefill_decode,
+            async_scheduling=async_scheduling, enable_prefix_caching=enable_prefix_caching,
+            prefix_cache_seed=prefix_cache_seed,
+        )
     from energon_jax import batch as batch_lib
     from energon_jax.engine_config import param_dtype
     from energon_jax.scheduler import Scheduler, SchedulerConfig
