@@ -36,11 +36,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from energon_jax.penalty_slots import PenaltySlots
+from energon_jax.protocols import StepRunner
 from energon_jax.request import StreamDelta
 from energon_jax.step_split import merge_sampled, split_plan
+
+if TYPE_CHECKING:
+    from energon_jax.scheduler import Scheduler, StepPlan
 
 # The engine's callback: one scheduler RequestDelta -> the user's StreamDeltas (maybe none).
 ProcessFn = Callable[[Any], list[StreamDelta]]
@@ -65,7 +69,7 @@ class DispatchCounts:
 class InFlight:
     """A dispatched step: its plan and one ``(row indices in plan, StepHandle)`` per device call."""
 
-    plan: Any
+    plan: StepPlan
     handles: list[tuple[list[int], Any]]
 
 
@@ -74,8 +78,8 @@ class StepLoop:
 
     def __init__(
         self,
-        scheduler: Any,
-        runner: Any,
+        scheduler: Scheduler,
+        runner: StepRunner,
         buckets: Any,
         process: ProcessFn,
         *,
@@ -101,7 +105,7 @@ class StepLoop:
         self.num_planned_ahead = 0
         self.counts = DispatchCounts()  # what this loop has sent to the device
 
-    def _pack(self, plan: Any, buckets: Any) -> Any:
+    def _pack(self, plan: StepPlan, buckets: Any) -> Any:
         """``batch.pack``, counted: every device batch goes through here (subclasses too).
 
         With device penalty tables, the rows' slots are assigned here, in dispatch order
@@ -193,7 +197,7 @@ class StepLoop:
         if live and not self.scheduler.has_work():
             raise RuntimeError(f"scheduler has no work but requests {sorted(live)} are unfinished")
 
-    def _dispatch(self, plan: Any, prev: Any) -> InFlight:
+    def _dispatch(self, plan: StepPlan, prev: Any) -> InFlight:
         """Pack and dispatch a plan (two device calls when split); ``prev``: the handle its placeholders read."""
         parts = split_plan(plan) if self.split_prefill_decode else [(plan, list(range(plan.num_rows)))]
         handles = []
@@ -203,7 +207,7 @@ class StepLoop:
             handles.append((idx, handle))
         return InFlight(plan, handles)
 
-    def _collect(self, plan: Any, sampled: Any) -> list[StreamDelta]:
+    def _collect(self, plan: StepPlan, sampled: Any) -> list[StreamDelta]:
         """Update the scheduler with a step's sampled ids; deltas of stop-string/finished requests now."""
         out: list[StreamDelta] = []
         now = time.monotonic()

@@ -44,6 +44,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from energon_jax.protocols import CompiledRunner, StepRunner
+
 log = logging.getLogger(__name__)
 
 STEP, STOP = 1, 2
@@ -62,7 +64,7 @@ class Controller:
     see (``batch.warmup_batches(buckets)``), in the same order on every process.
     """
 
-    def __init__(self, runner: Any, templates: Sequence[Any], *, process_index: int | None = None,
+    def __init__(self, runner: StepRunner, templates: Sequence[Any], *, process_index: int | None = None,
                  process_count: int | None = None) -> None:
         self.runner = runner
         self.templates = list(templates)
@@ -150,7 +152,7 @@ class Controller:
         return jax.tree.map(np.asarray, out)
 
 
-def serve_if_worker(runner: Any) -> bool:
+def serve_if_worker(runner: CompiledRunner | None) -> bool:
     """For commands (``energon serve``, ``generate``) after building the engine:
 
     ``if serve_if_worker(engine.runner): return 0``. A worker process runs every step
@@ -163,7 +165,7 @@ def serve_if_worker(runner: Any) -> bool:
     return False
 
 
-def shutdown_workers(runner: Any) -> None:
+def shutdown_workers(runner: CompiledRunner | None) -> None:
     """For process 0 when it stops serving: the workers return from ``serve()``."""
     if isinstance(runner, Controller):
         runner.shutdown()

@@ -51,10 +51,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from energon_jax.request import Request, StreamDelta
 from energon_jax.step_loop import DispatchCounts, StepLoop
+
+if TYPE_CHECKING:
+    from energon_jax.scheduler import Scheduler
 
 
 @dataclasses.dataclass
@@ -104,7 +107,7 @@ class DataParallelRunner:
                 r.reset_stats()
 
 
-def _outstanding(scheduler: Any) -> tuple[int, int]:
+def _outstanding(scheduler: Scheduler) -> tuple[int, int]:
     """A replica's load: unfinished requests, and the tokens they still have to feed or generate."""
     reqs = (*scheduler.running, *scheduler.waiting)
     return len(reqs), sum(r.max_num_tokens - r.num_computed_tokens for r in reqs)

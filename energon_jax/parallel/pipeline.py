@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -62,6 +62,9 @@ from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, 
 from energon_jax.request import StreamDelta
 from energon_jax.runner import StepHandle, shape_key
 from energon_jax.step_loop import ProcessFn, StepLoop
+
+if TYPE_CHECKING:
+    from energon_jax.scheduler import Scheduler
 
 
 def stage_meshes(mesh: Mesh) -> list[Mesh]:
@@ -227,7 +230,7 @@ class PipelineStepLoop(StepLoop):
     scheduler), as for ``StepLoop``; data parallelism (``data_parallel.py``) runs every
     replica's ``start`` before any ``finish``, so ``dp`` pipelines compute at once."""
 
-    def __init__(self, scheduler: Any, runner: PipelineRunner, buckets: Any, process: ProcessFn) -> None:
+    def __init__(self, scheduler: Scheduler, runner: PipelineRunner, buckets: Any, process: ProcessFn) -> None:
         super().__init__(scheduler, runner, buckets, process)
         self.pp = runner.pp
         # The micro-batch that left the last stage at start()'s tick: (its plan, its StepHandle).

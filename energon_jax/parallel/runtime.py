@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -47,6 +47,9 @@ from energon_jax.parallel.mesh import (
 )
 from energon_jax.parallel.options import ParallelOptions
 from energon_jax.protocols import CompiledRunner, EngineLoop, SchedulerView, StepRunner
+
+if TYPE_CHECKING:
+    from energon_jax.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ def build_executor(
     def new_scheduler() -> Scheduler:
         return Scheduler(scheduler_config, eos_token_ids=eos_token_ids)
 
-    def loop_for(scheduler: Any, replica: Any) -> EngineLoop:
+    def loop_for(scheduler: Scheduler, replica: StepRunner) -> EngineLoop:
         return _loop_for(replica, scheduler, buckets, process, split_prefill_decode, async_scheduling)
 
     if dp_replicas(options):  # one scheduler (page pool, limits) and step loop per replica
@@ -194,7 +197,9 @@ def build_executor(
     return Executor(runner, scheduler, loop, buckets, ahead, overlap)
 
 
-def _loop_for(runner: Any, scheduler: Any, buckets: Any, process: Any, split: bool, ahead: bool) -> EngineLoop:
+def _loop_for(
+    runner: StepRunner, scheduler: Scheduler, buckets: Any, process: Any, split: bool, ahead: bool
+) -> EngineLoop:
     """The step loop that drives one (replica's) runner: a pipeline ticks, others step."""
     from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
     from energon_jax.step_loop import StepLoop
@@ -205,7 +210,9 @@ def _loop_for(runner: Any, scheduler: Any, buckets: Any, process: Any, split: bo
                     plans_ahead=ahead and getattr(runner, "supports_prev_ids", False))
 
 
-def describe_overlap(loop: Any, runner: Any, options: ParallelOptions, *, asked: bool) -> tuple[bool, str]:
+def describe_overlap(
+    loop: EngineLoop, runner: CompiledRunner, options: ParallelOptions, *, asked: bool
+) -> tuple[bool, str]:
     """Whether ``loop`` plans ahead, and why in words. A layout that cannot (a runner that cannot
     take the previous step's ids on device, a pipeline whose overlap is its micro-batches) logs
     it once, so asking for ``async_scheduling=True`` never silently runs synchronous steps."""
