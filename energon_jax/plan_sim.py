@@ -34,6 +34,9 @@ class StepCost:
     per_row_s: float
     per_attended_s: float
     token_buckets: tuple[int, ...] = ()  # the engine pads a step's tokens up to one of these
+    # Once per request, on its TTFT: admission, and the fetch of its first token that a
+    # lone step's wall time does not show (fit from whole-run samples, ``planner.py``).
+    per_request_s: float = 0.0
 
     def padded(self, tokens: int) -> int:
         if not self.token_buckets or tokens > self.token_buckets[-1]:
@@ -234,7 +237,7 @@ def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: Replica
             _run_replica(reqs, cost, limits, tp=layout.decode_tp, tp_eff=tp_efficiency, prefill_only=False,
                          first_token_s={}, last_token_s=decode_last)
         last.update(decode_last)
-    ttft = np.array([first[i] - workload.arrival_s[i] for i in range(n)])
+    ttft = np.array([first[i] - workload.arrival_s[i] + cost.per_request_s for i in range(n)])
     tpot = np.array([(last[i] - first[i]) / (workload.output_len[i] - 1) if workload.output_len[i] > 1 else np.nan
                      for i in range(n)])
     return SimResult(ttft, tpot, np.array([last[i] for i in range(n)]))

@@ -8,8 +8,11 @@ serves the most requests per second per device within the SLOs?" in three stages
    step of known length) and groups of decoding rows at known context lengths. Each
    measured step is a ``StepSample`` (tokens, rows, attended pairs, seconds).
 2. **Fit** (``fit_step_cost``): least squares of ``seconds = base + per_token * padded tokens
-   + per_row * rows + per_attended * attended``, non-negative (a negative term is dropped
-   and the rest refit). Padded tokens use the engine's own token buckets.
+   + per_row * rows + per_attended * attended (+ per_request for a whole-run sample)``,
+   non-negative (a negative term is dropped and the rest refit). Padded tokens use the
+   engine's own token buckets. Prefill samples are whole runs of one request (admission to
+   its id fetched), decode samples single steps (by difference), so ``per_request`` is the
+   latency a request adds once, to its TTFT, beyond the step that computes it.
 3. **Simulate** (``plan_sim.py``): Poisson arrivals with the lengths given, for every
    colocated and disaggregated layout on the devices; report TTFT/TPOT percentiles at the
    requested rate and each layout's goodput (the highest rate that meets both SLOs for
@@ -40,6 +43,7 @@ class StepSample:
     rows: int
     attended: float  # (query token, context token) pairs attended
     seconds: float
+    whole_run: bool = False  # a request's whole run (admission to last id fetched), not one step
 
 
 def prefill_attended(start: int, end: int) -> float:
@@ -93,7 +97,7 @@ def measure_steps(engine: Any, *, prompt_lens: Iterable[int] = (), decode_rows: 
         n = min(int(n), budget, int(cfg.max_model_len) - 1)
         wall([(prompt(n), 1)])  # compiles this shape
         for _ in range(repeats):
-            samples.append(StepSample(n, 1, prefill_attended(0, n), wall([(prompt(n), 1)])))
+            samples.append(StepSample(n, 1, prefill_attended(0, n), wall([(prompt(n), 1)]), whole_run=True))
     for ctx in decode_contexts:
         for rows in decode_rows:
             rows = min(int(rows), int(cfg.max_num_seqs))
@@ -116,23 +120,28 @@ def fit_step_cost(samples: Sequence[StepSample], token_buckets: Sequence[int] = 
     if len(samples) < 4:
         raise ValueError(f"fit_step_cost needs at least 4 samples of > 0 s, got {len(samples)}")
     probe = StepCost(0.0, 0.0, 0.0, 0.0, tuple(token_buckets))
-    x = np.array([[1.0, probe.padded(s.tokens), s.rows, s.attended] for s in samples])
+    x = np.array([[1.0, probe.padded(s.tokens), s.rows, s.attended, float(s.whole_run)] for s in samples])
     y = np.array([s.seconds for s in samples])
     w = 1.0 / np.maximum(y, 1e-9)
-    keep = [0, 1, 2, 3]
+    keep = [0, 1, 2, 3, 4] if any(s.whole_run for s in samples) and not all(s.whole_run for s in samples) \
+        else [0, 1, 2, 3]
     while True:
         coef, *_ = np.linalg.lstsq(x[:, keep] * w[:, None], y * w, rcond=None)
         if (coef >= 0).all() or len(keep) == 1:
             break
         keep = [k for k, c in zip(keep, coef) if c > 0] or [0]
-    full = np.zeros(4)
+    full = np.zeros(5)
     full[keep] = np.maximum(coef, 0.0)
-    return StepCost(float(full[0]), float(full[1]), float(full[2]), float(full[3]), tuple(token_buckets))
+    return StepCost(float(full[0]), float(full[1]), float(full[2]), float(full[3]), tuple(token_buckets),
+                    per_request_s=float(full[4]))
 
 
 def fit_error(cost: StepCost, samples: Sequence[StepSample]) -> float:
     """Median relative error of ``cost`` on ``samples``."""
-    errs = [abs(cost.step_s(s.tokens, s.rows, s.attended) - s.seconds) / s.seconds for s in samples if s.seconds > 0]
+    def predicted(s: StepSample) -> float:
+        return cost.step_s(s.tokens, s.rows, s.attended) + (cost.per_request_s if s.whole_run else 0.0)
+
+    errs = [abs(predicted(s) - s.seconds) / s.seconds for s in samples if s.seconds > 0]
     return float(np.median(errs))
 
 

@@ -53,6 +53,12 @@ def test_token_buckets_pad_the_step():
     assert simulate(one(20, 1), Layout(1), cost, LIMITS).ttft_s[0] == pytest.approx(0.032)
 
 
+def test_per_request_latency_adds_to_ttft_only():
+    cost = StepCost(0.010, 0.001, 0.0005, 0.0, per_request_s=0.02)
+    base, extra = simulate(one(40, 5), Layout(1), COST, LIMITS), simulate(one(40, 5), Layout(1), cost, LIMITS)
+    assert extra.ttft_s[0] == pytest.approx(base.ttft_s[0] + 0.02) and extra.tpot_s[0] == pytest.approx(base.tpot_s[0])
+
+
 def test_disaggregated_hand_off_waits_for_the_transfer():
     res = simulate(one(40, 5), Layout(1, 1, 1, 1), COST, LIMITS, transfer_s_per_token=0.0005)
     prefill = 0.010 + 40 * 0.001 + 0.0005
@@ -101,7 +107,11 @@ def test_fit_recovers_known_coefficients():
     got = np.array([fit.base_s, fit.per_token_s, fit.per_row_s, fit.per_attended_s])
     want = np.array([true.base_s, true.per_token_s, true.per_row_s, true.per_attended_s])
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert fit_error(fit, samples) < 1e-6
+    assert fit.per_request_s == 0 and fit_error(fit, samples) < 1e-6
+    # whole-run samples (a request's admission and fetch on top of its step) fit per_request_s
+    runs = [StepSample(s.tokens, s.rows, s.attended, s.seconds + 0.003, whole_run=True) for s in samples[:20]]
+    fit = fit_step_cost(runs + samples[20:], true.token_buckets)
+    assert fit.per_request_s == pytest.approx(0.003, rel=1e-6) and fit.base_s == pytest.approx(true.base_s, rel=1e-6)
     assert prefill_attended(0, 3) == 6 and prefill_attended(2, 4) == 7
 
 

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"measuring steps on {jax.default_backend()} ...", file=sys.stderr)
     cost, samples = calibrate(engine, quick=args.quick)
     print(f"step model: {cost.base_s * 1e3:.2f} ms + {cost.per_token_s * 1e6:.1f} us/token + "
-          f"{cost.per_row_s * 1e6:.1f} us/row + {cost.per_attended_s * 1e9:.2f} ns/attended pair "
+          f"{cost.per_row_s * 1e6:.1f} us/row + {cost.per_attended_s * 1e9:.2f} ns/attended pair; "
+          f"{cost.per_request_s * 1e3:.2f} ms per request "
           f"({len(samples)} steps, median error {fit_error(cost, samples):.0%})", file=sys.stderr)
     if args.trace:
         lengths = read_trace(args.trace, max_len)
