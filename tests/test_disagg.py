@@ -109,7 +109,31 @@ def _child_p1d1() -> dict:
     out.update(shared_want=list(want.values()), shared_got=list(got.values()),
                shared_hit_tokens=sched.prefix_cache_hits - hits)
     out.update(_aborts(engine, prompts))
+    out.update(_served(engine, prompts[:3], params[0]))
     return out
+
+
+def _served(engine, prompts, params) -> dict:
+    """The same engine behind ``AsyncEngine`` (what ``energon serve`` runs): tokens and info."""
+    import asyncio
+
+    from energon_jax.async_engine import AsyncEngine
+
+    served = AsyncEngine(engine)
+    served.start()
+
+    async def one(i, prompt):
+        return [t for d in [d async for d in served.submit(prompt, params, request_id=f"s{i}")] for t in d.token_ids]
+
+    async def every():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    try:
+        tokens = asyncio.run(every())
+        info = served.info
+    finally:
+        served.shutdown()
+    return {"served": tokens, "info_layout": info.layout, "info_overlap": info.overlap}
 
 
 def _aborts(engine, prompts) -> dict:
@@ -213,6 +237,13 @@ def test_groups_on_disjoint_devices_compute_at_once(p1d1):
     assert p1d1["both_on_device"] > 0
     assert p1d1["layout"] == {"prefill_devices": 1, "decode_devices": 1, "prefill_tp": 1, "decode_tp": 1}
     assert p1d1["overlap"].startswith("disaggregated: prefill on devices 0..0 (tp=1), decode on devices 1..1")
+
+
+def test_async_engine_serves_it_and_info_shows_the_layout(p1d1):
+    assert p1d1["served"] == p1d1["want"][:3]
+    assert p1d1["info_layout"] == {"dp": 1, "tp": 1, "pp": 1, "prefill_devices": 1, "decode_devices": 1,
+                                   "prefill_tp": 1, "decode_tp": 1}
+    assert p1d1["info_overlap"].startswith("disaggregated: prefill on devices 0..0")
 
 
 def test_queue_holds_prefilled_requests_while_prefill_runs_on(p1d1):
