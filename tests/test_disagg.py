@@ -331,6 +331,16 @@ def test_cli_flags_reach_the_engine():
     assert parallel_kwargs(args) == {"prefill_devices": 2, "decode_devices": 1, "prefill_tp": 2}
 
 
+def test_energon_info_prints_the_layout(capsys):
+    from energon_jax.cli import main
+
+    assert main(["info", "--prefill-devices", "2", "--decode-devices", "1"]) == 0
+    assert ("disaggregated: prefill on devices 0..1 (tp=2), decode on devices 2..2 (tp=1)"
+            in capsys.readouterr().out)
+    assert main(["info", "--decode-devices", "1"]) == 2
+    assert "give both prefill_devices=None and decode_devices=1" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- slow run
 
 

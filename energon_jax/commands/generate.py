@@ -31,6 +31,16 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resident-layers", type=int, default=None, help="layers kept on device with --offload")
     g.add_argument("--expert-parallel", action="store_true", default=None,
                    help="mixture-of-experts models: whole experts per tp shard (default: each expert's MLP split)")
+    add_disagg_arguments(parser)
+    c = parser.add_argument_group("prefix caching (energon_jax/kv_cache.py)")
+    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                   help="recompute every prompt from its first token (default: reuse cached KV pages of shared prefixes)")
+    c.add_argument("--prefix-cache-seed", type=int, default=None,
+                   help="seed of the page-hash chain's root (default: random per process)")
+
+
+def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--prefill-devices/--decode-devices/--prefill-tp/--decode-tp`` (also on ``energon info``)."""
     d = parser.add_argument_group("prefill/decode disaggregation (energon_jax/disagg.py)")
     d.add_argument("--prefill-devices", type=int, default=None,
                    help="prefill on the first N devices, decode on the next --decode-devices (default: colocated)")
@@ -39,11 +49,6 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                    "(default and only value for now: --prefill-devices)")
     d.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel degree of the decode group "
                    "(default and only value for now: --decode-devices)")
-    c = parser.add_argument_group("prefix caching (energon_jax/kv_cache.py)")
-    c.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
-                   help="recompute every prompt from its first token (default: reuse cached KV pages of shared prefixes)")
-    c.add_argument("--prefix-cache-seed", type=int, default=None,
-                   help="seed of the page-hash chain's root (default: random per process)")
 
 
 def parallel_kwargs(args: argparse.Namespace) -> dict[str, object]:

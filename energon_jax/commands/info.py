@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
     parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.9,
                         help="share of device memory for weights, a step and the KV pool (default: 0.9)")
+    from energon_jax.commands.generate import add_disagg_arguments
+
+    add_disagg_arguments(parser)  # prints the layout they would give
 
 
 def _human(n: float) -> str:
@@ -98,9 +101,13 @@ def _pool(facts: dict[str, object], page_size: int, max_num_seqs: int, fraction:
 
 
 def run(args: argparse.Namespace) -> int:
+    from energon_jax.disagg import DisaggOptions
+
     try:
         f = describe(args.model, args.dtype, args.max_model_len, args.max_num_seqs, args.page_size,
                      args.kv_cache_memory_fraction)
+        disagg = DisaggOptions.from_kwargs(getattr(args, "prefill_devices", None), getattr(args, "decode_devices", None),
+                                           getattr(args, "prefill_tp", None), getattr(args, "decode_tp", None))
     except ValueError as e:
         print(f"energon info: {e}", file=sys.stderr)
         return 2
@@ -121,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append((f"KV cache, {args.max_num_seqs} seqs x max len", _human(f["kv_bytes_full"])))
         rows.append(("total (weights + that KV)", _human(f["weights_bytes"] + f["kv_bytes_full"])))
         rows.append(("KV pool", f["kv_pool"]))
+    rows.append(("layout", "colocated (one device group)" if disagg is None
+                 else f"{disagg.describe()}; one weight copy and one KV pool (as above) per group"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
