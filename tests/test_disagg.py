@@ -206,6 +206,30 @@ def _child_demo(case: str) -> dict:
     return out
 
 
+def _child_window() -> dict:
+    """A tiny Mistral windowing every layer (window 8): prompts past the window, whose prefill
+    released pages behind it (null entries in the page table) before they moved."""
+    import tempfile
+    from pathlib import Path
+
+    from model_parity import tiny_variant
+
+    from energon_jax import Engine, SamplingParams
+
+    path = tiny_variant(Path(tempfile.mkdtemp()) / "mistral", "mistral", seed=3, sliding_window=8)
+    kw = dict(ENGINE_KW, max_num_batched_tokens=8, min_token_bucket=8)
+    prompts = _prompts([5, 8, 23, 30], seed=3, vocab=300)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    arrivals = [(p, sp, i) for i, p in enumerate(prompts)]
+    want, _ = _drive(Engine.from_pretrained(path, **kw), arrivals)
+    engine = Engine.from_pretrained(path, prefill_devices=1, decode_devices=1, **kw)
+    got, _ = _drive(engine, arrivals)
+    s, stats = engine.scheduler, engine.runner.mover.stats
+    return {"want": list(want.values()), "got": list(got.values()), "window": s.config.attention_window,
+            "pages": [s.prefill.pages_used, s.decode.pages_used], "transfers": stats.transfers,
+            "moved_pages": stats.pages, "prompt_pages": sum(-(-len(p) // kw["page_size"]) for p in prompts)}
+
+
 # ----------------------------------------------------------------------------- default run
 
 
@@ -359,7 +383,17 @@ def test_int8_pages_move_with_their_scales():
     assert out["pages"] == [[0, 0]]
 
 
+@pytest.mark.slow
+def test_sliding_window_pages_move_without_the_released_ones():
+    out = run_child(__file__, "window", devices=2)
+    assert out["window"] == 8 and out["transfers"] == 4
+    assert out["moved_pages"] < out["prompt_pages"]  # pages behind the window were not moved
+    assert out["got"] == out["want"]
+    assert out["pages"] == [0, 0]
+
+
 if __name__ == "__main__":
     case = sys.argv[1]
-    result = _child_p1d1() if case == "p1d1" else _child_demo(case)
+    children = {"p1d1": _child_p1d1, "window": _child_window}
+    result = children[case]() if case in children else _child_demo(case)
     print(json.dumps(result))
