@@ -9,7 +9,8 @@ Llama-architecture checkpoint of about 50M parameters (float32), built with
 Printed (a markdown table, for ``benchmarks/RESULTS.md``):
 
 1. output tokens/s of ``Engine.generate`` vs ``transformers`` ``generate`` on static,
-   left-padded batches of 16 (same prompts, each batch runs to its longest output);
+   left-padded batches of 16, the requests sorted by prompt length first (same prompts,
+   each batch runs to its longest output);
 2. the Engine vs the same Engine with ``static_batching=True`` (a batch of
    ``max_num_seqs`` is admitted only when the previous one has finished);
 3. batch-1 decode tokens/s vs the memory-bandwidth roofline: bandwidth measured by a
@@ -27,6 +28,15 @@ Printed (a markdown table, for ``benchmarks/RESULTS.md``):
    ``(a N_static + F) / (a N_min + F)`` (adding equal per-token work to both sides only
    lowers a ratio above 1), and the Engine at most ``output tokens / (a N_min + F)``.
 
+Each measured system runs in its own fresh process (``--worker``, started by ``main``):
+the Engine, the static Engine, transformers, and the machine's bandwidth and matmul rate,
+so that none of them runs beside another's thread pools or caches (transformers after two
+JAX engines in one process measured 20x slow). ``--repeats N`` runs the Engine and
+transformers N times as back-to-back pairs and prints each pair's ratio and their range:
+on a shared machine a ratio from one pair is more stable than either speed. The load
+average is printed beside every pair. Workers use the persistent compilation cache
+(``--compile-cache``), so only the first run of a configuration pays the warm-up compiles.
+
 ``--quick`` runs a smoke version (16 requests, shorter lengths). Run on the CPU:
 ``JAX_PLATFORMS=cpu python benchmarks/offline.py``.
 """
@@ -36,8 +46,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 HF_BATCH = 16
+RESULT_PREFIX = "OFFLINE_RESULT "  # a worker's one line of JSON on stdout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,17 +190,20 @@ def run_engine(engine, w: Workload) -> tuple[float, StepRecorder]:
 
 
 def run_transformers(path: Path, w: Workload, threads: int) -> tuple[float, int, int]:
-    """Static left-padded batches of HF_BATCH; returns (seconds, padded slots, real tokens)."""
+    """Static left-padded batches of HF_BATCH, requests sorted by prompt length (as one would
+    batch them offline); returns (seconds, padded slots, real tokens)."""
     import torch
     import transformers as tf
 
     torch.set_num_threads(threads)
     model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
+    order = sorted(range(len(w.prompts)), key=lambda i: len(w.prompts[i]))
     slots = real = 0
     t = time.perf_counter()
-    for i in range(0, len(w.prompts), HF_BATCH):
-        prompts, outs = w.prompts[i : i + HF_BATCH], w.output_lens[i : i + HF_BATCH]
+    for i in range(0, len(order), HF_BATCH):
+        prompts = [w.prompts[j] for j in order[i : i + HF_BATCH]]
+        outs = [w.output_lens[j] for j in order[i : i + HF_BATCH]]
         width, new = max(map(len, prompts)), max(outs)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -211,7 +228,9 @@ def batch1_decode(engine, vocab: int, n: int = 64) -> float:
     return (n - 1) / (out.latency_s - out.ttft_s)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from energon_jax import compile_cache
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 requests, prompts <= 256, outputs <= 64")
     ap.add_argument("--num-requests", type=int, default=256)
@@ -225,80 +244,148 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--min-token-bucket", type=int, default=1, help="smallest step bucket (1: batch-1 decode unpadded)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-static", action="store_true", help="leave out the static_batching Engine")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="back-to-back (Engine, transformers) pairs, each system in a fresh process")
     ap.add_argument("--mix", choices=["default", "long-tail"], default="default",
                     help="long-tail: 48 requests, prompts mean ~56 up to 512, outputs mean ~30 up to 128, "
                          "seed 4 (use with --layers 12 --hidden 256 for the 26M model of issue 13)")
-    args = ap.parse_args()
+    ap.add_argument("--worker", choices=["engine", "static", "transformers", "machine"], help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    compile_cache.add_arguments(ap)
+    args = ap.parse_args(argv)
+    if args.repeats < 1:
+        raise ValueError(f"repeats={args.repeats} must be >= 1")
     if args.mix == "long-tail":
         args.num_requests, args.max_prompt, args.max_output = 48, 512, 128
         if args.seed == 0:
             args.seed = 4
     if args.quick:
         args.num_requests, args.max_prompt, args.max_output, args.max_num_seqs = 16, 256, 64, 8
+    return args
 
+
+def workload(args: argparse.Namespace) -> Workload:
+    if args.mix == "long-tail":
+        return make_long_tailed_mix(args.num_requests, seed=args.seed, vocab=args.vocab)
+    return make_workload(args.num_requests, seed=args.seed, vocab=args.vocab, max_prompt=args.max_prompt,
+                         max_output=args.max_output)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One measurement in this (fresh) process; returns what ``main`` prints."""
+    w, path = workload(args), Path(args.checkpoint)
+    if args.worker == "transformers":
+        hf_s, slots, real = run_transformers(path, w, threads=os.cpu_count() or 1)
+        return dict(seconds=hf_s, slots=slots, real=real)
+    if args.worker == "machine":
+        return dict(bandwidth=measure_bandwidth(), flop_rate=measure_matmul_rate())
     import jax
 
-    from energon_jax import Engine
+    from energon_jax import Engine, compile_cache
 
-    if args.mix == "long-tail":
-        w = make_long_tailed_mix(args.num_requests, seed=args.seed, vocab=args.vocab)
-    else:
-        w = make_workload(args.num_requests, seed=args.seed, vocab=args.vocab, max_prompt=args.max_prompt,
-                          max_output=args.max_output)
+    compile_cache.configure_from_args(args)
+    kw = dict(max_model_len=args.max_prompt + args.max_output, page_size=16, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, min_token_bucket=args.min_token_bucket,
+              static_batching=args.worker == "static")
+    t = time.perf_counter()
+    engine = Engine.from_pretrained(path, dtype="float32", **kw)
+    out = dict(warmup_s=time.perf_counter() - t, compiles_warm=engine.num_compiles)
+    seconds, rec = run_engine(engine, w)
+    out.update(seconds=seconds, slots=rec.slots, real=rec.real, steps=rec.steps, compiles_after=engine.num_compiles)
+    if args.worker == "engine":
+        leaves = jax.tree.leaves(engine.runner._state)
+        out.update(batch1=batch1_decode(engine, args.vocab), n_params=sum(x.size for x in leaves),
+                   weight_bytes=sum(x.size * x.dtype.itemsize for x in leaves),
+                   jax=f"{jax.__version__} ({jax.default_backend()})")
+    return out
+
+
+def spawn(role: str, checkpoint: Path) -> dict:
+    """Run ``--worker role`` in a fresh Python process with this run's arguments."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", role, "--checkpoint",
+           str(checkpoint)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {role!r} failed (exit {proc.returncode}): {proc.stdout[-2000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def span(values: list[float], fmt: str = "{:.1f}") -> str:
+    """The median of ``values``, and their range when there are several."""
+    mid = fmt.format(float(np.median(values)))
+    return mid if len(values) == 1 else f"{mid} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker is not None:
+        print(RESULT_PREFIX + json.dumps(worker(args)), flush=True)
+        return
+    w = workload(args)
     max_len = args.max_prompt + args.max_output
-    kw = dict(max_model_len=max_len, page_size=16, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, min_token_bucket=args.min_token_bucket)
+    pairs = []  # (engine result, transformers result or None, load average before the pair)
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp), layers=args.layers, hidden=args.hidden, vocab=args.vocab, max_len=max_len)
-        t = time.perf_counter()
-        engine = Engine.from_pretrained(path, dtype="float32", **kw)
-        warmup_s = time.perf_counter() - t
-        n_params = sum(x.size for x in jax.tree.leaves(engine.runner._state))
-        weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.runner._state))
+        for _ in range(args.repeats):
+            load = load_average()
+            eng = spawn("engine", path)
+            hf = None if args.skip_transformers else spawn("transformers", path)
+            pairs.append((eng, hf, load))
+            print(f"pair {len(pairs)}: Engine {w.output_tokens / eng['seconds']:.1f} tok/s"
+                  + ("" if hf is None else f", transformers {w.output_tokens / hf['seconds']:.1f} tok/s, "
+                     f"ratio {hf['seconds'] / eng['seconds']:.2f}x") + f"; load average {load}", file=sys.stderr)
+        static = None if args.skip_static else spawn("static", path)
+        machine = spawn("machine", path)
 
-        compiles_warm = engine.num_compiles
-        engine_s, rec = run_engine(engine, w)
-        compiles_after = engine.num_compiles
-        static = Engine.from_pretrained(path, dtype="float32", static_batching=True, **kw)
-        static_s, static_rec = run_engine(static, w)
-        del static
-        b1 = batch1_decode(engine, args.vocab)
-        bw = measure_bandwidth()
-        flop_rate = measure_matmul_rate()
-        if not args.skip_transformers:
-            hf_s, hf_slots, hf_real = run_transformers(path, w, threads=os.cpu_count() or 1)
-
+    eng0 = pairs[0][0]
     out_tok = w.output_tokens
+    bw, flop_rate = machine["bandwidth"], machine["flop_rate"]
+    weight_bytes, n_params = eng0["weight_bytes"], eng0["n_params"]
     roofline = bw / weight_bytes
+    eng_tps = [out_tok / e["seconds"] for e, _, _ in pairs]
     lines = [
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU threads, "
-        f"jax {jax.__version__} ({jax.default_backend()}); {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        f"jax {eng0['jax']}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; load average (1/5/15 min) "
+        f"before each pair: {', '.join(load for _, _, load in pairs)}",
         f"workload: {len(w.prompts)} requests (seed {args.seed}), prompt {min(map(len, w.prompts))}..."
         f"{max(map(len, w.prompts))} (mean {np.mean([len(p) for p in w.prompts]):.0f}), output "
         f"{min(w.output_lens)}...{max(w.output_lens)} (mean {np.mean(w.output_lens):.0f}), {out_tok} output tokens",
         f"model: random Llama, {n_params / 1e6:.1f}M params float32 ({args.layers} layers, hidden {args.hidden}, "
         f"vocab {args.vocab}); engine max_num_seqs={args.max_num_seqs}, "
         f"max_num_batched_tokens={args.max_num_batched_tokens}, min_token_bucket={args.min_token_bucket}, "
-        f"page_size=16; warm-up {warmup_s:.1f}s",
+        f"page_size=16; warm-up {eng0['warmup_s']:.1f}s; each system in its own process, "
+        f"{len(pairs)} back-to-back pair(s): median (range)",
         "",
         "| measurement | value | baseline | ratio |",
         "|---|---|---|---|",
     ]
-    eng_tps = out_tok / engine_s
     if not args.skip_transformers:
-        lines.append(f"| Engine.generate vs transformers generate (static batches of {HF_BATCH}), output tok/s "
-                     f"| {eng_tps:.1f} | {out_tok / hf_s:.1f} | {hf_s / engine_s:.2f}x |")
-    lines.append(f"| Engine (continuous) vs Engine static_batching, output tok/s | {eng_tps:.1f} | "
-                 f"{out_tok / static_s:.1f} | {static_s / engine_s:.2f}x |")
+        hf_tps = [out_tok / hf["seconds"] for _, hf, _ in pairs]
+        ratios = [hf["seconds"] / e["seconds"] for e, hf, _ in pairs]
+        lines.append(f"| Engine.generate vs transformers generate (static batches of {HF_BATCH}, sorted by prompt "
+                     f"length), output tok/s | {span(eng_tps)} | {span(hf_tps)} | {span(ratios, '{:.2f}')}x |")
+    if static is not None:
+        lines.append(f"| Engine (continuous, first pair) vs Engine static_batching, output tok/s | {eng_tps[0]:.1f} | "
+                     f"{out_tok / static['seconds']:.1f} | {static['seconds'] / eng0['seconds']:.2f}x |")
+    b1 = eng0["batch1"]
     lines.append(f"| batch-1 decode tok/s vs roofline ({bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB per token) "
                  f"| {b1:.1f} | {roofline:.1f} | {b1 / roofline:.0%} |")
     lines.append(f"| padding share of computed token slots: Engine (packed, bucketed) | "
-                 f"{1 - rec.real / rec.slots:.1%} ({rec.steps} steps) | | |")
+                 f"{1 - eng0['real'] / eng0['slots']:.1%} ({eng0['steps']} steps) | | |")
     if not args.skip_transformers:
-        lines.append(f"| padding share: transformers static padded batches | {1 - hf_real / hf_slots:.1%} | | |")
-    lines.append(f"| padding share: Engine static_batching | {1 - static_rec.real / static_rec.slots:.1%} "
-                 f"({static_rec.steps} steps) | | |")
-    lines.append(f"| compiles: after warm-up / after the workload | {compiles_warm} / {compiles_after} | | |")
+        hf0 = pairs[0][1]
+        lines.append(f"| padding share: transformers static padded batches | {1 - hf0['real'] / hf0['slots']:.1%} | | |")
+    if static is not None:
+        lines.append(f"| padding share: Engine static_batching | {1 - static['real'] / static['slots']:.1%} "
+                     f"({static['steps']} steps) | | |")
+    lines.append(f"| compiles: after warm-up / after the workload | {eng0['compiles_warm']} / {eng0['compiles_after']} "
+                 "| | |")
     # 5. ceilings (module docstring): a = one batch-1 step, F = matmul FLOPs at the best rate.
     head_params = args.vocab * args.hidden
     layer_params = n_params - 2 * head_params  # all but the embedding table and the untied head
@@ -310,16 +397,18 @@ def main() -> None:
         "",
         f"ceilings on this machine: fixed step cost a <= 1 / batch-1 rate = {a_s * 1e3:.2f} ms; matmul work "
         f"F = {flops / 1e12:.2f} TFLOP at {flop_rate / 1e9:.0f} GFLOP/s (best measured) = {f_s:.1f} s; "
-        f"N_static = {static_rec.steps}, N_min = {n_min}, Engine steps = {rec.steps}",
+        f"N_min = {n_min}, Engine steps = {eng0['steps']}"
+        + ("" if static is None else f", N_static = {static['steps']}"),
         "",
         "| ceiling | value |",
         "|---|---|",
-        f"| continuous / static at most (a N_static + F) / (a N_min + F) | "
-        f"{(a_s * static_rec.steps + f_s) / (a_s * n_min + f_s):.2f}x |",
-        f"| Engine output tok/s at most output tokens / (a N_min + F) | {out_tok / (a_s * n_min + f_s):.1f} |",
     ]
+    if static is not None:
+        lines.append(f"| continuous / static at most (a N_static + F) / (a N_min + F) | "
+                     f"{(a_s * static['steps'] + f_s) / (a_s * n_min + f_s):.2f}x |")
+    lines.append(f"| Engine output tok/s at most output tokens / (a N_min + F) | {out_tok / (a_s * n_min + f_s):.1f} |")
     if not args.skip_transformers:
-        lines.append(f"| Engine vs transformers at most | {hf_s / (a_s * n_min + f_s):.2f}x |")
+        lines.append(f"| Engine vs transformers at most (first pair) | {pairs[0][1]['seconds'] / (a_s * n_min + f_s):.2f}x |")
     print("\n".join(lines))
 
 

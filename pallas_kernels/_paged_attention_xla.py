@@ -31,6 +31,8 @@ from pallas_kernels.paged_attention import (
 # Query and key tile of ``_blocked_attention``: on the CPU 64 beat 32, 128 and 256 on a
 # 512-token prefill and a 512-token chunk resuming at 512 (benchmarks/paged_attention_cpu.py).
 ATTENTION_BLOCK = 64
+# (row, page) pairs per iteration of the decode walk (``_decode_rows``).
+DECODE_PAIRS_PER_BLOCK = 32
 
 
 def packed_context_budgets(num_tokens: int, max_pages: int, page_size: int) -> tuple[int, ...]:
@@ -188,18 +190,56 @@ def _decode_rows(
     """One query per row, ``q_rows [B, N, H]``, over the first ``need[b]`` cache positions
     of its row; ``[B, N, H]`` in ``q_rows.dtype``, zeros where ``need`` is 0.
 
-    The reference walk, with the rows in step page by page. Shorter rows read the null
-    page past their length (page tables are padded with it), which stays in cache: on
-    the CPU a walk over only the (row, page) pairs each row needs measured 1.07x at most
-    on uneven rows, not worth its extra ops per step.
+    A walk over the (row, page) pairs the rows need, ``DECODE_PAIRS_PER_BLOCK`` pairs per
+    iteration, with an online softmax per row: the cost follows ``sum(need)``. Walking
+    the page table with the rows in step (the reference) costs ``B x max(need)``
+    whatever the other rows need, and in continuous batching one long row beside short
+    ones is the usual case: on a 16-row, 26M-parameter decode step whose contexts ranged
+    up to 490 tokens the lane walk was most of the step (``benchmarks/RESULTS.md``).
+    With ``sliding_window=W`` a row's pairs start at its window's first page.
     """
-    num_rows = q_rows.shape[0]
-    return paged_attention_reference(
-        q_rows, k_pages, v_pages, page_tables, need,
-        segment_ids=jnp.where(need > 0, jnp.arange(num_rows, dtype=jnp.int32), -1),
-        positions=jnp.maximum(need - 1, 0), sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
-        sliding_window=sliding_window,
-    )
+    b, n, h = q_rows.shape
+    _, s, kh, _ = k_pages.shape
+    g = n // kh
+    max_pages = page_tables.shape[1]
+    scale = h**-0.5 if sm_scale is None else sm_scale
+    qg = q_rows.reshape(b, kh, g, h).astype(jnp.float32) * scale  # [B, K, G, H]
+    need = need.astype(jnp.int32)
+    # Keys of row r: cache positions [lo[r], need[r]) (its one query sits at need - 1).
+    lo = jnp.zeros_like(need) if sliding_window is None else jnp.maximum(need - sliding_window, 0)
+    first_page = lo // s
+    count = jnp.where(need > 0, (need + s - 1) // s - first_page, 0)  # [B] pages of each row
+    ends = jnp.cumsum(count)
+    starts = ends - count
+    total = ends[-1]
+    block = min(DECODE_PAIRS_PER_BLOCK, b * max_pages)
+
+    def body(i, carry):
+        j = i * block + jnp.arange(block, dtype=jnp.int32)  # [P] pair index
+        row = jnp.minimum(jnp.searchsorted(ends, j, side="right"), b - 1).astype(jnp.int32)
+        valid = j < total
+        page_idx = jnp.where(valid, first_page[row] + j - starts[row], 0)
+        page = jnp.where(valid, page_tables[row, jnp.clip(page_idx, 0, max_pages - 1)], 0)
+        kb = k_pages[page].astype(jnp.float32)  # [P, S, K, H]
+        vb = v_pages[page].astype(jnp.float32)
+        if k_scale is not None:
+            kb = kb * k_scale[page][..., None]
+            vb = vb * v_scale[page][..., None]
+        scores = jnp.einsum("pkgh,pskh->pkgs", qg[row], kb)
+        kpos = page_idx[:, None] * s + jnp.arange(s, dtype=jnp.int32)  # [P, S]
+        ok = valid[:, None] & (kpos < need[row][:, None]) & (kpos >= lo[row][:, None])
+        scores = jnp.where(ok[:, None, None, :], scores, -jnp.inf)  # [P, K, G, S]
+        m, l, acc = carry  # [B, K, G], [B, K, G], [B, K, G, H]
+        m_new = jnp.maximum(m, jnp.full_like(m, -jnp.inf).at[row].max(jnp.max(scores, axis=-1)))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(scores - m_safe[row][..., None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+        l = l * alpha + jnp.zeros_like(l).at[row].add(jnp.sum(p, axis=-1))
+        acc = acc * alpha[..., None] + jnp.zeros_like(acc).at[row].add(jnp.einsum("pkgs,pskh->pkgh", p, vb))
+        return m_new, l, acc
+
+    _, l, acc = jax.lax.fori_loop(0, (total + block - 1) // block, body, online_softmax_init((b, kh, g), h))
+    return online_softmax_result(l, acc).reshape(b, n, h).astype(q_rows.dtype)
 
 
 def _blocked_attention(

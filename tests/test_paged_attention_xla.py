@@ -127,8 +127,13 @@ def test_xla_small_tiles(monkeypatch, path):
     _check(out, paged_attention_reference(*args, **kw), kw["segment_ids"], jnp.float32)
 
 
-def test_uneven_decode_rows():
-    """Sixteen decode rows with contexts from 1 to a full row, some rows idle."""
+@pytest.mark.parametrize("pairs_per_block,int8,window", [(None, False, None), (3, True, None), (3, False, 9)])
+def test_uneven_decode_rows(monkeypatch, pairs_per_block, int8, window):
+    """Sixteen decode rows with contexts from 1 to a full row, some rows idle; with 3 pairs
+    per block a row's pages span blocks and the last block is partly padding; with a
+    sliding window each row starts at its window's first page."""
+    if pairs_per_block is not None:
+        monkeypatch.setattr(xla_module, "DECODE_PAIRS_PER_BLOCK", pairs_per_block)
     rng = np.random.default_rng(17)
     page_size, b, max_pages = 4, 16, 7
     lengths = np.asarray(rng.integers(1, max_pages * page_size + 1, b), np.int32)
@@ -137,12 +142,18 @@ def test_uneven_decode_rows():
     perm = 1 + rng.permutation(b * max_pages)
     for r, n in enumerate(lengths):
         tables[r, : -(-int(n) // page_size)] = perm[r * max_pages : r * max_pages + -(-int(n) // page_size)]
-    k = randn(rng, (1 + b * max_pages, page_size, NUM_KV_HEADS, HEAD_DIM), jnp.float32)
-    v = randn(rng, k.shape, jnp.float32)
+    shape = (1 + b * max_pages, page_size, NUM_KV_HEADS, HEAD_DIM)
+    k, v = randn(rng, shape, jnp.float32), randn(rng, shape, jnp.float32)
+    scales = {}
+    if int8:
+        k, ks = quantize_kv(k.reshape(-1, NUM_KV_HEADS, HEAD_DIM))
+        v, vs = quantize_kv(v.reshape(-1, NUM_KV_HEADS, HEAD_DIM))
+        k, v = k.reshape(shape), v.reshape(shape)
+        scales = dict(k_scale=ks.reshape(shape[:3]), v_scale=vs.reshape(shape[:3]))
     q = randn(rng, (b, 2 * NUM_KV_HEADS, HEAD_DIM), jnp.float32)
     seg = np.arange(b, dtype=np.int32)
     seg[[5, 12]] = -1  # rows without a token this step
-    kw = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(lengths - 1))
+    kw = dict(segment_ids=jnp.asarray(seg), positions=jnp.asarray(lengths - 1), sliding_window=window, **scales)
     args = (q, k, v, jnp.asarray(tables), jnp.asarray(lengths))
     out = jax.jit(lambda *a: paged_attention_xla(*a, **kw))(*args)
     _check(out, paged_attention_reference(*args, **kw), seg, jnp.float32)
