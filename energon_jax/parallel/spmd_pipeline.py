@@ -3,8 +3,8 @@
 The decoder's layers are stacked along a leading *slot* axis sharded over the mesh's
 ``pp`` axis: stage ``s`` owns slots ``[s * n, (s + 1) * n)`` (``n = ceil(L / pp)``),
 filled with its layers ``layer_bounds(L, pp)[s]`` and, when ``L`` does not split
-evenly, with identity slots at the end (``active`` false: ``lax.cond`` skips them, so
-the activations pass through and their pages are never written). The KV pages are
+evenly, with identity slots at the end (``active`` false: the activations pass through
+unchanged; the slot's own pages, which no layer reads, take its writes). The KV pages are
 stacked the same way, ``[slots, P, S, K, H]`` sharded over ``pp`` (and over ``tp`` by
 KV head), so each stage's pages live on its own devices. Parameters inside a stage keep
 their tensor-parallel layout (``tp`` stays automatic: the ``shard_map`` is manual over
@@ -13,16 +13,18 @@ their tensor-parallel layout (``tp`` stays automatic: the ``shard_map`` is manua
 One ``tick(batch)`` is one call of one compiled function on every device::
 
     x0 = embed(batch.input_ids)                       # vocab split over pp x tp
+    ring = [batch, ring[0], ..., ring[pp - 2]]        # ring[s]: the plan that entered s ticks ago
     shard_map over pp, stage s:
-        meta, x = (batch, x0) if s == 0 else (ring[s], acts[s])   # what entered s ticks ago
-        x = scan over s's slots: layer(x, meta)        # writes s's KV pages
-        rows[s] = x[meta.logits_indices]               # [B, D]
-        acts, ring = ppermute(x, meta: s -> s + 1)     # handed on for the next tick
-    ids = sample(head(norm(rows[pp - 1])), ring_in[pp - 1].sampling)
+        x = x0 if s == 0 else acts[s]                  # what stage s - 1 computed last tick
+        x = scan over s's slots: layer(x, ring[s])     # writes s's KV pages
+        rows[s] = x[ring[s].logits_indices]            # [B, D]
+        acts = ppermute(x, s -> s + 1)                 # handed on for the next tick
+    ids = sample(head(norm(rows[pp - 1])), ring[pp - 1].sampling)
 
-The ring of ``pp`` micro-batch plans (``ring``, a ``StepBatch`` with a leading ``[pp]``
-axis, sharded over ``pp``) and the activations in flight (``acts [pp, T, D]``) stay on
-the devices from tick to tick: only the new micro-batch's arrays are an input, so across
+The ring of ``pp`` micro-batch plans (a ``StepBatch`` with a leading ``[pp]`` axis, small
+and replicated, so shifting it is a local copy) and the activations in flight
+(``acts [pp, T, D]``, sharded over ``pp``) stay on the devices from tick to tick: only
+the new micro-batch's arrays are an input, so across
 processes the controller broadcasts just that (``PipelineController``). The micro-batch
 leaving the last stage comes back as a ``StepHandle`` ``pp - 1`` ticks after it
 entered; nothing here waits on a device.
@@ -227,32 +229,34 @@ class SpmdPipelineRunner:
         # PipelineController that broadcasts it to every process first.
         self.dispatch: Callable[[Any], Any] = self.run_tick
         self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4),
-                               out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), by_pp, by_pp, self._replicated))
+                               out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), by_pp, self._replicated, self._replicated))
 
     # -- the jitted tick ------------------------------------------------------------------
 
     def _tick_fn(self, layers, active, kv, acts, ring, embed, norm, head, batch):
         pp, parts = self.pp, self.parts
         x0 = run_embed(parts, embed, batch.input_ids)  # [T, D]
+        # This tick's plans: stage 0 takes the new one, stage s the one stage s - 1 ran last tick.
+        # The ring is small and replicated: shifting it is a local copy, not a collective.
+        ring = jax.tree.map(lambda new, old: jnp.concatenate([new[None], old[:-1]]), batch, ring)
         perm = [(s, (s + 1) % pp) for s in range(pp)]
 
-        def stage(layers, active, kv, acts, ring, x0, batch):
-            first = jax.lax.axis_index("pp") == 0
-            meta = jax.tree.map(lambda new, old: jnp.where(first, new, old[0]), batch, ring)
-            x = jnp.where(first, x0, acts[0])
+        def stage(layers, active, kv, acts, ring, x0):
+            s = jax.lax.axis_index("pp")
+            meta = jax.tree.map(lambda a: a[s], ring)
+            x = jnp.where(s == 0, x0, acts[0])
             x, kv = self._run_slots(layers, active, kv, x, meta)
             rows = x[meta.logits_indices]  # [B, D]
-            hand_on = functools.partial(jax.lax.ppermute, axis_name="pp", perm=perm)
-            return kv, hand_on(x)[None], jax.tree.map(lambda a: hand_on(a)[None], meta), rows[None]
+            return kv, jax.lax.ppermute(x, "pp", perm)[None], rows[None]
 
-        kv, acts_next, ring_next, rows = jax.shard_map(
-            stage, mesh=self.mesh, in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
-            out_specs=(P("pp"), P("pp"), P("pp"), P("pp")), axis_names=frozenset({"pp"}), check_vma=False,
-        )(layers, active, kv, acts, ring, x0, batch)
-        # The last stage ran the plan that entered pp - 1 ticks ago: ring[pp - 1] as it came in.
+        kv, acts_next, rows = jax.shard_map(
+            stage, mesh=self.mesh, in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
+            out_specs=(P("pp"), P("pp"), P("pp")), axis_names=frozenset({"pp"}), check_vma=False,
+        )(layers, active, kv, acts, ring, x0)
+        # The last stage ran the plan that entered pp - 1 ticks ago.
         sampling = jax.tree.map(lambda a: a[pp - 1], ring.sampling)
         out = run_head_rows(parts, norm, head, rows[pp - 1], sampling)
-        return kv, acts_next, ring_next, out
+        return kv, acts_next, ring, out
 
     def _run_slots(self, layers, active, kv, x, meta):
         """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
@@ -269,11 +273,12 @@ class SpmdPipelineRunner:
             attn = dataclasses.replace(meta.attn, slot_mapping=meta.attn.slot_mapping + i * num_pages * page_size,
                                        page_tables=meta.attn.page_tables + i * num_pages)
 
-            def run(x, pool):
-                layer = nnx.merge(graphdef, state)
-                return layer(x, meta.positions, meta.segment_ids, inv_freq, pool, attn)
-
-            return jax.lax.cond(on, run, lambda x, pool: (x, pool), x, pool), None
+            layer = nnx.merge(graphdef, state)
+            y, pool = layer(x, meta.positions, meta.segment_ids, inv_freq, pool, attn)
+            # An identity slot (zero weights) computes too and writes only its own pages, which no
+            # layer reads; lax.cond would skip it, but XLA copies the pool through the
+            # conditional at every slot (a tick 5x slower on CPU).
+            return (jnp.where(on, y, x), pool), None
 
         (x, pool), _ = jax.lax.scan(body, (x, pool), (layers, active, jnp.arange(n)))
         return x, jax.tree.map(lambda a, old: a.reshape(old.shape), pool, kv)
@@ -285,8 +290,8 @@ class SpmdPipelineRunner:
         t = np.shape(batch.input_ids)[0]
         acts = jax.ShapeDtypeStruct((self.pp, t, self.parts.config.hidden_size), self.parts.dtype,
                                     sharding=self._by_pp)
-        ring = jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.pp, *np.shape(a)), a.dtype, sharding=self._by_pp),
-                            batch)
+        ring = jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.pp, *np.shape(a)), a.dtype,
+                                                           sharding=self._replicated), batch)
         return acts, ring
 
     def _executable(self, batch: Any) -> Any:
@@ -322,7 +327,7 @@ class SpmdPipelineRunner:
     def _refit(self, template: Any) -> None:
         """The ring and the activations re-fitted to ``template``'s bucket (pad or cut on device)."""
         if self._ring is None:  # the first tick: an empty pipeline of this shape
-            self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), self._by_pp),
+            self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), self._replicated),
                                       template)
             t = np.shape(template.input_ids)[0]
             self._acts = place(np.zeros((self.pp, t, self.parts.config.hidden_size), self.parts.dtype), self._by_pp)
@@ -337,7 +342,7 @@ class SpmdPipelineRunner:
                 return grown.at[:, :n].set(acts[:, :n]), _fit(ring, template, jnp)
 
             # no donation: the outputs have other shapes than the inputs, so XLA could not reuse them
-            fn = self._refits[key] = jax.jit(refit, out_shardings=(self._by_pp, self._by_pp))
+            fn = self._refits[key] = jax.jit(refit, out_shardings=(self._by_pp, self._replicated))
         self._acts, self._ring = fn(self._acts, self._ring, template)
 
     def run_tick(self, batch: Any) -> tuple:
