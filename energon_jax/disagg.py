@@ -2,7 +2,8 @@
 
 ``Engine(..., prefill_devices=P, decode_devices=D, prefill_tp=, decode_tp=)`` builds two
 meshes over disjoint devices (the first ``P`` devices prefill, the next ``D`` decode), each
-with its own copy of the weights (sharded over its ``tp``), its own KV page pool of
+with its own copy of the weights (sharded over its ``tp``; ``from_pretrained`` reads them
+straight into the prefill group's shards, ``load_sharding``), its own KV page pool of
 ``kv_cache_pages`` pages, its own compiled steps (a ``ModelRunner`` each) and its own
 ``Scheduler`` and ``StepLoop``. The path of one request:
 
@@ -126,6 +127,37 @@ class DisaggOptions:
             raise ValueError(f"prefill_devices={self.prefill_devices} + decode_devices={self.decode_devices} = "
                              f"{need} devices asked, but only {len(devices)} exist")
         return devices[: self.prefill_devices], devices[self.prefill_devices : need]
+
+
+# The engine keyword arguments of this layout (``Engine.from_pretrained`` reads them to load).
+ENGINE_KWARGS = ("prefill_devices", "decode_devices", "prefill_tp", "decode_tp")
+
+
+def group_layouts(options: DisaggOptions, model_config: Any) -> list[tuple[Any, Any]]:
+    """``(mesh, sharding rules)`` of the prefill group, then the decode group; ValueError when
+    the model cannot be split over a group's ``tp`` or the devices are too few."""
+    from energon_jax.parallel.mesh import make_mesh, sharding_rules
+    from energon_jax.parallel.options import ParallelOptions
+    from energon_jax.parallel.runtime import validate_layout
+
+    out = []
+    for tp, devices in zip(options.tp, options.group_devices()):
+        layout = ParallelOptions(tp=tp)
+        validate_layout(layout, model_config)
+        out.append((make_mesh(layout, devices), sharding_rules(tp, num_kv_heads=model_config.num_kv_heads)))
+    return out
+
+
+def load_sharding(options: DisaggOptions, model_config: Any) -> Any:
+    """The ``models.load(param_sharding=)`` callback: weights are read straight into the prefill
+    group's shards (its runner then shares them; the decode group gets a copy), so no device
+    holds a third copy. None for an encoder (it has no disaggregated layout)."""
+    from energon_jax.parallel.mesh import param_sharding_fn
+
+    if model_config.is_encoder:
+        return None
+    mesh, rules = group_layouts(options, model_config)[0]
+    return param_sharding_fn(mesh, rules)
 
 
 def page_buckets(max_pages: int) -> tuple[int, ...]:
@@ -435,9 +467,9 @@ def build_disagg_executor(
     one group's devices would not follow a request to the other."""
     from energon_jax import batch as batch_lib
     from energon_jax.engine_config import param_dtype
-    from energon_jax.parallel.mesh import kv_pages_sharding, make_mesh, placed_copy, sharding_rules
+    from energon_jax.parallel.mesh import kv_pages_sharding, placed_copy
     from energon_jax.parallel.options import ParallelOptions
-    from energon_jax.parallel.runtime import ROW_SPLIT, Executor, describe_overlap, validate_layout
+    from energon_jax.parallel.runtime import ROW_SPLIT, Executor, describe_overlap
     from energon_jax.runner import ModelRunner
     from energon_jax.scheduler import Scheduler, SchedulerConfig
 
@@ -455,11 +487,7 @@ def build_disagg_executor(
     )
     max_rows = max(b for _, b in buckets.all_shapes())
     runners = []
-    for tp, devices in zip(options.tp, options.group_devices()):
-        layout = ParallelOptions(tp=tp)
-        validate_layout(layout, mc)
-        mesh = make_mesh(layout, devices)
-        rules = sharding_rules(tp, num_kv_heads=mc.num_kv_heads)
+    for mesh, rules in group_layouts(options, mc):  # weights already placed there are shared, not copied
         sharding = kv_pages_sharding(mesh, rules)
         kv = tuple(make_kv_pages(c.num_pages, c.page_size, mc.num_kv_heads, mc.head_dim, param_dtype(model),
                                  sharding=sharding) for _ in range(mc.num_layers))

@@ -215,7 +215,12 @@ class Engine:
             raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
         root = demo_model_path() if path is None else Path(path)
         parallel = engine_kwargs.pop("parallel", None) or ParallelOptions.take(engine_kwargs)
-        model, config = load(root, dtype, param_sharding=load_sharding(load_config(root), parallel))
+        from energon_jax import disagg
+
+        layout = disagg.DisaggOptions.from_kwargs(*(engine_kwargs.get(k) for k in disagg.ENGINE_KWARGS))
+        hf_config = load_config(root)  # with disaggregation, weights load into the prefill group's shards
+        sharding = load_sharding(hf_config, parallel) if layout is None else disagg.load_sharding(layout, hf_config)
+        model, config = load(root, dtype, param_sharding=sharding)
         if quantize is not None or sparsity is not None:
             from energon_jax.quantize import quantize_model
 

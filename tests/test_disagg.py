@@ -171,7 +171,9 @@ def _aborts(engine, prompts) -> dict:
 
 def _child_demo(case: str) -> dict:
     """The demo model: colocated vs disaggregated layouts (``tp``), or int8 KV pages (``int8``)."""
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from energon_jax import Engine, SamplingParams
     from pallas_kernels import make_kv_pages
@@ -192,13 +194,15 @@ def _child_demo(case: str) -> dict:
         int8_pools(colocated.runner)
     want, _ = _drive(colocated, arrivals)
     layouts = [(1, 1)] if case == "int8" else [(2, 2), (1, 2)]
-    out: dict = {"want": list(want.values()), "got": [], "pages": [], "scales": []}
+    out: dict = {"want": list(want.values()), "got": [], "pages": [], "scales": [], "shared": []}
     for p, d in layouts:
         engine = Engine.from_pretrained(None, prefill_devices=p, decode_devices=d, **kw)
         if case == "int8":
             int8_pools(engine.runner.prefill)
             int8_pools(engine.runner.decode)
             out["scales"].append(engine.runner.decode.kv_cache[0].k_scale is not None)
+        loaded = jax.tree.leaves(nnx.state(engine._model))  # read straight into the prefill group's shards
+        out["shared"].append(all(a is b for a, b in zip(loaded, jax.tree.leaves(engine.runner.prefill._state))))
         got, _ = _drive(engine, arrivals)
         out["got"].append(list(got.values()))
         s = engine.scheduler
@@ -228,6 +232,26 @@ def _child_window() -> dict:
     return {"want": list(want.values()), "got": list(got.values()), "window": s.config.attention_window,
             "pages": [s.prefill.pages_used, s.decode.pages_used], "transfers": stats.transfers,
             "moved_pages": stats.pages, "prompt_pages": sum(-(-len(p) // kw["page_size"]) for p in prompts)}
+
+
+def _child_preempt() -> dict:
+    """A decode pool that holds one whole sequence: decoding requests preempt each other and are
+    recomputed on the decode group (the colocated engine, same pool, preempts too)."""
+    from tiny_decoder import TinyConfig, TinyDecoder
+
+    from energon_jax import Engine, SamplingParams
+
+    config = TinyConfig()
+    model = TinyDecoder(config, seed=3)
+    kw = dict(ENGINE_KW, max_model_len=48, kv_cache_pages=13)
+    sp = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    arrivals = [(p, sp, 0) for p in _prompts([12, 9, 14, 5], seed=4)]
+    want, _ = _drive(Engine(model, config, **kw), arrivals)
+    engine = Engine(model, config, prefill_devices=1, decode_devices=1, **kw)
+    got, _ = _drive(engine, arrivals)
+    s = engine.scheduler
+    return {"want": list(want.values()), "got": list(got.values()), "preemptions": s.decode.num_preemptions,
+            "pages": [s.prefill.pages_used, s.decode.pages_used]}
 
 
 # ----------------------------------------------------------------------------- default run
@@ -373,6 +397,7 @@ def test_tensor_parallel_groups_equal_colocated():
     out = run_child(__file__, "tp", devices=4)
     assert out["got"] == [out["want"], out["want"]]
     assert out["pages"] == [[0, 0], [0, 0]]
+    assert out["shared"] == [True, True]  # the prefill runner holds the loaded weights, no extra copy
 
 
 @pytest.mark.slow
@@ -392,8 +417,16 @@ def test_sliding_window_pages_move_without_the_released_ones():
     assert out["pages"] == [0, 0]
 
 
+@pytest.mark.slow
+def test_decode_pool_preemption_recomputes_on_the_decode_group():
+    out = run_child(__file__, "preempt", devices=2)
+    assert out["preemptions"] > 0
+    assert out["got"] == out["want"]
+    assert out["pages"] == [0, 0]
+
+
 if __name__ == "__main__":
     case = sys.argv[1]
-    children = {"p1d1": _child_p1d1, "window": _child_window}
+    children = {"p1d1": _child_p1d1, "window": _child_window, "preempt": _child_preempt}
     result = children[case]() if case in children else _child_demo(case)
     print(json.dumps(result))
