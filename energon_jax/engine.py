@@ -41,6 +41,7 @@ import numpy as np
 from energon_jax.engine_config import PromptInput, as_params_list, as_prompt_list, demo_model_path
 from energon_jax.memory_sizing import DEFAULT_KV_CACHE_MEMORY_FRACTION, check_fraction
 from energon_jax.output import OutputTracker
+from energon_jax.output import add_many as add_texts
 from energon_jax.request import (
     Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_cache_salt, validate_prompt,
 )
@@ -375,26 +376,31 @@ class Engine:
             raise ValueError(f"model {self.model_config.architecture} is an encoder: use embed(), not step()")
         return self._loop.step(self._live.keys())
 
-    def _process(self, delta: Any) -> list[StreamDelta]:
-        """Turn one scheduler delta into the user's StreamDelta (text, stop strings)."""
-        live = self._live.get(delta.request.request_id)
-        if live is None:  # aborted while its delta was deferred
-            return []
-        ids = list(delta.new_token_ids)
-        logprobs = None if delta.new_logprobs is None else list(delta.new_logprobs)
-        text = live.tracker.add(ids, finished=delta.finished)
-        reason = delta.finish_reason if delta.finished else None
-        if live.tracker.stopped and not delta.finished:
-            self._scheduler.finish(live.request.request_id, "stop")
-            reason = "stop"
-        elif live.tracker.stopped:
-            reason = "stop"
-        if reason is not None:
-            return [self._finish_delta(live, ids, logprobs, reason, text)]
-        live.token_ids.extend(ids)
-        if live.logprobs is not None and logprobs is not None:
-            live.logprobs.extend(logprobs)
-        return [StreamDelta(live.request.request_id, text, ids, logprobs, False, None, None)]
+    def _process(self, deltas: Sequence[Any]) -> list[StreamDelta]:
+        """Turn scheduler deltas (one step's, each request at most once) into the user's
+        StreamDeltas (text, stop strings); every row's text is decoded in one call."""
+        pairs = [(d, live) for d in deltas if (live := self._live.get(d.request.request_id)) is not None]
+        # (a request missing from _live was aborted while its delta was deferred)
+        texts = add_texts([live.tracker for _, live in pairs], [d.new_token_ids for d, _ in pairs],
+                          [d.finished for d, _ in pairs])
+        out = []
+        for (delta, live), text in zip(pairs, texts, strict=True):
+            ids = list(delta.new_token_ids)
+            logprobs = None if delta.new_logprobs is None else list(delta.new_logprobs)
+            reason = delta.finish_reason if delta.finished else None
+            if live.tracker.stopped and not delta.finished:
+                self._scheduler.finish(live.request.request_id, "stop")
+                reason = "stop"
+            elif live.tracker.stopped:
+                reason = "stop"
+            if reason is not None:
+                out.append(self._finish_delta(live, ids, logprobs, reason, text))
+                continue
+            live.token_ids.extend(ids)
+            if live.logprobs is not None and logprobs is not None:
+                live.logprobs.extend(logprobs)
+            out.append(StreamDelta(live.request.request_id, text, ids, logprobs, False, None, None))
+        return out
 
     def _finish_delta(self, live: _Live, ids, logprobs, reason: str, text: str) -> StreamDelta:
         live.token_ids.extend(ids)

@@ -9,11 +9,17 @@ new token ids go through the request's ``IncrementalDetokenizer``; the tracker t
 - holds back, while streaming, a tail of text that could still be the start of a stop
   string, so that text which later turns out to be a stop string is never emitted;
 - emits everything that is left when the request finishes for any reason.
+
+``add_many`` does ``add`` for a whole step's rows at once, their text decoded in one
+tokenizer call (``tokenizer.detokenize_many``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from energon_jax.tokenizer import detokenize_many
 
 
 class OutputTracker:
@@ -37,10 +43,21 @@ class OutputTracker:
             new = self._detok.add_many(token_ids)
             if finished:
                 new += self._detok.flush()
+            return self._accept(new, finished)
+        return self._accept("", finished)
+
+    def _accept(self, new: str, finished: bool) -> str:
+        """Append the decoded ``new`` text (nothing once stopped), match stop strings, cut the delta."""
+        if not self.stopped:
+            if not self._stop:  # nothing to match or hold back
+                self.text += new
+                end = len(self.text)
+                delta = self.text[self._emitted : end]
+                self._emitted = end
+                return delta
             start = max(0, len(self.text) - self._max_stop + 1)
             self.text += new
-            if self._stop:
-                self._find_stop(start)
+            self._find_stop(start)
         end = len(self.text) if (finished or self.stopped) else len(self.text) - self._held_back()
         end = max(end, self._emitted)
         delta = self.text[self._emitted : end]
@@ -70,3 +87,22 @@ class OutputTracker:
             if any(s.startswith(tail) for s in self._stop):
                 return n
         return 0
+
+
+def add_many(trackers: Sequence[OutputTracker], token_ids: Sequence[list[int]], finished: Sequence[bool]) -> list[str]:
+    """``[t.add(ids, finished=f) ...]`` for one step's rows (one tracker per request, each at most
+    once), decoding every row's new ids in one tokenizer call."""
+    if all(t._detok is not None and not t.stopped for t in trackers):  # the usual step
+        texts = detokenize_many([t._detok for t in trackers], token_ids, finished)
+        return [t._accept(new, f) for t, new, f in zip(trackers, texts, finished)]
+    out = [""] * len(trackers)
+    live = [i for i, t in enumerate(trackers) if t._detok is not None and not t.stopped]
+    for i, t in enumerate(trackers):
+        if t._detok is not None and t.stopped:
+            out[i] = t._accept("", finished[i])
+    if live:
+        texts = detokenize_many([trackers[i]._detok for i in live], [token_ids[i] for i in live],
+                                [finished[i] for i in live])
+        for i, new in zip(live, texts, strict=True):
+            out[i] = trackers[i]._accept(new, finished[i])
+    return out

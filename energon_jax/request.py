@@ -18,6 +18,7 @@ import numbers
 import secrets
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 MAX_LOGPROBS = 20  # top-N logprobs per token; the sampler always computes this many
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64  # int64 (gRPC) and uint64 seeds are both accepted
@@ -275,9 +276,11 @@ class Usage:
     cached_tokens: int = 0  # of prompt_tokens, those served from the prefix cache
 
 
-@dataclasses.dataclass(frozen=True)
-class StreamDelta:
-    """What one step added to one request's output (``stream`` and ``AsyncEngine.submit``)."""
+class StreamDelta(NamedTuple):
+    """What one step added to one request's output (``stream`` and ``AsyncEngine.submit``).
+
+    (A NamedTuple, not a frozen dataclass: one is built per decode row per step, and a
+    frozen dataclass takes about 3x as long to construct: host time per step.)"""
 
     request_id: str
     text: str  # new text

@@ -34,7 +34,6 @@ the update), every replica's ``start`` first.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +45,9 @@ from energon_jax.step_split import merge_sampled, split_plan
 if TYPE_CHECKING:
     from energon_jax.scheduler import Scheduler, StepPlan
 
-# The engine's callback: one scheduler RequestDelta -> the user's StreamDeltas (maybe none).
-ProcessFn = Callable[[Any], list[StreamDelta]]
+# The engine's callback: scheduler RequestDeltas, each request at most once -> the user's
+# StreamDeltas (maybe fewer). One call per step and kind, so text is decoded in one batch.
+ProcessFn = Callable[[list[Any]], list[StreamDelta]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +94,17 @@ class StepLoop:
         self.split_prefill_decode = split_prefill_decode
         self.plans_ahead = plans_ahead
         self._pack_batch = batch_lib.pack
+        # Per-request step inputs kept between steps (batch.HostRows). Not with a sliding window:
+        # the scheduler releases pages behind it by overwriting them in place.
+        config = getattr(scheduler, "config", None)
+        self._host_rows = (batch_lib.HostRows(buckets, 2 * buckets.max_num_seqs)
+                           if config is not None and config.attention_window is None else None)
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0) if buckets.history_len == 0 else 0
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
+        self._deferred_steps = 0  # updates those deltas come from (one: each request at most once)
         self._in_flight: InFlight | None = None  # dispatched step whose ids are not fetched yet
         self._to_collect: InFlight | None = None  # dispatched by start(), collected by finish()
         # Steps planned and dispatched while the previous step's ids were still on the device.
@@ -111,9 +117,8 @@ class StepLoop:
         With device penalty tables, the rows' slots are assigned here, in dispatch order
         (a slot rebuilt from the host is written before the step that reads it)."""
         self.counts += DispatchCounts(1, plan.num_rows, plan.num_tokens)
-        if self._penalty is None:
-            return self._pack_batch(plan, buckets)
-        return self._pack_batch(plan, buckets, self._penalty.assign(plan.rows, self.runner.load_penalty_row))
+        penalty = None if self._penalty is None else self._penalty.assign(plan.rows, self.runner.load_penalty_row)
+        return self._pack_batch(plan, buckets, penalty, self._host_rows)
 
     def busy(self) -> bool:
         """Deferred text to emit, or a step in flight that still has an unfinished request."""
@@ -209,21 +214,28 @@ class StepLoop:
 
     def _collect(self, plan: StepPlan, sampled: Any) -> list[StreamDelta]:
         """Update the scheduler with a step's sampled ids; deltas of stop-string/finished requests now."""
-        out: list[StreamDelta] = []
-        now = time.monotonic()
-        for delta in self.scheduler.update(plan, sampled):
-            req = delta.request
-            if req.first_token_time is None and delta.new_token_ids:
-                req.first_token_time = now
-            if req.params.stop or delta.finished:
-                out.extend(self._process(delta))
-            else:
-                self._deferred.append(delta)
-        return out
+        deltas = self.scheduler.update(plan, sampled)  # (it stamps each request's first_token_time)
+        now = [d for d in deltas if d.finished or d.request.params.stop]
+        self._deferred.extend(deltas if not now else [d for d in deltas if not (d.finished or d.request.params.stop)])
+        self._deferred_steps += 1
+        return self._process(now) if now else []  # one plan: each request once
 
     def _drain_deferred(self) -> list[StreamDelta]:
-        out: list[StreamDelta] = []
         deferred, self._deferred = self._deferred, []
-        for delta in deferred:
-            out.extend(self._process(delta))
+        steps, self._deferred_steps = self._deferred_steps, 0
+        if not deferred:
+            return []
+        return self._process(deferred) if steps == 1 else self._process_all(deferred)
+
+    def _process_all(self, deltas: list[Any]) -> list[StreamDelta]:
+        """``process`` over ``deltas`` (several steps') in order, in runs where no request appears twice."""
+        out: list[StreamDelta] = []
+        start, seen = 0, set()
+        for i, delta in enumerate(deltas):
+            key = id(delta.request)
+            if key in seen:  # a later step's delta of the same request: after this run's
+                out.extend(self._process(deltas[start:i]))
+                start, seen = i, set()
+            seen.add(key)
+        out.extend(self._process(deltas[start:]))
         return out

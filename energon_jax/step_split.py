@@ -30,10 +30,10 @@ from energon_jax.sampling import SampledTokens
 
 def split_plan(plan) -> list[tuple[object, list[int]]]:
     """``[(sub_plan, row indices in plan)]``: one part, or decode rows then prefill rows."""
-    decode = [i for i, row in enumerate(plan.rows) if row.num_tokens == 1]
-    prefill = [i for i, row in enumerate(plan.rows) if row.num_tokens > 1]
-    if not decode or not prefill:
+    decode = [i for i, row in enumerate(plan.rows) if len(row.token_ids) == 1]
+    if not decode or len(decode) == len(plan.rows):  # one kind only (every step of a steady decode)
         return [(plan, list(range(len(plan.rows))))]
+    prefill = [i for i, row in enumerate(plan.rows) if len(row.token_ids) > 1]
     return [
         (dataclasses.replace(plan, rows=[plan.rows[i] for i in idx], preempted=[]), idx)
         for idx in (decode, prefill)

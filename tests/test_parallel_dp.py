@@ -154,7 +154,7 @@ def test_dp_of_pipelines_ticks_every_replica_before_collecting_host_only():
     dps = DataParallelScheduler([sched for sched, _, _ in made])
     buckets = made[0][1]
     loop = DataParallelStepLoop(dps, DataParallelRunner(pipes),
-                                make_loop=lambda s, r: PipelineStepLoop(s, r, buckets, lambda delta: [delta]))
+                                make_loop=lambda s, r: PipelineStepLoop(s, r, buckets, lambda deltas: list(deltas)))
     requests = echo_requests(random.Random(7), 12, VOCAB)  # more than one replica's max_num_seqs
     got: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     tick = 0

@@ -119,7 +119,7 @@ def test_pipeline_step_loop_start_dispatches_finish_collects(pp):
     sched, buckets, model = make(cfg)
     log: list = []
     runner = EchoPipeline(pp, model, log)
-    loop = PipelineStepLoop(sched, runner, buckets, lambda delta: [delta])
+    loop = PipelineStepLoop(sched, runner, buckets, lambda deltas: list(deltas))
     requests = echo_requests(rng, 10, VOCAB)
     got: dict[str, list[int]] = {r.request_id: [] for r, _ in requests}
     tick = 0
