@@ -19,8 +19,8 @@ straight into the prefill group's shards, ``load_sharding``), its own KV page po
 4. As soon as the decode pool has room for its pages and the decode scheduler a row, the
    pages move (``PageMover``): gathered from the prefill pool on device, ``jax.device_put``
    to the decode pool's sharding (device to device, no host round trip), scattered into
-   pages allocated in the decode pool (one jitted gather and scatter per page-count
-   bucket; int8 pages move with their scales). The prefill pages are freed, the request
+   pages allocated in the decode pool (``page_transfer.py``: one jitted gather and scatter
+   per page-count bucket; int8 pages move with their scales). The prefill pages are freed, the request
    is attached to the decode scheduler and decodes from the next decode step on.
 5. ``DisaggStepLoop.step`` dispatches the prefill group's step and the decode group's step
    before fetching either, so the groups compute at the same time; transfers are
@@ -56,6 +56,7 @@ import numpy as np
 from energon_jax.request import Request, RequestStatus, StreamDelta
 from energon_jax.sliding_window import live_pages
 from energon_jax.step_loop import DispatchCounts, ProcessFn, StepLoop
+from energon_jax.page_transfer import PageMover
 from pallas_kernels.page_layout import NULL_PAGE, make_kv_pages
 
 logger = logging.getLogger(__name__)
@@ -158,69 +159,6 @@ def load_sharding(options: DisaggOptions, model_config: Any) -> Any:
         return None
     mesh, rules = group_layouts(options, model_config)[0]
     return param_sharding_fn(mesh, rules)
-
-
-def page_buckets(max_pages: int) -> tuple[int, ...]:
-    """Page counts a transfer is padded to: powers of two up to the first that holds ``max_pages``."""
-    out = [1]
-    while out[-1] < max_pages:
-        out.append(out[-1] * 2)
-    return tuple(out)
-
-
-@dataclasses.dataclass
-class TransferStats:
-    transfers: int = 0
-    pages: int = 0  # pages moved (not counting bucket padding)
-    bytes: int = 0  # bytes those pages hold, every layer, scales included
-
-
-class PageMover:
-    """Copies pages of one pool into pages of another, device to device.
-
-    ``move(src, dst, src_pages, dst_pages)``: gather ``src[src_pages]`` on the source devices
-    (``[n, S, K, H]`` per layer, scales ``[n, S, K]`` for int8 pages), ``jax.device_put`` the
-    result to the destination pool's own shardings, scatter it into ``dst[dst_pages]``
-    (the destination buffers are donated). Page lists are padded to a bucket with the
-    null page, which padding reads from and writes to (page 0 holds nothing). Returns the
-    new destination cache; nothing waits for the device."""
-
-    def __init__(self, max_pages: int) -> None:
-        self.buckets = page_buckets(max_pages)
-        self._gather = jax.jit(lambda kv, idx: jax.tree.map(lambda a: a[idx], kv))
-        self._scatter = jax.jit(
-            lambda kv, idx, moved: jax.tree.map(lambda a, m: a.at[idx].set(m), kv, moved), donate_argnums=(0,)
-        )
-        self._seen: set[int] = set()
-        self.num_compiles = 0  # page-count buckets compiled (a gather and a scatter each)
-        self.stats = TransferStats()
-
-    def bucket(self, n: int) -> int:
-        for b in self.buckets:
-            if n <= b:
-                return b
-        raise ValueError(f"a transfer of {n} pages is more than the largest bucket {self.buckets[-1]}")
-
-    def move(self, src: Any, dst: Any, src_pages: Sequence[int], dst_pages: Sequence[int]) -> Any:
-        if len(src_pages) != len(dst_pages):
-            raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
-        b = self.bucket(len(src_pages))
-        if b not in self._seen:  # jax.jit compiles once per shape; count and log it like the runner
-            self._seen.add(b)
-            self.num_compiles += 1
-            logger.info("page transfer compiled for a bucket of %d pages", b)
-        pad = [NULL_PAGE] * (b - len(src_pages))
-        src_idx = np.asarray(list(src_pages) + pad, np.int32)
-        dst_idx = np.asarray(list(dst_pages) + pad, np.int32)
-        moved = self._gather(src, src_idx)  # on the source group's devices
-        moved = jax.device_put(moved, jax.tree.map(lambda a: a.sharding, dst))  # device to device
-        return self._scatter(dst, dst_idx, moved)
-
-    def warmup(self, src: Any, dst: Any) -> Any:
-        """Compile every bucket by moving the null page onto itself; returns the new ``dst``."""
-        for b in self.buckets:
-            dst = self.move(src, dst, [NULL_PAGE] * b, [NULL_PAGE] * b)
-        return dst
 
 
 class DisaggRunner:

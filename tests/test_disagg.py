@@ -327,7 +327,7 @@ def _pools(dtype, seed: int):
 def test_page_mover_copies_pages_and_scales(dtype):
     import jax
 
-    from energon_jax.disagg import PageMover
+    from energon_jax.page_transfer import PageMover
 
     src, dst = _pools(dtype, 0), _pools(dtype, 1)
     want = jax.tree.map(np.asarray, dst)
