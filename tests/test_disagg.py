@@ -110,6 +110,11 @@ def _child_p1d1() -> dict:
                shared_hit_tokens=sched.prefix_cache_hits - hits)
     out.update(_aborts(engine, prompts))
     out.update(_served(engine, prompts[:3], params[0]))
+    # Warm-up compiles every step shape on both groups and every transfer bucket; nothing after.
+    compiles = engine.warmup()
+    again = engine.generate(prompts[-3:], params[0], use_tqdm=False)
+    out.update(warm_compiles=[compiles, engine.num_compiles], mover_compiles=engine.runner.mover.num_compiles,
+               mover_buckets=len(engine.runner.mover.buckets), again=[o.token_ids for o in again])
     return out
 
 
@@ -292,6 +297,13 @@ def test_async_engine_serves_it_and_info_shows_the_layout(p1d1):
     assert p1d1["info_layout"] == {"dp": 1, "tp": 1, "pp": 1, "prefill_devices": 1, "decode_devices": 1,
                                    "prefill_tp": 1, "decode_tp": 1}
     assert p1d1["info_overlap"].startswith("disaggregated: prefill on devices 0..0")
+
+
+def test_warmup_compiles_both_groups_and_every_transfer_bucket(p1d1):
+    compiles, after = p1d1["warm_compiles"]
+    assert compiles == after  # a request mix after warm-up compiles nothing
+    assert p1d1["mover_compiles"] == p1d1["mover_buckets"] == 6  # 1..32 pages (max_model_len 128 / 4)
+    assert p1d1["again"] == p1d1["want"][-3:]
 
 
 def test_queue_holds_prefilled_requests_while_prefill_runs_on(p1d1):
