@@ -2,7 +2,7 @@
 
     python examples/multiprocess_local.py "Once upon a time"          # starts 2 x 2 CPU devices itself
     python examples/multiprocess_local.py --processes 4 --devices 2 --tp 8 "Hello"
-    energon launch -n 2 --cpu-devices-per-process 2 --raw -- \\
+    energon launch -n 2 --cpu-devices-per-process 2 -- \\
         python examples/multiprocess_local.py --tp 4 "Once upon a time"   # the same, by hand
 
 What happens: every process joins one ``jax.distributed`` run (``energon launch`` gives

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after a failure or a signal, how long processes get to exit before SIGKILL")
     parser.add_argument("--raw", action="store_true",
                         help="run the command as given even when its first word names an energon subcommand")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+    parser.add_argument("command", nargs=argparse.REMAINDER,
+                        help="-- then an energon subcommand (serve ...), energon SUBCOMMAND, or any command line")
 
 
 def subcommands() -> frozenset[str]:
