@@ -137,11 +137,12 @@ def test_expert_parallel_is_reachable_and_checked():
     from energon_jax.engine import Engine
     from energon_jax.parallel.mesh import validate_model_parallelism
     from energon_jax.parallel.options import ParallelOptions
-    from test_parallel_tp_models import build_model
+    from tiny_decoder import TinyConfig, TinyDecoder
 
     with pytest.raises(ValueError, match=r"expert_parallel=True spreads experts over tp: it needs tp > 1"):
         ParallelOptions(expert_parallel=True)
-    model, config = build_model("llama")
+    config = TinyConfig(num_layers=1)
+    model = TinyDecoder(config, seed=0)
     with pytest.raises(ValueError, match=r"expert_parallel=True needs a mixture-of-experts model"):
         Engine(model, config, None, max_model_len=32, kv_cache_pages=8, tp=2, expert_parallel=True, warmup=False)
     with pytest.raises(ValueError, match=r"tp=4 must divide num_experts=6 with expert_parallel=True"):
