@@ -283,7 +283,12 @@ class DisaggScheduler:
         while self.pending:
             req = self.pending[0]
             src = [p for p in req.pages if p != NULL_PAGE]  # a sliding window's released pages stay null
-            if dec.num_running + dec.num_waiting >= dec.config.max_num_seqs or not dec.allocator.can_allocate(len(src)):
+            # Room for its pages plus a page for each request already decoding (the next page
+            # each may need soon): a fuller pool would only take pages its requests are about
+            # to preempt each other for. An empty decode group always takes it (the pool holds
+            # one whole sequence).
+            room = dec.allocator.can_allocate(len(src) + dec.num_running)
+            if dec.num_running + dec.num_waiting >= dec.config.max_num_seqs or not room:
                 break
             self.pending.popleft()
             dst = iter(dec.allocator.allocate(len(src)))
