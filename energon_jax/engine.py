@@ -204,31 +204,20 @@ class Engine:
         from models.loading import load, load_config
         from models.sentence_config import read_sentence_config
 
+        from energon_jax import disagg
         from energon_jax.parallel.runtime import load_sharding
-
+        from energon_jax.quantize import compression_mode, quantize_model
         from energon_jax.tokenizer import Tokenizer
 
-        if quantize is not None and quantize != "int8":
-            raise ValueError(f"{quantize=} must be 'int8' or None")
-        if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-            raise ValueError(f"{sparsity=} must be a float in [0, 1) or None")
-        if quantize is not None and sparsity is not None:
-            raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
+        compression = compression_mode(quantize, sparsity)
         root = demo_model_path() if path is None else Path(path)
         parallel = engine_kwargs.pop("parallel", None) or ParallelOptions.take(engine_kwargs)
-        from energon_jax import disagg
-
         layout = disagg.DisaggOptions.from_kwargs(*(engine_kwargs.get(k) for k in disagg.ENGINE_KWARGS))
-        hf_config = load_config(root)  # with disaggregation, weights load into the prefill group's shards
-        sharding = load_sharding(hf_config, parallel) if layout is None else disagg.load_sharding(layout, hf_config)
-        model, config = load(root, dtype, param_sharding=sharding)
-        if quantize is not None or sparsity is not None:
-            from energon_jax.quantize import quantize_model
-
+        model, config = load(root, dtype, param_sharding=load_sharding(load_config(root), layout or parallel))
+        if compression is not None:
             if config.is_encoder:
                 raise ValueError(f"quantize={quantize!r} / sparsity={sparsity} apply to decoder models only")
-            mode = "int8" if quantize is not None else "sparse"
-            report = quantize_model(model, mode, sparsity=0.8 if sparsity is None else float(sparsity))
+            report = quantize_model(model, compression[0], sparsity=compression[1])
             logger.info("quantized: %s", report.summary())
         tokenizer = Tokenizer.from_pretrained(root) if (root / "tokenizer.json").is_file() else None
         sentence = read_sentence_config(root) if config.is_encoder else None

@@ -107,6 +107,20 @@ def quantize_model(
     return QuantizeReport(mode, tuple(names), dense, packed, sparsity if mode == "sparse" else None)
 
 
+def compression_mode(quantize: str | None, sparsity: float | None) -> tuple[str, float] | None:
+    """``Engine.from_pretrained``'s ``quantize=`` / ``sparsity=`` as ``(mode, sparsity)`` for
+    ``quantize_model`` (None: keep the weights dense); checked before any weight is read."""
+    if quantize is not None and quantize != "int8":
+        raise ValueError(f"{quantize=} must be 'int8' or None")
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise ValueError(f"{sparsity=} must be a float in [0, 1) or None")
+    if quantize is not None and sparsity is not None:
+        raise ValueError(f"give quantize={quantize!r} or sparsity={sparsity}, not both")
+    if quantize is None and sparsity is None:
+        return None
+    return ("int8", 0.8) if quantize is not None else ("sparse", float(sparsity))
+
+
 def load_quantized(
     path: str | Path, dtype: str = "float32", *, quantize: str | None = None, sparsity: float | None = None, **kw
 ) -> tuple[nnx.Module, object, QuantizeReport | None]:

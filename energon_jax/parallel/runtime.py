@@ -338,12 +338,17 @@ def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_siz
     return PipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, kv_dtype=kv_dtype)
 
 
-def load_sharding(model_config: Any, options: ParallelOptions) -> Any:
+def load_sharding(model_config: Any, options: Any) -> Any:
     """The ``models.load(param_sharding=)`` callback for a tensor-parallel engine, else None.
 
     Only the plain tp/dp layout loads into shards (with ``dp > 1``, replica 0's): the pipeline
     and offload runners place the layers themselves. The layout is validated here first, so a
-    bad one fails before any weight is read."""
+    bad one fails before any weight is read. ``options``: a ``ParallelOptions``, or a
+    ``disagg.DisaggOptions`` (weights load into the prefill group's shards)."""
+    if not isinstance(options, ParallelOptions):
+        from energon_jax import disagg
+
+        return disagg.load_sharding(options, model_config)
     if options.tp <= 1 or options.pp > 1 or options.offload is not None or model_config.is_encoder:
         return None
     validate_layout(options, model_config)
