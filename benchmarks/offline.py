@@ -10,7 +10,8 @@ Printed (a markdown table, for ``benchmarks/RESULTS.md``):
 
 1. output tokens/s of ``Engine.generate`` vs ``transformers`` ``generate`` on static,
    left-padded batches of 16, the requests sorted by prompt length first (same prompts,
-   each batch runs to its longest output);
+   each batch runs to its longest output), at the faster of 1 and all torch threads
+   (``pick_threads``: on a loaded box torch's threads stall each other);
 2. the Engine vs the same Engine with ``static_batching=True`` (a batch of
    ``max_num_seqs`` is admitted only when the previous one has finished);
 3. batch-1 decode tokens/s vs the memory-bandwidth roofline: bandwidth measured by a
@@ -189,33 +190,63 @@ def run_engine(engine, w: Workload) -> tuple[float, StepRecorder]:
     return dt, rec.snapshot()
 
 
-def run_transformers(path: Path, w: Workload, threads: int) -> tuple[float, int, int]:
+def run_transformers(path: Path, w: Workload, threads: int) -> tuple[float, int, int, int]:
     """Static left-padded batches of HF_BATCH, requests sorted by prompt length (as one would
-    batch them offline); returns (seconds, padded slots, real tokens)."""
+    batch them offline), at the faster of 1 and ``threads`` torch threads (``pick_threads``);
+    returns (seconds, padded slots, real tokens, threads used)."""
     import torch
     import transformers as tf
 
-    torch.set_num_threads(threads)
     model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
     order = sorted(range(len(w.prompts)), key=lambda i: len(w.prompts[i]))
-    slots = real = 0
-    t = time.perf_counter()
+    batches = []
     for i in range(0, len(order), HF_BATCH):
         prompts = [w.prompts[j] for j in order[i : i + HF_BATCH]]
-        outs = [w.output_lens[j] for j in order[i : i + HF_BATCH]]
-        width, new = max(map(len, prompts)), max(outs)
+        width = max(map(len, prompts))
         ids = torch.zeros((len(prompts), width), dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
+        batches.append((ids, mask, [w.output_lens[j] for j in order[i : i + HF_BATCH]]))
+
+    def generate(ids, mask, new: int) -> None:
         with torch.no_grad():
             model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                            pad_token_id=0)
-        slots += len(prompts) * (width + new)
-        real += sum(len(p) + o for p, o in zip(prompts, outs))
-    return time.perf_counter() - t, slots, real
+
+    used = pick_threads(lambda: generate(*batches[0][:2], 4), threads)
+    slots = real = 0
+    t = time.perf_counter()
+    for ids, mask, outs in batches:
+        generate(ids, mask, max(outs))
+        slots += ids.shape[0] * (ids.shape[1] + max(outs))
+        real += int(mask.sum()) + sum(outs)
+    return time.perf_counter() - t, slots, real, used
+
+
+def pick_threads(probe, threads: int) -> int:
+    """The faster torch thread count, 1 or ``threads``, for ``probe()`` (best of 2 each); set on return.
+
+    On a loaded 2-core box torch's OpenMP threads wait on each other at every op: one
+    batch of 16 ran 26-56 tok/s on 2 threads and 210-239 on 1 (load average 7-10), which
+    is how an earlier baseline came out 20x slow. A quiet box keeps the 2 threads."""
+    import torch
+
+    best = {}
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        probe()  # first call: allocations
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            probe()
+            times.append(time.perf_counter() - t)
+        best[n] = min(times)
+    used = min(best, key=best.get)
+    torch.set_num_threads(used)
+    return used
 
 
 def batch1_decode(engine, vocab: int, n: int = 64) -> float:
@@ -276,8 +307,8 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this (fresh) process; returns what ``main`` prints."""
     w, path = workload(args), Path(args.checkpoint)
     if args.worker == "transformers":
-        hf_s, slots, real = run_transformers(path, w, threads=os.cpu_count() or 1)
-        return dict(seconds=hf_s, slots=slots, real=real)
+        hf_s, slots, real, used = run_transformers(path, w, threads=os.cpu_count() or 1)
+        return dict(seconds=hf_s, slots=slots, real=real, threads=used)
     if args.worker == "machine":
         return dict(bandwidth=measure_bandwidth(), flop_rate=measure_matmul_rate())
     import jax
@@ -338,8 +369,9 @@ def main() -> None:
             hf = None if args.skip_transformers else spawn("transformers", path)
             pairs.append((eng, hf, load))
             print(f"pair {len(pairs)}: Engine {w.output_tokens / eng['seconds']:.1f} tok/s"
-                  + ("" if hf is None else f", transformers {w.output_tokens / hf['seconds']:.1f} tok/s, "
-                     f"ratio {hf['seconds'] / eng['seconds']:.2f}x") + f"; load average {load}", file=sys.stderr)
+                  + ("" if hf is None else f", transformers {w.output_tokens / hf['seconds']:.1f} tok/s "
+                     f"({hf['threads']} threads), ratio {hf['seconds'] / eng['seconds']:.2f}x")
+                  + f"; load average {load}", file=sys.stderr, flush=True)
         static = None if args.skip_static else spawn("static", path)
         machine = spawn("machine", path)
 
@@ -368,8 +400,10 @@ def main() -> None:
     if not args.skip_transformers:
         hf_tps = [out_tok / hf["seconds"] for _, hf, _ in pairs]
         ratios = [hf["seconds"] / e["seconds"] for e, hf, _ in pairs]
+        threads = sorted({hf["threads"] for _, hf, _ in pairs})
         lines.append(f"| Engine.generate vs transformers generate (static batches of {HF_BATCH}, sorted by prompt "
-                     f"length), output tok/s | {span(eng_tps)} | {span(hf_tps)} | {span(ratios, '{:.2f}')}x |")
+                     f"length, torch threads {'/'.join(map(str, threads))}), output tok/s | {span(eng_tps)} | "
+                     f"{span(hf_tps)} | {span(ratios, '{:.2f}')}x |")
     if static is not None:
         lines.append(f"| Engine (continuous, first pair) vs Engine static_batching, output tok/s | {eng_tps[0]:.1f} | "
                      f"{out_tok / static['seconds']:.1f} | {static['seconds'] / eng0['seconds']:.2f}x |")
