@@ -32,10 +32,10 @@ entered; nothing here waits on a device.
 Shapes: every stage of one tick runs the same ``(T, B)`` bucket (the activations are one
 array over ``pp``). The tick takes the smallest bucket that holds every micro-batch in
 flight (their real tokens and rows are at the front of their arrays, ``batch.pack``), the
-new one is padded to it on the host, and when the bucket changes the ring and the
-activations are re-fitted on device (a small jitted pad/slice, one per bucket pair). So a
-decode-only pipeline runs decode-sized ticks, and a prefill chunk widens the ticks only
-while it is inside.
+new one is padded to it on the host, and the ring and the activations are kept at the
+largest bucket and cut to the tick's inside the tick (one compiled tick per bucket, as
+``ModelRunner``; the carry never changes shape). So a decode-only pipeline runs
+decode-sized ticks, and a prefill chunk widens the ticks only while it is inside.
 
 The engine drives it with ``PipelineStepLoop`` (``pipeline.py``), unchanged: the
 interface (``tick``, ``empty``, ``in_flight_tags``, ``stats``, ``step_async`` for
@@ -143,23 +143,18 @@ def _outer_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def _fit(tree: Any, template: Any, xp: Any = np) -> Any:
-    """Every leaf of ``tree`` (``[..., n, *rest]``, lead axes kept) cut or padded to ``template``'s
-    leading size ``m``, padded with the template's values. Real tokens and rows sit at the front
-    (``batch.pack``), so a fit that keeps them all changes nothing they compute."""
+def _fit(batch: Any, template: Any) -> Any:
+    """``batch`` (numpy) cut or padded to ``template``'s bucket, padded with the template's values.
+    Real tokens and rows sit at the front (``batch.pack``), so a fit that keeps them all changes
+    nothing they compute."""
 
     def one(old, new):
-        lead = old.ndim - new.ndim
-        out = xp.broadcast_to(new, (*old.shape[:lead], *new.shape))
-        n = min(old.shape[lead], new.shape[0])
-        idx = (slice(None),) * lead + (slice(0, n),)
-        if xp is np:
-            out = np.array(out)
-            out[idx] = old[idx]
-            return out
-        return out.at[idx].set(old[idx])
+        out = np.array(new)
+        n = min(old.shape[0], new.shape[0])
+        out[:n] = old[:n]
+        return out
 
-    return jax.tree.map(one, tree, template)
+    return jax.tree.map(one, batch, template)
 
 
 def real_size(batch: Any) -> tuple[int, int]:
@@ -216,34 +211,47 @@ class SpmdPipelineRunner:
         self.kv = jax.tree.map(stacked, one)
         self._by_pp = by_pp
         self._replicated = NamedSharding(mesh, P())
-        self._acts: jax.Array | None = None  # [pp, T, D]: what each stage takes next tick
-        self._ring: Any = None  # StepBatch with a leading [pp] axis: the plan each stage takes next tick
-        self._ring_shape: tuple[int, int] | None = None  # its (T, B), known on the host
+        # The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
+        # activations each stage takes next tick [pp, T_max, D], and the plan each stage ran
+        # last tick (a StepBatch with a leading [pp] axis, padding where a plan is smaller).
+        t_max = buckets.max_tokens
+        b_max = max(b for _, b in buckets.all_shapes())
+        self._pad = self._dummy(t_max, b_max)  # what padding tokens and unused rows hold
+        self._acts = place(np.zeros((self.pp, t_max, c.hidden_size), parts.dtype), by_pp)
+        self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), NamedSharding(mesh, P())),
+                                  self._pad)
+        self._shape = (buckets.token_buckets[0], buckets.rows_bucket(buckets.token_buckets[0], 1))  # last tick's
         self._slots: list[_Held | None] = [None] * self.pp  # what each stage ran at the last tick
         self._executables: dict[Any, Any] = {}
-        self._refits: dict[Any, Any] = {}
         self.num_compiles = 0
         self.warmed_up = False
         self.stats = PipelineStats(busy=[0] * self.pp)
         # What runs a fitted batch on the devices: this runner, or (across processes) a
         # PipelineController that broadcasts it to every process first.
         self.dispatch: Callable[[Any], Any] = self.run_tick
+        kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
         self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4),
-                               out_shardings=(jax.tree.map(lambda a: a.sharding, self.kv), by_pp, self._replicated, self._replicated))
+                               out_shardings=(kv_shardings, by_pp, self._replicated, self._replicated))
 
     # -- the jitted tick ------------------------------------------------------------------
 
     def _tick_fn(self, layers, active, kv, acts, ring, embed, norm, head, batch):
         pp, parts = self.pp, self.parts
+        t = batch.input_ids.shape[0]
+
         x0 = run_embed(parts, embed, batch.input_ids)  # [T, D]
-        # This tick's plans: stage 0 takes the new one, stage s the one stage s - 1 ran last tick.
-        # The ring is small and replicated: shifting it is a local copy, not a collective.
-        ring = jax.tree.map(lambda new, old: jnp.concatenate([new[None], old[:-1]]), batch, ring)
+        # This tick's plans: stage 0 takes the new one (padded to the carry's size), stage s the
+        # one stage s - 1 ran last tick. The ring is small and replicated: shifting it is a local
+        # copy, not a collective.
+        new = jax.tree.map(lambda a, pad: jnp.asarray(pad).at[: a.shape[0]].set(a), batch, self._pad)
+        ring = jax.tree.map(lambda a, old: jnp.concatenate([a[None], old[:-1]]), new, ring)
+        # Every plan in flight fits this tick's bucket (tick() chose it so): cut the carry to it.
+        now = jax.tree.map(lambda a, like: a[:, : like.shape[0]], ring, batch)
         perm = [(s, (s + 1) % pp) for s in range(pp)]
 
-        def stage(layers, active, kv, acts, ring, x0):
+        def stage(layers, active, kv, acts, now, x0):
             s = jax.lax.axis_index("pp")
-            meta = jax.tree.map(lambda a: a[s], ring)
+            meta = jax.tree.map(lambda a: a[s], now)
             x = jnp.where(s == 0, x0, acts[0])
             x, kv = self._run_slots(layers, active, kv, x, meta)
             rows = x[meta.logits_indices]  # [B, D]
@@ -252,11 +260,13 @@ class SpmdPipelineRunner:
         kv, acts_next, rows = jax.shard_map(
             stage, mesh=self.mesh, in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
             out_specs=(P("pp"), P("pp"), P("pp")), axis_names=frozenset({"pp"}), check_vma=False,
-        )(layers, active, kv, acts, ring, x0)
+        )(layers, active, kv, acts[:, :t], now, x0)
+        # Past T the activations are stale; only padding tokens of a later, wider tick read them.
+        acts = acts.at[:, :t].set(acts_next)
         # The last stage ran the plan that entered pp - 1 ticks ago.
-        sampling = jax.tree.map(lambda a: a[pp - 1], ring.sampling)
+        sampling = jax.tree.map(lambda a: a[pp - 1], now.sampling)
         out = run_head_rows(parts, norm, head, rows[pp - 1], sampling)
-        return kv, acts_next, ring, out
+        return kv, acts, ring, out
 
     def _run_slots(self, layers, active, kv, x, meta):
         """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
@@ -285,22 +295,13 @@ class SpmdPipelineRunner:
 
     # -- compiling --------------------------------------------------------------------------
 
-    def _carry_for(self, batch: Any) -> tuple[Any, Any]:
-        """Abstract (acts, ring) for a tick of ``batch``'s shape."""
-        t = np.shape(batch.input_ids)[0]
-        acts = jax.ShapeDtypeStruct((self.pp, t, self.parts.config.hidden_size), self.parts.dtype,
-                                    sharding=self._by_pp)
-        ring = jax.tree.map(lambda a: jax.ShapeDtypeStruct((self.pp, *np.shape(a)), a.dtype,
-                                                           sharding=self._replicated), batch)
-        return acts, ring
-
     def _executable(self, batch: Any) -> Any:
         key = shape_key(batch)
         exe = self._executables.get(key)
         if exe is None:
             start = time.perf_counter()
-            acts, ring = self._carry_for(batch)
-            exe = self._jitted.lower(_abstract(self._layers), _abstract(self._active), _abstract(self.kv), acts, ring,
+            exe = self._jitted.lower(_abstract(self._layers), _abstract(self._active), _abstract(self.kv),
+                                     _abstract(self._acts), _abstract(self._ring),
                                      _abstract(self._embed), _abstract(self._norm), _abstract(self._head),
                                      _abstract(batch)).compile()
             self._executables[key] = exe
@@ -324,34 +325,10 @@ class SpmdPipelineRunner:
 
     # -- the device side of a tick (every process) -------------------------------------------
 
-    def _refit(self, template: Any) -> None:
-        """The ring and the activations re-fitted to ``template``'s bucket (pad or cut on device)."""
-        if self._ring is None:  # the first tick: an empty pipeline of this shape
-            self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), self._replicated),
-                                      template)
-            t = np.shape(template.input_ids)[0]
-            self._acts = place(np.zeros((self.pp, t, self.parts.config.hidden_size), self.parts.dtype), self._by_pp)
-            return
-        key = (self._ring_shape, shape_key(template))
-        fn = self._refits.get(key)
-        if fn is None:
-            def refit(acts, ring, template):
-                t = template.input_ids.shape[0]
-                grown = jnp.zeros((self.pp, t, acts.shape[2]), acts.dtype)
-                n = min(t, acts.shape[1])
-                return grown.at[:, :n].set(acts[:, :n]), _fit(ring, template, jnp)
-
-            # no donation: the outputs have other shapes than the inputs, so XLA could not reuse them
-            fn = self._refits[key] = jax.jit(refit, out_shardings=(self._by_pp, self._replicated))
-        self._acts, self._ring = fn(self._acts, self._ring, template)
-
     def run_tick(self, batch: Any) -> tuple:
         """Run one tick of a batch already fitted to the tick's bucket; returns the sampled
         outputs of the stage that finished a micro-batch (ids, logprobs, top ids, top logprobs)."""
-        shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
-        if shape != self._ring_shape:
-            self._refit(batch)
-            self._ring_shape = shape
+        self._shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
         exe = self._executable(batch)
         self.kv, self._acts, self._ring, out = exe(self._layers, self._active, self.kv, self._acts, self._ring,
                                                    self._embed, self._norm, self._head, batch)
@@ -383,8 +360,7 @@ class SpmdPipelineRunner:
             t = self.buckets.token_bucket(max(1, *(h.tokens for h in held)))
             b = self.buckets.rows_bucket(t, max(1, *(h.rows for h in held)))
         else:  # nothing in flight: keep the current shape
-            t, b = self._ring_shape or (self.buckets.token_buckets[0], self.buckets.rows_bucket(
-                self.buckets.token_buckets[0], 1))
+            t, b = self._shape
         template = self._dummy(t, b)
         fitted = template if batch is None else _fit(batch, template)
         out = self.dispatch(fitted)
