@@ -23,6 +23,7 @@ COMMANDS = (
     "serving.commands.serve",
     "serving.commands.client",
     "serving.commands.bench",
+    "serving.commands.router",
 )
 
 

@@ -352,6 +352,32 @@ class Engine:
         self._scheduler.abort(request_id)
         return self._finish_delta(live, [], None, "abort", live.tracker.finish())
 
+    # -- handing a request between servers (serving/disagg_role.py: prefill and decode roles) --
+    def release(self, request_id: str) -> tuple[Request, list[int], str]:
+        """Take a running request off this engine (no step may hold it: ``async_scheduling`` off);
+        its pages stay allocated for the caller, which frees them once they are copied. Returns
+        the request, and the ids and text of its output not yet emitted as a delta (deltas
+        are emitted a step late; the one pending for it is dropped)."""
+        request = self._scheduler.detach(request_id)  # RuntimeError when not running here
+        live = self._live.pop(request_id)
+        ids = list(request.output_token_ids[len(live.token_ids):])
+        return request, ids, live.tracker.add(ids, finished=False)
+
+    def adopt(self, request: Request) -> None:
+        """Continue a request prefilled elsewhere: ``request`` is running, its ``pages`` come from
+        this engine's pool and hold its first ``num_computed_tokens`` K/V, and its output so far
+        (the first token) is in ``output_token_ids``; its text is not emitted again here."""
+        params = request.params
+        request.min_tokens_ban = self._min_tokens_ban(params)
+        detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
+        tracker = OutputTracker(detok, params.stop)
+        tracker.add(list(request.output_token_ids), finished=False)  # the text the prefill server sent
+        self._scheduler.attach(request)
+        self._live[request.request_id] = _Live(
+            request, tracker, token_ids=list(request.output_token_ids),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
     def has_unfinished(self) -> bool:
         return bool(self._live) or (self._loop is not None and self._loop.busy())
 

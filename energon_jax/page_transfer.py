@@ -66,20 +66,29 @@ class PageMover:
                 return b
         raise ValueError(f"a transfer of {n} pages is more than the largest bucket {self.buckets[-1]}")
 
-    def move(self, src: Any, dst: Any, src_pages: Sequence[int], dst_pages: Sequence[int]) -> Any:
-        if len(src_pages) != len(dst_pages):
-            raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
-        b = self.bucket(len(src_pages))
+    def _padded(self, pages: Sequence[int]) -> np.ndarray:
+        b = self.bucket(len(pages))
         if b not in self._seen:  # jax.jit compiles once per shape; count and log it like the runner
             self._seen.add(b)
             self.num_compiles += 1
             logger.info("page transfer compiled for a bucket of %d pages", b)
-        pad = [NULL_PAGE] * (b - len(src_pages))
-        src_idx = np.asarray(list(src_pages) + pad, np.int32)
-        dst_idx = np.asarray(list(dst_pages) + pad, np.int32)
-        moved = self._gather(src, src_idx)  # on the source group's devices
+        return np.asarray(list(pages) + [NULL_PAGE] * (b - len(pages)), np.int32)
+
+    def gather(self, src: Any, pages: Sequence[int]) -> Any:
+        """``src[pages]`` per leaf, padded to the bucket with the null page: ``[bucket, ...]``."""
+        return self._gather(src, self._padded(pages))
+
+    def scatter(self, dst: Any, pages: Sequence[int], moved: Any) -> Any:
+        """Write ``moved`` (a ``gather`` result, on ``dst``'s devices) into ``dst[pages]``; padding
+        rows go to the null page. ``dst`` is donated; returns the new cache."""
+        return self._scatter(dst, self._padded(pages), moved)
+
+    def move(self, src: Any, dst: Any, src_pages: Sequence[int], dst_pages: Sequence[int]) -> Any:
+        if len(src_pages) != len(dst_pages):
+            raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
+        moved = self.gather(src, src_pages)  # on the source group's devices
         moved = jax.device_put(moved, jax.tree.map(lambda a: a.sharding, dst))  # device to device
-        return self._scatter(dst, dst_idx, moved)
+        return self.scatter(dst, dst_pages, moved)
 
     def warmup(self, src: Any, dst: Any) -> Any:
         """Compile every bucket by moving the null page onto itself; returns the new ``dst``."""

@@ -23,6 +23,13 @@ def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
         assert committed == path.read_text(), f"{path.name} is stale: run python -m serving.protos.generate"
 
 
+def test_committed_disagg_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
+    for path in generate.generate(tmp_path, generate.DISAGG_PROTO_FILE):
+        assert path.name.startswith("disagg_pb2")
+        committed = (STUB_DIR / path.name).read_text()
+        assert committed == path.read_text(), f"{path.name} is stale: run python -m serving.protos.generate"
+
+
 def test_stubs_import_without_protos_on_sys_path(tmp_path: Path) -> None:
     # A fresh interpreter in an unrelated directory: the grpc stub must import its
     # message module through the package path, not 'energon.v1'.

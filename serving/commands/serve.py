@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-warmup", action="store_true",
         help="skip warm-up: no step shape compiled at start and no warm-up request (first requests compile)",
     )  # fmt: skip
+    parser.add_argument(
+        "--role", choices=("colocated", "prefill", "decode"), default="colocated",
+        help="prefill or decode: one half of a disaggregated deployment behind `energon router` "
+        "(internal service, K/V pages pulled server to server; default colocated: the public API)",
+    )
     parser.add_argument("--port-file", type=Path, help="write the bound ports as JSON here once listening")
     add_http_arguments(parser)
     from energon_jax import compile_cache
@@ -180,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     try:
+        if args.role != "colocated":
+            from serving.disagg_server import serve_role
+
+            return serve_role(args.role, args.model, kwargs, host=args.host, port=args.port, port_file=args.port_file)
         if multi and not distributed.is_coordinator():
             return _serve_worker(factory, args.model, kwargs)
         return asyncio.run(serve(config, factory, args.model, kwargs))

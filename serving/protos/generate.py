@@ -15,13 +15,14 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILE = "energon/v1/inference.proto"
+DISAGG_PROTO_FILE = "energon/v1/disagg.proto"  # the router's internal service (serving/router.py)
 OUTPUTS = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 _PROTOC_IMPORT = "from energon.v1 import inference_pb2"
 _PACKAGE_IMPORT = "from serving.protos.energon.v1 import inference_pb2"
 
 
-def generate(out_dir: Path) -> list[Path]:
-    """Write the stubs for ``PROTO_FILE`` into ``out_dir`` (flat) and return their paths."""
+def generate(out_dir: Path, proto_file: str = PROTO_FILE) -> list[Path]:
+    """Write the stubs for ``proto_file`` into ``out_dir`` (flat) and return their paths."""
     from grpc_tools import protoc  # build-time only
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,17 +34,21 @@ def generate(out_dir: Path) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            str(PROTO_ROOT / PROTO_FILE),
+            str(PROTO_ROOT / proto_file),
         ]
         rc = protoc.main(argv)
         if rc != 0:
-            raise RuntimeError(f"protoc failed with exit code {rc} on {PROTO_FILE}")
+            raise RuntimeError(f"protoc failed with exit code {rc} on {proto_file}")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for name in OUTPUTS:
+        stem = Path(proto_file).stem
+        for name in (n.replace("inference", stem) for n in OUTPUTS):
             src = Path(tmp) / "energon" / "v1" / name
             text = src.read_text()
-            if name.endswith("_grpc.py"):
+            if stem != "inference":  # imports inference_pb2 (messages it reuses) and its own stubs
+                text = text.replace(_PROTOC_IMPORT, _PACKAGE_IMPORT)
+                text = text.replace(f"from energon.v1 import {stem}_pb2", f"from serving.protos.energon.v1 import {stem}_pb2")
+            elif name.endswith("_grpc.py"):
                 if _PROTOC_IMPORT not in text:
                     raise RuntimeError(f"protoc output changed: {_PROTOC_IMPORT!r} not found in {name}")
                 text = text.replace(_PROTOC_IMPORT, _PACKAGE_IMPORT)
@@ -55,7 +60,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main() -> int:
     out = PROTO_ROOT / "energon" / "v1"
-    for path in generate(out):
+    for path in [*generate(out), *generate(out, DISAGG_PROTO_FILE)]:
         print(f"wrote {path}")
     return 0
 

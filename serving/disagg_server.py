@@ -1,0 +1,137 @@
+"""``energon serve --role prefill|decode``: the internal ``energon.v1.Disagg`` service over a ``RoleWorker``.
+
+A plain threaded gRPC server (each call blocks its own handler thread on the worker's result
+queue). Status codes: ``ValueError`` (sampling params, prompt too long) -> INVALID_ARGUMENT;
+an engine that failed -> INTERNAL (the process then exits non-zero); a pull that failed
+(the prefill server died or dropped the K/V) -> UNAVAILABLE. gRPC health says SERVING once
+the engine is built and warmed up, NOT_SERVING while shutting down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import uuid
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from serving.convert import params_from_proto, response_from_delta
+from serving.disagg_role import KvOffer, RoleWorker, iterate
+from serving.protos.energon.v1 import disagg_pb2 as dpb
+from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
+from serving.protos.energon.v1 import inference_pb2 as pb
+
+log = logging.getLogger("energon.serving.disagg")
+
+
+class DisaggServicer(dpb_grpc.DisaggServicer):
+    def __init__(self, worker: RoleWorker) -> None:
+        self._w = worker
+
+    def _params(self, request: pb.GenerateRequest) -> Any:
+        from energon_jax.request import SamplingParams
+
+        return params_from_proto(request.params, SamplingParams)
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        which = request.WhichOneof("prompt")
+        if which == "token_ids":
+            return list(request.token_ids.ids)
+        if which == "text":
+            tok = self._w.engine.tokenizer
+            if tok is None:
+                raise ValueError("prompt text needs a tokenizer (tokenizer.json), and this model has none")
+            return list(tok.encode(request.text))
+        raise ValueError("prompt must be set: give text or token_ids")
+
+    def Prefill(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> dpb.PrefillResponse:
+        if self._w.role != "prefill":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this server's role is {self._w.role}, not prefill")
+        rid = uuid.uuid4().hex
+        try:
+            ids = self._prompt_ids(request)
+            out = self._w.prefill(rid, ids, self._params(request))
+            context.add_callback(lambda: self._w.abort(rid))  # a cancelled call frees its pages
+            delta, offer = next(iterate(out))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.INTERNAL, str(e))
+        resp = dpb.PrefillResponse(first=response_from_delta(request.request_id, delta), prompt_token_ids=ids)
+        if offer is not None:
+            resp.kv.CopyFrom(dpb.KvDescriptor(
+                uuid=offer.uuid, transfer_address=offer.transfer_address, num_pages=offer.num_pages,
+                bucket_pages=offer.bucket_pages, num_computed_tokens=offer.num_computed_tokens,
+            ))
+        return resp
+
+    def Decode(self, request: dpb.DecodeRequest, context: grpc.ServicerContext):
+        if self._w.role != "decode":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this server's role is {self._w.role}, not decode")
+        rid = uuid.uuid4().hex
+        kv = request.kv
+        offer = KvOffer(kv.uuid, kv.transfer_address, kv.num_pages, kv.bucket_pages, kv.num_computed_tokens)
+        label = request.request.request_id
+        failure = None
+        try:
+            out = self._w.decode(rid, list(request.request.token_ids.ids), self._params(request.request),
+                                 request.first_token_id, offer)
+            context.add_callback(lambda: self._w.abort(rid))
+            for delta in iterate(out):
+                yield response_from_delta(label, delta)
+                if delta.finished:
+                    break
+        except ValueError as e:
+            failure = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:  # the engine failed here
+            failure = (grpc.StatusCode.INTERNAL, str(e))
+        except Exception as e:  # the pull: the prefill server is gone or dropped the K/V
+            failure = (grpc.StatusCode.UNAVAILABLE, f"pulling the prefilled K/V failed: {e}")
+        if failure is not None:
+            context.abort(*failure)
+
+    def Stats(self, request: dpb.StatsRequest, context: grpc.ServicerContext) -> dpb.StatsResponse:
+        used, total = self._w.pages()
+        return dpb.StatsResponse(in_flight=self._w.in_flight(), pages_used=used, pages_total=total)
+
+
+def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, host: str, port: int,
+               port_file: Path | None = None, max_workers: int = 64) -> int:
+    """Build the engine, start the transfer and gRPC servers, serve until SIGTERM/SIGINT."""
+    from energon_jax.engine import Engine
+
+    kwargs = dict(engine_kwargs, async_scheduling=False)
+    if role == "decode":  # adopted requests arrive prefilled; Scheduler.attach takes no prefix cache
+        kwargs["enable_prefix_caching"] = False
+    engine = Engine.from_pretrained(model, **kwargs)
+    worker = RoleWorker(engine, role, host=host)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    dpb_grpc.add_DisaggServicer_to_server(DisaggServicer(worker), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s server on %s:%d, transfer server on %s", role, host, bound, worker.address)
+    if port_file is not None:
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"port": bound, "transfer": worker.address, "role": role}))
+        tmp.rename(port_file)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if worker.failure is not None:
+            break
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=2).wait()
+    worker.shutdown()
+    return 1 if worker.failure is not None else 0

@@ -1,0 +1,195 @@
+"""Prefill and decode servers in separate processes behind ``energon router`` (issue 16, point 2-3).
+
+Real processes on 127.0.0.1, the demo model: ``energon serve --role prefill``, ``energon serve
+--role decode`` and ``energon router``. The K/V pages go from the prefill process to the
+decode process through ``jax.experimental.transfer``; the reference is a colocated in-process
+``Engine`` with the same limits (greedy, so the tokens must be identical).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.protos.energon.v1 import disagg_pb2 as dpb
+from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
+from serving.protos.energon.v1 import inference_pb2 as pb
+from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+# Small limits: a chunk of 32 tokens (so a 45-token prompt takes two prefill steps), pages of 16.
+LIMITS = dict(max_model_len=128, max_num_batched_tokens=32, kv_cache_pages=64, max_num_seqs=4)
+FLAGS = ["--no-warmup", *(f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items())]
+PROMPT_LENS = (5, 16, 45)  # shorter than a page, an exact page multiple, longer than one chunk
+MAX_TOKENS = 8
+
+
+def _prompt(n: int) -> list[int]:
+    return [(i * 7) % 50 + 1 for i in range(n)]
+
+
+class Proc:
+    """One ``energon`` subprocess that reports its port through ``--port-file``."""
+
+    def __init__(self, *args: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="energon-disagg-")
+        self.port_file = Path(self._tmp.name) / "port.json"
+        self.log_path = Path(self._tmp.name) / "log"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+        self._log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "energon_jax.cli", *args, "--port", "0", "--port-file", str(self.port_file)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.port: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_port(self, timeout_s: float = 120.0) -> Proc:
+        deadline = time.monotonic() + timeout_s
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no port (rc={self.proc.poll()}):\n{self.log_path.read_text(errors='replace')}")
+            time.sleep(0.05)
+        self.port = json.loads(self.port_file.read_text())["port"]
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self._tmp.cleanup()
+
+
+class Trio:
+    def __init__(self) -> None:
+        self.prefill = Proc("serve", "--role", "prefill", *FLAGS)
+        self.decode = Proc("serve", "--role", "decode", *FLAGS)
+        self.procs = [self.prefill, self.decode]
+        self.prefill.wait_port()
+        self.decode.wait_port()
+        self.router = Proc("router", "--prefill", self.prefill.target, "--decode", self.decode.target,
+                           "--probe-interval", "0.2")
+        self.procs.append(self.router)
+        self.router.wait_port()
+        self.channel = grpc.insecure_channel(self.router.target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def stats(self, proc: Proc) -> dpb.StatsResponse:
+        with grpc.insecure_channel(proc.target) as ch:
+            return dpb_grpc.DisaggStub(ch).Stats(dpb.StatsRequest(), timeout=10)
+
+    def health(self) -> int:
+        return health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+    def wait_pages_free(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            used = [self.stats(p).pages_used for p in (self.prefill, self.decode)]
+            if used == [0, 0]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pages still used on (prefill, decode): {used}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.channel.close()
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def _generate(stub, ids: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 300.0) -> list[pb.GenerateResponse]:
+    req = pb.GenerateRequest(request_id="t", token_ids=pb.TokenIds(ids=ids),
+                             params=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return list(stub.Generate(req, timeout=timeout))
+
+
+@pytest.fixture(scope="module")
+def trio():
+    t = Trio()
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens():
+    """Greedy tokens of a colocated in-process engine with the same limits (the reference)."""
+    from energon_jax.engine import Engine
+    from energon_jax.request import SamplingParams
+
+    engine = Engine.from_pretrained(None, warmup=False, **LIMITS)
+    outs = engine.generate([_prompt(n) for n in PROMPT_LENS], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    return {n: list(o.token_ids) for n, o in zip(PROMPT_LENS, outs, strict=True)}
+
+
+def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
+    for n in PROMPT_LENS:
+        responses = _generate(trio.stub, _prompt(n))
+        ids = [t for r in responses for t in r.token_ids]
+        assert ids == colocated_tokens[n], f"prompt of {n} tokens"
+        assert len(responses) >= 2  # the first token is streamed on its own, from the prefill server
+        assert all(r.request_id == "t" for r in responses)
+        assert responses[-1].finish_reason == "length"
+    trio.wait_pages_free()
+    assert trio.health() == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cancel_frees_pages_on_both_sides(trio):
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
+                             params=pb.SamplingParams(max_tokens=80, temperature=0.0))
+    call = trio.stub.Generate(req, timeout=300)
+    next(call)  # the first token: the request is decoding or about to be pulled
+    next(call)
+    assert trio.stats(trio.decode).pages_used > 0
+    call.cancel()
+    trio.wait_pages_free()
+
+
+def test_router_flags_are_checked():
+    from serving.router import parse_targets
+
+    assert parse_targets("127.0.0.1:1,h:2", "--prefill") == ["127.0.0.1:1", "h:2"]
+    with pytest.raises(ValueError, match="--decode='nope': 'nope' must look like HOST:PORT"):
+        parse_targets("nope", "--decode")
+
+
+@pytest.mark.slow
+def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
+    t = Trio()
+    try:
+        ids = _prompt(16)
+        assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[16]
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
+                                 params=pb.SamplingParams(max_tokens=80, temperature=0.0))
+        call = t.stub.Generate(req, timeout=300)
+        next(call)
+        next(call)  # decoding on the decode server
+        t.decode.proc.kill()
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.monotonic() + 10
+        while t.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "router health still SERVING with no decode server"
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as err:
+            _generate(t.stub, ids)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert t.stats(t.prefill).pages_used == 0  # the prefill side freed its pages
+    finally:
+        t.close()
