@@ -67,6 +67,7 @@ class _Adoption:
     moved: Any  # per-leaf [bucket, ...] arrays on the decode pool's devices
     num_pages: int
     out: queue.Queue
+    cancelled: threading.Event  # set when its call ended during the pull
 
 
 class RoleWorker:
@@ -117,16 +118,19 @@ class RoleWorker:
         return out
 
     def decode(self, rid: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
-               offer: KvOffer) -> queue.Queue:
+               offer: KvOffer, cancelled: threading.Event) -> queue.Queue:
         """Pull the offered K/V (here, on the caller's thread), then queue the adoption; the
-        returned queue gets ``StreamDelta``s up to the finished one, or an exception."""
+        returned queue gets ``StreamDelta``s up to the finished one, or an exception.
+
+        ``cancelled`` is set (before ``abort(rid)`` is called) when the call ends early: a
+        request cancelled during its pull is never given pages."""
         self.engine.check_request(prompt_ids, params)  # ValueError before any transfer
         out: queue.Queue = queue.Queue()
         moved = self._pull(offer)
         request = Request(request_id=rid, prompt_token_ids=list(prompt_ids), params=params,
                           output_token_ids=[first_token], status=RequestStatus.RUNNING,
                           num_computed_tokens=offer.num_computed_tokens, first_token_time=time.monotonic())
-        adoption = _Adoption(request, moved, offer.num_pages, out)
+        adoption = _Adoption(request, moved, offer.num_pages, out, cancelled)
         self._submit(lambda: self._queue_adoption(adoption))
         return out
 
@@ -201,6 +205,10 @@ class RoleWorker:
         self.engine.abort(rid)  # pages back in the pool (None when it is not here)
 
     def _queue_adoption(self, adoption: _Adoption) -> None:
+        # Cancelled before this command ran: the abort command (queued after the event was
+        # set) may already have run and found nothing, so it is dropped here.
+        if adoption.cancelled.is_set():
+            return
         self._adoptions.append(adoption)
         with self._lock:
             self._outs[adoption.request.request_id] = adoption.out

@@ -57,7 +57,8 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
         try:
             ids = self._prompt_ids(request)
             out = self._w.prefill(rid, ids, self._params(request))
-            context.add_callback(lambda: self._w.abort(rid))  # a cancelled call frees its pages
+            if not context.add_callback(lambda: self._w.abort(rid)):  # a cancelled call frees its pages
+                self._w.abort(rid)
             delta, offer = next(iterate(out))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -79,10 +80,17 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
         offer = KvOffer(kv.uuid, kv.transfer_address, kv.num_pages, kv.bucket_pages, kv.num_computed_tokens)
         label = request.request.request_id
         failure = None
+        cancelled = threading.Event()
+
+        def on_end() -> None:  # a call that ends early (client cancel) aborts the request, pulled or not
+            cancelled.set()
+            self._w.abort(rid)
+
+        if not context.add_callback(on_end):  # the call already ended
+            return
         try:
             out = self._w.decode(rid, list(request.request.token_ids.ids), self._params(request.request),
-                                 request.first_token_id, offer)
-            context.add_callback(lambda: self._w.abort(rid))
+                                 request.first_token_id, offer, cancelled)
             for delta in iterate(out):
                 yield response_from_delta(label, delta)
                 if delta.finished:

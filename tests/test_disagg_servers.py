@@ -77,14 +77,17 @@ class Proc:
 
 
 class Trio:
-    def __init__(self) -> None:
-        self.prefill = Proc("serve", "--role", "prefill", *FLAGS)
+    """Prefill server(s), a decode server and the router in front of them."""
+
+    def __init__(self, num_prefill: int = 1) -> None:
+        self.prefills = [Proc("serve", "--role", "prefill", *FLAGS) for _ in range(num_prefill)]
+        self.prefill = self.prefills[0]
         self.decode = Proc("serve", "--role", "decode", *FLAGS)
-        self.procs = [self.prefill, self.decode]
-        self.prefill.wait_port()
-        self.decode.wait_port()
-        self.router = Proc("router", "--prefill", self.prefill.target, "--decode", self.decode.target,
-                           "--probe-interval", "0.2")
+        self.procs = [*self.prefills, self.decode]
+        for p in self.procs:
+            p.wait_port()
+        self.router = Proc("router", "--prefill", ",".join(p.target for p in self.prefills),
+                           "--decode", self.decode.target, "--probe-interval", "0.2")
         self.procs.append(self.router)
         self.router.wait_port()
         self.channel = grpc.insecure_channel(self.router.target)
@@ -153,11 +156,17 @@ def test_cancel_frees_pages_on_both_sides(trio):
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
                              params=pb.SamplingParams(max_tokens=80, temperature=0.0))
     call = trio.stub.Generate(req, timeout=300)
-    next(call)  # the first token: the request is decoding or about to be pulled
-    next(call)
+    next(call)  # the first token, from the prefill server
+    next(call)  # a token from the decode server: the request holds decode pages
     assert trio.stats(trio.decode).pages_used > 0
     call.cancel()
     trio.wait_pages_free()
+    for _ in range(3):  # cancelled right after the first token: during the pull / the adoption
+        call = trio.stub.Generate(req, timeout=300)
+        next(call)
+        call.cancel()
+    trio.wait_pages_free()
+    assert [t for r in _generate(trio.stub, _prompt(5)) for t in r.token_ids]  # still serving
 
 
 def test_router_flags_are_checked():
@@ -191,5 +200,34 @@ def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
             _generate(t.stub, ids)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert t.stats(t.prefill).pages_used == 0  # the prefill side freed its pages
+    finally:
+        t.close()
+
+
+@pytest.mark.slow
+def test_prefill_server_death_routes_to_the_other_one(colocated_tokens):
+    t = Trio(num_prefill=2)
+    try:
+        ids = _prompt(45)
+        for _ in range(2):  # least-loaded pick: both prefill servers are in use
+            assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[45]
+        t.prefills[0].proc.kill()
+        deadline = time.monotonic() + 10
+        for _ in range(4):  # new requests go to the remaining prefill server once the probe saw it die
+            try:
+                got = [x for r in _generate(t.stub, ids) for x in r.token_ids]
+            except grpc.RpcError as e:  # only a request sent before the probe noticed
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+                continue
+            assert got == colocated_tokens[45]
+        assert t.health() == health_pb2.HealthCheckResponse.SERVING  # one prefill server is left
+        t.prefills[1].proc.kill()
+        deadline = time.monotonic() + 10
+        while t.health() != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "router health still SERVING with no prefill server"
+            time.sleep(0.1)
+        assert t.stats(t.decode).pages_used == 0
     finally:
         t.close()
