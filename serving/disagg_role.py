@@ -60,6 +60,13 @@ class KvOffer:
 
 
 @dataclasses.dataclass
+class PullStats:
+    pulls: int = 0
+    seconds: float = 0.0  # wall time of the pulls, until the arrays are ready here
+    bytes: int = 0  # bucket padding included
+
+
+@dataclasses.dataclass
 class _Adoption:
     """A pulled request waiting on the engine thread for decode pages."""
 
@@ -95,6 +102,7 @@ class RoleWorker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failure: BaseException | None = None
+        self.pull_stats = PullStats()
         self._thread = threading.Thread(target=self._run, name=f"energon-{role}", daemon=True)
         self._thread.start()
 
@@ -157,7 +165,15 @@ class RoleWorker:
             self.engine.runner.kv_cache,
         )
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.pull_timeout_s)
-        return conn.pull(offer.uuid, specs, timeout=deadline)
+        t0 = time.perf_counter()
+        moved = conn.pull(offer.uuid, specs, timeout=deadline)
+        jax.block_until_ready(moved)
+        with self._lock:
+            st = self.pull_stats
+            st.pulls += 1
+            st.seconds += time.perf_counter() - t0
+            st.bytes += sum(a.nbytes for a in jax.tree.leaves(moved))
+        return moved
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:

@@ -106,7 +106,9 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
 
     def Stats(self, request: dpb.StatsRequest, context: grpc.ServicerContext) -> dpb.StatsResponse:
         used, total = self._w.pages()
-        return dpb.StatsResponse(in_flight=self._w.in_flight(), pages_used=used, pages_total=total)
+        st = self._w.pull_stats
+        return dpb.StatsResponse(in_flight=self._w.in_flight(), pages_used=used, pages_total=total,
+                                 pulls=st.pulls, pull_seconds=st.seconds, pull_bytes=st.bytes)
 
 
 def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, host: str, port: int,

@@ -137,19 +137,21 @@ def colocated_tokens():
 
     engine = Engine.from_pretrained(None, warmup=False, **LIMITS)
     outs = engine.generate([_prompt(n) for n in PROMPT_LENS], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return {n: list(o.token_ids) for n, o in zip(PROMPT_LENS, outs, strict=True)}
+    return {n: (list(o.token_ids), o.text) for n, o in zip(PROMPT_LENS, outs, strict=True)}
 
 
 def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
     for n in PROMPT_LENS:
         responses = _generate(trio.stub, _prompt(n))
         ids = [t for r in responses for t in r.token_ids]
-        assert ids == colocated_tokens[n], f"prompt of {n} tokens"
+        assert (ids, "".join(r.text for r in responses)) == colocated_tokens[n], f"prompt of {n} tokens"
         assert len(responses) >= 2  # the first token is streamed on its own, from the prefill server
         assert all(r.request_id == "t" for r in responses)
         assert responses[-1].finish_reason == "length"
     trio.wait_pages_free()
     assert trio.health() == health_pb2.HealthCheckResponse.SERVING
+    pulled = trio.stats(trio.decode)
+    assert pulled.pulls >= len(PROMPT_LENS) and pulled.pull_bytes > 0  # every K/V went server to server
 
 
 def test_cancel_frees_pages_on_both_sides(trio):
@@ -182,7 +184,7 @@ def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
     t = Trio()
     try:
         ids = _prompt(16)
-        assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[16]
+        assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[16][0]
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
                                  params=pb.SamplingParams(max_tokens=80, temperature=0.0))
         call = t.stub.Generate(req, timeout=300)
@@ -210,7 +212,7 @@ def test_prefill_server_death_routes_to_the_other_one(colocated_tokens):
     try:
         ids = _prompt(45)
         for _ in range(2):  # least-loaded pick: both prefill servers are in use
-            assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[45]
+            assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[45][0]
         t.prefills[0].proc.kill()
         deadline = time.monotonic() + 10
         for _ in range(4):  # new requests go to the remaining prefill server once the probe saw it die
@@ -221,7 +223,7 @@ def test_prefill_server_death_routes_to_the_other_one(colocated_tokens):
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
                 continue
-            assert got == colocated_tokens[45]
+            assert got == colocated_tokens[45][0]
         assert t.health() == health_pb2.HealthCheckResponse.SERVING  # one prefill server is left
         t.prefills[1].proc.kill()
         deadline = time.monotonic() + 10

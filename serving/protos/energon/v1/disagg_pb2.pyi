@@ -46,11 +46,17 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("in_flight", "pages_used", "pages_total")
+    __slots__ = ("in_flight", "pages_used", "pages_total", "pulls", "pull_seconds", "pull_bytes")
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     PAGES_USED_FIELD_NUMBER: _ClassVar[int]
     PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PULLS_FIELD_NUMBER: _ClassVar[int]
+    PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PULL_BYTES_FIELD_NUMBER: _ClassVar[int]
     in_flight: int
     pages_used: int
     pages_total: int
-    def __init__(self, in_flight: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ...) -> None: ...
+    pulls: int
+    pull_seconds: float
+    pull_bytes: int
+    def __init__(self, in_flight: _Optional[int] = ..., pages_used: _Optional[int] = ..., pages_total: _Optional[int] = ..., pulls: _Optional[int] = ..., pull_seconds: _Optional[float] = ..., pull_bytes: _Optional[int] = ...) -> None: ...
