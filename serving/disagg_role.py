@@ -133,6 +133,14 @@ class RoleWorker:
         ``cancelled`` is set (before ``abort(rid)`` is called) when the call ends early: a
         request cancelled during its pull is never given pages."""
         self.engine.check_request(prompt_ids, params)  # ValueError before any transfer
+        if params.uses_penalties and self.engine.buckets.history_len == 0:
+            # Penalty counts kept on the device are built from the tokens a slot is fed, and
+            # an adopted request is never fed its prompt here.
+            raise ValueError(
+                f"repetition_penalty={params.repetition_penalty}, presence_penalty={params.presence_penalty}, "
+                f"frequency_penalty={params.frequency_penalty}: penalties are not supported across prefill and "
+                "decode servers (they must be 1, 0, 0)"
+            )
         out: queue.Queue = queue.Queue()
         moved = self._pull(offer)
         request = Request(request_id=rid, prompt_token_ids=list(prompt_ids), params=params,
@@ -272,12 +280,14 @@ class RoleWorker:
                 continue
             with self._lock:
                 out = self._outs.pop(rid)
-            offer, ids, text = self._offer(rid)
-            out.put((StreamDelta(rid, text, ids, None, False, None, None), offer))
+            offer, ids, text, logprobs = self._offer(rid)
+            out.put((StreamDelta(rid, text, ids, logprobs, False, None, None), offer))
 
-    def _offer(self, rid: str) -> tuple[KvOffer, list[int], str]:
+    def _offer(self, rid: str) -> tuple[KvOffer, list[int], str, list | None]:
         """Release a request after its first token: gather its pages, offer them for one pull, free them."""
         request, ids, text = self.engine.release(rid)
+        lp = request.output_logprobs
+        logprobs = None if lp is None or not ids else list(lp[-len(ids):])
         if NULL_PAGE in request.pages:
             raise RuntimeError("sliding-window page tables (null pages) are not transferred across servers")
         kv = self.engine.runner.kv_cache
@@ -288,7 +298,7 @@ class RoleWorker:
         self.engine.scheduler.allocator.free(request.pages)  # the gather reading them is dispatched first
         offer = KvOffer(uuid, self.address, len(request.pages), self.mover.bucket(len(request.pages)),
                         request.num_computed_tokens)
-        return offer, ids, text
+        return offer, ids, text, logprobs
 
 
 def iterate(out: queue.Queue, *, timeout_s: float | None = None) -> Iterator[Any]:

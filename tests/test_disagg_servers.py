@@ -171,6 +171,19 @@ def test_cancel_frees_pages_on_both_sides(trio):
     assert [t for r in _generate(trio.stub, _prompt(5)) for t in r.token_ids]  # still serving
 
 
+def test_bad_requests_fail_with_invalid_argument_through_the_router(trio):
+    with pytest.raises(grpc.RpcError) as err:  # longer than max_model_len: refused by the prefill server
+        _generate(trio.stub, _prompt(LIMITS["max_model_len"] + 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(5)),
+                             params=pb.SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3))
+    with pytest.raises(grpc.RpcError) as err:  # refused by the decode server, after the first token
+        list(trio.stub.Generate(req, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "penalties are not supported across prefill and decode servers" in err.value.details()
+    trio.wait_pages_free()
+
+
 def test_router_flags_are_checked():
     from serving.router import parse_targets
 
