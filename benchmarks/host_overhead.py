@@ -12,8 +12,10 @@ For scale, the device step: the same decode batch through the real ``ModelRunner
 Llama-architecture checkpoint (``--layers``, ``--hidden``) with the demo model's tokenizer,
 ``max_position_embeddings`` 32768 so ``--max-model-len`` can be large.
 
-Printed: one markdown table row per row count. Target (issue 13): host <= 2 ms per step
-at 256 rows. Run: ``JAX_PLATFORMS=cpu python benchmarks/host_overhead.py``.
+Printed: one markdown table row per row count, with the stepping thread's CPU time per
+step beside the wall time (on a shared machine the wall time also counts waiting for a
+core; the CPU time does not). Target (issue 13): host <= 2 ms per step at 256 rows.
+Run: ``JAX_PLATFORMS=cpu python benchmarks/host_overhead.py``.
 """
 
 from __future__ import annotations

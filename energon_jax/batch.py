@@ -283,30 +283,35 @@ class HostRows:
         self.penalty = np.zeros(num_slots, bool)  # [S] the request uses a penalty
         self._owner: list[Request | None] = [None] * num_slots
         self._pages: list[list[int] | None] = [None] * num_slots  # the page list object copied from
+        self._counts = [0] * num_slots  # num_pages as Python ints (read per row per step)
         self._slot_of: dict[int, int] = {}  # id(request) -> slot
         self._free = list(range(num_slots - 1, -1, -1))
 
     def slots(self, reqs: Sequence[Request]) -> np.ndarray:
         """``[R]`` slot of each request (distinct), its row brought up to date first."""
         out = []
-        slot_of, owner, copied, num_pages = self._slot_of, self._owner, self._pages, self.num_pages
+        slot_of, owner, copied, counts = self._slot_of, self._owner, self._pages, self._counts
         for req in reqs:
             s = slot_of.get(id(req), -1)
             if s < 0 or owner[s] is not req:
                 s = self._join(req, reqs)
             pages = req.pages
-            n, had = len(pages), int(num_pages[s])
-            if pages is not copied[s] or n < had:
-                m = min(n, self.max_pages_per_row)  # more than fits: pack's check reports it
-                self.tables[s, :m] = pages[:m]
-                self.tables[s, m:had] = NULL_PAGE
-                copied[s] = pages
-                num_pages[s] = n
-            elif n > had:
-                self.tables[s, had : min(n, self.max_pages_per_row)] = pages[had : self.max_pages_per_row]
-                num_pages[s] = n
+            if pages is not copied[s] or len(pages) != counts[s]:  # else: nothing changed (most steps)
+                self._sync(s, pages)
             out.append(s)
         return np.array(out, np.intp)
+
+    def _sync(self, s: int, pages: list[int]) -> None:
+        """Bring slot ``s``'s table row to ``pages``: append what is new, or copy it whole."""
+        n, had, m = len(pages), self._counts[s], self.max_pages_per_row  # more than m: pack's check reports it
+        if pages is not self._pages[s] or n < had:
+            self.tables[s, : min(n, m)] = pages[:m]
+            self.tables[s, min(n, m) : had] = NULL_PAGE
+            self._pages[s] = pages
+        else:
+            self.tables[s, had : min(n, m)] = pages[had:m]
+        self._counts[s] = n
+        self.num_pages[s] = n
 
     def _join(self, req: Request, step: Sequence[Request]) -> int:
         """A slot for ``req``, its parameters written and its table row empty."""
@@ -316,7 +321,8 @@ class HostRows:
         self._owner[s] = req
         self._slot_of[id(req)] = s
         self._pages[s] = None
-        self.tables[s, : int(self.num_pages[s])] = NULL_PAGE
+        self.tables[s, : self._counts[s]] = NULL_PAGE
+        self._counts[s] = 0
         self.num_pages[s] = 0
         p = req.params
         self.floats[s] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
@@ -376,7 +382,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
         return out
     reqs = [row.request for row in rows]
     if host_rows is not None:
-        _pack_from(out, rows, reqs, buckets, host_rows)
+        _pack_from(out, rows, reqs, buckets, host_rows, plan.num_tokens)
         if penalty is not None:
             out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
         return out
@@ -411,16 +417,16 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     return out
 
 
-def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets, host: HostRows) -> None:
+def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets, host: HostRows,
+               num_tokens: int) -> None:
     """``pack``'s body with ``HostRows``: per row only the step's own numbers are read."""
     nr, attn, s, size = len(rows), out.attn, out.sampling, buckets.page_size
     slots = host.slots(reqs)  # [R]
-    # [R, 4]: tokens fed, start position, prev row (placeholder), outputs known so far
-    per_row = np.fromiter(
-        itertools.chain.from_iterable(
-            (len(row.token_ids), row.start_pos, row.prev_row, len(r.output_token_ids)) for row, r in zip(rows, reqs)
-        ), np.int64, 4 * nr).reshape(nr, 4)
-    lens, starts, prev_rows = per_row[:, 0], per_row[:, 1], per_row[:, 2]
+    lens = np.array([len(row.token_ids) for row in rows], np.int64)  # [R]
+    decode = num_tokens == nr and bool((lens == 1).all())  # one token per row
+    starts = np.array([row.start_pos for row in rows], np.int64)  # [R]
+    prev_rows = np.array([row.prev_row for row in rows], np.int64)  # [R] placeholder's row in the step before
+    num_out = np.array([len(r.output_token_ids) for r in reqs], np.int64)  # [R] outputs known so far
     num_pages = host.num_pages[slots]
     _check_rows(rows, lens, starts, num_pages, buckets)
     total = int(lens.sum())
@@ -432,7 +438,11 @@ def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets
         pos = np.arange(total) - np.repeat(ends - lens, lens) + np.repeat(starts, lens)  # [total]
     width = int(num_pages.max())  # columns past every row's pages stay NULL_PAGE (as in tables)
     attn.page_tables[:nr, :width] = host.tables[slots, :width]
-    out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
+    if decode:
+        out.input_ids[:nr] = [row.token_ids[0] for row in rows]
+    else:
+        out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32,
+                                            total)
     placeholder = prev_rows >= 0
     if placeholder.any():  # a plan made ahead: one fed token each
         out.prev_token_index[:total] = np.repeat(prev_rows, lens)
@@ -447,7 +457,7 @@ def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets
     s.repetition_penalty[:nr], s.presence_penalty[:nr], s.frequency_penalty[:nr] = f[:, 3], f[:, 4], f[:, 5]
     s.top_k[:nr], s.prompt_len[:nr], s.num_logprobs[:nr] = ints[:, 0], ints[:, 1], ints[:, 2]
     # A placeholder row's request owes one token: it has generated one more than the host knows.
-    step = per_row[:, 3] + placeholder
+    step = num_out + placeholder
     s.step[:nr] = step
     s.seed[:nr] = host.seed[slots]
     min_tokens = host.min_tokens[slots]

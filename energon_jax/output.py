@@ -92,9 +92,16 @@ class OutputTracker:
 def add_many(trackers: Sequence[OutputTracker], token_ids: Sequence[list[int]], finished: Sequence[bool]) -> list[str]:
     """``[t.add(ids, finished=f) ...]`` for one step's rows (one tracker per request, each at most
     once), decoding every row's new ids in one tokenizer call."""
-    if all(t._detok is not None and not t.stopped for t in trackers):  # the usual step
-        texts = detokenize_many([t._detok for t in trackers], token_ids, finished)
-        return [t._accept(new, f) for t, new, f in zip(trackers, texts, finished)]
+    detoks = [t._detok for t in trackers]
+    if None not in detoks and not any([t.stopped for t in trackers]):  # the usual step
+        out = detokenize_many(detoks, token_ids, finished)
+        for i, (t, new, f) in enumerate(zip(trackers, out, finished)):
+            if t._stop:
+                out[i] = t._accept(new, f)
+            else:  # no stop strings: all text is emitted as it comes (_accept's first branch)
+                t.text += new
+                t._emitted += len(new)
+        return out
     out = [""] * len(trackers)
     live = [i for i, t in enumerate(trackers) if t._detok is not None and not t.stopped]
     for i, t in enumerate(trackers):

@@ -30,8 +30,10 @@ from energon_jax.sampling import SampledTokens
 
 def split_plan(plan) -> list[tuple[object, list[int]]]:
     """``[(sub_plan, row indices in plan)]``: one part, or decode rows then prefill rows."""
+    if plan.num_tokens == plan.num_rows:  # one token per row: decode only (every steady step)
+        return [(plan, list(range(len(plan.rows))))]
     decode = [i for i, row in enumerate(plan.rows) if len(row.token_ids) == 1]
-    if not decode or len(decode) == len(plan.rows):  # one kind only (every step of a steady decode)
+    if not decode:
         return [(plan, list(range(len(plan.rows))))]
     prefill = [i for i, row in enumerate(plan.rows) if len(row.token_ids) > 1]
     return [

@@ -365,29 +365,35 @@ class IncrementalDetokenizer:
 def detokenize_many(
     detokenizers: Sequence[IncrementalDetokenizer], new_ids: Sequence[Iterable[int]], final: Sequence[bool]
 ) -> list[str]:
-    """``d.add_many(ids) + (d.flush() if f else "")`` for every row (each detokenizer at most once).
+    """``d.add_many(ids) + (d.flush() if f else "")`` for every row of a step (each detokenizer once).
 
-    A step's rows are decoded together (``Tokenizer.decode_many`` per tokenizer and
-    ``skip_special_tokens``): one Python call per step instead of two wrapped ``decode``
-    calls and a tracker call per row, which is what dominated the host's per-step work.
-    (A held-back delta followed by ``flush`` equals one emit with ``final``: the window
-    does not move while text is held back.)
+    One Python call per step instead of two wrapped ``decode`` calls and a tracker call
+    per row, which is what dominated the host's per-step work: each row costs one backend
+    ``decode`` of its window (the emitted piece before it is a single id in a plain decode
+    step, taken from ``Tokenizer``'s cache) and a few comparisons; the rare cases go
+    through ``_advance``. (A held-back delta followed by ``flush`` equals one emit with
+    ``final``: the window does not move while text is held back.)
     """
-    out = [""] * len(detokenizers)
-    groups: dict[tuple[int, bool], tuple[list[int], list[list[int]]]] = {}  # -> (rows, their windows)
-    for i, d in enumerate(detokenizers):
+    out: list[str] = []
+    for d, fed, fin in zip(detokenizers, new_ids, final, strict=True):
         ids = d._ids
-        ids.extend(map(int, new_ids[i]))
-        if d._read_start < len(ids):
-            key = (id(d._tokenizer), d._skip)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = ([], [])
-            group[0].append(i)
-            group[1].append(ids[d._prefix_start : d._read_start])  # as _windows()
-            group[1].append(ids[d._prefix_start :])
-    for (_, skip), (rows, windows) in groups.items():
-        texts = detokenizers[rows[0]]._tokenizer.decode_many(windows, skip)
-        for k, i in enumerate(rows):
-            out[i] = detokenizers[i]._advance(texts[2 * k], texts[2 * k + 1], final[i])
+        ids.extend(fed)  # Python ints (the scheduler's ``tolist``)
+        n, start, read = len(ids), d._prefix_start, d._read_start
+        if read == n:
+            out.append("")
+            continue
+        tok, skip = d._tokenizer, d._skip
+        if read - start == 1:
+            prefix_text = tok._single_text[skip].get(ids[start])
+            if prefix_text is None:
+                prefix_text = tok.decode_many([ids[start:read]], skip)[0]
+        else:
+            prefix_text = tok._backend.decode(ids[start:read], skip_special_tokens=skip)
+        full_text = tok._backend.decode(ids[start:], skip_special_tokens=skip)
+        if fin or not (full_text.endswith(_REPLACEMENT_CHAR) or ids[-1] in tok.byte_fallback_ids):
+            if full_text.startswith(prefix_text):  # as _advance, without the rewrite case
+                d._prefix_start, d._read_start = read, n
+                out.append(full_text[len(prefix_text) :])
+                continue
+        out.append(d._advance(prefix_text, full_text, fin))
     return out
