@@ -54,9 +54,10 @@ class KvOffer:
 
     uuid: int
     transfer_address: str
-    num_pages: int
+    num_pages: int  # pages moved: the page table's entries that are not null
     bucket_pages: int
     num_computed_tokens: int
+    null_slots: tuple[int, ...] = ()  # page-table entries a sliding window released
 
 
 @dataclasses.dataclass
@@ -73,6 +74,7 @@ class _Adoption:
     request: Request
     moved: Any  # per-leaf [bucket, ...] arrays on the decode pool's devices
     num_pages: int
+    null_slots: tuple[int, ...]
     out: queue.Queue
     cancelled: threading.Event  # set when its call ended during the pull
 
@@ -146,7 +148,7 @@ class RoleWorker:
         request = Request(request_id=rid, prompt_token_ids=list(prompt_ids), params=params,
                           output_token_ids=[first_token], status=RequestStatus.RUNNING,
                           num_computed_tokens=offer.num_computed_tokens, first_token_time=time.monotonic())
-        adoption = _Adoption(request, moved, offer.num_pages, out, cancelled)
+        adoption = _Adoption(request, moved, offer.num_pages, offer.null_slots, out, cancelled)
         self._submit(lambda: self._queue_adoption(adoption))
         return out
 
@@ -250,7 +252,9 @@ class RoleWorker:
             pages = sched.allocator.allocate(a.num_pages)
             runner = self.engine.runner
             runner.kv_cache = self.mover.scatter(runner.kv_cache, pages, a.moved)
-            a.request.pages = list(pages)
+            fresh = iter(pages)
+            table = len(pages) + len(a.null_slots)
+            a.request.pages = [NULL_PAGE if i in a.null_slots else next(fresh) for i in range(table)]
             self.engine.adopt(a.request)
 
     def _route(self, deltas: list[StreamDelta]) -> None:
@@ -288,16 +292,16 @@ class RoleWorker:
         request, ids, text = self.engine.release(rid)
         lp = request.output_logprobs
         logprobs = None if lp is None or not ids else list(lp[-len(ids):])
-        if NULL_PAGE in request.pages:
-            raise RuntimeError("sliding-window page tables (null pages) are not transferred across servers")
+        live = [p for p in request.pages if p != NULL_PAGE]  # a sliding window's released pages stay null
+        nulls = tuple(i for i, p in enumerate(request.pages) if p == NULL_PAGE)
         kv = self.engine.runner.kv_cache
-        moved = self.mover.gather(kv, request.pages)
+        moved = self.mover.gather(kv, live)
         uuid = next(self._uuids)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=self.pull_timeout_s)
         self.transfer.await_pull(uuid, moved, timeout=deadline)
-        self.engine.scheduler.allocator.free(request.pages)  # the gather reading them is dispatched first
-        offer = KvOffer(uuid, self.address, len(request.pages), self.mover.bucket(len(request.pages)),
-                        request.num_computed_tokens)
+        self.engine.scheduler.allocator.free(live)  # the gather reading them is dispatched first
+        offer = KvOffer(uuid, self.address, len(live), self.mover.bucket(len(live)),
+                        request.num_computed_tokens, nulls)
         return offer, ids, text, logprobs
 
 

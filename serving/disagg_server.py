@@ -69,6 +69,7 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
             resp.kv.CopyFrom(dpb.KvDescriptor(
                 uuid=offer.uuid, transfer_address=offer.transfer_address, num_pages=offer.num_pages,
                 bucket_pages=offer.bucket_pages, num_computed_tokens=offer.num_computed_tokens,
+                null_slots=offer.null_slots,
             ))
         return resp
 
@@ -77,7 +78,8 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this server's role is {self._w.role}, not decode")
         rid = uuid.uuid4().hex
         kv = request.kv
-        offer = KvOffer(kv.uuid, kv.transfer_address, kv.num_pages, kv.bucket_pages, kv.num_computed_tokens)
+        offer = KvOffer(kv.uuid, kv.transfer_address, kv.num_pages, kv.bucket_pages, kv.num_computed_tokens,
+                        tuple(kv.null_slots))
         label = request.request.request_id
         failure = None
         cancelled = threading.Event()

@@ -246,3 +246,74 @@ def test_prefill_server_death_routes_to_the_other_one(colocated_tokens):
         assert t.stats(t.decode).pages_used == 0
     finally:
         t.close()
+
+
+def _role_pair_vs_colocated(path, kw: dict, prompts: list[list[int]], int8: bool) -> tuple[list, list, list]:
+    """Prefill on one ``RoleWorker``, pull and decode on another (one process, two engines and
+    two transfer servers), against a colocated engine with the same pools."""
+    import threading
+
+    import jax.numpy as jnp
+
+    from energon_jax.engine import Engine
+    from energon_jax.request import SamplingParams
+    from pallas_kernels import make_kv_pages
+    from serving.disagg_role import RoleWorker, iterate
+
+    def int8_pools(engine):  # before the first step, as tests/test_disagg.py does
+        def like(pages):
+            n, s, k, h = pages.k.shape
+            return make_kv_pages(n, s, k, h, jnp.int8, sharding=pages.k.sharding)
+        engine.runner.kv_cache = tuple(like(p) for p in engine.runner.kv_cache)
+
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    colocated = Engine.from_pretrained(path, warmup=False, **kw)
+    prefill = Engine.from_pretrained(path, warmup=False, async_scheduling=False, **kw)
+    decode = Engine.from_pretrained(path, warmup=False, async_scheduling=False, enable_prefix_caching=False, **kw)
+    if int8:
+        for e in (colocated, prefill, decode):
+            int8_pools(e)
+    want = [list(o.token_ids) for o in colocated.generate(prompts, sp)]
+    pw, dw = RoleWorker(prefill, "prefill"), RoleWorker(decode, "decode")
+    got, nulls = [], []
+    try:
+        for i, ids in enumerate(prompts):
+            delta, offer = next(iterate(pw.prefill(f"p{i}", ids, sp), timeout_s=300))
+            nulls.append(len(offer.null_slots))
+            out = dw.decode(f"d{i}", ids, sp, delta.token_ids[0], offer, threading.Event())
+            rest = []
+            for d in iterate(out, timeout_s=300):
+                rest.extend(d.token_ids)
+                if d.finished:
+                    break
+            got.append(list(delta.token_ids) + rest)
+        deadline = time.monotonic() + 10
+        while (pw.pages()[0], dw.pages()[0]) != (0, 0):
+            assert time.monotonic() < deadline, f"pages still used: {pw.pages()}, {dw.pages()}"
+            time.sleep(0.05)
+        if int8:
+            assert decode.runner.kv_cache[0].k_scale is not None
+    finally:
+        pw.shutdown()
+        dw.shutdown()
+    return want, got, nulls
+
+
+@pytest.mark.slow
+def test_int8_pages_move_with_their_scales_between_role_workers():
+    kw = dict(LIMITS, page_size=8)
+    want, got, _ = _role_pair_vs_colocated(None, kw, [_prompt(n) for n in (7, 16, 33)], int8=True)
+    assert got == want
+
+
+@pytest.mark.slow
+def test_sliding_window_page_tables_keep_their_null_pages_between_role_workers(tmp_path):
+    from model_parity import tiny_variant
+
+    path = tiny_variant(tmp_path / "mistral", "mistral", seed=3, sliding_window=8)
+    kw = dict(max_model_len=128, page_size=4, max_num_seqs=3, max_num_batched_tokens=8, min_token_bucket=8,
+              kv_cache_pages=40)
+    want, got, nulls = _role_pair_vs_colocated(path, kw, [[(i * 5) % 290 + 1 for i in range(n)] for n in (5, 23, 30)],
+                                               int8=False)
+    assert got == want
+    assert max(nulls) > 0  # pages behind the window were released before the move
