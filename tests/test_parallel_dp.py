@@ -51,7 +51,7 @@ def test_engine_dp_matches_single_device_and_spreads_requests(group):
     for case in out["cases"]:
         dp, pp, tp = (case["layout"].get(k, 1) for k in ("dp", "pp", "tp"))
         assert case["runner"] == "DataParallelRunner", case
-        assert case["replica_runners"] == ["PipelineRunner" if pp > 1 else "ModelRunner"] * dp, case
+        assert case["replica_runners"] == ["SpmdPipelineRunner" if pp > 1 else "ModelRunner"] * dp, case
         assert case["tokens"] == base, case  # staggered add_request / step
         if pp == 1:  # (a pipeline advances each request once per pp ticks: more engine steps)
             assert case["steps"] < out["base_steps"], case  # dp replicas served rows side by side
@@ -276,7 +276,7 @@ def _weights(replica) -> list:
     """A replica runner's weights: the model state, or a pipeline's pieces on every stage."""
     if hasattr(replica, "_state"):
         return replica._state
-    return [replica._layer_states, replica._embed_state, replica._norm_state, replica._head_state]
+    return list(replica.weights)
 
 
 def _child_engine(group: str) -> dict:

@@ -74,7 +74,7 @@ def test_engine_pipeline_keeps_pp_micro_batches_in_flight(group):
     assert [c["layout"] for c in out["cases"]] == PIPELINE_CASES[group]
     for case in out["cases"]:
         pp = case["layout"]["pp"]
-        assert case["runner"] == "PipelineRunner", case
+        assert case["runner"] == "SpmdPipelineRunner", case
         assert case["tokens"] == base, case  # add_request/step with staggered arrivals
         assert case["pages_used"] == 0 and case["running"] == 0, case
         stats = case["stats"]
@@ -214,13 +214,13 @@ def _child_base() -> dict:
 
 
 def _child_layouts(group: str) -> dict:
-    expect = {"pp": "PipelineRunner", "offload": "OffloadedRunner", "dp": "DataParallelRunner"}
+    expect = {"pp": "SpmdPipelineRunner", "offload": "OffloadedRunner", "dp": "DataParallelRunner"}
     base = _generate(_engine())
     cases = []
     for layout in LAYOUTS[group]:
         engine = _engine(**layout)
         kind = next((v for k, v in expect.items() if k in layout), "ModelRunner")
-        stats = getattr(engine.runner, "stats", None)  # PipelineRunner's counters (reset by warm-up)
+        stats = getattr(engine.runner, "stats", None)  # the pipeline's counters (reset by warm-up)
         cases.append({"layout": layout, "tokens": _generate(engine), "runner": type(engine.runner).__name__,
                       "expect_runner": kind, "max_in_flight": getattr(stats, "max_in_flight", None),
                       "async_scheduling": engine.async_scheduling, "overlap": engine.overlap,

@@ -13,13 +13,15 @@ one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is dr
   ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
 - ``dp > 1`` in one process: a ``DataParallelRunner`` (``data_parallel.py``): ``dp``
   independent replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` with its own
-  weights and KV pool (a ``ModelRunner``, or a ``PipelineRunner`` when ``pp > 1``), each
+  weights and KV pool (a ``ModelRunner``, or an ``SpmdPipelineRunner`` when ``pp > 1``), each
   with its own ``Scheduler`` and step loop behind ``DataParallelScheduler`` and
   ``DataParallelStepLoop``. Across processes the controller broadcasts one runner's
   steps, so there ``dp`` falls back to one ``ModelRunner`` over the whole
   ``(dp, 1, tp)`` mesh that every ``dp`` group computes alike (logged as a warning);
-- ``pp > 1``: a ``PipelineRunner`` (stages of contiguous layers on ``mesh[:, s, :]``)
-  driven by ``PipelineStepLoop`` (``pp`` micro-batches in flight); single-process;
+- ``pp > 1``: an ``SpmdPipelineRunner`` (``spmd_pipeline.py``: layers stacked over the
+  ``pp`` axis, one jitted tick for all stages) driven by ``PipelineStepLoop`` (``pp``
+  micro-batches in flight), in one process or across processes (``PipelineController``
+  broadcasts each tick's new micro-batch); ``dp x pp`` only in one process for now;
 - ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
 - more than one process: whatever the above gave, wrapped in a ``Controller`` so that
   process 0's steps are broadcast and every process runs them (workers call
@@ -177,6 +179,7 @@ def build_executor(
         model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=param_dtype(model),
         options=options, templates=batch_lib.warmup_batches(buckets),
         max_rows=max(b for _, b in buckets.all_shapes()), penalty_slots=c.max_num_seqs if on_device else 0,
+        buckets=buckets,
     )
 
     def new_scheduler() -> Scheduler:
@@ -202,9 +205,11 @@ def _loop_for(
 ) -> EngineLoop:
     """The step loop that drives one (replica's) runner: a pipeline ticks, others step."""
     from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
+    from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
     from energon_jax.step_loop import StepLoop
 
-    if isinstance(runner, PipelineRunner):  # a micro-batch is never split nor planned past
+    # a micro-batch is never split nor planned past
+    if isinstance(runner, (SpmdPipelineRunner, PipelineController, PipelineRunner)):
         return PipelineStepLoop(scheduler, runner, buckets, process)
     return StepLoop(scheduler, runner, buckets, process, split_prefill_decode=split,
                     plans_ahead=ahead and getattr(runner, "supports_prev_ids", False))
@@ -252,11 +257,13 @@ def build_runner(
     templates: Sequence[Any] = (),
     max_rows: int = 256,
     penalty_slots: int = 0,
+    buckets: Any = None,
 ) -> CompiledRunner:
     """The runner for ``options`` (see the module docstring). ``templates``: one batch per step
     shape (``batch.warmup_batches``), needed only across processes. ``max_rows``: the most rows
     of a step (``ModelRunner``'s sampled-ids buffer, for planning ahead). ``penalty_slots``:
-    device penalty tables of the plain single-device runner (``device_penalties``)."""
+    device penalty tables of the plain single-device runner (``device_penalties``). ``buckets``:
+    the step shapes (``batch.Buckets``), which a pipeline's tick picks from."""
     from energon_jax.runner import ModelRunner
 
     c = model_config
@@ -295,21 +302,25 @@ def build_runner(
         replicas: list[StepRunner] = []
         for m in replica_meshes(mesh):  # each replica: its own weights and pages on its own devices
             if parts is not None:  # a pipeline over mesh[r, :, :]: stage s on mesh[r, s, :]
-                replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype))
+                replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype, buckets))
             else:
                 kv = kv_pages(kv_pages_sharding(m, rules))
                 replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
         return DataParallelRunner(replicas)
     if parts is not None:
-        runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype)
+        runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets)
     else:
         shard_model(model, mesh, rules)
         runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
 
+        from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
+
         if not templates:
             raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")
+        if isinstance(runner, SpmdPipelineRunner):  # broadcasts each tick's new micro-batch
+            return PipelineController(runner, templates)
         return Controller(runner, templates)
     return runner
 
@@ -321,21 +332,27 @@ def dp_replicas(options: ParallelOptions) -> bool:
 
 
 def _pipeline_parts(model: Any, pp: int) -> Any:
-    """The model cut into stage pieces when ``pp > 1`` (else None); pipelines are single-process."""
+    """The model cut into stage pieces when ``pp > 1`` (else None)."""
     if pp <= 1:
         return None
-    if jax.process_count() > 1:
-        raise ValueError(f"pp={pp} is single-process for now: use tp/dp across processes")
     from energon_jax.parallel.stages import decoder_parts
 
     return decoder_parts(model)
 
 
-def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any) -> Any:
-    """A ``PipelineRunner`` over ``mesh`` (``(dp, pp, tp)``; a dp replica passes its ``(1, pp, tp)`` slice)."""
-    from energon_jax.parallel.pipeline import PipelineRunner
+def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
+                     buckets: Any) -> Any:
+    """An ``SpmdPipelineRunner`` over ``mesh`` (``(1, pp, tp)``; a dp replica passes its slice).
 
-    return PipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, kv_dtype=kv_dtype)
+    The per-stage ``pipeline.PipelineRunner`` is kept as the tests' reference only: one
+    SPMD tick runs the same in one process and across processes, and on 8 CPU devices it
+    costs about what the per-stage dispatch does (benchmarks/RESULTS.md)."""
+    from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
+
+    if buckets is None:
+        raise ValueError("a pipeline needs buckets (batch.Buckets): its ticks pick their shapes from them")
+    return SpmdPipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, buckets=buckets,
+                              kv_dtype=kv_dtype)
 
 
 def load_sharding(model_config: Any, options: Any) -> Any:

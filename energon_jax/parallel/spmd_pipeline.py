@@ -380,6 +380,11 @@ class SpmdPipelineRunner:
     # -- the runner's interface ------------------------------------------------------------
 
     @property
+    def weights(self) -> tuple[Any, Any, Any, Any]:
+        """The placed states: stacked layers, embedding, final norm, head."""
+        return self._layers, self._embed, self._norm, self._head
+
+    @property
     def kv_cache(self) -> Any:
         """The stacked pages ``[slots, P, S, K, H]`` (slot axis over ``pp``)."""
         return self.kv
