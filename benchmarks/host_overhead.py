@@ -68,8 +68,6 @@ class IdentityRunner:
         pass  # nothing on a device to write
 
     def step_async(self, batch: Any, prev: Any = None) -> Any:
-        from energon_jax.runner import StepHandle
-
         fed = np.asarray(batch.input_ids)
         idx = np.asarray(batch.prev_token_index)
         if prev is not None and (idx >= 0).any():  # placeholders: what the runner fills on device

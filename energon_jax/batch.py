@@ -377,7 +377,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     if nr > b:
         raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
     out = dummy_batch(buckets, t, b)
-    s, attn, size = out.sampling, out.attn, buckets.page_size
+    attn, size = out.attn, buckets.page_size
     if nr == 0:
         return out
     reqs = [row.request for row in rows]
