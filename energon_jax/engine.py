@@ -246,6 +246,11 @@ class Engine:
         return self._runner
 
     @property
+    def buckets(self) -> Any:
+        """The step shapes (``batch.Buckets``) the runner compiles; None for an encoder."""
+        return None if self._embedder is not None else self._buckets
+
+    @property
     def embedder(self) -> Any:
         """The encoder's ``EmbeddingRunner`` (``embedding.py``); None for a decoder."""
         return self._embedder
