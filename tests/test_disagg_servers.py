@@ -32,6 +32,7 @@ LIMITS = dict(max_model_len=128, max_num_batched_tokens=32, kv_cache_pages=64, m
 FLAGS = ["--no-warmup", *(f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items())]
 PROMPT_LENS = (5, 16, 45)  # shorter than a page, an exact page multiple, longer than one chunk
 MAX_TOKENS = 8
+TEXT_PROMPT = "The quick brown fox"  # tokenized by the prefill server
 
 
 def _prompt(n: int) -> list[int]:
@@ -136,8 +137,9 @@ def colocated_tokens():
     from energon_jax.request import SamplingParams
 
     engine = Engine.from_pretrained(None, warmup=False, **LIMITS)
-    outs = engine.generate([_prompt(n) for n in PROMPT_LENS], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return {n: (list(o.token_ids), o.text) for n, o in zip(PROMPT_LENS, outs, strict=True)}
+    prompts = [*(_prompt(n) for n in PROMPT_LENS), TEXT_PROMPT]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    return {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text"], outs, strict=True)}
 
 
 def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
@@ -148,6 +150,10 @@ def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_token
         assert len(responses) >= 2  # the first token is streamed on its own, from the prefill server
         assert all(r.request_id == "t" for r in responses)
         assert responses[-1].finish_reason == "length"
+    req = pb.GenerateRequest(text=TEXT_PROMPT, params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    responses = list(trio.stub.Generate(req, timeout=300))
+    got = ([t for r in responses for t in r.token_ids], "".join(r.text for r in responses))
+    assert got == colocated_tokens["text"]
     trio.wait_pages_free()
     assert trio.health() == health_pb2.HealthCheckResponse.SERVING
     pulled = trio.stats(trio.decode)
