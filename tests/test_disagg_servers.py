@@ -112,9 +112,9 @@ class Trio:
             time.sleep(0.1)
 
     def close(self) -> None:
-        self.channel.close()
         for p in reversed(self.procs):
             p.stop()
+        self.channel.close()
 
 
 def _generate(stub, ids: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 300.0) -> list[pb.GenerateResponse]:
