@@ -1,5 +1,11 @@
 """Non-blocking pipeline parallelism: ``pp`` stages, each owning a contiguous range of layers.
 
+Two runners share this clock. ``Engine(pp=N)`` runs ``spmd_pipeline.SpmdPipelineRunner``:
+every stage in one jitted tick (layers stacked over the ``pp`` axis, ``shard_map`` +
+``ppermute``), the same program in one process and across processes. ``PipelineRunner``
+below (one jitted call per stage, activations copied between stages) is the tests'
+reference for it; it cannot cross a process boundary. ``PipelineStepLoop`` drives either.
+
 Stage ``s`` lives on the mesh slice ``mesh[:, s, :]`` (its own ``tp`` devices, so
 pipeline and tensor parallelism combine: ``pp=2, tp=4`` on 8 devices; with data
 parallelism each replica is a pipeline of its own over its slice ``mesh[r, :, :]``, see
@@ -34,7 +40,7 @@ state every stage is busy at every tick (no bubbles); the only bubbles are the
 the same computation, only the order of micro-batches differs.
 
 Data parallelism combines with it (``Engine(dp=2, pp=2)``): each of the ``dp`` replicas
-is a ``PipelineRunner`` over its own ``(1, pp, tp)`` slice with its own scheduler, page
+is a pipeline runner over its own ``(1, pp, tp)`` slice with its own scheduler, page
 pool and ``PipelineStepLoop``; ``DataParallelStepLoop`` runs every replica's ``start``
 (tick) before any replica's ``finish``, so the ``dp`` pipelines compute at once.
 
