@@ -5,8 +5,9 @@ pages ``[P, S, K, H]``, page tables ``[B, M]``, packed ``segment_ids`` / ``posit
 The reference walks the page table with every query token in step, which on a CPU
 pays ``tokens x longest context`` of gathers. This path splits the step instead:
 
-- decode rows (one query token) walk their pages together, one query each
-  (``_decode_rows``), instead of beside every token of a chunk;
+- decode rows (one query token) walk the (row, page) pairs they need, one query each
+  (``_decode_rows``), instead of beside every token of a chunk, so a decode step costs
+  the sum of its rows' contexts, not rows x the longest;
 - rows with several tokens (prefill chunks) have their contexts gathered once, back to
   back, and attended block by block, visiting only the key blocks a query block can see
   (``_blocked_attention``): a causal chunk costs about half of ``T x C``.
@@ -72,9 +73,9 @@ def paged_attention_xla(
     Row ``b`` needs the first ``need[b] = min(lengths[b], 1 + max position of its
     tokens)`` cache positions (0 for a row without tokens). Rows are served in two parts:
 
-    - rows with exactly one query token (decode) walk their pages together
+    - rows with exactly one query token (decode) walk their own (row, page) pairs
       (``_decode_rows``): a chunk's tokens no longer ride along on every page of the
-      longest decode row;
+      longest decode row, nor do short decode rows;
     - rows with several tokens (prefill chunks): when their ``sum(need)`` fits one of
       ``packed_context_budgets`` (the smallest that does is used) their contexts are
       gathered once, back to back, into ``[C, K, H]`` and attended with
