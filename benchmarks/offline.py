@@ -414,7 +414,8 @@ def main() -> None:
                  f"{1 - eng0['real'] / eng0['slots']:.1%} ({eng0['steps']} steps) | | |")
     if not args.skip_transformers:
         hf0 = pairs[0][1]
-        lines.append(f"| padding share: transformers static padded batches | {1 - hf0['real'] / hf0['slots']:.1%} | | |")
+        hf_pad = 1 - hf0["real"] / hf0["slots"]
+        lines.append(f"| padding share: transformers static padded batches | {hf_pad:.1%} | | |")
     if static is not None:
         lines.append(f"| padding share: Engine static_batching | {1 - static['real'] / static['slots']:.1%} "
                      f"({static['steps']} steps) | | |")
@@ -442,7 +443,8 @@ def main() -> None:
                      f"{(a_s * static['steps'] + f_s) / (a_s * n_min + f_s):.2f}x |")
     lines.append(f"| Engine output tok/s at most output tokens / (a N_min + F) | {out_tok / (a_s * n_min + f_s):.1f} |")
     if not args.skip_transformers:
-        lines.append(f"| Engine vs transformers at most (first pair) | {pairs[0][1]['seconds'] / (a_s * n_min + f_s):.2f}x |")
+        best = pairs[0][1]["seconds"] / (a_s * n_min + f_s)
+        lines.append(f"| Engine vs transformers at most (first pair) | {best:.2f}x |")
     print("\n".join(lines))
 
 
