@@ -12,7 +12,7 @@ their tensor-parallel layout (``tp`` stays automatic: the ``shard_map`` is manua
 
 One ``tick(batch)`` is one call of one compiled function on every device::
 
-    x0 = embed(batch.input_ids)                       # vocab split over pp x tp
+    x0 = embed(batch.input_ids)                       # vocab split over tp
     ring = [batch, ring[0], ..., ring[pp - 2]]        # ring[s]: the plan that entered s ticks ago
     shard_map over pp, stage s:
         x = x0 if s == 0 else acts[s]                  # what stage s - 1 computed last tick
@@ -125,20 +125,18 @@ def _stacked_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
 
 
 def _outer_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
-    """Embedding, final norm, head: replicated over ``pp`` except the vocabulary, split over
-    ``pp x tp`` when it divides (every device holds a slice; no stage holds a whole copy)."""
-    ways = mesh.shape["pp"] * mesh.shape["tp"]
+    """Embedding, final norm, head: by the tensor-parallel rules, replicated over ``pp``.
+
+    Every stage's ``tp`` group holds the head and samples the last stage's rows itself, so
+    the sampler's reductions over the vocabulary stay inside one stage (on a pod, one host)
+    instead of crossing stages; splitting the vocabulary over ``pp x tp`` saves that memory
+    but was slower per tick too on 8 CPU devices (6.2 vs 4.7 ms, pp=4 x tp=2)."""
 
     def one(var):
         value = var.get_value()
         axes = var.get_metadata().get("logical_axes") or (None,) * value.ndim
-        spec = list(rules.partition_spec(axes, value.shape, mesh, name="outer"))
-        spec += [None] * (value.ndim - len(spec))
-        for d, name in enumerate(axes):
-            if name == "vocab" and value.shape[d] % ways == 0:
-                spec = [None if s == "tp" else s for s in spec]
-                spec[d] = ("pp", "tp")
-        return var.replace(place(value, NamedSharding(mesh, P(*spec))))
+        return var.replace(place(value, NamedSharding(mesh, rules.partition_spec(axes, value.shape, mesh,
+                                                                                  name="outer"))))
 
     return jax.tree.map(one, state, is_leaf=_is_var)
 
