@@ -345,8 +345,9 @@ def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_siz
     """An ``SpmdPipelineRunner`` over ``mesh`` (``(1, pp, tp)``; a dp replica passes its slice).
 
     The per-stage ``pipeline.PipelineRunner`` is kept as the tests' reference only: one
-    SPMD tick runs the same in one process and across processes, and on 8 CPU devices it
-    costs about what the per-stage dispatch does (benchmarks/RESULTS.md)."""
+    SPMD tick runs the same in one process and across processes, which the per-stage
+    dispatch cannot; on 8 simulated CPU devices that dispatch is about 1.4-1.5x cheaper
+    per tick for a tiny model (benchmarks/RESULTS.md, ``benchmarks/spmd_pipeline.py``)."""
     from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
 
     if buckets is None:
