@@ -27,11 +27,7 @@ PROMPT = "def fib(n):"
 MAX_TOKENS = 8
 SERVE_FLAGS = ["--no-metrics", "--no-http", "--max-model-len", "64", "--max-num-seqs", "2",
                "--max-num-batched-tokens", "32", "--grace", "5", "--no-warmup"]
-# pp across processes is the SPMD pipeline runner's job (issue 15 point 1); until it is wired
-# into parallel/runtime.py, build_runner refuses pp > 1 when jax.process_count() > 1.
-PP_PENDING = ("pp across processes waits for the SPMD pipeline runner (issue 15 point 1, "
-              "energon_jax/parallel/spmd_pipeline.py) to be wired into parallel/runtime.py.build_runner, "
-              "which refuses pp > 1 across processes until then")
+
 
 
 def _env() -> dict[str, str]:
@@ -156,7 +152,6 @@ def test_local_two_workers_tp2_answer_a_grpc_request(llama, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason=PP_PENDING)
 @pytest.mark.timeout(600)
 def test_local_two_workers_pp2_answer_a_grpc_request(llama, tmp_path):
     """The issue's rehearsal: 2 local workers x 1 CPU device, one pipeline stage each."""
