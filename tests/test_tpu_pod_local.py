@@ -29,7 +29,6 @@ SERVE_FLAGS = ["--no-metrics", "--no-http", "--max-model-len", "64", "--max-num-
                "--max-num-batched-tokens", "32", "--grace", "5", "--no-warmup"]
 
 
-
 def _env() -> dict[str, str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # launch --local-cpu-devices sets the device count per process
