@@ -14,6 +14,7 @@ step, and a batch of an unknown shape is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -49,6 +50,11 @@ def test_two_processes_tp4_match_one_process(tmp_path):
     assert got["tokens"] == want["tokens"]
     assert all(len(t) == MAX_TOKENS for t in got["tokens"].values())
     assert worker["steps"] == got["steps"] > 0  # the worker ran every step process 0 planned
+    # Process 0 planned and broadcast step N+1 before fetching step N's ids; its one blocking
+    # sync per step is that fetch, a worker's the header (plus the stop header); nothing else.
+    assert got["planned_ahead"] > 0
+    assert got["stats"]["fetch_syncs"] == got["steps"] and got["stats"]["header_syncs"] == 0
+    assert worker["stats"]["header_syncs"] == worker["steps"] + 1 and worker["stats"]["fetch_syncs"] == 0
 
 
 def test_single_process_controller_is_the_runner():
@@ -106,6 +112,25 @@ def generate(runner, buckets) -> tuple[dict, int]:
     return tokens, steps
 
 
+def generate_ahead(runner, buckets) -> tuple[dict, int]:
+    """``generate`` through the engine's own StepLoop, planning step N+1 before fetching N."""
+    from energon_jax.request import Request, SamplingParams
+    from energon_jax.scheduler import Scheduler, SchedulerConfig
+    from energon_jax.step_loop import StepLoop
+
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, max_model_len=32,
+                                      page_size=4, num_pages=24))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        sched.add(Request(request_id=f"r{i}", prompt_token_ids=p, params=params))
+    loop = StepLoop(sched, runner, buckets, lambda ds: list(ds), plans_ahead=True)
+    tokens = {f"r{i}": [] for i in range(len(PROMPTS))}
+    while sched.has_work() or loop.busy() or loop.on_device:
+        for delta in loop.step(set()):
+            tokens[delta.request.request_id].extend(int(t) for t in delta.new_token_ids)
+    return tokens, loop.num_planned_ahead
+
+
 def _setup(tp: int):
     import jax.numpy as jnp
 
@@ -144,11 +169,13 @@ def _child_multi(outdir: str) -> None:
     out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
     if controller.is_controller:
         try:
-            out["tokens"], out["steps"] = generate(controller, buckets)
+            out["tokens"], out["planned_ahead"] = generate_ahead(controller, buckets)
+            out["steps"] = controller.steps
         finally:
             controller.shutdown()
     else:
         out["steps"] = controller.serve()
+    out["stats"] = dataclasses.asdict(controller.stats)
     with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
         json.dump(out, f)
     distributed.shutdown()

@@ -11,24 +11,38 @@ scheduler and the API, so it tells the others what to run:
     ----------------------                    ----------------------
     plan = scheduler.schedule()
     batch = pack(plan, buckets)
-    broadcast header [STEP, shape index] ---> header = receive()
-    broadcast batch (that shape's arrays) ---> batch = receive(template[shape index])
-    runner.step_async(batch)                  runner.step_async(batch)
+    broadcast header [STEP, shape, prev] ---> header = receive()       (the worker's one host sync)
+    broadcast batch (that shape's arrays) ---> batch = receive(shape)   (stays on the devices)
+    runner.step_async(batch, prev)            runner.step_async(batch, prev)
             \\_______ one SPMD step over the global mesh _______/
-    sampled ids (replicated) -> scheduler     (drops its copy, waits for the next header)
+    ... plan and broadcast step N+1 ...       (waits for the next header)
+    sampled ids of step N -> scheduler        (process 0's one host sync)
     ...
-    broadcast header [STOP, 0]  -----------> returns from serve()
+    broadcast header [STOP, 0, 0]  --------> returns from serve()
 
-The broadcast goes through ``jax.experimental.multihost_utils.broadcast_one_to_all``:
-a collective over all devices of all processes, so it needs fixed shapes known to
-every process. The header is always two int32; the batch's shapes come from the
-fixed bucket list (``batch.warmup_batches``), which every process builds from the
-same config, so a shape index is enough to know what arrives.
+Both broadcasts are one jitted collective each (``_Broadcast``): every process hands in
+one row per device of a ``[devices, ...]`` array, process 0 its batch on its first device
+and zeros elsewhere, and a sum over that axis leaves the batch replicated over the global
+mesh, *on the devices*. The step consumes it there: a worker never brings a batch back to
+its host, and process 0 never waits for a broadcast. Only the header (three int32: what
+to do, which compiled shape, whether the previous step's ids fill placeholders) must reach
+a worker's host, to choose the compiled step; that fetch is the worker's one blocking
+sync per step. Process 0's is the fetch of the sampled ids. The batch's shapes come from
+the fixed bucket list (``batch.warmup_batches``), which every process builds from the same
+config, so a shape index is enough to know what arrives.
+
+Planning ahead (``supports_prev_ids``, the engine's ``async_scheduling``): process 0
+broadcasts step N+1 before fetching step N's ids; the header's ``prev`` flag tells each
+worker to hand its own previous step's ids buffer (on its devices) to the step, as
+process 0 does, so placeholders are filled on device everywhere.
 
 ``Controller`` has the runner's interface (``step_async``, ``step``, ``warmup``,
 ``num_compiles``, ``kv_cache``), so the engine swaps it in for its ``ModelRunner``
 when ``jax.process_count() > 1``; workers call ``serve()`` instead of serving an API.
-In a single process it adds nothing: ``step_async`` is the runner's.
+In a single process it broadcasts nothing: ``step_async`` is the runner's (counted).
+
+``stats`` (``ControllerStats``) counts steps, the blocking host syncs (headers received,
+ids fetched) and the host time spent broadcasting and waiting for ids.
 
 A dead process cannot be waited out: the collectives would block for ever. The
 coordination service (short heartbeat, ``distributed.py``) ends the survivors, and
@@ -37,23 +51,118 @@ coordination service (short heartbeat, ``distributed.py``) ends the survivors, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from energon_jax.protocols import CompiledRunner, StepRunner
 
 log = logging.getLogger(__name__)
 
 STEP, STOP = 1, 2
+HEADER_LEN = 3  # [command, shape index, prev flag]
 
 
 def _shape_key(batch: Any) -> tuple:
     leaves, treedef = jax.tree.flatten(batch)
     return (treedef, tuple((np.shape(x), np.dtype(x.dtype).str) for x in leaves))
+
+
+@dataclasses.dataclass
+class ControllerStats:
+    """What the controller cost this process: steps run, blocking host syncs, host time."""
+
+    steps: int = 0
+    header_syncs: int = 0  # worker: headers fetched to the host (each blocks on the device)
+    fetch_syncs: int = 0  # process 0: sampled ids fetched (each blocks on the device)
+    broadcast_s: float = 0.0  # host time dispatching the header and batch broadcasts
+    fetch_s: float = 0.0  # host time blocked fetching (headers on workers, ids on process 0)
+
+    @property
+    def host_syncs(self) -> int:
+        return self.header_syncs + self.fetch_syncs
+
+    def per_step(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {"host_syncs": self.host_syncs / n, "broadcast_ms": 1e3 * self.broadcast_s / n,
+                "fetch_ms": 1e3 * self.fetch_s / n}
+
+
+def _sum_rows(tree: Any) -> Any:
+    # Every row but one is zeros: the sum is that row, exact for any dtype (x + 0 == x).
+    return jax.tree.map(lambda x: jnp.any(x, axis=0) if x.dtype == bool else jnp.sum(x, axis=0, dtype=x.dtype), tree)
+
+
+class _Broadcast:
+    """Process 0's pytree -> the same pytree replicated over ``devices``, on every process,
+    without leaving the devices (a jitted sum over a ``[devices, ...]`` array whose only
+    non-zero row is process 0's). ``devices``: the runner's mesh, flat, in its order (a jitted
+    step takes arrays of one device assignment only)."""
+
+    def __init__(self, devices: Sequence[Any], is_source: bool) -> None:
+        self.devices = list(devices)
+        self.is_source = is_source
+        mesh = Mesh(np.array(self.devices), ("all",))
+        self.by_device = NamedSharding(mesh, P("all"))
+        self.replicated = NamedSharding(mesh, P())
+        pid = jax.process_index()
+        self.local = [d for d in self.devices if d.process_index == pid]
+        self._zeros: dict[tuple, list[jax.Array]] = {}  # (shape, dtype) -> a zero row per local device
+        self._sum = jax.jit(_sum_rows, out_shardings=self.replicated)
+
+    def abstract(self, tree: Any) -> Any:
+        """``tree``'s leaves as they arrive: shapes and dtypes, replicated over ``devices``."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated), tree)
+
+    def _rows(self, shape: tuple, dtype: Any) -> list[jax.Array]:
+        key = (shape, np.dtype(dtype).str)
+        rows = self._zeros.get(key)
+        if rows is None:  # built once per shape: a worker sends nothing from its host per step
+            rows = [jax.device_put(np.zeros((1, *shape), dtype), d) for d in self.local]
+            self._zeros[key] = rows
+        return rows
+
+    def __call__(self, tree: Any) -> Any:
+        def one(x):
+            shape, dtype = np.shape(x), x.dtype
+            rows = list(self._rows(shape, dtype))
+            if self.is_source:  # the real row on process 0's first device
+                rows[0] = jax.device_put(np.asarray(x)[None], self.local[0])
+            return jax.make_array_from_single_device_arrays((len(self.devices), *shape), self.by_device, rows)
+
+        return self._sum(jax.tree.map(one, tree))
+
+
+def _runner_devices(runner: Any) -> list[Any]:
+    """The runner's mesh, flat, in its order (from its KV pages' sharding)."""
+    sharding = jax.tree.leaves(runner.kv_cache)[0].sharding
+    mesh = getattr(sharding, "mesh", None)
+    return list(mesh.devices.flat) if mesh is not None else list(sharding._device_assignment)
+
+
+class _CountedHandle:
+    """A step's handle; ``result()`` (the ids' fetch, process 0's one sync) is counted and timed."""
+
+    def __init__(self, handle: Any, stats: ControllerStats) -> None:
+        self.inner, self._stats = handle, stats
+
+    @property
+    def ids_buffer(self) -> Any:
+        return getattr(self.inner, "ids_buffer", None)
+
+    def result(self) -> Any:
+        start = time.perf_counter()
+        out = self.inner.result()
+        self._stats.fetch_s += time.perf_counter() - start
+        self._stats.fetch_syncs += 1
+        return out
 
 
 class Controller:
@@ -62,10 +171,11 @@ class Controller:
     ``runner``: a ``ModelRunner`` (or anything with its interface) whose parameters and
     KV pages live on the global mesh. ``templates``: one batch per shape the runner may
     see (``batch.warmup_batches(buckets)``), in the same order on every process.
+    ``devices``: the runner's mesh, flat (default: read from its KV pages' sharding).
     """
 
     def __init__(self, runner: StepRunner, templates: Sequence[Any], *, process_index: int | None = None,
-                 process_count: int | None = None) -> None:
+                 process_count: int | None = None, devices: Sequence[Any] | None = None) -> None:
         self.runner = runner
         self.templates = list(templates)
         if not self.templates:
@@ -75,8 +185,20 @@ class Controller:
             raise ValueError("templates has two batches of the same shape")
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
-        self.steps = 0
+        self.supports_prev_ids = bool(getattr(runner, "supports_prev_ids", False))
+        self.controller_stats = ControllerStats()
+        self._devices = None if devices is None else list(devices)
+        self._bcast: _Broadcast | None = None  # built on first use (needs the global devices)
         self._stopped = False
+
+    @property
+    def stats(self) -> ControllerStats:
+        """Steps, blocking host syncs and host time of this process (``ControllerStats``)."""
+        return self.controller_stats
+
+    @property
+    def steps(self) -> int:
+        return self.controller_stats.steps
 
     @property
     def is_controller(self) -> bool:
@@ -85,6 +207,13 @@ class Controller:
     @property
     def multi_process(self) -> bool:
         return self.process_count > 1
+
+    @property
+    def broadcast(self) -> _Broadcast:
+        if self._bcast is None:
+            devices = self._devices if self._devices is not None else _runner_devices(self.runner)
+            self._bcast = _Broadcast(devices, self.is_controller)
+        return self._bcast
 
     # -- the runner's interface (process 0, or any process when alone) -------------------
 
@@ -101,12 +230,19 @@ class Controller:
         return self.runner.compiled_shapes
 
     def warmup(self, batches: Sequence[Any]) -> int:
-        """Every process compiles the same shapes (compiles are local; nothing to broadcast)."""
+        """Every process compiles the same shapes (compiles are local; nothing to broadcast).
+        Across processes the step is compiled for batches as the broadcast leaves them:
+        replicated over the mesh, on the devices."""
+        if self.multi_process:
+            batches = [self.broadcast.abstract(b) for b in batches]
         return self.runner.warmup(batches)
 
-    def step_async(self, batch: Any):
+    def step_async(self, batch: Any, prev: Any = None):
+        inner_prev = getattr(prev, "inner", prev)
         if not self.multi_process:
-            return self.runner.step_async(batch)
+            self.controller_stats.steps += 1
+            handle = self.runner.step_async(batch) if prev is None else self.runner.step_async(batch, inner_prev)
+            return self._counted(handle)
         if not self.is_controller:
             raise RuntimeError(f"process {self.process_index} is a worker: it runs serve(), not step_async()")
         if self._stopped:
@@ -114,10 +250,16 @@ class Controller:
         shape = self._index.get(_shape_key(batch))
         if shape is None:
             raise ValueError("batch shape is not one of the templates' shapes (buckets differ from the workers'?)")
-        self._broadcast(np.array([STEP, shape], np.int32))
-        batch = self._broadcast(batch)
-        self.steps += 1
-        return self.runner.step_async(batch)
+        start = time.perf_counter()
+        self.broadcast(np.array([STEP, shape, prev is not None], np.int32))  # not fetched here
+        batch = self.broadcast(batch)
+        self.controller_stats.broadcast_s += time.perf_counter() - start
+        self.controller_stats.steps += 1
+        handle = self.runner.step_async(batch) if prev is None else self.runner.step_async(batch, inner_prev)
+        return self._counted(handle)
+
+    def _counted(self, handle: Any) -> Any:
+        return _CountedHandle(handle, self.controller_stats) if hasattr(handle, "result") else handle
 
     def step(self, batch: Any):
         return self.step_async(batch).result()
@@ -126,30 +268,35 @@ class Controller:
         """Process 0: tell every worker to return from ``serve()``. Idempotent."""
         if self.multi_process and self.is_controller and not self._stopped:
             self._stopped = True
-            self._broadcast(np.array([STOP, 0], np.int32))
+            self.broadcast(np.array([STOP, 0, 0], np.int32))
 
     # -- workers ----------------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Process i > 0: run every step process 0 broadcasts until it says stop; returns the step count."""
+        """Process i > 0: run every step process 0 broadcasts until it says stop; returns the step count.
+
+        Per step one blocking sync (the header, to pick the compiled shape); the batch and the
+        previous step's ids stay on the devices."""
         if not self.multi_process or self.is_controller:
             raise RuntimeError("serve() is for worker processes (process_index > 0 of a multi-process run)")
+        bcast, last = self.broadcast, None
         while True:
-            cmd, shape = (int(v) for v in self._broadcast(np.zeros(2, np.int32)))
+            start = time.perf_counter()
+            header = bcast(np.zeros(HEADER_LEN, np.int32))
+            cmd, shape, prev = (int(v) for v in np.asarray(header.addressable_data(0)))
+            self.controller_stats.fetch_s += time.perf_counter() - start
+            self.controller_stats.header_syncs += 1
             if cmd == STOP:
                 log.info("process %d: stop after %d steps", self.process_index, self.steps)
                 return self.steps
-            if cmd != STEP or not 0 <= shape < len(self.templates):
-                raise RuntimeError(f"process {self.process_index}: bad header {cmd=} {shape=} from process 0")
-            batch = self._broadcast(self.templates[shape])
-            self.runner.step_async(batch)  # outputs stay on device; process 0 reads the ids
-            self.steps += 1
-
-    def _broadcast(self, tree: Any) -> Any:
-        from jax.experimental import multihost_utils
-
-        out = multihost_utils.broadcast_one_to_all(tree, is_source=self.is_controller)
-        return jax.tree.map(np.asarray, out)
+            if cmd != STEP or not 0 <= shape < len(self.templates) or (prev and last is None):
+                raise RuntimeError(f"process {self.process_index}: bad header {cmd=} {shape=} {prev=} from process 0")
+            start = time.perf_counter()
+            batch = bcast(self.templates[shape])  # zeros in; process 0's batch out, on the devices
+            self.controller_stats.broadcast_s += time.perf_counter() - start
+            # outputs stay on device; process 0 reads the ids
+            last = self.runner.step_async(batch, last) if prev else self.runner.step_async(batch)
+            self.controller_stats.steps += 1
 
 
 def serve_if_worker(runner: CompiledRunner | None) -> bool:
@@ -159,13 +306,22 @@ def serve_if_worker(runner: CompiledRunner | None) -> bool:
     process 0 broadcasts and returns ``True`` when process 0 shuts down; process 0 (or a
     single process) returns ``False`` at once and goes on to serve the API.
     """
-    if isinstance(runner, Controller) and runner.multi_process and not runner.is_controller:
-        runner.serve()
+    controller = _controller_of(runner)
+    if controller is not None and controller.multi_process and not controller.is_controller:
+        controller.serve()
         return True
     return False
 
 
 def shutdown_workers(runner: CompiledRunner | None) -> None:
     """For process 0 when it stops serving: the workers return from ``serve()``."""
-    if isinstance(runner, Controller):
-        runner.shutdown()
+    controller = _controller_of(runner)
+    if controller is not None:
+        controller.shutdown()
+
+
+def _controller_of(runner: CompiledRunner | None) -> Controller | None:
+    """The ``Controller`` that is ``runner`` or that drives its steps (``dp`` replicas across
+    processes: ``replica_step.StackedReplicas.step_runner``), else None."""
+    inner = getattr(runner, "step_runner", runner)
+    return inner if isinstance(inner, Controller) else None

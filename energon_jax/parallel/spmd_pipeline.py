@@ -441,7 +441,8 @@ class PipelineController(Controller):
         runner.dispatch = self.step_async
 
     def tick(self, batch: Any | None = None, tag: Any = None):
-        return self.pipeline.tick(batch, tag)
+        left = self.pipeline.tick(batch, tag)
+        return None if left is None else (left[0], self._counted(left[1]))  # its fetch counted (controller_stats)
 
     @property
     def empty(self) -> bool:
@@ -453,7 +454,7 @@ class PipelineController(Controller):
 
     @property
     def stats(self) -> PipelineStats:
-        return self.pipeline.stats
+        return self.pipeline.stats  # the schedule's; the controller's own: ``controller_stats``
 
     def reset_stats(self) -> None:
         self.pipeline.reset_stats()
