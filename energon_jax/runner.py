@@ -93,7 +93,12 @@ class ModelRunner:
         # Device penalty counts, one row per slot (None: batches carry the history instead).
         self.penalty_slots = penalty_slots
         self.vocab = vocab
-        self.penalty_tables: PenaltyTables | None = make_penalty_tables(penalty_slots, vocab) if penalty_slots else None
+        self.penalty_tables: PenaltyTables | None = None
+        # Beside the KV pages: on their device, or whole on each device of their mesh (tp, a dp
+        # replica); the step keeps them so (XLA would otherwise split them like the logits).
+        tables_sharding = _replicated_like(kv_cache)
+        if penalty_slots:
+            self.penalty_tables = jax.device_put(make_penalty_tables(penalty_slots, vocab), tables_sharding)
         self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
         self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)
@@ -108,6 +113,7 @@ class ModelRunner:
             if tables is not None:
                 tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
                                                batch.sampling)
+                tables = jax.lax.with_sharding_constraint(tables, tables_sharding)
             model = nnx.merge(graphdef, state)
             logits, kv_cache = model(  # logits [B, V]
                 batch.input_ids,
@@ -125,7 +131,8 @@ class ModelRunner:
         self._jitted = jax.jit(step_fn, donate_argnums=(1, 2))
 
         def load_row(tables, slot, counts, seen):  # one slot's counts, rebuilt on the host
-            return PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
+            tables = PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
+            return jax.lax.with_sharding_constraint(tables, tables_sharding)
 
         self._load_row = jax.jit(load_row, donate_argnums=(0,))
         self._load_exe: Any = None  # compiled by warmup()
@@ -211,3 +218,11 @@ def _fill_placeholders(batch: Any, prev_ids: jax.Array) -> Any:
     filled = jnp.where(hrow >= 0, prev_ids[jnp.maximum(hrow, 0)], history[b, hpos])
     sampling = dataclasses.replace(batch.sampling, history=history.at[b, hpos].set(filled))
     return dataclasses.replace(batch, input_ids=input_ids, sampling=sampling)
+
+
+def _replicated_like(tree: Any) -> Any:
+    """A sharding holding a whole array on every device ``tree``'s first array lives on."""
+    sharding = jax.tree.leaves(tree)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding

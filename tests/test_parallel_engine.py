@@ -61,8 +61,9 @@ def test_engine_layouts_match_single_device(group):
             assert not case["async_scheduling"] and case["overlap"].startswith("pipeline: "), case
         elif "offload" in case["layout"]:  # said, not silently off
             assert not case["async_scheduling"] and "OffloadedRunner cannot take" in case["overlap"], case
-        else:  # tp and dp replicas plan step N+1 before fetching step N's ids
+        else:  # tp and dp replicas plan step N+1 before fetching step N's ids...
             assert case["async_scheduling"] and case["planned_ahead"] > 0, case
+            assert case["history_len"] == 0, case  # ...and keep penalty counts on the device
 
 
 @pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
@@ -203,9 +204,14 @@ def _engine(kv_cache_pages: int = 32, **layout):
 
 
 def _generate(engine):
+    """Greedy tokens of PROMPTS; the last two with penalties (device count tables on a one-process
+    ModelRunner of any layout, each row's history in the batch on the others)."""
     from energon_jax.request import SamplingParams
 
-    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    plain = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    params = [plain, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, repetition_penalty=1.6),
+              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, presence_penalty=0.8,
+                             frequency_penalty=0.5)]
     return [list(map(int, o.token_ids)) for o in engine.generate(PROMPTS, params, use_tqdm=False)]
 
 
@@ -224,7 +230,7 @@ def _child_layouts(group: str) -> dict:
         cases.append({"layout": layout, "tokens": _generate(engine), "runner": type(engine.runner).__name__,
                       "expect_runner": kind, "max_in_flight": getattr(stats, "max_in_flight", None),
                       "async_scheduling": engine.async_scheduling, "overlap": engine.overlap,
-                      "planned_ahead": engine.num_planned_ahead})
+                      "planned_ahead": engine.num_planned_ahead, "history_len": engine.buckets.history_len})
     return {"base": base, "cases": cases}
 
 

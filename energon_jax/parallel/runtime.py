@@ -5,9 +5,10 @@
 ``energon_jax/protocols.py``; the engine keeps only request bookkeeping. The layouts,
 one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is driven):
 
-- nothing asked, one process: a plain ``ModelRunner`` on the default device, which keeps
-  the penalty counts on the device (the other runners take each penalty row's history
-  in the batch);
+- nothing asked, one process: a plain ``ModelRunner`` on the default device. It, and
+  every ``ModelRunner`` below in one process (tp, dp replicas), keeps the penalty counts
+  on the device (the pipeline, offload and multi-process runners take each penalty row's
+  history in the batch);
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
   split by KV head (``mesh.py``), one ``ModelRunner`` over all of it; with
   ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
@@ -79,8 +80,11 @@ class Executor:
 
 
 def device_penalties(options: ParallelOptions) -> bool:
-    """Whether the runner keeps penalty counts on the device (the plain single-device one)."""
-    return options.single_device and jax.process_count() == 1
+    """Whether the runners keep penalty counts on the device: every ``ModelRunner`` of one
+    process (one device, tp, or each dp replica with its own tables and step loop). The
+    pipeline and offload runners, and a multi-process controller (whose workers would have
+    to replay each slot load), take the history in the batch instead."""
+    return options.pp == 1 and options.offload is None and jax.process_count() == 1
 
 
 def sized_executor(
@@ -262,7 +266,7 @@ def build_runner(
     """The runner for ``options`` (see the module docstring). ``templates``: one batch per step
     shape (``batch.warmup_batches``), needed only across processes. ``max_rows``: the most rows
     of a step (``ModelRunner``'s sampled-ids buffer, for planning ahead). ``penalty_slots``:
-    device penalty tables of the plain single-device runner (``device_penalties``). ``buckets``:
+    device penalty tables of each ``ModelRunner`` (when ``device_penalties``). ``buckets``:
     the step shapes (``batch.Buckets``), which a pipeline's tick picks from."""
     from energon_jax.runner import ModelRunner
 
@@ -275,8 +279,9 @@ def build_runner(
         return tuple(make_kv_pages(num_pages, page_size, c.num_kv_heads, c.head_dim, kv_dtype, sharding=sharding)
                      for _ in range(c.num_layers))
 
-    if device_penalties(options):
-        return ModelRunner(model, kv_pages(), max_rows=max_rows, penalty_slots=penalty_slots, vocab=c.vocab_size)
+    penalties = dict(penalty_slots=penalty_slots, vocab=c.vocab_size)
+    if options.single_device and jax.process_count() == 1:
+        return ModelRunner(model, kv_pages(), max_rows=max_rows, **penalties)
     if options.offload is not None:
         from energon_jax.parallel.memory_pool import OffloadConfig, OffloadedRunner
         from energon_jax.parallel.stages import decoder_parts
@@ -305,13 +310,14 @@ def build_runner(
                 replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype, buckets))
             else:
                 kv = kv_pages(kv_pages_sharding(m, rules))
-                replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows))
+                replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows, **penalties))
         return DataParallelRunner(replicas)
     if parts is not None:
         runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets)
     else:
         shard_model(model, mesh, rules)
-        runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows)
+        runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows,
+                             **(penalties if jax.process_count() == 1 else {}))
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
 
