@@ -44,6 +44,19 @@ class ModelInfo:
     overlap: str = ""  # whether the step loop plans step N+1 while step N runs, and why not
 
 
+def model_info(e: Engine) -> ModelInfo:
+    """What is loaded (``AsyncEngine.info``; a prefill server's ``ModelInfo`` answer too)."""
+    return ModelInfo(
+        architecture=e.model_config.architecture,
+        max_model_len=e.config.max_model_len,
+        vocab_size=e.model_config.vocab_size,
+        layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp,
+                **({} if getattr(e, "disagg", None) is None else e.disagg.layout())},
+        model=e.model_path or "",
+        overlap=getattr(e, "overlap", ""),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
     queued: int
@@ -111,16 +124,7 @@ class AsyncEngine:
 
     @property
     def info(self) -> ModelInfo:
-        e = self.engine
-        return ModelInfo(
-            architecture=e.model_config.architecture,
-            max_model_len=e.config.max_model_len,
-            vocab_size=e.model_config.vocab_size,
-            layout={"dp": e.parallel.dp, "tp": e.parallel.tp, "pp": e.parallel.pp,
-                    **({} if getattr(e, "disagg", None) is None else e.disagg.layout())},
-            model=e.model_path or "",
-            overlap=getattr(e, "overlap", ""),
-        )
+        return model_info(self.engine)
 
     @property
     def stats(self) -> EngineStats:

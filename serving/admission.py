@@ -330,6 +330,9 @@ class Admission:
             except binding.queue_full_error as e:
                 m.finished.labels("rejected").inc()
                 raise QueueFull(str(e) or "request queue is full") from e
+            except Unavailable:  # a remote engine (the router's) lost its server: not this server's failure
+                m.finished.labels("error").inc()
+                raise
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as e:  # the engine broke: this request and the server are done

@@ -41,6 +41,16 @@ def params_from_proto(msg: pb.SamplingParams, params_cls: Callable[..., Any]) ->
     return params_cls(**kwargs)
 
 
+def params_to_proto(params: Any) -> pb.SamplingParams:
+    """The runtime's SamplingParams on the wire, every field set (the inverse of ``params_from_proto``)."""
+    msg = pb.SamplingParams(stop=list(params.stop), stop_token_ids=[int(t) for t in params.stop_token_ids])
+    for name in _SCALAR_FIELDS:
+        value = getattr(params, name)
+        if value is not None:  # seed and logprobs are optional
+            setattr(msg, name, value)
+    return msg
+
+
 def prompt_from_proto(req: pb.GenerateRequest) -> str | list[int]:
     which = req.WhichOneof("prompt")
     if which == "text":

@@ -1,5 +1,8 @@
 """``energon serve --role prefill|decode``: the internal ``energon.v1.Disagg`` service over a ``RoleWorker``.
 
+Beside it, the model-level calls of ``energon.v1.Inference`` (``Tokenize``, ``ModelInfo``,
+``Embed``), which the router forwards to its least-loaded prefill server.
+
 A plain threaded gRPC server (each call blocks its own handler thread on the worker's result
 queue). Status codes: ``ValueError`` (sampling params, prompt too long) -> INVALID_ARGUMENT;
 an engine that failed -> INTERNAL (the process then exits non-zero); a pull that failed
@@ -21,11 +24,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from serving.convert import params_from_proto, response_from_delta
+from serving.convert import embeddings_to_proto, info_to_proto, params_from_proto, response_from_delta
 from serving.disagg_role import KvOffer, RoleWorker, iterate
 from serving.protos.energon.v1 import disagg_pb2 as dpb
 from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
 from serving.protos.energon.v1 import inference_pb2 as pb
+from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("energon.serving.disagg")
 
@@ -113,6 +117,40 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
                                  pulls=st.pulls, pull_seconds=st.seconds, pull_bytes=st.bytes)
 
 
+class RoleInferenceServicer(pb_grpc.InferenceServicer):
+    """The model-level calls of ``energon.v1.Inference`` (``Tokenize``, ``ModelInfo``, ``Embed``),
+    which the router forwards to a prefill server. ``Generate`` goes through the router."""
+
+    def __init__(self, worker: RoleWorker) -> None:
+        self._w = worker
+        self._embed_lock = threading.Lock()  # as AsyncEngine.embed: one embedding batch at a time
+
+    def Generate(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"this is a {self._w.role} server: send Generate to energon router")
+
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        tok = self._w.engine.tokenizer
+        if tok is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this model has no tokenizer (tokenizer.json)")
+        return pb.TokenizeResponse(token_ids=tok.encode(request.text) if request.text else [])
+
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+        from energon_jax.async_engine import model_info
+
+        return info_to_proto(model_info(self._w.engine))
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        if not request.texts:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "texts must not be empty")
+        try:
+            with self._embed_lock:  # the encoder path: no scheduler, no pages, not the engine thread's step
+                vectors = self._w.engine.embed(list(request.texts), normalize=request.normalize)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return embeddings_to_proto(vectors.tolist())
+
+
 def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, host: str, port: int,
                port_file: Path | None = None, max_workers: int = 64) -> int:
     """Build the engine, start the transfer and gRPC servers, serve until SIGTERM/SIGINT."""
@@ -125,6 +163,7 @@ def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, h
     worker = RoleWorker(engine, role, host=host)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     dpb_grpc.add_DisaggServicer_to_server(DisaggServicer(worker), server)
+    pb_grpc.add_InferenceServicer_to_server(RoleInferenceServicer(worker), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -15,7 +15,9 @@ up, NOT_SERVING otherwise. A client that cancels cancels the backend call in pro
 aborts the request there (its pages are freed; a prefill's gathered K/V that no decode server
 pulls are dropped at the prefill server's pull timeout).
 
-Not served here: ``Embed``, ``Tokenize`` and ``ModelInfo`` (UNIMPLEMENTED), the OpenAI HTTP API.
+``Embed``, ``Tokenize`` and ``ModelInfo`` are forwarded as they are to the least-loaded
+prefill server. The OpenAI HTTP API (``--http-port``) is ``router_http.py``: a client of
+this service on loopback, so both protocols take the same path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -57,6 +60,7 @@ class Backend:
     role: str  # "prefill" | "decode"
     target: str
     stub: dpb_grpc.DisaggStub
+    infer: pb_grpc.InferenceStub  # the model-level calls (Tokenize, ModelInfo, Embed)
     in_flight: int = 0  # this router's calls to it now
     alive: bool = True
 
@@ -76,7 +80,7 @@ class BackendPool:
             for t in targets:
                 ch = grpc.insecure_channel(t)
                 self._channels.append(ch)
-                self.backends.append(Backend(role, t, dpb_grpc.DisaggStub(ch)))
+                self.backends.append(Backend(role, t, dpb_grpc.DisaggStub(ch), pb_grpc.InferenceStub(ch)))
         self.probe_timeout_s = probe_timeout_s
         self.on_change = lambda serving: None  # set by the router: health follows
 
@@ -182,14 +186,24 @@ class RouterServicer(pb_grpc.InferenceServicer):
             threading.Thread(target=self._pool.probe, args=(backend,), daemon=True).start()
         context.abort(grpc.StatusCode.UNAVAILABLE, f"{backend.role} server {backend.target}: {e.details()}")
 
-    def Embed(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router serves Generate only")
+    # -- model-level calls: answered by the least-loaded prefill server ----------------------
+    def _forward(self, method: str, request: Any, context: grpc.ServicerContext) -> Any:
+        backend = self._backend("prefill", context)
+        try:
+            call = getattr(backend.infer, method).future(request, timeout=context.time_remaining())
+            context.add_callback(call.cancel)
+            return self._result(call, backend, context)
+        finally:
+            self._pool.release(backend)
 
-    def Tokenize(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router serves Generate only")
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        return self._forward("Embed", request, context)
 
-    def ModelInfo(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the router serves Generate only")
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        return self._forward("Tokenize", request, context)
+
+    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
+        return self._forward("ModelInfo", request, context)
 
 
 class Router:

@@ -1,7 +1,7 @@
 """Prefill and decode servers in separate processes behind ``energon router`` (issue 16, point 2-3).
 
 Real processes on 127.0.0.1, the demo model: ``energon serve --role prefill``, ``energon serve
---role decode`` and ``energon router``. The K/V pages go from the prefill process to the
+--role decode`` and ``energon router`` (gRPC and the OpenAI HTTP API). The K/V pages go from the prefill process to the
 decode process through ``jax.experimental.transfer``; the reference is a colocated in-process
 ``Engine`` with the same limits (greedy, so the tokens must be identical).
 """
@@ -51,6 +51,7 @@ class Proc:
         cmd = [sys.executable, "-m", "energon_jax.cli", *args, "--port", "0", "--port-file", str(self.port_file)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def target(self) -> str:
@@ -62,7 +63,8 @@ class Proc:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"no port (rc={self.proc.poll()}):\n{self.log_path.read_text(errors='replace')}")
             time.sleep(0.05)
-        self.port = json.loads(self.port_file.read_text())["port"]
+        ports = json.loads(self.port_file.read_text())
+        self.port, self.http_port = ports["port"], ports.get("http_port")
         return self
 
     def stop(self) -> None:
@@ -88,7 +90,7 @@ class Trio:
         for p in self.procs:
             p.wait_port()
         self.router = Proc("router", "--prefill", ",".join(p.target for p in self.prefills),
-                           "--decode", self.decode.target, "--probe-interval", "0.2")
+                           "--decode", self.decode.target, "--probe-interval", "0.2", "--http-port", "0")
         self.procs.append(self.router)
         self.router.wait_port()
         self.channel = grpc.insecure_channel(self.router.target)
@@ -188,6 +190,92 @@ def test_bad_requests_fail_with_invalid_argument_through_the_router(trio):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "penalties are not supported across prefill and decode servers" in err.value.details()
     trio.wait_pages_free()
+
+
+def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, str]:
+    import httpx
+
+    body = dict(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0, stream=stream)
+    url = f"http://127.0.0.1:{trio.router.http_port}/v1/completions"
+    if not stream:
+        r = httpx.post(url, json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"], choice["finish_reason"]
+    pieces, reason = [], None
+    with httpx.stream("POST", url, json=body, timeout=300) as r:
+        assert r.status_code == 200
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for e in events[:-1]:
+        choice = json.loads(e)["choices"][0]
+        pieces.append(choice["text"])
+        reason = choice["finish_reason"] or reason
+    assert len(pieces) >= 2  # streamed as the tokens came, not one buffered answer
+    return "".join(pieces), reason
+
+
+def test_openai_completions_through_the_router_match_colocated(trio, colocated_tokens):
+    for key, prompt in ((16, _prompt(16)), (45, _prompt(45)), ("text", TEXT_PROMPT)):
+        for stream in (False, True):
+            text, reason = _http_text(trio, prompt, stream)
+            assert text == colocated_tokens[key][1], f"prompt {key}, stream={stream}"
+            assert reason == "length"
+    trio.wait_pages_free()
+
+
+def test_openai_errors_and_disconnects_through_the_router(trio):
+    import httpx
+
+    url = f"http://127.0.0.1:{trio.router.http_port}/v1/completions"
+    long = dict(prompt=_prompt(LIMITS["max_model_len"]), max_tokens=4)  # refused at the router's admission
+    r = httpx.post(url, json=long, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    penalty = dict(prompt=_prompt(5), max_tokens=4, temperature=0.0, repetition_penalty=1.3)
+    r = httpx.post(url, json=penalty, timeout=60)  # refused by the decode server, after the first token
+    assert r.status_code == 400
+    assert "penalties are not supported across prefill and decode servers" in r.json()["error"]["message"]
+    body = dict(prompt=_prompt(40), max_tokens=80, temperature=0.0, stream=True)
+    with httpx.stream("POST", url, json=body, timeout=300) as r:  # the client leaves mid-stream
+        events = (line for line in r.iter_lines() if line.startswith("data: "))
+        next(events), next(events)  # a token from the decode server: the request holds decode pages
+        assert trio.stats(trio.decode).pages_used > 0
+    trio.wait_pages_free()
+
+
+def test_models_modelinfo_and_tokenize_through_the_router(trio):
+    import httpx
+
+    from energon_jax.engine_config import demo_model_path
+    from energon_jax.tokenizer import Tokenizer
+
+    demo = str(demo_model_path())
+    info = trio.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)  # answered by the prefill server
+    assert (info.max_model_len, info.model) == (LIMITS["max_model_len"], demo)
+    assert info.vocab_size > 0 and info.architecture
+    want = Tokenizer.from_pretrained(demo).encode(TEXT_PROMPT)
+    assert list(trio.stub.Tokenize(pb.TokenizeRequest(text=TEXT_PROMPT), timeout=30).token_ids) == want
+    models = httpx.get(f"http://127.0.0.1:{trio.router.http_port}/v1/models", timeout=30).json()["data"]
+    assert [(m["id"], m["max_model_len"]) for m in models] == [(demo, LIMITS["max_model_len"])]
+    with pytest.raises(grpc.RpcError) as err:  # a decoder: refused by the prefill server, passed through
+        trio.stub.Embed(pb.EmbedRequest(texts=["a"]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_engine_round_trips_params_and_deltas():
+    """What the router's HTTP API sends and gets back is what the colocated server would use."""
+    from energon_jax.request import SamplingParams, StreamDelta, Usage
+    from serving.convert import params_from_proto, params_to_proto, response_from_delta
+    from serving.grpc_engine import delta_from_response
+
+    for params in (SamplingParams(), SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1,
+                                                     seed=11, stop=("a", "bc"), stop_token_ids=(2, 5), ignore_eos=True,
+                                                     logprobs=2, skip_special_tokens=False, min_tokens=1)):
+        assert params_from_proto(params_to_proto(params), SamplingParams) == params
+    deltas = [StreamDelta("r", "ab", [4, 9], [{4: -0.5, 1: -1.5}, {9: -0.25, 4: -2.0}], False, None, None),
+              StreamDelta("r", "", [3], None, True, "length", Usage(5, 3, 0))]
+    for d in deltas:
+        assert delta_from_response("r", response_from_delta("label", d)) == d
 
 
 def test_router_flags_are_checked():
