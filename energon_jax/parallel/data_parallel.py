@@ -35,9 +35,11 @@ serves up to ``N * max_num_seqs`` rows at once.
 Greedy tokens equal the single-device engine's: a request's rows are the same
 computation whichever replica runs them and whatever else shares its steps.
 
-Limits: one process (the multi-process ``Controller`` broadcasts one runner's steps).
-Across processes ``runtime.build_runner`` falls back to one runner over the whole mesh
-that every dp group computes alike (``runtime.dp_replicas``), with a warning.
+Across processes every process must run the same jitted step, so there the replicas
+share one: ``replica_step.StackedReplicas`` (a ``DataParallelRunner`` whose replicas hold
+their batches until ``flush``) stacks every replica's batch along a ``dp`` axis and runs
+them in one SPMD step (``replica_step.ReplicaStepRunner``), each replica on its own
+devices with its own pages; the schedulers and step loops here are the same.
 
 Instrumentation: ``DataParallelRunner.stats`` counts engine steps with work, each
 replica's device batches, rows and tokens, and the most replicas that had a step on
@@ -98,6 +100,10 @@ class DataParallelRunner:
         for r in self.replicas:  # a Sequence: walked once per replica
             r.warmup(batches)
         return self.num_compiles
+
+    def flush(self) -> None:
+        """Called after every replica's ``start``: nothing here (each replica dispatched its own
+        step); ``replica_step.StackedReplicas`` dispatches its one stacked step."""
 
     def reset_stats(self) -> None:
         """Zero these counters and every replica's own (a pipeline's ``PipelineStats``)."""
@@ -238,6 +244,7 @@ class DataParallelStepLoop:
         out: list[StreamDelta] = []
         for loop in self.loops:  # dispatch everywhere first: the replicas compute at once
             out.extend(loop.start(()))  # each replica's own live set is its scheduler's
+        self.runner.flush()  # replicas sharing one stacked step (replica_step.py): it goes now
         on_device = sum(loop.on_device for loop in self.loops)
         for loop in self.loops:
             out.extend(loop.finish())

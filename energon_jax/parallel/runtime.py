@@ -16,9 +16,10 @@ one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is dr
   independent replicas, replica ``r`` on the sub-mesh ``mesh[r, :, :]`` with its own
   weights and KV pool (a ``ModelRunner``, or an ``SpmdPipelineRunner`` when ``pp > 1``), each
   with its own ``Scheduler`` and step loop behind ``DataParallelScheduler`` and
-  ``DataParallelStepLoop``. Across processes the controller broadcasts one runner's
-  steps, so there ``dp`` falls back to one ``ModelRunner`` over the whole
-  ``(dp, 1, tp)`` mesh that every ``dp`` group computes alike (logged as a warning);
+  ``DataParallelStepLoop``. Across processes (``pp = 1``) the replicas share one jitted
+  step over the ``(dp, 1, tp)`` mesh (``replica_step.py``): each replica's batch is a
+  slice of a stacked batch sharded over ``dp``, its pages a slice of a ``[dp, ...]`` pool
+  on its own devices, the same schedulers and step loops filling them;
 - ``pp > 1``: an ``SpmdPipelineRunner`` (``spmd_pipeline.py``: layers stacked over the
   ``pp`` axis, one jitted tick for all stages) driven by ``PipelineStepLoop`` (``pp``
   micro-batches in flight), in one process or across processes (``PipelineController``
@@ -291,15 +292,13 @@ def build_runner(
         k = options.resident_layers if options.resident_layers is not None else 1
         return OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
                                num_pages=num_pages, page_size=page_size)
-    if options.dp > 1 and jax.process_count() > 1:
-        if options.pp > 1:
-            raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
-                             f"({jax.process_count()} processes): use tp across processes")
-        log.warning("dp=%d across %d processes: every dp group computes the same step (the controller broadcasts "
-                    "one runner's steps); dp adds throughput only within one process", options.dp,
-                    jax.process_count())
+    if options.dp > 1 and options.pp > 1 and jax.process_count() > 1:
+        raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
+                         f"({jax.process_count()} processes): use dp x tp or pp x tp across processes")
     mesh = make_mesh(options)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
+    if options.dp > 1 and jax.process_count() > 1:  # the replicas share one SPMD step (replica_step.py)
+        return _stacked_replicas(model, c, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
     parts = _pipeline_parts(model, options.pp)
     if dp_replicas(options):
         from energon_jax.parallel.data_parallel import DataParallelRunner
@@ -332,9 +331,29 @@ def build_runner(
 
 
 def dp_replicas(options: ParallelOptions) -> bool:
-    """Whether the engine runs ``dp`` independent replicas (``DataParallelRunner``): ``dp > 1``
-    in one process. Across processes ``dp`` replicates one step over the global mesh."""
-    return options.dp > 1 and jax.process_count() == 1
+    """Whether the engine runs ``dp`` replicas, each with its own scheduler and step loop:
+    ``dp > 1``. In one process they are independent runners (``DataParallelRunner``); across
+    processes they share one stacked SPMD step (``replica_step.StackedReplicas``)."""
+    return options.dp > 1
+
+
+def _stacked_replicas(model: Any, c: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
+                      templates: Sequence[Any], buckets: Any) -> Any:
+    """``dp`` replicas across processes: one ``ReplicaStepRunner`` over the ``(dp, 1, tp)`` mesh
+    (weights over ``tp``, each replica's pages on its own devices), its stacked steps broadcast
+    by a ``Controller``; the engine drives it through ``StackedReplicas``' replica views."""
+    from energon_jax.parallel.controller import Controller
+    from energon_jax.parallel.replica_step import ReplicaStepRunner, StackedReplicas, stack_batches
+
+    if not templates or buckets is None:
+        raise ValueError("a multi-process run needs templates (batch.warmup_batches) and buckets for the controller")
+    dp = mesh.shape["dp"]
+    shard_model(model, mesh, rules)  # over tp; the rules never name dp, so replicated over it
+    runner = ReplicaStepRunner(model, mesh, rules, num_pages=num_pages, page_size=page_size,
+                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, num_layers=c.num_layers,
+                               kv_dtype=kv_dtype)
+    controller = Controller(runner, [stack_batches([b] * dp) for b in templates])
+    return StackedReplicas(controller, dp, buckets)
 
 
 def _pipeline_parts(model: Any, pp: int) -> Any:
@@ -379,7 +398,7 @@ def load_sharding(model_config: Any, options: Any) -> Any:
     rules = sharding_rules(options.tp, num_kv_heads=model_config.num_kv_heads,
                            expert_parallel=options.expert_parallel)
     mesh = make_mesh(options)
-    if dp_replicas(options):  # load into replica 0's shards; build_runner copies them to the others
+    if dp_replicas(options) and jax.process_count() == 1:  # replica 0's shards; build_runner copies them
         mesh = replica_meshes(mesh)[0]
     return param_sharding_fn(mesh, rules)
 

@@ -1,0 +1,298 @@
+"""Data parallelism as one SPMD step: every ``dp`` replica's rows in one jitted call.
+
+Across processes (``jax.distributed``) every process must launch the same jitted step,
+so ``dp`` replicas cannot each run their own step as they do in one process
+(``data_parallel.DataParallelRunner``). Here the replicas share one step instead:
+
+::
+
+    process 0: replica r's StepLoop plans and packs its own batch (its own Scheduler,
+               its own page pool), StackedReplicas.replicas[r].step_async(batch) only
+               holds it; once every replica has had its turn (DataParallelStepLoop's
+               start phase) flush() fits the held batches to one (T, B) bucket and
+               stacks them: a StepBatch with a leading [dp] axis, idle replicas all
+               padding
+    Controller: broadcasts that batch (one template per bucket, stacked alike)
+    every process: ReplicaStepRunner.step_async(stacked):
+        shard_map over dp, replica r on mesh[r, :, :]:
+            logits, kv[r] = model(batch[r], kv[r])    # tp stays automatic inside
+            ids[r] = sample(logits, batch[r].sampling)
+        -> ids [dp, B] (gathered to every process: process 0 reads them)
+    process 0: each replica's handle reads its row of the ids
+
+The weights are sharded over ``tp`` and replicated over ``dp`` (the rules never name
+``dp``); the KV pages are one array per layer ``[dp, P, S, K, H]`` sharded over ``dp`` (and
+over ``tp`` by KV head), so replica ``r``'s pool lives on its own devices only and its
+page ids mean the same as in its ``Scheduler``.
+
+Greedy tokens equal one device's: each replica computes exactly what a lone runner
+would on its rows (padding rows and tokens change nothing real, ``batch.pack``).
+
+Limits: no planning ahead (a replica's next batch would need this step's ids on the
+device, slice by slice: ``supports_prev_ids`` is False, so ``async_scheduling`` logs that
+it is off) and no device penalty tables (batches carry the histories, as every
+multi-process runner's do). ``pp > 1`` is not covered here (``dp x pp`` across processes
+is refused in ``runtime.build_runner``). In one process ``runtime`` keeps the independent
+``DataParallelRunner``: its replicas overlap with each other's host work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from energon_jax.parallel.data_parallel import DataParallelRunner
+from energon_jax.parallel.mesh import ShardingRules
+from energon_jax.runner import StepHandle, shape_key
+from energon_jax.sampling import SampledTokens, sample
+
+logger = logging.getLogger(__name__)
+
+
+def stack_batches(batches: Sequence[Any]) -> Any:
+    """One batch per replica (same bucket) -> one batch whose every leaf has a leading ``[dp]`` axis."""
+    return jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]), *batches)
+
+
+def fit_batch(batch: Any, template: Any) -> Any:
+    """``batch`` (numpy) fitted to ``template``'s bucket, padded with the template's values.
+    Real tokens and rows sit at the front (``batch.pack``) and fit the template's bucket
+    (``StackedReplicas.flush`` picks it so), so the fit changes nothing they compute."""
+
+    def one(old, new):
+        out = np.array(new)
+        n = min(old.shape[0], new.shape[0])  # a wider row bucket of a smaller token bucket: only padding cut
+        out[:n] = old[:n]
+        return out
+
+    return jax.tree.map(one, batch, template)
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+class ReplicaStepRunner:
+    """``dp`` replicas of one model in one jitted step over a ``(dp, 1, tp)`` mesh (module docstring).
+
+    ``model``: parameters already placed on ``mesh`` by ``rules`` (``mesh.shard_model``), so
+    sharded over ``tp`` and replicated over ``dp``. ``step_async`` takes a stacked batch
+    (``stack_batches``: a ``[dp]`` axis in front of every leaf) and returns one handle whose
+    ``result()`` holds every replica's ids, ``[dp, B]``."""
+
+    def __init__(self, model: nnx.Module, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
+                 num_kv_heads: int, head_dim: int, num_layers: int, kv_dtype: Any) -> None:
+        from pallas_kernels import make_kv_pages
+
+        if mesh.shape["pp"] != 1:
+            raise ValueError(f"pp={mesh.shape['pp']}: the replica step runs pp=1 replicas only")
+        self.mesh = mesh
+        self.dp = mesh.shape["dp"]
+        graphdef, self._state = nnx.split(model)
+        kv_axis = rules.mesh_axis("kv_heads")
+        one = make_kv_pages(2, page_size, num_kv_heads, head_dim, kv_dtype)  # the structure and fill values
+
+        def stacked(a):  # one layer's [P, S, K, H] (int8 scales [P, S, K]) -> [dp, P, S, K, ...] over dp
+            spec = P("dp", None, None, kv_axis, *([None] * (a.ndim - 3)))
+            fill = a.reshape(-1)[0]  # 0 for pages, 1 for int8 scales
+            return jnp.full((self.dp, num_pages, *a.shape[1:]), fill, a.dtype, device=NamedSharding(mesh, spec))
+
+        self.kv = tuple(jax.tree.map(stacked, one) for _ in range(num_layers))
+        replicated = NamedSharding(mesh, P())
+        self._executables: dict[Any, Any] = {}
+        self.num_compiles = 0
+        self.warmed_up = False
+
+        def replica(state, kv, batch):  # one replica's block: a leading axis of 1 on kv and batch
+            kv, batch = jax.tree.map(lambda a: a[0], (kv, batch))
+            model = nnx.merge(graphdef, state)
+            logits, kv = model(batch.input_ids, batch.positions, batch.segment_ids, kv_cache=kv,
+                               attn_meta=batch.attn, logits_indices=batch.logits_indices)  # logits [B, V]
+            out = sample(logits, batch.sampling, None)
+            return jax.tree.map(lambda a: a[None], (kv, tuple(out)))
+
+        def step_fn(state, kv, batch):
+            # Manual over dp only: inside, each replica's model runs with tp automatic, as alone.
+            return jax.shard_map(replica, mesh=mesh, in_specs=(P(), P("dp"), P("dp")), out_specs=(P("dp"), P("dp")),
+                                 axis_names=frozenset({"dp"}), check_vma=False)(state, kv, batch)
+
+        kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
+        # The sampled outputs are gathered to every device: process 0 fetches them whole.
+        self._jitted = jax.jit(step_fn, donate_argnums=(1,), out_shardings=(kv_shardings, replicated))
+
+    @property
+    def kv_cache(self) -> Any:
+        """Per layer, the pages of every replica ``[dp, P, S, K, H]`` (replica axis over ``dp``)."""
+        return self.kv
+
+    @property
+    def compiled_shapes(self) -> list:
+        return list(self._executables)
+
+    def _executable(self, batch: Any) -> Any:
+        key = shape_key(batch)
+        exe = self._executables.get(key)
+        if exe is None:
+            start = time.perf_counter()
+            # The batch as it comes: numpy (one process), or replicated over the mesh on the devices
+            # (the Controller's broadcast); the shard_map hands each replica its slice, a local cut.
+            exe = self._jitted.lower(_abstract(self._state), _abstract(self.kv), _abstract(batch)).compile()
+            self._executables[key] = exe
+            self.num_compiles += 1
+            log = logger.warning if self.warmed_up else logger.info
+            log("compiled replica step #%d for dp=%d tokens=%d rows=%d in %.2fs%s", self.num_compiles, self.dp,
+                np.shape(batch.input_ids)[1], np.shape(batch.logits_indices)[1], time.perf_counter() - start,
+                " (after warm-up)" if self.warmed_up else "")
+        return exe
+
+    def warmup(self, batches: Sequence[Any]) -> int:
+        """Compile the step for every stacked batch shape given (nothing runs)."""
+        for batch in batches:
+            self._executable(batch)
+        self.warmed_up = True
+        return self.num_compiles
+
+    def step_async(self, batch: Any) -> StepHandle:
+        exe = self._executable(batch)
+        self.kv, out = exe(self._state, self.kv, batch)
+        for a in out:
+            a.copy_to_host_async()
+        return StepHandle(out)
+
+    def step(self, batch: Any) -> SampledTokens:
+        return self.step_async(batch).result()
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    handle: Any  # the stacked step's StepHandle
+    sampled: SampledTokens | None = None  # fetched once, by the first replica that asks
+
+
+class _ReplicaHandle:
+    """Replica ``r``'s part of a stacked step; ``result()`` dispatches what is held if need be."""
+
+    def __init__(self, group: StackedReplicas, r: int, ticket: int) -> None:
+        self._group, self._r, self._ticket = group, r, ticket
+
+    def result(self) -> SampledTokens:
+        s = self._group.sampled(self._ticket)
+        r = self._r
+        return SampledTokens(s.token_ids[r], s.logprobs[r], s.top_ids[r], s.top_logprobs[r])
+
+
+class _ReplicaView:
+    """What replica ``r``'s ``StepLoop`` drives: ``step_async`` holds its batch for the stacked step."""
+
+    supports_prev_ids = False  # a held batch cannot read ids of a step not yet dispatched
+
+    def __init__(self, group: StackedReplicas, r: int) -> None:
+        self._group, self.index = group, r
+
+    def step_async(self, batch: Any) -> _ReplicaHandle:
+        return self._group.hold(self.index, batch)
+
+    def step(self, batch: Any) -> SampledTokens:
+        return self.step_async(batch).result()
+
+    def warmup(self, batches: Sequence[Any]) -> int:
+        return self._group.warmup(batches)
+
+    @property
+    def num_compiles(self) -> int:
+        return self._group.num_compiles
+
+    @property
+    def kv_cache(self) -> Any:
+        """This replica's pages: the ``[r]`` slice of every layer's stacked pool (a view for inspection)."""
+        return self._group.step_runner.kv_cache
+
+
+class StackedReplicas(DataParallelRunner):
+    """``dp`` replica views over one ``ReplicaStepRunner`` (or the ``Controller`` wrapping it).
+
+    The engine sees a ``DataParallelRunner``: ``DataParallelStepLoop`` drives one ``StepLoop``
+    per view, then calls ``flush()`` after every replica's ``start``, which dispatches the
+    stacked step once for all replicas."""
+
+    def __init__(self, step_runner: Any, dp: int, buckets: Any) -> None:
+        from energon_jax.batch import dummy_batch
+
+        self.step_runner = step_runner  # ReplicaStepRunner, or a Controller over it across processes
+        self.buckets = buckets
+        self._dummy = lambda t, b: dummy_batch(buckets, t, b)
+        super().__init__([_ReplicaView(self, r) for r in range(dp)])
+        self._held: dict[int, Any] = {}  # replica -> batch for the next stacked step
+        self._ticket = 0  # the stacked step the held batches will join
+        self._done: dict[int, _Dispatched] = {}  # dispatched stacked steps not fully read yet
+        self._readers: dict[int, int] = {}  # replicas still to read each dispatched step
+        self.steps = 0  # stacked steps dispatched
+        self.shared_steps = 0  # ... of which more than one replica had rows in
+
+    @property
+    def num_compiles(self) -> int:
+        return self.step_runner.num_compiles
+
+    @property
+    def kv_caches(self) -> list[Any]:
+        return [self.step_runner.kv_cache]
+
+    def warmup(self, batches: Sequence[Any]) -> int:
+        """Compile the stacked step for every shape of ``batches`` (one replica's warm-up batches).
+
+        Walked once per replica (``runtime.warm_up_with_progress`` counts ``dp`` passes); only
+        the first compiles."""
+        stacked = [stack_batches([b] * self.dp) for b in batches]
+        for _ in range(self.dp):
+            self.step_runner.warmup(stacked)
+        return self.num_compiles
+
+    def hold(self, r: int, batch: Any) -> _ReplicaHandle:
+        if r in self._held:  # a step split into decode and prefill calls: its second one goes next
+            self.flush()
+        self._held[r] = batch
+        return _ReplicaHandle(self, r, self._ticket)
+
+    def flush(self) -> None:
+        """Dispatch the held batches as one stacked step (nothing when none is held)."""
+        if not self._held:
+            return
+        from energon_jax.parallel.spmd_pipeline import real_size
+
+        sizes = [real_size(b) for b in self._held.values()]
+        t = self.buckets.token_bucket(max(1, *(n for n, _ in sizes)))
+        rows = self.buckets.rows_bucket(t, max(1, *(m for _, m in sizes)))
+        template = self._dummy(t, rows)
+        batches = [template if r not in self._held else fit_batch(self._held[r], template) for r in range(self.dp)]
+        self._done[self._ticket] = _Dispatched(self.step_runner.step_async(stack_batches(batches)))
+        self._readers[self._ticket] = len(self._held)
+        self.steps += 1
+        self.shared_steps += len(self._held) > 1
+        self._held = {}
+        self._ticket += 1
+
+    def reset_stats(self) -> None:
+        super().reset_stats()
+        self.steps = self.shared_steps = 0
+
+    def sampled(self, ticket: int) -> SampledTokens:
+        """The stacked step ``ticket``'s outputs (dispatching it first if it is still held)."""
+        if ticket == self._ticket:
+            self.flush()
+        done = self._done[ticket]
+        if done.sampled is None:
+            done.sampled = done.handle.result()
+        self._readers[ticket] -= 1
+        if not self._readers[ticket]:  # every replica that took part has read it
+            del self._done[ticket], self._readers[ticket]
+        return done.sampled
