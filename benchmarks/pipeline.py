@@ -18,11 +18,24 @@ Part 2, memory pool (``parallel/memory_pool.py``): the same model decoding with 
 ``k`` layers' weights resident on the device (the rest in host memory, prefetched a
 layer ahead), against fully resident, in the same run: the slowdown ratio, and the
 peak weight bytes resident on the device against one layer's bytes.
+
+Part 3, controller (``parallel/controller.py``, ``--controller``): the same 8 devices as
+1 process x 8 and as 2 processes x 4 (``energon launch``, ``jax.distributed`` on
+127.0.0.1), the same model and requests through ``Engine.generate`` on process 0 (the
+worker runs ``serve()``), for ``pp=2 x tp=4`` (the SPMD pipeline, ``PipelineController``)
+and ``tp=8`` (``ModelRunner`` behind a ``Controller``, planning ahead). Per layout it prints
+the schedule occupancy per stage, the controller's host time per engine step (dispatching
+the header and batch broadcasts; blocked fetching the sampled ids on process 0, the header
+on the worker), the blocking host syncs per step on each process, and the tokens per engine
+step. In one process the controller broadcasts nothing (only its fetch is counted). On
+simulated CPU devices the host times include the device work that the fetch waits for;
+no wall-clock speed-up is claimed from them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -142,6 +155,118 @@ def run_memory_pool(args) -> None:
               f"({per_step / base:.2f}x resident){extra}")
 
 
+CONTROLLER_LAYOUTS = (("pp2_tp4", dict(pp=2, tp=4)), ("tp8", dict(tp=8)))
+
+
+def _controller_child(args, outdir: str) -> None:
+    """One process of a controller run (``--controller-child``): process 0 generates, workers serve."""
+    import json
+
+    from energon_jax.parallel import distributed
+
+    distributed.initialize_from_env()  # False (nothing to join) in the 1-process run
+    import jax
+
+    from energon_jax.engine import Engine
+    from energon_jax.parallel.controller import Controller, ControllerStats, serve_if_worker, shutdown_workers
+    from energon_jax.request import SamplingParams
+    from test_parallel_tp_models import build_model
+
+    max_len, page_size = 16 + args.max_tokens, 16
+    prompts = [r.prompt_token_ids for r in _requests(args.requests, args.max_tokens, 96)]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    out = {"processes": jax.process_count(), "devices": jax.device_count(), "layouts": {}}
+    for name, layout in CONTROLLER_LAYOUTS:
+        model, config = build_model("llama", num_hidden_layers=args.layers, num_attention_heads=8,
+                                    num_key_value_heads=8)
+        engine = Engine(model, config, None, max_model_len=max_len, page_size=page_size,
+                        kv_cache_pages=1 + args.requests * -(-max_len // page_size), max_num_seqs=args.requests,
+                        max_num_batched_tokens=max(64, args.requests), **layout)
+        runner = engine.runner
+        if not isinstance(runner, Controller):  # one process: the engine's runner behind a (passthrough,
+            # counted) controller, swapped into its loop so that both runs count the same way
+            from energon_jax.batch import warmup_batches
+            from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
+
+            wrap = PipelineController if isinstance(runner, SpmdPipelineRunner) else Controller
+            runner = wrap(runner, warmup_batches(engine.buckets))
+            engine._runner = runner
+            engine._loop.runner = runner
+        if serve_if_worker(runner):
+            out["layouts"][name] = {"worker": dataclasses.asdict(runner.controller_stats)}
+            continue
+        try:
+            engine.generate(prompts, params, use_tqdm=False)  # settles the host
+            runner.controller_stats = ControllerStats()  # count the timed round only
+            if hasattr(runner, "reset_stats"):
+                runner.reset_stats()
+            ahead = engine.num_planned_ahead
+            start = time.perf_counter()
+            outs = engine.generate(prompts, params, use_tqdm=False)
+            wall = time.perf_counter() - start
+        finally:
+            shutdown_workers(runner)
+        st = runner.controller_stats
+        res = {"controller": dataclasses.asdict(st), "wall_s": wall, "tokens": [list(o.token_ids) for o in outs],
+               "ahead": engine.num_planned_ahead - ahead}
+        if hasattr(runner, "reset_stats"):
+            res["occupancy"] = runner.stats.utilisation()
+        out["layouts"][name] = res
+    with open(os.path.join(outdir, f"controller-{jax.process_index()}.json"), "w") as f:
+        json.dump(out, f)
+    distributed.shutdown()
+
+
+def run_controller(args) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    from energon_jax.parallel.launch import LaunchConfig, launch
+
+    child = [sys.executable, os.path.abspath(__file__), "--controller-child", "", "--layers", str(args.layers),
+             "--requests", str(args.requests), "--max-tokens", str(args.max_tokens)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    env.pop("XLA_FLAGS", None)
+    runs = {}
+    for procs in (1, 2):
+        outdir = tempfile.mkdtemp(prefix=f"energon-ctl{procs}-")
+        cmd = list(child)
+        cmd[3] = outdir
+        if procs == 1:
+            subprocess.run(cmd, check=True, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+        else:
+            code = launch(cmd, LaunchConfig(num_processes=2, cpu_devices_per_process=4, grace_s=10), env=env)
+            if code != 0:
+                raise SystemExit(f"2-process controller run failed with exit code {code}")
+        runs[procs] = [json.load(open(os.path.join(outdir, f"controller-{i}.json"))) for i in range(procs)]
+    print(f"controller: llama layers={args.layers}, {args.requests} requests x {args.max_tokens} tokens through "
+          f"Engine.generate, 8 devices as 1 process x 8 and 2 processes x 4 (load average {os.getloadavg()[0]:.1f})")
+    for name, _ in CONTROLLER_LAYOUTS:
+        same = runs[1][0]["layouts"][name]["tokens"] == runs[2][0]["layouts"][name]["tokens"]
+        for procs in (1, 2):
+            res = runs[procs][0]["layouts"][name]
+            st = res["controller"]
+            steps = max(st["steps"], 1)
+            gen = sum(map(len, res["tokens"]))
+            line = (f"  {name} {procs} process{'es' if procs > 1 else ''}: steps={st['steps']} "
+                    f"tokens/step={gen / steps:.2f} planned ahead={res['ahead']} ")
+            if "occupancy" in res:
+                line += f"occupancy per stage={[f'{u:.1%}' for u in res['occupancy']]} "
+            line += (f"process 0: syncs/step={(st['header_syncs'] + st['fetch_syncs']) / steps:.2f} "
+                     f"broadcast={1e3 * st['broadcast_s'] / steps:.2f} ms/step "
+                     f"fetch wait={1e3 * st['fetch_s'] / steps:.2f} ms/step "
+                     f"step wall={1e3 * res['wall_s'] / steps:.2f} ms")
+            if procs > 1:
+                w = runs[procs][1]["layouts"][name]["worker"]
+                wsteps = max(w["steps"], 1)
+                line += (f"; worker (both rounds): steps={w['steps']} syncs/step={(w['header_syncs'] + w['fetch_syncs']) / wsteps:.2f} "
+                         f"(headers {w['header_syncs']}, incl. stops) broadcast={1e3 * w['broadcast_s'] / wsteps:.2f} "
+                         f"ms/step header wait={1e3 * w['fetch_s'] / wsteps:.2f} ms/step")
+            print(line)
+        print(f"  {name}: same tokens 1 vs 2 processes: {same}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
@@ -150,7 +275,16 @@ def main() -> None:
     p.add_argument("--resident", type=int, default=1, help="memory pool: layers resident on the device")
     p.add_argument("--pool-steps", type=int, default=8, help="memory pool: decode steps timed")
     p.add_argument("--skip-pool", action="store_true")
+    p.add_argument("--controller", action="store_true",
+                   help="only part 3: the controller on 1 process x 8 and 2 processes x 4 devices")
+    p.add_argument("--controller-child", metavar="OUTDIR", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.controller_child:
+        _controller_child(args, args.controller_child)
+        return
+    if args.controller:
+        run_controller(args)
+        return
     run_pipeline(args)
     if not args.skip_pool:
         run_memory_pool(args)

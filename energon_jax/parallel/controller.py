@@ -130,14 +130,15 @@ class _Broadcast:
         return rows
 
     def __call__(self, tree: Any) -> Any:
-        def one(x):
-            shape, dtype = np.shape(x), x.dtype
-            rows = list(self._rows(shape, dtype))
-            if self.is_source:  # the real row on process 0's first device
-                rows[0] = jax.device_put(np.asarray(x)[None], self.local[0])
-            return jax.make_array_from_single_device_arrays((len(self.devices), *shape), self.by_device, rows)
-
-        return self._sum(jax.tree.map(one, tree))
+        leaves, treedef = jax.tree.flatten(tree)
+        rows = [list(self._rows(np.shape(x), x.dtype)) for x in leaves]
+        if self.is_source:  # the real rows on process 0's first device, in one transfer
+            real = jax.device_put([np.asarray(x)[None] for x in leaves], self.local[0])
+            for r, a in zip(rows, real):
+                r[0] = a
+        arrays = [jax.make_array_from_single_device_arrays((len(self.devices), *np.shape(x)), self.by_device, r)
+                  for x, r in zip(leaves, rows)]
+        return self._sum(jax.tree.unflatten(treedef, arrays))
 
 
 def _runner_devices(runner: Any) -> list[Any]:
@@ -228,6 +229,13 @@ class Controller:
     @property
     def compiled_shapes(self):
         return self.runner.compiled_shapes
+
+    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+        """A single-process runner's device penalty tables (``runtime.device_penalties``: never
+        across processes, where a batch carries each row's history)."""
+        if self.multi_process:
+            raise RuntimeError("device penalty tables are single-process: batches carry the history across processes")
+        self.runner.load_penalty_row(slot, counts, seen)
 
     def warmup(self, batches: Sequence[Any]) -> int:
         """Every process compiles the same shapes (compiles are local; nothing to broadcast).
