@@ -70,11 +70,20 @@ def test_single_process_controller_is_the_runner():
 
         def step_async(self, batch):
             self.seen.append(batch)
-            return "handle"
+            return Handle()
+
+    class Handle:
+        ids_buffer = "ids on device"
+
+        def result(self):
+            return "ids"
 
     runner = FakeRunner()
     c = Controller(runner, [np.zeros(4, np.int32), np.zeros(8, np.int32)], process_index=0, process_count=1)
-    assert c.step_async(np.ones(4, np.int32)) == "handle" and len(runner.seen) == 1
+    handle = c.step_async(np.ones(4, np.int32))
+    assert len(runner.seen) == 1 and handle.ids_buffer == "ids on device"
+    assert c.stats.fetch_syncs == 0 and handle.result() == "ids" and c.stats.fetch_syncs == 1  # counted when fetched
+    assert c.stats.steps == 1 and c.stats.host_syncs == 1 and c.stats.broadcast_s == 0.0  # nothing broadcast
     worker = Controller(runner, [np.zeros(4, np.int32)], process_index=1, process_count=2)
     with pytest.raises(RuntimeError, match=r"process 1 is a worker"):
         worker.step_async(np.zeros(4, np.int32))
