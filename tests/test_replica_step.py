@@ -29,6 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _check(case: dict, base: dict) -> None:
+    """``case``: a dp=2 x tp=2 run of ``_run_case``; ``base``: one device's tokens and engine steps."""
+    case = {**case, "base_steps": base["steps"]}
+    base = base["tokens"]
     assert case["tokens"] == base, case  # staggered arrivals: every replica's rows its own
     ab = case["abort"]
     rid = ab["rid"]
@@ -38,6 +41,7 @@ def _check(case: dict, base: dict) -> None:
     assert case["pages_used"] == [0, 0] and ab["pages_used"] == [0, 0], case
     assert all(r > 0 for r in case["rows"]), case  # both replicas ran rows...
     assert case["shared_steps"] > 0, case  # ...in the same stacked step
+    assert case["steps"] < case["base_steps"], case  # so fewer engine steps than one device: dp adds rows
     kv = [set(d) for d in case["kv_devices"]]  # each replica's pool on its own two devices
     assert [len(d) for d in kv] == [2, 2] and not kv[0] & kv[1], case
 
@@ -98,7 +102,7 @@ def _run_case(engine) -> dict:
     runner.reset_stats()
     run = _staggered(engine)
     st = runner.stats  # per replica: the device batches, rows and tokens its StepLoop sent
-    case = {"runner": type(runner).__name__, "tokens": run["tokens"], "rows": [c.rows for c in st.replicas],
+    case = {"runner": type(runner).__name__, "tokens": run["tokens"], "steps": run["steps"], "rows": [c.rows for c in st.replicas],
             "shared_steps": runner.shared_steps, "pages_used": [s.pages_used for s in sched.replicas],
             "kv_devices": [[d.id for d in ds] for ds in _replica_devices(runner)],
             "kv_processes": [sorted({d.process_index for d in ds}) for ds in _replica_devices(runner)]}
@@ -112,7 +116,8 @@ def _run_case(engine) -> dict:
 def _child_base() -> dict:
     from test_parallel_dp import _engine, _staggered
 
-    return {"base": _staggered(_engine())["tokens"]}
+    run = _staggered(_engine())
+    return {"base": {"tokens": run["tokens"], "steps": run["steps"]}}
 
 
 def _child_local() -> dict:
@@ -124,7 +129,8 @@ def _child_local() -> dict:
 
     from test_parallel_dp import _engine, _staggered
 
-    base = _staggered(_engine())["tokens"]
+    run = _staggered(_engine())
+    base = {"tokens": run["tokens"], "steps": run["steps"]}
     with mock.patch.object(jax, "process_count", lambda: 2):
         engine = _engine(dp=2, tp=2)
     engine.runner.step_runner.process_count = 1  # one process: the Controller runs the steps itself

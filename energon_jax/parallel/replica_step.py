@@ -214,7 +214,8 @@ class _ReplicaView:
 
     @property
     def kv_cache(self) -> Any:
-        """This replica's pages: the ``[r]`` slice of every layer's stacked pool (a view for inspection)."""
+        """The stacked pool every replica shares (``[dp, P, S, K, H]`` per layer): this replica's
+        pages are its ``[index]`` slice, on its own devices."""
         return self._group.step_runner.kv_cache
 
 
@@ -245,6 +246,7 @@ class StackedReplicas(DataParallelRunner):
 
     @property
     def kv_caches(self) -> list[Any]:
+        """One entry: the stacked pool of every replica (replica ``r``'s pages are its ``[r]`` slice)."""
         return [self.step_runner.kv_cache]
 
     def warmup(self, batches: Sequence[Any]) -> int:
