@@ -48,6 +48,11 @@ ROLES = ("prefill", "decode")
 DEFAULT_PULL_TIMEOUT_S = 60.0  # gathered K/V nobody pulled by then are dropped by the transfer server
 
 
+class Aborted(Exception):
+    """Put in a request's result queue when it is aborted, so the handler waiting on it returns
+    (a handler left blocked would hold its gRPC worker thread, and the process's exit, forever)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KvOffer:
     """What a prefill leaves for the decode server (mirrors the proto's ``KvDescriptor``)."""
@@ -227,13 +232,16 @@ class RoleWorker:
         for a in [a for a in self._adoptions if a.request.request_id == rid]:
             self._adoptions.remove(a)  # its pulled arrays are dropped; it holds no pages yet
         with self._lock:
-            self._outs.pop(rid, None)
+            out = self._outs.pop(rid, None)
+        if out is not None:
+            out.put(Aborted(rid))
         self.engine.abort(rid)  # pages back in the pool (None when it is not here)
 
     def _queue_adoption(self, adoption: _Adoption) -> None:
         # Cancelled before this command ran: the abort command (queued after the event was
         # set) may already have run and found nothing, so it is dropped here.
         if adoption.cancelled.is_set():
+            adoption.out.put(Aborted(adoption.request.request_id))
             return
         self._adoptions.append(adoption)
         with self._lock:

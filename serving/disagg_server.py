@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from serving.convert import embeddings_to_proto, info_to_proto, params_from_proto, response_from_delta
-from serving.disagg_role import KvOffer, RoleWorker, iterate
+from serving.disagg_role import Aborted, KvOffer, RoleWorker, iterate
 from serving.protos.energon.v1 import disagg_pb2 as dpb
 from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
 from serving.protos.energon.v1 import inference_pb2 as pb
@@ -64,6 +64,8 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
             if not context.add_callback(lambda: self._w.abort(rid)):  # a cancelled call frees its pages
                 self._w.abort(rid)
             delta, offer = next(iterate(out))
+        except Aborted:
+            context.abort(grpc.StatusCode.CANCELLED, "cancelled by the client")
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError as e:
@@ -101,6 +103,8 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
                 yield response_from_delta(label, delta)
                 if delta.finished:
                     break
+        except Aborted:  # the call has ended: nobody reads a status
+            return
         except ValueError as e:
             failure = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RuntimeError as e:  # the engine failed here
