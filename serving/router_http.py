@@ -40,6 +40,7 @@ class RouterHttpConfig:
     port: int  # 0: a free port
     model: str | None = None  # checkpoint directory for the tokenizer; None: what the prefill server reports
     served_model_name: str | None = None  # default: the checkpoint path
+    chat_template: Path | None = None  # overrides the checkpoint's
     grace_s: float = 10.0
     info_timeout_s: float = 5.0  # per ModelInfo attempt
 
@@ -105,7 +106,8 @@ async def serve_http(config: RouterHttpConfig, stop: asyncio.Event, on_listening
     # servers behind the router keep serving, so the router does not stop.
     admission = Admission(metrics, lambda e: log.error("routed request failed: %r", e))
     root = config.model or engine.info.model
-    service = OpenAIService(admission, served_model_name=config.served_model_name or root)
+    service = OpenAIService(admission, served_model_name=config.served_model_name or root,
+                            chat_template_file=config.chat_template)
     try:
         await asyncio.to_thread(service.load_model_files, root)
         http = HttpFrontEnd(build_app(service, metrics), config.host, config.port)

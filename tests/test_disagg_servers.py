@@ -33,6 +33,7 @@ FLAGS = ["--no-warmup", *(f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.item
 PROMPT_LENS = (5, 16, 45)  # shorter than a page, an exact page multiple, longer than one chunk
 MAX_TOKENS = 8
 TEXT_PROMPT = "The quick brown fox"  # tokenized by the prefill server
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the router's --chat-template
 
 
 def _prompt(n: int) -> list[int]:
@@ -93,8 +94,12 @@ class Trio:
         self.procs = [*self.prefills, self.decode]
         for p in self.procs:
             p.wait_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="energon-router-")
+        template = Path(self._tmp.name) / "chat.jinja"
+        template.write_text(CHAT_TEMPLATE)
         self.router = Proc("router", "--prefill", ",".join(p.target for p in self.prefills),
-                           "--decode", self.decode.target, "--probe-interval", "0.2", "--http-port", "0")
+                           "--decode", self.decode.target, "--probe-interval", "0.2", "--http-port", "0",
+                           "--chat-template", str(template))
         self.procs.append(self.router)
         self.router.wait_port()
         self.channel = grpc.insecure_channel(self.router.target)
@@ -124,6 +129,7 @@ class Trio:
             if not p.stop():
                 killed.append(" ".join(p.proc.args[3:6]))
         self.channel.close()
+        self._tmp.cleanup()
         return killed
 
 
@@ -149,9 +155,10 @@ def colocated_tokens():
     from energon_jax.request import SamplingParams
 
     engine = Engine.from_pretrained(None, warmup=False, **LIMITS)
-    prompts = [*(_prompt(n) for n in PROMPT_LENS), TEXT_PROMPT]
+    chat = engine.tokenizer.encode(TEXT_PROMPT, add_special_tokens=False)  # one user message, CHAT_TEMPLATE
+    prompts = [*(_prompt(n) for n in PROMPT_LENS), TEXT_PROMPT, chat]
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text"], outs, strict=True)}
+    return {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text", "chat"], outs, strict=True)}
 
 
 def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
@@ -226,11 +233,17 @@ def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, 
 
 
 def test_openai_completions_through_the_router_match_colocated(trio, colocated_tokens):
+    import httpx
+
     for key, prompt in ((16, _prompt(16)), (45, _prompt(45)), ("text", TEXT_PROMPT)):
         for stream in (False, True):
             text, reason = _http_text(trio, prompt, stream)
             assert text == colocated_tokens[key][1], f"prompt {key}, stream={stream}"
             assert reason == "length"
+    chat = dict(messages=[{"role": "user", "content": TEXT_PROMPT}], max_tokens=MAX_TOKENS, temperature=0.0)
+    r = httpx.post(f"http://127.0.0.1:{trio.router.http_port}/v1/chat/completions", json=chat, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == colocated_tokens["chat"][1]
     trio.wait_pages_free()
 
 

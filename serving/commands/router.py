@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="with --http-port: the checkpoint directory the servers load, for the tokenizer and "
                              "chat template (default: the path the prefill server reports)")
+    parser.add_argument("--chat-template", type=Path, default=None,
+                        help="with --http-port: a Jinja chat template file (overrides the checkpoint's)")
     parser.add_argument("--served-model-name", default=None,
                         help="with --http-port: the model name of the OpenAI API (default: the checkpoint path)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between backend health probes")
@@ -81,6 +83,7 @@ async def _serve_http(args: argparse.Namespace, grpc_port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     local = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # a wildcard: loopback reaches it
     config = RouterHttpConfig(grpc_target=f"{local}:{grpc_port}", host=args.host, port=args.http_port,
-                              model=args.model, served_model_name=args.served_model_name)
+                              model=args.model, served_model_name=args.served_model_name,
+                              chat_template=args.chat_template)
     return await serve_http(config, stop, lambda port: _write_ports(args.port_file, {"port": grpc_port,
                                                                                      "http_port": port}))
