@@ -127,9 +127,7 @@ class GrpcEngine:
         try:
             async for resp in call:
                 yield delta_from_response(request_id, resp)
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and request_id not in self._calls:
-                return  # aborted here: the consumer has already gone
+        except grpc.RpcError as e:  # (a call cancelled here raises asyncio.CancelledError instead)
             raise _error(e) from e
         finally:
             if self._calls.pop(request_id, None) is not None:
