@@ -97,6 +97,7 @@ class Admission:
         self._binding: EngineBinding | None = None
         self._draining = False
         self._failed = False
+        self._unavailable: str | None = None  # why new requests are refused for now (set_unavailable)
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -107,6 +108,11 @@ class Admission:
 
     def start_draining(self) -> None:
         self._draining = True
+
+    def set_unavailable(self, reason: str | None) -> None:
+        """Refuse new requests for ``reason`` until called with None (an engine that is remote,
+        the router's, can be without servers for a while and come back)."""
+        self._unavailable = reason
 
     def mark_failed(self) -> None:
         self._failed = True
@@ -119,12 +125,14 @@ class Admission:
 
     @property
     def state(self) -> str:
-        """``loading``, ``serving``, ``draining`` or ``failed``."""
+        """``loading``, ``serving``, ``unavailable``, ``draining`` or ``failed``."""
         if self._failed:
             return "failed"
         if self._draining:
             return "draining"
-        return "loading" if self._binding is None else "serving"
+        if self._binding is None:
+            return "loading"
+        return "serving" if self._unavailable is None else "unavailable"
 
     @property
     def inflight(self) -> int:
@@ -155,6 +163,8 @@ class Admission:
             raise Unavailable("server is shutting down")
         if self._binding is None:
             raise Unavailable("model is still loading")
+        if self._unavailable is not None:
+            raise Unavailable(self._unavailable)
         return self._binding
 
     def count(self, reason: str) -> None:

@@ -81,7 +81,7 @@ class GrpcEngine:
     """
 
     def __init__(self, channel: aio.Channel, info: RemoteModelInfo, tokenizer: Any) -> None:
-        self._channel = channel
+        self.channel = channel  # the router_http health watch shares it
         self._stub = pb_grpc.InferenceStub(channel)
         self.info = info
         self.tokenizer = tokenizer
@@ -152,4 +152,4 @@ class GrpcEngine:
 
     async def close(self) -> None:
         self.shutdown()
-        await self._channel.close()
+        await self.channel.close()

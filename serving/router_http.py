@@ -10,6 +10,9 @@ Start-up, in the router's main thread (gRPC already serving on its own threads):
    tokenizer and the prefill server's agree on a probe text (a different checkpoint would
    feed the servers wrong ids);
 3. bind the HTTP port and serve until ``stop`` is set; then drain for up to ``grace_s``.
+
+``GET /health`` follows the router's gRPC health (polled every ``health_interval_s``): 503
+``unavailable`` while no server of one role is up, and new requests get 503 at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from serving.admission import Admission, Unavailable
@@ -43,6 +47,7 @@ class RouterHttpConfig:
     chat_template: Path | None = None  # overrides the checkpoint's
     grace_s: float = 10.0
     info_timeout_s: float = 5.0  # per ModelInfo attempt
+    health_interval_s: float = 0.5
 
 
 def _load_tokenizer(root: Path) -> Any:
@@ -88,6 +93,21 @@ async def _connect(config: RouterHttpConfig, stop: asyncio.Event) -> GrpcEngine 
     return engine
 
 
+async def _follow_health(channel: aio.Channel, admission: Admission, config: RouterHttpConfig) -> None:
+    """The router's gRPC health -> ``admission.set_unavailable`` (so -> ``GET /health``)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    while True:
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=config.info_timeout_s)
+            up = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            up = False
+        admission.set_unavailable(None if up else "no prefill or no decode server is up behind this router")
+        await asyncio.sleep(config.health_interval_s)
+
+
 async def serve_http(config: RouterHttpConfig, stop: asyncio.Event, on_listening: Callable[[int], None]) -> int:
     """Serve the OpenAI API until ``stop``; 0 after a drain, 2 when it could not start."""
     from energon_jax.request import QueueFullError, SamplingParams
@@ -116,10 +136,12 @@ async def serve_http(config: RouterHttpConfig, stop: asyncio.Event, on_listening
         await engine.close()
         return 2
     admission.attach(EngineBinding(engine=engine, params_cls=SamplingParams, queue_full_error=QueueFullError))
+    watch = asyncio.get_running_loop().create_task(_follow_health(engine.channel, admission, config))
     await http.start()
     log.info("OpenAI HTTP API on %s:%d as %r", config.host, http.port, service.model_name)
     on_listening(http.port)
     await stop.wait()
+    watch.cancel()
     admission.start_draining()
     if not await admission.wait_idle(config.grace_s):
         log.warning("%d HTTP calls still in flight after %.1f s; cancelling them", admission.inflight, config.grace_s)

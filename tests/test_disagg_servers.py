@@ -278,6 +278,8 @@ def test_models_modelinfo_and_tokenize_through_the_router(trio):
     assert info.vocab_size > 0 and info.architecture
     want = Tokenizer.from_pretrained(demo).encode(TEXT_PROMPT)
     assert list(trio.stub.Tokenize(pb.TokenizeRequest(text=TEXT_PROMPT), timeout=30).token_ids) == want
+    health = httpx.get(f"http://127.0.0.1:{trio.router.http_port}/health", timeout=30)
+    assert (health.status_code, health.json()["status"]) == (200, "serving")
     models = httpx.get(f"http://127.0.0.1:{trio.router.http_port}/v1/models", timeout=30).json()["data"]
     assert [(m["id"], m["max_model_len"]) for m in models] == [(demo, LIMITS["max_model_len"])]
     with pytest.raises(grpc.RpcError) as err:  # a decoder: refused by the prefill server, passed through
@@ -331,6 +333,15 @@ def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
         with pytest.raises(grpc.RpcError) as err:
             _generate(t.stub, ids)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        import httpx
+
+        base = f"http://127.0.0.1:{t.router.http_port}"
+        while httpx.get(f"{base}/health", timeout=10).status_code != 503:  # HTTP health follows gRPC's
+            assert time.monotonic() < deadline + 5, "router HTTP health still 200 with no decode server"
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "unavailable"
+        r = httpx.post(f"{base}/v1/completions", json=dict(prompt=ids, max_tokens=4), timeout=30)
+        assert r.status_code == 503 and "no prefill or no decode server" in r.json()["error"]["message"]
         assert t.stats(t.prefill).pages_used == 0  # the prefill side freed its pages
     finally:
         t.close()

@@ -263,7 +263,7 @@ class DetokenizeResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["serving", "loading", "draining", "failed"]
+    status: Literal["serving", "loading", "unavailable", "draining", "failed"]
 
 
 class VersionResponse(BaseModel):
