@@ -241,8 +241,8 @@ class Controller:
         """Every process compiles the same shapes (compiles are local; nothing to broadcast).
         Across processes the step is compiled for batches as the broadcast leaves them:
         replicated over the mesh, on the devices."""
-        if self.multi_process:
-            batches = [self.broadcast.abstract(b) for b in batches]
+        if self.multi_process:  # lazily: a progress bar over ``batches`` ticks per compile
+            return self.runner.warmup(self.broadcast.abstract(b) for b in batches)
         return self.runner.warmup(batches)
 
     def step_async(self, batch: Any, prev: Any = None):
