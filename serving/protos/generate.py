@@ -8,7 +8,6 @@ so the stubs import from anywhere. grpcio-tools is a build/test dependency only.
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
