@@ -25,7 +25,9 @@ def _energon(*argv: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("devices_per_process", [1, pytest.param(2, marks=pytest.mark.slow)])
+# Both slow (default-run budget): test_tpu_pod_local's smoke runs 2 launched workers with tp=2.
+@pytest.mark.slow
+@pytest.mark.parametrize("devices_per_process", [1, 2])
 def test_launch_generate_tp2_matches_single_process(tiny_checkpoint, devices_per_process, tmp_path):
     path = str(tiny_checkpoint("llama"))
     prompt = "def fib(n):"

@@ -68,6 +68,7 @@ def test_greedy_matches_reference_with_staggered_arrivals_and_chunked_prefill(en
     assert not engine.has_unfinished()
 
 
+@pytest.mark.slow  # default-run budget: test_async_scheduling compares split and fused engines
 def test_split_and_fused_steps_give_the_same_tokens(engine, model, tokenizer):
     fused = Engine(model, CONFIG, tokenizer, split_prefill_decode=False, **ENGINE_KW)
     assert engine.split_prefill_decode  # the CPU default: reference attention
@@ -102,6 +103,7 @@ def test_no_compile_after_warmup(engine):
     assert engine.num_compiles == n
 
 
+@pytest.mark.slow  # default-run budget: test_host_rows, test_penalty_slots and test_prefix_cache preempt
 def test_preemption_gives_identical_greedy_output(model, tokenizer):
     # 12 usable pages of 4 tokens: the four requests below cannot all hold their pages at once.
     small = Engine(model, CONFIG, tokenizer, kv_cache_pages=13, **SMALL_POOL_KW)

@@ -78,6 +78,7 @@ def _run(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # default-run budget: its --help runs by default, `energon generate` in test_cli
 @pytest.mark.timeout(300)
 def test_generate_example_batched_equals_streamed():
     from energon_jax.engine import Engine
@@ -93,6 +94,7 @@ def test_generate_example_batched_equals_streamed():
     assert proc.stdout.count("def add(a, b):" + ref.text) == 2  # batched and streamed
 
 
+@pytest.mark.slow  # default-run budget: its --help runs by default, serving end to end in test_serving_e2e
 @pytest.mark.timeout(300)
 def test_serve_and_query_example_streams_and_exits_cleanly():
     proc = _run("serve_and_query.py", "--max-tokens", "5", "--prompt", "import os", "--startup-timeout", "240",

@@ -41,7 +41,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
+# Slow (default-run budget): test_replica_step runs a dp=2 x tp=2 engine by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["default", "more"])
 def test_engine_dp_matches_single_device_and_spreads_requests(group):
     out = run_child(__file__, "engine", group)
     base = out["base"]

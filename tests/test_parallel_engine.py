@@ -66,7 +66,9 @@ def test_engine_layouts_match_single_device(group):
             assert case["history_len"] == 0, case  # ...and keep penalty counts on the device
 
 
-@pytest.mark.parametrize("group", ["default", pytest.param("more", marks=pytest.mark.slow)])
+# Slow (default-run budget): test_spmd_pipeline's smoke and the layouts test run pp by default.
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["default", "more"])
 def test_engine_pipeline_keeps_pp_micro_batches_in_flight(group):
     out = run_child(__file__, "pipeline", group)
     base = out["base"]

@@ -189,6 +189,7 @@ def test_killed_worker_ends_the_run_within_30s(tmp_path):
     assert not any(_alive(p) for p in pids)
 
 
+@pytest.mark.slow  # default-run budget: test_killed_worker_ends_the_run_within_30s stays
 def test_killed_worker_without_launcher_ends_process_0_within_30s(tmp_path):
     """No launcher (a TPU pod): the coordination service's heartbeat tells process 0."""
     from energon_jax.parallel.launch import free_port

@@ -23,8 +23,8 @@ from energon_jax.parallel.options import ParallelOptions
 # Llama (GQA), GPT-2 (fused qkv, uneven vocab) and Mixtral (experts) run by default; Qwen2 and
 # OPT repeat the same layouts with biases, so they are in the slow set to keep the default run short.
 # Default run: llama only (15 min budget); the other families' tp parity runs with -m slow.
-FAMILIES = [
-    "llama",
+FAMILIES = [  # llama is slow too: test_parallel_engine's layouts run tp=8 on a llama in the default run
+    pytest.param("llama", marks=pytest.mark.slow),
     pytest.param("gpt2", marks=pytest.mark.slow),
     pytest.param("qwen2", marks=pytest.mark.slow),
     pytest.param("opt", marks=pytest.mark.slow),

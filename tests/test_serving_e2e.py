@@ -70,6 +70,7 @@ def test_model_info_and_tokenize_come_from_the_checkpoint(server, checkpoint) ->
     assert ids == Tokenizer.from_pretrained(checkpoint).encode("The quick brown fox")
 
 
+@pytest.mark.slow  # default-run budget
 def test_load_64_clients_x4_streams_equal_engine_generate(server, checkpoint) -> None:
     from energon_jax import Engine, SamplingParams
 
