@@ -403,6 +403,19 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     attn.page_tables[page_rows, page_cols] = flat_pages
     out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
     prev_rows = per_row[:, 3]
+    _fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
+    _fill_sampling(out, reqs, prev_rows.tolist(), buckets.history_len > 0)
+    if penalty is not None:
+        out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
+    return out
+
+
+def _fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                    seg: np.ndarray, pos: np.ndarray, size: int) -> None:
+    """Both packers' common tail: placeholders, positions, segments, slots, lengths, logits rows
+    (``input_ids`` and the page tables already written)."""
+    nr, attn = len(lens), out.attn
+    total = int(ends[-1]) if nr else 0
     if (prev_rows >= 0).any():  # placeholders (a plan made ahead): one fed token each
         out.prev_token_index[:total] = np.repeat(prev_rows, lens)
         out.input_ids[:total] = np.where(out.prev_token_index[:total] >= 0, 0, out.input_ids[:total])
@@ -411,10 +424,6 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
     attn.context_lens[:nr] = starts + lens
     out.logits_indices[:nr] = ends - 1
-    _fill_sampling(out, reqs, prev_rows.tolist(), buckets.history_len > 0)
-    if penalty is not None:
-        out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
-    return out
 
 
 def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets, host: HostRows,
@@ -444,14 +453,7 @@ def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets
         out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32,
                                             total)
     placeholder = prev_rows >= 0
-    if placeholder.any():  # a plan made ahead: one fed token each
-        out.prev_token_index[:total] = np.repeat(prev_rows, lens)
-        out.input_ids[:total] = np.where(out.prev_token_index[:total] >= 0, 0, out.input_ids[:total])
-    out.positions[:total] = pos
-    out.segment_ids[:total] = seg
-    attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
-    attn.context_lens[:nr] = starts + lens
-    out.logits_indices[:nr] = ends - 1
+    _fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
     f, ints = host.floats[slots], host.ints[slots]
     s.temperature[:nr], s.top_p[:nr], s.min_p[:nr] = f[:, 0], f[:, 1], f[:, 2]
     s.repetition_penalty[:nr], s.presence_penalty[:nr], s.frequency_penalty[:nr] = f[:, 3], f[:, 4], f[:, 5]
