@@ -19,18 +19,16 @@ previous step samples: ``prev_token_index`` names, per token, the row of the pre
 step's sampled ids to take it from, and ``prev_history_row``/``prev_history_pos`` the
 same for the one penalty-history entry it adds; the runner fills them on device.
 
-``HostRows`` (owned by the step loop, passed to ``pack``) keeps what changes only by
-deltas between steps: each running request's sampling parameters (written once, when it
-joins) and its page table (the pages it gained since the last step are appended), so
-packing a step gathers its rows' slots with numpy instead of re-reading every request's
-fields and every page of every row.
+``host_rows.HostRows`` (owned by the step loop, passed to ``pack``) keeps what changes
+only by deltas between steps, so packing a step gathers its rows' slots with numpy instead
+of re-reading every request's fields and every page of every row.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -38,6 +36,9 @@ import numpy as np
 from energon_jax.request import MAX_LOGPROBS, Request
 from energon_jax.scheduler import StepPlan
 from pallas_kernels.page_layout import NULL_PAGE, PagedAttentionMetadata
+
+if TYPE_CHECKING:  # host_rows imports this module
+    from energon_jax import host_rows as host_rows_lib
 
 
 def _next_pow2(n: int) -> int:
@@ -254,112 +255,8 @@ def warmup_batches(buckets: Buckets) -> list[StepBatch]:
     return [dummy_batch(buckets, t, b) for t, b in buckets.all_shapes()]
 
 
-class HostRows:
-    """Per-request step inputs kept on the host between steps, changed by deltas.
-
-    A request gets a slot the first time ``slots`` sees it; the slot holds its sampling
-    parameters and its page table row, and the number of its pages copied so far. Each
-    step: pages the request gained are appended (the scheduler only ever extends a page
-    list, or hands the request a new list: admission, preemption, finish), and a list
-    that is new, or shorter than what was copied (a plan made ahead that gave pages back),
-    is copied whole. Not for sliding windows: those overwrite released pages in place.
-
-    A slot whose request finished is reused; when none is free, one whose request is not
-    in the current step is (its request, if it comes back, is written again).
-    """
-
-    def __init__(self, buckets: Buckets, num_slots: int) -> None:
-        if num_slots < 1:
-            raise ValueError(f"{num_slots=} must be >= 1")
-        self.max_pages_per_row = buckets.max_pages_per_row
-        self.tables = np.full((num_slots, buckets.max_pages_per_row), NULL_PAGE, np.int32)  # [S, M]
-        self.num_pages = np.zeros(num_slots, np.int64)  # [S] pages of the row copied into tables
-        # [S, 6] temperature, top_p, min_p, repetition, presence, frequency penalty
-        self.floats = np.zeros((num_slots, 6), np.float32)
-        self.ints = np.zeros((num_slots, 3), np.int64)  # [S, 3] top_k, prompt length, logprobs asked
-        self.seed = np.zeros(num_slots, np.uint32)  # [S]
-        self.min_tokens = np.zeros(num_slots, np.int64)  # [S] 0 unless the request bans ids until then
-        self.ban_ids = np.full((num_slots, MIN_TOKENS_BAN_WIDTH), -1, np.int32)  # [S, W]
-        self.penalty = np.zeros(num_slots, bool)  # [S] the request uses a penalty
-        self._owner: list[Request | None] = [None] * num_slots
-        self._pages: list[list[int] | None] = [None] * num_slots  # the page list object copied from
-        self._counts = [0] * num_slots  # num_pages as Python ints (read per row per step)
-        self._slot_of: dict[int, int] = {}  # id(request) -> slot
-        self._free = list(range(num_slots - 1, -1, -1))
-
-    def slots(self, reqs: Sequence[Request]) -> np.ndarray:
-        """``[R]`` slot of each request (distinct), its row brought up to date first."""
-        out = []
-        slot_of, owner, copied, counts = self._slot_of, self._owner, self._pages, self._counts
-        for req in reqs:
-            s = slot_of.get(id(req), -1)
-            if s < 0 or owner[s] is not req:
-                s = self._join(req, reqs)
-            pages = req.pages
-            if pages is not copied[s] or len(pages) != counts[s]:  # else: nothing changed (most steps)
-                self._sync(s, pages)
-            out.append(s)
-        return np.array(out, np.intp)
-
-    def _sync(self, s: int, pages: list[int]) -> None:
-        """Bring slot ``s``'s table row to ``pages``: append what is new, or copy it whole."""
-        n, had, m = len(pages), self._counts[s], self.max_pages_per_row  # more than m: pack's check reports it
-        if pages is not self._pages[s] or n < had:
-            self.tables[s, : min(n, m)] = pages[:m]
-            self.tables[s, min(n, m) : had] = NULL_PAGE
-            self._pages[s] = pages
-        else:
-            self.tables[s, had : min(n, m)] = pages[had:m]
-        self._counts[s] = n
-        self.num_pages[s] = n
-
-    def _join(self, req: Request, step: Sequence[Request]) -> int:
-        """A slot for ``req``, its parameters written and its table row empty."""
-        if not self._free:
-            self._reclaim(step)
-        s = self._free.pop()
-        self._owner[s] = req
-        self._slot_of[id(req)] = s
-        self._pages[s] = None
-        self.tables[s, : self._counts[s]] = NULL_PAGE
-        self._counts[s] = 0
-        self.num_pages[s] = 0
-        p = req.params
-        self.floats[s] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-                          p.frequency_penalty)
-        self.ints[s] = (p.top_k, len(req.prompt_token_ids), p.logprobs or 0)
-        self.seed[s] = req.seed_key
-        self.min_tokens[s] = p.min_tokens if req.min_tokens_ban else 0
-        self.ban_ids[s] = -1
-        self.ban_ids[s, : len(req.min_tokens_ban)] = req.min_tokens_ban
-        self.penalty[s] = p.uses_penalties
-        return s
-
-    def _reclaim(self, step: Sequence[Request]) -> None:
-        """Free the slots of finished requests; if none, of one request not in ``step``."""
-        for s, owner in enumerate(self._owner):
-            if owner is not None and owner.finished:
-                self._release(s)
-        if self._free:
-            return
-        in_step = {id(r) for r in step}
-        for s, owner in enumerate(self._owner):
-            if owner is not None and id(owner) not in in_step:
-                self._release(s)
-                return
-        raise ValueError(f"a step has more rows than the {len(self._owner)} host row slots")
-
-    def _release(self, s: int) -> None:
-        owner = self._owner[s]
-        if self._slot_of.get(id(owner)) == s:
-            del self._slot_of[id(owner)]
-        self._owner[s] = None
-        self._pages[s] = None
-        self._free.append(s)
-
-
 def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray] | None = None,
-         host_rows: HostRows | None = None) -> StepBatch:
+         host_rows: host_rows_lib.HostRows | None = None) -> StepBatch:
     """Lay the plan's rows end to end in the smallest bucket that holds them.
 
     ``penalty``: ``(slot [R], reset [R])`` per plan row from ``PenaltySlots.assign`` when the
@@ -382,7 +279,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
         return out
     reqs = [row.request for row in rows]
     if host_rows is not None:
-        _pack_from(out, rows, reqs, buckets, host_rows, plan.num_tokens)
+        host_rows.pack_into(out, rows, reqs, buckets, plan.num_tokens)
         if penalty is not None:
             out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
         return out
@@ -390,7 +287,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     per_row = np.array([(row.num_tokens, row.start_pos, len(r.pages), row.prev_row) for row, r in zip(rows, reqs)],
                        np.int64).reshape(nr, 4)
     lens, starts, num_pages = per_row[:, 0], per_row[:, 1], per_row[:, 2]
-    _check_rows(rows, lens, starts, num_pages, buckets)
+    check_rows(rows, lens, starts, num_pages, buckets)
     total = int(lens.sum())
     ends = np.cumsum(lens)  # [R] offset just past each row
     seg = np.repeat(np.arange(nr), lens)  # [total]
@@ -403,14 +300,14 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     attn.page_tables[page_rows, page_cols] = flat_pages
     out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
     prev_rows = per_row[:, 3]
-    _fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
+    fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
     _fill_sampling(out, reqs, prev_rows.tolist(), buckets.history_len > 0)
     if penalty is not None:
         out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
     return out
 
 
-def _fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+def fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                     seg: np.ndarray, pos: np.ndarray, size: int) -> None:
     """Both packers' common tail: placeholders, positions, segments, slots, lengths, logits rows
     (``input_ids`` and the page tables already written)."""
@@ -426,53 +323,7 @@ def _fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, sta
     out.logits_indices[:nr] = ends - 1
 
 
-def _pack_from(out: StepBatch, rows: list, reqs: list[Request], buckets: Buckets, host: HostRows,
-               num_tokens: int) -> None:
-    """``pack``'s body with ``HostRows``: per row only the step's own numbers are read."""
-    nr, attn, s, size = len(rows), out.attn, out.sampling, buckets.page_size
-    slots = host.slots(reqs)  # [R]
-    lens = np.array([len(row.token_ids) for row in rows], np.int64)  # [R]
-    decode = num_tokens == nr and bool((lens == 1).all())  # one token per row
-    starts = np.array([row.start_pos for row in rows], np.int64)  # [R]
-    prev_rows = np.array([row.prev_row for row in rows], np.int64)  # [R] placeholder's row in the step before
-    num_out = np.array([len(r.output_token_ids) for r in reqs], np.int64)  # [R] outputs known so far
-    num_pages = host.num_pages[slots]
-    _check_rows(rows, lens, starts, num_pages, buckets)
-    total = int(lens.sum())
-    ends = np.cumsum(lens)  # [R] offset just past each row
-    if total == nr:  # every row feeds one token (a decode step)
-        seg, pos = np.arange(nr), starts
-    else:
-        seg = np.repeat(np.arange(nr), lens)  # [total]
-        pos = np.arange(total) - np.repeat(ends - lens, lens) + np.repeat(starts, lens)  # [total]
-    width = int(num_pages.max())  # columns past every row's pages stay NULL_PAGE (as in tables)
-    attn.page_tables[:nr, :width] = host.tables[slots, :width]
-    if decode:
-        out.input_ids[:nr] = [row.token_ids[0] for row in rows]
-    else:
-        out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32,
-                                            total)
-    placeholder = prev_rows >= 0
-    _fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
-    f, ints = host.floats[slots], host.ints[slots]
-    s.temperature[:nr], s.top_p[:nr], s.min_p[:nr] = f[:, 0], f[:, 1], f[:, 2]
-    s.repetition_penalty[:nr], s.presence_penalty[:nr], s.frequency_penalty[:nr] = f[:, 3], f[:, 4], f[:, 5]
-    s.top_k[:nr], s.prompt_len[:nr], s.num_logprobs[:nr] = ints[:, 0], ints[:, 1], ints[:, 2]
-    # A placeholder row's request owes one token: it has generated one more than the host knows.
-    step = num_out + placeholder
-    s.step[:nr] = step
-    s.seed[:nr] = host.seed[slots]
-    min_tokens = host.min_tokens[slots]
-    banned = np.flatnonzero(step < min_tokens)  # rows still holding back their stop ids
-    if banned.size:
-        s.min_tokens[banned] = min_tokens[banned]
-        s.ban_ids[banned] = host.ban_ids[slots[banned]]
-    if buckets.history_len > 0:
-        for i in np.flatnonzero(host.penalty[slots]).tolist():
-            _fill_history(out, reqs[i], i, int(prev_rows[i]))
-
-
-def _check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.ndarray, buckets: Buckets) -> None:
+def check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.ndarray, buckets: Buckets) -> None:
     """The scheduler's promises, checked once per step: cheap, and a broken one would corrupt the cache."""
     last = starts + lens - 1  # [R] position of each row's last fed token
     bad = np.flatnonzero((lens < 1) | (num_pages > buckets.max_pages_per_row) | (last // buckets.page_size >= num_pages))
@@ -506,10 +357,10 @@ def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int], hi
             s.ban_ids[i, : len(r.min_tokens_ban)] = r.min_tokens_ban
     for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
         if history and p.uses_penalties:
-            _fill_history(out, r, i, prev_rows[i])
+            fill_history(out, r, i, prev_rows[i])
 
 
-def _fill_history(out: StepBatch, r: Request, i: int, prev_row: int) -> None:
+def fill_history(out: StepBatch, r: Request, i: int, prev_row: int) -> None:
     """Row ``i``'s penalty history (prompt + outputs), and where its placeholder's id goes."""
     hist = r.tokens(0, r.num_tokens)
     out.sampling.history[i, : len(hist)] = hist

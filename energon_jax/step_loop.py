@@ -87,6 +87,7 @@ class StepLoop:
         plans_ahead: bool = False,
     ) -> None:
         from energon_jax import batch as batch_lib
+        from energon_jax.host_rows import HostRows
 
         self.scheduler = scheduler
         self.runner = runner
@@ -94,10 +95,10 @@ class StepLoop:
         self.split_prefill_decode = split_prefill_decode
         self.plans_ahead = plans_ahead
         self._pack_batch = batch_lib.pack
-        # Per-request step inputs kept between steps (batch.HostRows). Not with a sliding window:
+        # Per-request step inputs kept between steps (host_rows.HostRows). Not with a sliding window:
         # the scheduler releases pages behind it by overwriting them in place.
         config = getattr(scheduler, "config", None)
-        self._host_rows = (batch_lib.HostRows(buckets, 2 * buckets.max_num_seqs)
+        self._host_rows = (HostRows(buckets, 2 * buckets.max_num_seqs)
                            if config is not None and config.attention_window is None else None)
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0) if buckets.history_len == 0 else 0

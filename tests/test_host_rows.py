@@ -1,6 +1,6 @@
 """The host-time fast paths of a step against the plain ones they replace.
 
-- ``batch.HostRows`` (page tables and sampling parameters kept between steps, patched
+- ``host_rows.HostRows`` (page tables and sampling parameters kept between steps, patched
   by deltas): every field of every packed batch equals ``pack`` reading each request
   afresh, over a randomized scheduler run with chunked prefill, plans made ahead,
   preemption (a small pool), aborts, penalties, min_tokens and placeholders.
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from energon_jax.batch import Buckets, HostRows, pack
+from energon_jax.batch import Buckets, pack
+from energon_jax.host_rows import HostRows
 from energon_jax.output import OutputTracker, add_many
 from energon_jax.request import Request, SamplingParams
 from energon_jax.sampling import SampledTokens
