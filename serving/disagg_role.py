@@ -140,14 +140,9 @@ class RoleWorker:
         ``cancelled`` is set (before ``abort(rid)`` is called) when the call ends early: a
         request cancelled during its pull is never given pages."""
         self.engine.check_request(prompt_ids, params)  # ValueError before any transfer
-        if params.uses_penalties and self.engine.buckets.history_len == 0:
-            # Penalty counts kept on the device are built from the tokens a slot is fed, and
-            # an adopted request is never fed its prompt here.
-            raise ValueError(
-                f"repetition_penalty={params.repetition_penalty}, presence_penalty={params.presence_penalty}, "
-                f"frequency_penalty={params.frequency_penalty}: penalties are not supported across prefill and "
-                "decode servers (they must be 1, 0, 0)"
-            )
+        # Penalties need nothing here: the adopted request's first decode row starts at its
+        # prompt's end, so the step loop loads its penalty slot from the prompt (PenaltySlots'
+        # rebuild path, as for a prompt whose prefix came from the prefix cache).
         out: queue.Queue = queue.Queue()
         moved = self._pull(offer)
         request = Request(request_id=rid, prompt_token_ids=list(prompt_ids), params=params,

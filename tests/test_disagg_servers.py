@@ -33,6 +33,8 @@ FLAGS = ["--no-warmup", *(f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.item
 PROMPT_LENS = (5, 16, 45)  # shorter than a page, an exact page multiple, longer than one chunk
 MAX_TOKENS = 8
 TEXT_PROMPT = "The quick brown fox"  # tokenized by the prefill server
+# Greedy with every penalty: the decode server rebuilds each request's counts from its prompt.
+PENALTIES = dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.7)
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the router's --chat-template
 
 
@@ -158,7 +160,10 @@ def colocated_tokens():
     chat = engine.tokenizer.encode(TEXT_PROMPT, add_special_tokens=False)  # one user message, CHAT_TEMPLATE
     prompts = [*(_prompt(n) for n in PROMPT_LENS), TEXT_PROMPT, chat]
     outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    return {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text", "chat"], outs, strict=True)}
+    ref = {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text", "chat"], outs, strict=True)}
+    outs = engine.generate([_prompt(n) for n in PROMPT_LENS], SamplingParams(max_tokens=MAX_TOKENS, **PENALTIES))
+    ref.update({("penalties", n): (list(o.token_ids), o.text) for n, o in zip(PROMPT_LENS, outs, strict=True)})
+    return ref
 
 
 def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
@@ -200,12 +205,17 @@ def test_bad_requests_fail_with_invalid_argument_through_the_router(trio):
     with pytest.raises(grpc.RpcError) as err:  # longer than max_model_len: refused by the prefill server
         _generate(trio.stub, _prompt(LIMITS["max_model_len"] + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(5)),
-                             params=pb.SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=1.3))
-    with pytest.raises(grpc.RpcError) as err:  # refused by the decode server, after the first token
-        list(trio.stub.Generate(req, timeout=60))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "penalties are not supported across prefill and decode servers" in err.value.details()
+    trio.wait_pages_free()
+
+
+def test_penalties_match_colocated_through_the_router(trio, colocated_tokens):
+    for n in PROMPT_LENS:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(n)),
+                                 params=pb.SamplingParams(max_tokens=MAX_TOKENS, **PENALTIES))
+        responses = list(trio.stub.Generate(req, timeout=300))
+        got = ([t for r in responses for t in r.token_ids], "".join(r.text for r in responses))
+        assert got == colocated_tokens[("penalties", n)], f"prompt of {n} tokens"
+    assert colocated_tokens[("penalties", 45)][0] != colocated_tokens[45][0]  # the penalties changed the tokens
     trio.wait_pages_free()
 
 
@@ -247,17 +257,17 @@ def test_openai_completions_through_the_router_match_colocated(trio, colocated_t
     trio.wait_pages_free()
 
 
-def test_openai_errors_and_disconnects_through_the_router(trio):
+def test_openai_errors_and_disconnects_through_the_router(trio, colocated_tokens):
     import httpx
 
     url = f"http://127.0.0.1:{trio.router.http_port}/v1/completions"
     long = dict(prompt=_prompt(LIMITS["max_model_len"]), max_tokens=4)  # refused at the router's admission
     r = httpx.post(url, json=long, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    penalty = dict(prompt=_prompt(5), max_tokens=4, temperature=0.0, repetition_penalty=1.3)
-    r = httpx.post(url, json=penalty, timeout=60)  # refused by the decode server, after the first token
-    assert r.status_code == 400
-    assert "penalties are not supported across prefill and decode servers" in r.json()["error"]["message"]
+    penalty = dict(prompt=_prompt(16), max_tokens=MAX_TOKENS, **PENALTIES)
+    r = httpx.post(url, json=penalty, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == colocated_tokens[("penalties", 16)][1]
     body = dict(prompt=_prompt(40), max_tokens=80, temperature=0.0, stream=True)
     with httpx.stream("POST", url, json=body, timeout=300) as r:  # the client leaves mid-stream
         events = (line for line in r.iter_lines() if line.startswith("data: "))
