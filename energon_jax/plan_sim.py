@@ -12,6 +12,13 @@ The simulation replays a workload (arrival time, prompt length, output length pe
 request) and returns each request's TTFT (arrival to first token) and TPOT (mean time
 between its later tokens), from which ``goodput`` finds the highest request rate at which
 a target share of requests meets both SLOs (DistServe's definition).
+
+Beyond the steps' durations, the engine's step loop (``step_loop.py``) delays what a
+caller sees in two ways, modelled by ``LoopModel``: with ``async_scheduling`` step k+1 is
+planned when step k starts, so a request arriving mid-step waits for the step in flight
+and for the one already planned; and a token that does not finish its request reaches
+the caller when the next step ends (its text is made during that step), so the first
+token shows one step late. A finishing token is returned by its own step.
 """
 
 from __future__ import annotations
@@ -127,6 +134,23 @@ def sample_lengths(n: int, mean: float, *, dist: str, maximum: int, seed: int) -
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopModel:
+    """How one replica's step loop delays a request beyond its steps (module docstring)."""
+
+    plans_ahead: bool = True  # the engine's async_scheduling (the role servers run without it)
+    deferred_tokens: bool = True  # a non-final token is seen when the next step ends
+
+    @classmethod
+    def bare(cls) -> LoopModel:
+        """Only the steps: a request joins the next step to start, a token is seen when its step ends."""
+        return cls(plans_ahead=False, deferred_tokens=False)
+
+
+COLOCATED_LOOP = LoopModel()  # Engine's default (async_scheduling on)
+ROLE_LOOP = LoopModel(plans_ahead=False)  # serving/disagg_role.py: async_scheduling off
+
+
+@dataclasses.dataclass(frozen=True)
 class ReplicaLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
@@ -152,24 +176,31 @@ class SimResult:
         values = self.ttft_s if which == "ttft" else self.tpot_s[~np.isnan(self.tpot_s)]
         return float(np.percentile(values, q)) if len(values) else 0.0
 
-    def attainment(self, slo_ttft_s: float, slo_tpot_s: float) -> float:
+    def attainment(self, slo_ttft_s: float | np.ndarray, slo_tpot_s: float | np.ndarray) -> float:
+        """Share of requests meeting both SLOs (each a number, or one per request)."""
         ok = (self.ttft_s <= slo_ttft_s) & (np.nan_to_num(self.tpot_s) <= slo_tpot_s)
         return float(np.mean(ok)) if len(ok) else 1.0
 
 
 def _run_replica(reqs: list[_Req], cost: StepCost, limits: ReplicaLimits, *, tp: int, tp_eff: float,
-                 prefill_only: bool, first_token_s: dict[int, float], last_token_s: dict[int, float]) -> None:
+                 prefill_only: bool, loop: LoopModel, first_token_s: dict[int, float],
+                 last_token_s: dict[int, float]) -> None:
     """Continuous batching on one replica, FCFS: decode rows first, then prefill chunks in the
     token budget left (as ``Scheduler``). ``prefill_only``: a request leaves once its first
-    token is sampled. Records the time of each request's first and last token."""
+    token is sampled. Records when the caller sees each request's first and last token."""
     pending = deque(sorted(reqs, key=lambda r: r.ready_s))
     running: list[_Req] = []
     now = 0.0
+    prev_start: float | None = None  # start of the step before this one, when they ran back to back
+    unseen: list[_Req] = []  # first tokens sampled by the last step, seen when this one ends
     while pending or running:
-        if not running and pending and pending[0].ready_s > now:
-            now = pending[0].ready_s
-        while pending and pending[0].ready_s <= now and len(running) < limits.max_num_seqs:
+        # With plan-ahead, the step starting now was planned when the previous one started.
+        plan_at = prev_start if loop.plans_ahead and prev_start is not None else now
+        while pending and pending[0].ready_s <= plan_at and len(running) < limits.max_num_seqs:
             running.append(pending.popleft())
+        if not running:  # idle: the next arrival is planned and dispatched at once
+            now, prev_start = max(now, pending[0].ready_s), None
+            continue
         budget = limits.max_num_batched_tokens
         tokens = rows = 0
         attended = 0.0
@@ -186,7 +217,11 @@ def _run_replica(reqs: list[_Req], cost: StepCost, limits: ReplicaLimits, *, tp:
                 work.append((r, take))
                 tokens, rows, budget = tokens + take, rows + 1, budget - take
                 attended += (hi * (hi + 1) - lo * (lo + 1)) / 2
+        prev_start = now
         now += cost.step_s(tokens, rows, attended, tp=tp, tp_efficiency=tp_eff)
+        for r in unseen:
+            first_token_s[r.idx] = now
+        unseen = []
         done = []
         for r, n in work:
             if r.prefilled < r.prompt:
@@ -194,18 +229,26 @@ def _run_replica(reqs: list[_Req], cost: StepCost, limits: ReplicaLimits, *, tp:
                 if r.prefilled < r.prompt:
                     continue
             r.generated += 1  # a finished prompt samples its first token, a decode row its next
+            finished = r.generated >= r.output or (prefill_only and r.generated == 1)
             if r.generated == 1:
-                first_token_s[r.idx] = now
+                if finished or not loop.deferred_tokens:
+                    first_token_s[r.idx] = now
+                else:
+                    unseen.append(r)
             last_token_s[r.idx] = now
-            if r.generated >= r.output or (prefill_only and r.generated == 1):
+            if finished:
                 done.append(r)
         for r in done:
             running.remove(r)
 
 
 def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: ReplicaLimits, *,
-             tp_efficiency: float = 0.9, transfer_s_per_token: float = 0.0) -> SimResult:
-    """TTFT and TPOT of every request of ``workload`` served by ``layout``."""
+             tp_efficiency: float = 0.9, transfer_s_per_token: float = 0.0, transfer_s: float = 0.0,
+             colocated_loop: LoopModel = COLOCATED_LOOP, role_loop: LoopModel = ROLE_LOOP) -> SimResult:
+    """TTFT and TPOT of every request of ``workload`` served by ``layout``. A disaggregated
+    request reaches its decode replica ``transfer_s + transfer_s_per_token * prompt`` after
+    its first token; ``colocated_loop`` and ``role_loop`` say how the step loops of a
+    colocated replica and of a prefill or decode server delay tokens (``LoopModel``)."""
     n = len(workload.arrival_s)
     first: dict[int, float] = {}
     last: dict[int, float] = {}
@@ -224,10 +267,11 @@ def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: Replica
         reqs = [_Req(i, float(workload.arrival_s[i]), int(workload.prompt_len[i]),
                      1 if not layout.colocated else int(workload.output_len[i])) for i in members]
         _run_replica(reqs, cost, limits, tp=layout.prefill_tp, tp_eff=tp_efficiency,
-                     prefill_only=not layout.colocated, first_token_s=first, last_token_s=last)
+                     prefill_only=not layout.colocated, loop=colocated_loop if layout.colocated else role_loop,
+                     first_token_s=first, last_token_s=last)
     if not layout.colocated:
         handoff = sorted(
-            ((i, first[i] + transfer_s_per_token * int(workload.prompt_len[i])) for i in range(n)
+            ((i, first[i] + transfer_s + transfer_s_per_token * int(workload.prompt_len[i])) for i in range(n)
              if workload.output_len[i] > 1), key=lambda x: x[1])
         decode_last: dict[int, float] = {}
         for members in assign(handoff, layout.decode_dp):
@@ -235,7 +279,7 @@ def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: Replica
             reqs = [_Req(i, ready[i], int(workload.prompt_len[i]), int(workload.output_len[i]),
                          prefilled=int(workload.prompt_len[i]), generated=1) for i in members]
             _run_replica(reqs, cost, limits, tp=layout.decode_tp, tp_eff=tp_efficiency, prefill_only=False,
-                         first_token_s={}, last_token_s=decode_last)
+                         loop=role_loop, first_token_s={}, last_token_s=decode_last)
         last.update(decode_last)
     ttft = np.array([first[i] - workload.arrival_s[i] + cost.per_request_s for i in range(n)])
     tpot = np.array([(last[i] - first[i]) / (workload.output_len[i] - 1) if workload.output_len[i] > 1 else np.nan
@@ -243,15 +287,18 @@ def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: Replica
     return SimResult(ttft, tpot, np.array([last[i] for i in range(n)]))
 
 
-def goodput(lengths: Workload, layout: Layout, cost: StepCost, limits: ReplicaLimits, *, slo_ttft_s: float,
-            slo_tpot_s: float, attainment: float = 0.9, seed: int = 0, tp_efficiency: float = 0.9,
-            transfer_s_per_token: float = 0.0, iterations: int = 14) -> float:
+def goodput(lengths: Workload, layout: Layout, cost: StepCost, limits: ReplicaLimits, *,
+            slo_ttft_s: float | np.ndarray, slo_tpot_s: float | np.ndarray, attainment: float = 0.9, seed: int = 0,
+            tp_efficiency: float = 0.9, transfer_s_per_token: float = 0.0, transfer_s: float = 0.0,
+            iterations: int = 14, colocated_loop: LoopModel = COLOCATED_LOOP, role_loop: LoopModel = ROLE_LOOP) -> float:
     """The highest Poisson rate (requests/s) at which ``attainment`` of the requests meet both
-    SLOs (bisection on the rate; 0 when even a trickle misses them)."""
+    SLOs (bisection on the rate; 0 when even a trickle misses them). An SLO is one number for
+    every request, or one per request (``[R]``: Splitwise's multiples of each one's unloaded latency)."""
 
     def ok(rate: float) -> bool:
         res = simulate(lengths.at_rate(rate, seed), layout, cost, limits, tp_efficiency=tp_efficiency,
-                       transfer_s_per_token=transfer_s_per_token)
+                       transfer_s_per_token=transfer_s_per_token, transfer_s=transfer_s, colocated_loop=colocated_loop,
+                       role_loop=role_loop)
         return res.attainment(slo_ttft_s, slo_tpot_s) >= attainment
 
     lo, hi = 0.0, 1.0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from energon_jax.plan_sim import (
-    Layout, ReplicaLimits, StepCost, Workload, goodput, layouts_for, sample_lengths, simulate,
+    Layout, LoopModel, ReplicaLimits, StepCost, Workload, goodput, layouts_for, sample_lengths, simulate,
 )
 from energon_jax.planner import StepSample, fit_error, fit_step_cost, prefill_attended
 
@@ -25,8 +25,11 @@ def one(prompt: int, output: int, at: float = 0.0) -> Workload:
     return Workload(np.array([at]), np.array([prompt]), np.array([output]))
 
 
+BARE = dict(colocated_loop=LoopModel.bare())  # only the steps: no plan-ahead, tokens seen when their step ends
+
+
 def test_one_request_alone_colocated():
-    res = simulate(one(40, 5), Layout(1), COST, LIMITS)
+    res = simulate(one(40, 5), Layout(1), COST, LIMITS, **BARE)
     prefill = 0.010 + 40 * 0.001 + 0.0005  # one step of 40 tokens, 1 row
     decode = 0.010 + 0.001 + 0.0005  # one decode row
     assert res.ttft_s[0] == pytest.approx(prefill)
@@ -38,13 +41,58 @@ def test_two_requests_share_the_step_budget_and_chunk():
     # A (50 tokens) and B (30 tokens) arrive together; budget 64: step 1 = A's 50 + B's first 14,
     # step 2 = A's decode row + B's last 16 (B's first token), step 3 = two decode rows.
     w = Workload(np.array([0.0, 0.0]), np.array([50, 30]), np.array([3, 2]))
-    res = simulate(w, Layout(1), COST, LIMITS)
+    res = simulate(w, Layout(1), COST, LIMITS, **BARE)
     s1 = 0.010 + 64 * 0.001 + 2 * 0.0005
     s2 = 0.010 + 17 * 0.001 + 2 * 0.0005
     s3 = 0.010 + 2 * 0.001 + 2 * 0.0005
     assert res.ttft_s.tolist() == pytest.approx([s1, s1 + s2])
     assert res.finish_s.tolist() == pytest.approx([s1 + s2 + s3, s1 + s2 + s3])
     assert res.tpot_s.tolist() == pytest.approx([(s2 + s3) / 2, s3])
+
+
+def test_first_token_is_seen_when_the_next_step_ends():
+    # The engine's loop: a token that does not finish its request is returned by the next
+    # step() call, which ends with the next step. Alone: prefill 40 (50.5 ms), then decode
+    # steps of 11.5 ms; the first token is seen after step 2, the last (finishing) after step 5.
+    res = simulate(one(40, 5), Layout(1), COST, LIMITS)
+    assert res.ttft_s[0] == pytest.approx(0.0505 + 0.0115)
+    assert res.tpot_s[0] == pytest.approx((0.0505 + 4 * 0.0115 - 0.062) / 4)  # 3 steps over 4 gaps
+    # A one-token answer finishes at once: its token comes back with its own step.
+    assert simulate(one(40, 1), Layout(1), COST, LIMITS).ttft_s[0] == pytest.approx(0.0505)
+
+
+def test_request_arriving_mid_step_waits_for_the_planned_step():
+    # A (prompt 40, 10 tokens) at t=0; B (prompt 20, 3 tokens) at 51 ms, during A's first decode step
+    # (50.5 - 62 ms). Steps: 1 A prefill 0-50.5; 2 A decode 50.5-62; 3 A decode 62-73.5 ...
+    w = Workload(np.array([0.0, 0.051]), np.array([40, 20]), np.array([10, 3]))
+    joint = 0.010 + 21 * 0.001 + 2 * 0.0005  # A's decode row + B's 20-token prefill: 32 ms
+    two_rows = 0.010 + 2 * 0.001 + 2 * 0.0005  # 13 ms
+    # Bare: B joins step 3, planned when it starts (62 ms): 62 + 32 = 94 ms.
+    assert simulate(w, Layout(1), COST, LIMITS, **BARE).ttft_s[1] == pytest.approx(0.094 - 0.051)
+    # Plan-ahead: step 3 was planned at 50.5 ms, before B came; B joins step 4 (73.5 - 105.5 ms).
+    ahead = LoopModel(plans_ahead=True, deferred_tokens=False)
+    assert simulate(w, Layout(1), COST, LIMITS, colocated_loop=ahead).ttft_s[1] == pytest.approx(0.1055 - 0.051)
+    # The engine's loop (both): B's first token is seen when step 5 (two decode rows) ends.
+    res = simulate(w, Layout(1), COST, LIMITS)
+    assert res.ttft_s[1] == pytest.approx(0.0735 + joint + two_rows - 0.051)
+    # B's last token finishes it: step 6 (two rows again) ends 13 ms later; 2 gaps from first to last
+    assert res.tpot_s[1] == pytest.approx(two_rows / 2)
+    # A is alone until B came: its first token (step 1) is seen when step 2 ends
+    assert res.ttft_s[0] == pytest.approx(0.062)
+
+
+def test_role_servers_do_not_plan_ahead():
+    # A prefill server answers with the first token right after its step; a decode server's
+    # last token finishes the request: neither loop delay shows on a lone request.
+    res = simulate(one(40, 5), Layout(1, 1, 1, 1), COST, LIMITS)
+    assert res.ttft_s[0] == pytest.approx(0.0505) and res.tpot_s[0] == pytest.approx(0.0115)
+
+
+def test_per_request_slos_and_attainment():
+    res = simulate(Workload(np.array([0.0, 10.0]), np.array([40, 40]), np.array([5, 5])), Layout(1), COST, LIMITS,
+                   **BARE)  # two lone requests: TTFT 50.5 ms, TPOT 11.5 ms each
+    assert res.attainment(np.array([0.06, 0.05]), 0.012) == 0.5  # the second request's TTFT SLO is too tight
+    assert res.attainment(0.06, np.array([0.011, 0.012])) == 0.5
 
 
 def test_token_buckets_pad_the_step():
