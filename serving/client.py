@@ -56,9 +56,11 @@ def sampling_params(**fields: Any) -> pb.SamplingParams:
 
 
 def generate_request(
-    prompt: str | Sequence[int], params: pb.SamplingParams | None = None, request_id: str = ""
+    prompt: str | Sequence[int], params: pb.SamplingParams | None = None, request_id: str = "",
+    cache_salt: str | None = None,
 ) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=request_id, params=params or pb.SamplingParams())
+    """``cache_salt``: share prefix-cache pages only with requests of the same salt."""
+    req = pb.GenerateRequest(request_id=request_id, params=params or pb.SamplingParams(), cache_salt=cache_salt)
     if isinstance(prompt, str):
         req.text = prompt
     else:

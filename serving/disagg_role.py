@@ -63,6 +63,7 @@ class KvOffer:
     bucket_pages: int
     num_computed_tokens: int
     null_slots: tuple[int, ...] = ()  # page-table entries a sliding window released
+    cached_tokens: int = 0  # prompt tokens the prefill server's prefix cache held (reported in usage)
 
 
 @dataclasses.dataclass
@@ -126,10 +127,12 @@ class RoleWorker:
         s = self.engine.scheduler
         return s.pages_used, s.pages_total
 
-    def prefill(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> queue.Queue:
-        """Queue a prefill; the returned queue gets ``(delta, offer or None)`` or an exception."""
+    def prefill(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                cache_salt: str | None = None) -> queue.Queue:
+        """Queue a prefill; the returned queue gets ``(delta, offer or None)`` or an exception.
+        ``cache_salt``: the prefill server's prefix cache is shared only within one salt."""
         out: queue.Queue = queue.Queue()
-        self._submit(lambda: self._add(rid, prompt_ids, params, out))
+        self._submit(lambda: self._add(rid, prompt_ids, params, out, cache_salt))
         return out
 
     def decode(self, rid: str, prompt_ids: list[int], params: SamplingParams, first_token: int,
@@ -147,7 +150,8 @@ class RoleWorker:
         moved = self._pull(offer)
         request = Request(request_id=rid, prompt_token_ids=list(prompt_ids), params=params,
                           output_token_ids=[first_token], status=RequestStatus.RUNNING,
-                          num_computed_tokens=offer.num_computed_tokens, first_token_time=time.monotonic())
+                          num_computed_tokens=offer.num_computed_tokens, num_cached_tokens=offer.cached_tokens,
+                          first_token_time=time.monotonic())
         adoption = _Adoption(request, moved, offer.num_pages, offer.null_slots, out, cancelled)
         self._submit(lambda: self._queue_adoption(adoption))
         return out
@@ -214,9 +218,10 @@ class RoleWorker:
             for out in outs:
                 out.put(e)
 
-    def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams, out: queue.Queue) -> None:
+    def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams, out: queue.Queue,
+             cache_salt: str | None) -> None:
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self.engine.add_request(prompt_ids, params, request_id=rid, cache_salt=cache_salt)
         except ValueError as e:
             out.put(e)
             return
@@ -304,7 +309,7 @@ class RoleWorker:
         self.transfer.await_pull(uuid, moved, timeout=deadline)
         self.engine.scheduler.allocator.free(live)  # the gather reading them is dispatched first
         offer = KvOffer(uuid, self.address, len(live), self.mover.bucket(len(live)),
-                        request.num_computed_tokens, nulls)
+                        request.num_computed_tokens, nulls, request.num_cached_tokens)
         return offer, ids, text, logprobs
 
 

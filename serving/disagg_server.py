@@ -60,7 +60,8 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
         rid = uuid.uuid4().hex
         try:
             ids = self._prompt_ids(request)
-            out = self._w.prefill(rid, ids, self._params(request))
+            salt = request.cache_salt if request.HasField("cache_salt") else None
+            out = self._w.prefill(rid, ids, self._params(request), cache_salt=salt)
             if not context.add_callback(lambda: self._w.abort(rid)):  # a cancelled call frees its pages
                 self._w.abort(rid)
             delta, offer = next(iterate(out))
@@ -75,7 +76,7 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
             resp.kv.CopyFrom(dpb.KvDescriptor(
                 uuid=offer.uuid, transfer_address=offer.transfer_address, num_pages=offer.num_pages,
                 bucket_pages=offer.bucket_pages, num_computed_tokens=offer.num_computed_tokens,
-                null_slots=offer.null_slots,
+                null_slots=offer.null_slots, cached_tokens=offer.cached_tokens,
             ))
         return resp
 
@@ -85,7 +86,7 @@ class DisaggServicer(dpb_grpc.DisaggServicer):
         rid = uuid.uuid4().hex
         kv = request.kv
         offer = KvOffer(kv.uuid, kv.transfer_address, kv.num_pages, kv.bucket_pages, kv.num_computed_tokens,
-                        tuple(kv.null_slots))
+                        tuple(kv.null_slots), kv.cached_tokens)
         label = request.request.request_id
         failure = None
         cancelled = threading.Event()

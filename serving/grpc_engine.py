@@ -115,9 +115,7 @@ class GrpcEngine:
     async def submit(
         self, prompt: str | Sequence[int], params: SamplingParams, *, request_id: str, cache_salt: str | None = None
     ) -> AsyncIterator[StreamDelta]:
-        if cache_salt is not None:  # not in the gRPC contract: refused rather than dropped
-            raise ValueError(f"cache_salt={cache_salt!r} is not supported through energon router")
-        req = pb.GenerateRequest(request_id=request_id, params=params_to_proto(params))
+        req = pb.GenerateRequest(request_id=request_id, params=params_to_proto(params), cache_salt=cache_salt)
         if isinstance(prompt, str):
             req.text = prompt
         else:

@@ -66,8 +66,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 params = params_from_proto(request.params, binding.params_cls)
                 prompt_ids = await self._prompt_ids(binding, request)
                 submitted = True
+                salt = request.cache_salt if request.HasField("cache_salt") else None
                 stream = await adm.open_stream(
-                    binding, prompt_ids, params, label=label, cancel_reason=lambda: _cancel_reason(context)
+                    binding, prompt_ids, params, label=label, cancel_reason=lambda: _cancel_reason(context),
+                    cache_salt=salt,
                 )
                 async for delta in stream:
                     yield response_from_delta(label, delta)

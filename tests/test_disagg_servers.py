@@ -219,6 +219,26 @@ def test_penalties_match_colocated_through_the_router(trio, colocated_tokens):
     trio.wait_pages_free()
 
 
+def test_cache_salt_and_cached_tokens_through_the_router(trio):
+    """The salt reaches the prefill server's prefix cache; usage reports its hits (two full pages of 16)."""
+    import httpx
+
+    def grpc_cached(salt: str) -> int:
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(45)), cache_salt=salt,
+                                 params=pb.SamplingParams(max_tokens=3, temperature=0.0))
+        return list(trio.stub.Generate(req, timeout=300))[-1].usage.cached_tokens
+
+    def http_cached(salt: str) -> int:
+        body = dict(prompt=_prompt(45), max_tokens=3, temperature=0.0, cache_salt=salt)
+        r = httpx.post(f"http://127.0.0.1:{trio.router.http_port}/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert [grpc_cached("g1"), grpc_cached("g1"), grpc_cached("g2")] == [0, 32, 0]
+    assert [http_cached("h1"), http_cached("h1"), http_cached("g1")] == [0, 32, 32]
+    trio.wait_pages_free()
+
+
 def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, str]:
     import httpx
 

@@ -167,6 +167,24 @@ def test_cancel_and_deadline_free_the_real_engines_pages(server) -> None:
         server.wait_metrics(_idle)
 
 
+def test_cache_salt_over_grpc_isolates_the_prefix_cache(server) -> None:
+    """Same prompt: a salt hits only its own pages; the unsalted cache is a salt of its own."""
+    prompt = [(i * 11) % 200 + 3 for i in range(30)]  # 7 full pages of 4 cached, the last token recomputed
+    params = pb.SamplingParams(max_tokens=2, temperature=0.0)
+
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+
+        def cached(salt: str | None) -> int:
+            return list(stub.Generate(generate_request(prompt, params, cache_salt=salt), timeout=120))[-1].usage.cached_tokens
+
+        assert [cached("tenant-a"), cached("tenant-a"), cached("tenant-b"), cached(None), cached(None)] == [0, 28, 0, 0, 28]
+        with pytest.raises(grpc.RpcError) as e:
+            cached("x" * 1025)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.value.details()
+    server.wait_metrics(_idle)
+
+
 @pytest.mark.parametrize(
     ("field", "prompt", "params"),
     [

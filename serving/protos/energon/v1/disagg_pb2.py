@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from serving.protos.energon.v1 import inference_pb2 as energon_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65nergon/v1/disagg.proto\x12\nenergon.v1\x1a\x1a\x65nergon/v1/inference.proto\"\x90\x01\n\x0cKvDescriptor\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0c\x62ucket_pages\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x12\n\nnull_slots\x18\x06 \x03(\x05\"~\n\x0fPrefillResponse\x12+\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1c.energon.v1.GenerateResponse\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x18.energon.v1.KvDescriptor\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\"{\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.energon.v1.GenerateRequest\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.energon.v1.KvDescriptor\"\x0e\n\x0cStatsRequest\"\x84\x01\n\rStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x12\n\npages_used\x18\x02 \x01(\x05\x12\x13\n\x0bpages_total\x18\x03 \x01(\x05\x12\r\n\x05pulls\x18\x04 \x01(\x03\x12\x14\n\x0cpull_seconds\x18\x05 \x01(\x01\x12\x12\n\npull_bytes\x18\x06 \x01(\x03\x32\xd0\x01\n\x06\x44isagg\x12\x43\n\x07Prefill\x12\x1b.energon.v1.GenerateRequest\x1a\x1b.energon.v1.PrefillResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x19.energon.v1.DecodeRequest\x1a\x1c.energon.v1.GenerateResponse0\x01\x12<\n\x05Stats\x12\x18.energon.v1.StatsRequest\x1a\x19.energon.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65nergon/v1/disagg.proto\x12\nenergon.v1\x1a\x1a\x65nergon/v1/inference.proto\"\xa7\x01\n\x0cKvDescriptor\x12\x0c\n\x04uuid\x18\x01 \x01(\x04\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x14\n\x0c\x62ucket_pages\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x12\n\nnull_slots\x18\x06 \x03(\x05\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\"~\n\x0fPrefillResponse\x12+\n\x05\x66irst\x18\x01 \x01(\x0b\x32\x1c.energon.v1.GenerateResponse\x12$\n\x02kv\x18\x02 \x01(\x0b\x32\x18.energon.v1.KvDescriptor\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\"{\n\rDecodeRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.energon.v1.GenerateRequest\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\x05\x12$\n\x02kv\x18\x03 \x01(\x0b\x32\x18.energon.v1.KvDescriptor\"\x0e\n\x0cStatsRequest\"\x84\x01\n\rStatsResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x12\n\npages_used\x18\x02 \x01(\x05\x12\x13\n\x0bpages_total\x18\x03 \x01(\x05\x12\r\n\x05pulls\x18\x04 \x01(\x03\x12\x14\n\x0cpull_seconds\x18\x05 \x01(\x01\x12\x12\n\npull_bytes\x18\x06 \x01(\x03\x32\xd0\x01\n\x06\x44isagg\x12\x43\n\x07Prefill\x12\x1b.energon.v1.GenerateRequest\x1a\x1b.energon.v1.PrefillResponse\x12\x43\n\x06\x44\x65\x63ode\x12\x19.energon.v1.DecodeRequest\x1a\x1c.energon.v1.GenerateResponse0\x01\x12<\n\x05Stats\x12\x18.energon.v1.StatsRequest\x1a\x19.energon.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'energon.v1.disagg_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVDESCRIPTOR']._serialized_start=68
-  _globals['_KVDESCRIPTOR']._serialized_end=212
-  _globals['_PREFILLRESPONSE']._serialized_start=214
-  _globals['_PREFILLRESPONSE']._serialized_end=340
-  _globals['_DECODEREQUEST']._serialized_start=342
-  _globals['_DECODEREQUEST']._serialized_end=465
-  _globals['_STATSREQUEST']._serialized_start=467
-  _globals['_STATSREQUEST']._serialized_end=481
-  _globals['_STATSRESPONSE']._serialized_start=484
-  _globals['_STATSRESPONSE']._serialized_end=616
-  _globals['_DISAGG']._serialized_start=619
-  _globals['_DISAGG']._serialized_end=827
+  _globals['_KVDESCRIPTOR']._serialized_end=235
+  _globals['_PREFILLRESPONSE']._serialized_start=237
+  _globals['_PREFILLRESPONSE']._serialized_end=363
+  _globals['_DECODEREQUEST']._serialized_start=365
+  _globals['_DECODEREQUEST']._serialized_end=488
+  _globals['_STATSREQUEST']._serialized_start=490
+  _globals['_STATSREQUEST']._serialized_end=504
+  _globals['_STATSRESPONSE']._serialized_start=507
+  _globals['_STATSRESPONSE']._serialized_end=639
+  _globals['_DISAGG']._serialized_start=642
+  _globals['_DISAGG']._serialized_end=850
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KvDescriptor(_message.Message):
-    __slots__ = ("uuid", "transfer_address", "num_pages", "bucket_pages", "num_computed_tokens", "null_slots")
+    __slots__ = ("uuid", "transfer_address", "num_pages", "bucket_pages", "num_computed_tokens", "null_slots", "cached_tokens")
     UUID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     BUCKET_PAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NULL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     uuid: int
     transfer_address: str
     num_pages: int
     bucket_pages: int
     num_computed_tokens: int
     null_slots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, uuid: _Optional[int] = ..., transfer_address: _Optional[str] = ..., num_pages: _Optional[int] = ..., bucket_pages: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., null_slots: _Optional[_Iterable[int]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, uuid: _Optional[int] = ..., transfer_address: _Optional[str] = ..., num_pages: _Optional[int] = ..., bucket_pages: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., null_slots: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first", "kv", "prompt_token_ids")

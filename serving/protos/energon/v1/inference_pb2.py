@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65nergon/v1/inference.proto\x12\nenergon.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokens\"\x96\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.energon.v1.TokenIdsH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.energon.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.energon.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xac\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.energon.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.energon.v1.Usage\"0\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\":\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.energon.v1.Embedding\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"X\n\x0eParallelLayout\x12\n\n\x02\x64p\x18\x01 \x01(\x05\x12\n\n\x02tp\x18\x02 \x01(\x05\x12\n\n\x02pp\x18\x03 \x01(\x05\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\x05\"\x8f\x01\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.energon.v1.ParallelLayout\x12\r\n\x05model\x18\x05 \x01(\t2\xa3\x02\n\tInference\x12G\n\x08Generate\x12\x1b.energon.v1.GenerateRequest\x1a\x1c.energon.v1.GenerateResponse0\x01\x12<\n\x05\x45mbed\x12\x18.energon.v1.EmbedRequest\x1a\x19.energon.v1.EmbedResponse\x12\x45\n\x08Tokenize\x12\x1b.energon.v1.TokenizeRequest\x1a\x1c.energon.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.energon.v1.ModelInfoRequest\x1a\x1d.energon.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65nergon/v1/inference.proto\x12\nenergon.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\r\n\x0b_min_tokens\"\xbe\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.energon.v1.TokenIdsH\x00\x12*\n\x06params\x18\x04 \x01(\x0b\x32\x1a.energon.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_cache_salt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.energon.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xac\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.energon.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.energon.v1.Usage\"0\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x11\n\tnormalize\x18\x02 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\":\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.energon.v1.Embedding\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"X\n\x0eParallelLayout\x12\n\n\x02\x64p\x18\x01 \x01(\x05\x12\n\n\x02tp\x18\x02 \x01(\x05\x12\n\n\x02pp\x18\x03 \x01(\x05\x12\x11\n\tprocesses\x18\x04 \x01(\x05\x12\x0f\n\x07\x64\x65vices\x18\x05 \x01(\x05\"\x8f\x01\n\x11ModelInfoResponse\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12*\n\x06layout\x18\x04 \x01(\x0b\x32\x1a.energon.v1.ParallelLayout\x12\r\n\x05model\x18\x05 \x01(\t2\xa3\x02\n\tInference\x12G\n\x08Generate\x12\x1b.energon.v1.GenerateRequest\x1a\x1c.energon.v1.GenerateResponse0\x01\x12<\n\x05\x45mbed\x12\x18.energon.v1.EmbedRequest\x1a\x19.energon.v1.EmbedResponse\x12\x45\n\x08Tokenize\x12\x1b.energon.v1.TokenizeRequest\x1a\x1c.energon.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.energon.v1.ModelInfoRequest\x1a\x1d.energon.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,31 +36,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=68
   _globals['_SAMPLINGPARAMS']._serialized_end=658
   _globals['_GENERATEREQUEST']._serialized_start=661
-  _globals['_GENERATEREQUEST']._serialized_end=811
-  _globals['_TOPLOGPROB']._serialized_start=813
-  _globals['_TOPLOGPROB']._serialized_end=860
-  _globals['_TOKENLOGPROB']._serialized_start=862
-  _globals['_TOKENLOGPROB']._serialized_end=948
-  _globals['_USAGE']._serialized_start=950
-  _globals['_USAGE']._serialized_end=1030
-  _globals['_GENERATERESPONSE']._serialized_start=1033
-  _globals['_GENERATERESPONSE']._serialized_end=1205
-  _globals['_EMBEDREQUEST']._serialized_start=1207
-  _globals['_EMBEDREQUEST']._serialized_end=1255
-  _globals['_EMBEDDING']._serialized_start=1257
-  _globals['_EMBEDDING']._serialized_end=1284
-  _globals['_EMBEDRESPONSE']._serialized_start=1286
-  _globals['_EMBEDRESPONSE']._serialized_end=1344
-  _globals['_TOKENIZEREQUEST']._serialized_start=1346
-  _globals['_TOKENIZEREQUEST']._serialized_end=1377
-  _globals['_TOKENIZERESPONSE']._serialized_start=1379
-  _globals['_TOKENIZERESPONSE']._serialized_end=1416
-  _globals['_MODELINFOREQUEST']._serialized_start=1418
-  _globals['_MODELINFOREQUEST']._serialized_end=1436
-  _globals['_PARALLELLAYOUT']._serialized_start=1438
-  _globals['_PARALLELLAYOUT']._serialized_end=1526
-  _globals['_MODELINFORESPONSE']._serialized_start=1529
-  _globals['_MODELINFORESPONSE']._serialized_end=1672
-  _globals['_INFERENCE']._serialized_start=1675
-  _globals['_INFERENCE']._serialized_end=1966
+  _globals['_GENERATEREQUEST']._serialized_end=851
+  _globals['_TOPLOGPROB']._serialized_start=853
+  _globals['_TOPLOGPROB']._serialized_end=900
+  _globals['_TOKENLOGPROB']._serialized_start=902
+  _globals['_TOKENLOGPROB']._serialized_end=988
+  _globals['_USAGE']._serialized_start=990
+  _globals['_USAGE']._serialized_end=1070
+  _globals['_GENERATERESPONSE']._serialized_start=1073
+  _globals['_GENERATERESPONSE']._serialized_end=1245
+  _globals['_EMBEDREQUEST']._serialized_start=1247
+  _globals['_EMBEDREQUEST']._serialized_end=1295
+  _globals['_EMBEDDING']._serialized_start=1297
+  _globals['_EMBEDDING']._serialized_end=1324
+  _globals['_EMBEDRESPONSE']._serialized_start=1326
+  _globals['_EMBEDRESPONSE']._serialized_end=1384
+  _globals['_TOKENIZEREQUEST']._serialized_start=1386
+  _globals['_TOKENIZEREQUEST']._serialized_end=1417
+  _globals['_TOKENIZERESPONSE']._serialized_start=1419
+  _globals['_TOKENIZERESPONSE']._serialized_end=1456
+  _globals['_MODELINFOREQUEST']._serialized_start=1458
+  _globals['_MODELINFOREQUEST']._serialized_end=1476
+  _globals['_PARALLELLAYOUT']._serialized_start=1478
+  _globals['_PARALLELLAYOUT']._serialized_end=1566
+  _globals['_MODELINFORESPONSE']._serialized_start=1569
+  _globals['_MODELINFORESPONSE']._serialized_end=1712
+  _globals['_INFERENCE']._serialized_start=1715
+  _globals['_INFERENCE']._serialized_end=2006
 # @@protoc_insertion_point(module_scope)
