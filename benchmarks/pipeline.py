@@ -24,12 +24,14 @@ Part 3, controller (``parallel/controller.py``, ``--controller``): the same 8 de
 127.0.0.1), the same model and requests through ``Engine.generate`` on process 0 (the
 worker runs ``serve()``), for ``pp=2 x tp=4`` (the SPMD pipeline, ``PipelineController``)
 and ``tp=8`` (``ModelRunner`` behind a ``Controller``, planning ahead). Per layout it prints
-the schedule occupancy per stage, the controller's host time per engine step (dispatching
-the header and batch broadcasts; blocked fetching the sampled ids on process 0, the header
-on the worker), the blocking host syncs per step on each process, and the tokens per engine
-step. In one process the controller broadcasts nothing (only its fetch is counted). On
-simulated CPU devices the host times include the device work that the fetch waits for;
-no wall-clock speed-up is claimed from them.
+the schedule occupancy per stage, the controller's overhead per engine step (host time
+publishing the header and dispatching the batch broadcast, plus the time blocked fetching
+the sampled ids on process 0 or waiting for the header on the worker), the blocking waits
+per step on each process, counted apart: device-to-host syncs (process 0's ids fetch) and
+key-value waits (a worker's header, a message through ``jax.distributed``'s store, no
+device sync), and the tokens per engine step. In one process the controller broadcasts
+nothing (only its fetch is counted). On simulated CPU devices the host times include the
+device work that the fetch waits for; no wall-clock speed-up is claimed from them.
 """
 
 from __future__ import annotations
@@ -253,16 +255,18 @@ def run_controller(args) -> None:
                     f"tokens/step={gen / steps:.2f} planned ahead={res['ahead']} ")
             if "occupancy" in res:
                 line += f"occupancy per stage={[f'{u:.1%}' for u in res['occupancy']]} "
-            line += (f"process 0: syncs/step={(st['header_syncs'] + st['fetch_syncs']) / steps:.2f} "
-                     f"broadcast={1e3 * st['broadcast_s'] / steps:.2f} ms/step "
-                     f"fetch wait={1e3 * st['fetch_s'] / steps:.2f} ms/step "
-                     f"step wall={1e3 * res['wall_s'] / steps:.2f} ms")
+            overhead = 1e3 * (st["broadcast_s"] + st["fetch_s"] + st["kv_wait_s"]) / steps
+            line += (f"process 0: device syncs/step={st['fetch_syncs'] / steps:.2f} "
+                     f"kv waits/step={st['kv_waits'] / steps:.2f} "
+                     f"controller overhead={overhead:.2f} ms/step (broadcast {1e3 * st['broadcast_s'] / steps:.2f} "
+                     f"+ ids fetch {1e3 * st['fetch_s'] / steps:.2f}) step wall={1e3 * res['wall_s'] / steps:.2f} ms")
             if procs > 1:
                 w = runs[procs][1]["layouts"][name]["worker"]
                 wsteps = max(w["steps"], 1)
-                line += (f"; worker (both rounds): steps={w['steps']} syncs/step={(w['header_syncs'] + w['fetch_syncs']) / wsteps:.2f} "
-                         f"(headers {w['header_syncs']}, incl. stops) broadcast={1e3 * w['broadcast_s'] / wsteps:.2f} "
-                         f"ms/step header wait={1e3 * w['fetch_s'] / wsteps:.2f} ms/step")
+                line += (f"; worker (both rounds): steps={w['steps']} device syncs/step={w['fetch_syncs'] / wsteps:.2f} "
+                         f"kv waits/step={w['kv_waits'] / wsteps:.2f} (incl. stops) "
+                         f"broadcast={1e3 * w['broadcast_s'] / wsteps:.2f} ms/step "
+                         f"header wait={1e3 * w['kv_wait_s'] / wsteps:.2f} ms/step")
             print(line)
         print(f"  {name}: same tokens 1 vs 2 processes: {same}")
 

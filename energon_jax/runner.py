@@ -185,19 +185,22 @@ class ModelRunner:
         self.warmed_up = True
         return self.num_compiles
 
-    def step_async(self, batch: Any, prev: StepHandle | None = None) -> StepHandle:
+    def step_async(self, batch: Any, prev: StepHandle | None = None, *, fetch: bool = True) -> StepHandle:
         """Dispatch one step; returns before the device finishes.
 
         ``prev``: the step dispatched just before, whose sampled ids fill this batch's
         placeholders (needed when ``batch.prev_token_index`` has any entry >= 0).
+        ``fetch=False``: nobody will read this step's outputs on this host (a multi-process
+        worker), so no copy to the host is started.
         """
         prev_ids = self._no_prev if prev is None or prev.ids_buffer is None else prev.ids_buffer
         exe = self._executable(batch)
         self.kv_cache, self.penalty_tables, outputs, ids_buffer = exe(
             self._state, self.kv_cache, self.penalty_tables, batch, prev_ids
         )
-        for x in outputs:
-            x.copy_to_host_async()
+        if fetch:
+            for x in outputs:
+                x.copy_to_host_async()
         return StepHandle(outputs, ids_buffer)
 
     def step(self, batch: Any) -> SampledTokens:

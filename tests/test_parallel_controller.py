@@ -51,10 +51,12 @@ def test_two_processes_tp4_match_one_process(tmp_path):
     assert all(len(t) == MAX_TOKENS for t in got["tokens"].values())
     assert worker["steps"] == got["steps"] > 0  # the worker ran every step process 0 planned
     # Process 0 planned and broadcast step N+1 before fetching step N's ids; its one blocking
-    # sync per step is that fetch, a worker's the header (plus the stop header); nothing else.
+    # sync per step is that fetch. A worker makes no device sync: it waits for each header (and
+    # the stop) in the key-value store; process 0 waits for none.
     assert got["planned_ahead"] > 0
-    assert got["stats"]["fetch_syncs"] == got["steps"] and got["stats"]["header_syncs"] == 0
-    assert worker["stats"]["header_syncs"] == worker["steps"] + 1 and worker["stats"]["fetch_syncs"] == 0
+    assert got["stats"]["fetch_syncs"] == got["steps"] and got["stats"]["kv_waits"] == 0
+    assert worker["stats"]["kv_waits"] == worker["steps"] + 1 and worker["stats"]["fetch_syncs"] == 0
+    assert got["live_header_keys"] <= 2, got  # the headers every worker has read are deleted
 
 
 def test_single_process_controller_is_the_runner():
@@ -83,7 +85,8 @@ def test_single_process_controller_is_the_runner():
     handle = c.step_async(np.ones(4, np.int32))
     assert len(runner.seen) == 1 and handle.ids_buffer == "ids on device"
     assert c.stats.fetch_syncs == 0 and handle.result() == "ids" and c.stats.fetch_syncs == 1  # counted when fetched
-    assert c.stats.steps == 1 and c.stats.host_syncs == 1 and c.stats.broadcast_s == 0.0  # nothing broadcast
+    assert c.stats.steps == 1 and c.stats.device_syncs == 1 and c.stats.broadcast_s == 0.0  # nothing broadcast
+    assert c.stats.kv_waits == 0
     worker = Controller(runner, [np.zeros(4, np.int32)], process_index=1, process_count=2)
     with pytest.raises(RuntimeError, match=r"process 1 is a worker"):
         worker.step_async(np.zeros(4, np.int32))
@@ -92,6 +95,81 @@ def test_single_process_controller_is_the_runner():
         boss.step_async(np.zeros(5, np.int32))
     with pytest.raises(ValueError, match=r"templates is empty"):
         Controller(runner, [], process_index=0, process_count=1)
+
+
+class FakeStore:
+    """The key-value store's methods over a dict; a missing key times out as jax's does."""
+
+    def __init__(self):
+        self.data: dict[str, str] = {}
+        self.timeouts = 0
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        assert allow_overwrite or key not in self.data, key
+        self.data[key] = value
+
+    def key_value_delete(self, key):  # a key, or a directory with every key under it
+        for k in [k for k in self.data if k == key or k.startswith(key + "/")]:
+            del self.data[k]
+
+    def key_value_increment(self, key, increment):
+        self.data[key] = str(int(self.data.get(key, "0")) + increment)
+        return int(self.data[key])
+
+    def blocking_key_value_get(self, key, timeout_in_ms):
+        if key not in self.data:
+            self.timeouts += 1
+            raise RuntimeError(f"DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}")
+        return self.data[key]
+
+
+def test_header_channel_numbers_steps_and_deletes_what_every_worker_read():
+    from energon_jax.parallel.controller import STEP, STOP, HeaderChannel
+
+    store = FakeStore()
+    boss, worker = HeaderChannel(store, process_index=0), HeaderChannel(store, process_index=1)
+    steps = [(STEP, i % 3, i % 2 == 1) for i in range(40)]
+    for n, (cmd, shape, prev) in enumerate(steps):
+        assert boss.publish(cmd, shape, prev) == n
+        assert worker.receive() == (cmd, shape, prev)
+        if n >= 1:
+            boss.acked(n - 1)  # planning ahead: step n - 1's ids fetched after step n went out
+        assert boss.live_keys <= 3  # a ring, not a log
+    boss.publish(STOP, 0, False)
+    assert worker.receive()[0] == STOP
+    # The next controller (the next engine of the same run) numbers itself 2 on both sides;
+    # once its first step's ids are fetched, generation 1's leftovers are gone.
+    boss2, worker2 = HeaderChannel(store, process_index=0), HeaderChannel(store, process_index=1)
+    boss2.publish(STEP, 1, False)
+    assert worker2.receive() == (STEP, 1, False) and worker2.generation == boss2.generation == 2
+    boss2.acked(0)
+    boss2.publish(STEP, 2, False)
+    headers = sorted(k for k in store.data if k.split("/")[2].isdigit())
+    assert headers == ["energon/controller/2/1"], headers
+    # A worker waiting for a header retries on the store's timeout (an idle server) ...
+    idle = HeaderChannel(store, process_index=1)
+    idle._gen, idle._next = 2, 2
+    store.timeouts = 0
+    calls = iter([RuntimeError("DEADLINE_EXCEEDED: timed out")] * 2)
+    real_get = store.blocking_key_value_get
+
+    def slow_get(key, timeout_in_ms):
+        err = next(calls, None)
+        if err is not None:
+            raise err
+        return real_get(key, timeout_in_ms)
+
+    store.blocking_key_value_get = slow_get
+    boss2.publish(STEP, 0, True)
+    assert idle.receive() == (STEP, 0, True)
+    # ... but any other error (the coordinator gone) is raised, and a header out of order too.
+    store.blocking_key_value_get = lambda key, ms: (_ for _ in ()).throw(RuntimeError("UNAVAILABLE: gone"))
+    with pytest.raises(RuntimeError, match="UNAVAILABLE"):
+        idle.receive()
+    store.blocking_key_value_get = real_get
+    store.data["energon/controller/2/3"] = "1 0 0 7"
+    with pytest.raises(RuntimeError, match="holds step 7, expected 3"):
+        idle.receive()
 
 
 # ----------------------------------------------------------------- the children
@@ -180,6 +258,7 @@ def _child_multi(outdir: str) -> None:
         try:
             out["tokens"], out["planned_ahead"] = generate_ahead(controller, buckets)
             out["steps"] = controller.steps
+            out["live_header_keys"] = controller.headers.live_keys
         finally:
             controller.shutdown()
     else:

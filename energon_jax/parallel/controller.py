@@ -11,25 +11,27 @@ scheduler and the API, so it tells the others what to run:
     ----------------------                    ----------------------
     plan = scheduler.schedule()
     batch = pack(plan, buckets)
-    broadcast header [STEP, shape, prev] ---> header = receive()       (the worker's one host sync)
+    publish header "STEP shape prev N" -----> header = wait(N)          (a message, not a device sync)
     broadcast batch (that shape's arrays) ---> batch = receive(shape)   (stays on the devices)
     runner.step_async(batch, prev)            runner.step_async(batch, prev)
             \\_______ one SPMD step over the global mesh _______/
-    ... plan and broadcast step N+1 ...       (waits for the next header)
-    sampled ids of step N -> scheduler        (process 0's one host sync)
+    ... plan and broadcast step N+1 ...       (waits for header N+1)
+    sampled ids of step N -> scheduler        (process 0's one device sync)
     ...
-    broadcast header [STOP, 0, 0]  --------> returns from serve()
+    publish header "STOP" -----------------> returns from serve()
 
-Both broadcasts are one jitted collective each (``_Broadcast``): every process hands in
-one row per device of a ``[devices, ...]`` array, process 0 its batch on its first device
-and zeros elsewhere, and a sum over that axis leaves the batch replicated over the global
-mesh, *on the devices*. The step consumes it there: a worker never brings a batch back to
-its host, and process 0 never waits for a broadcast. Only the header (three int32: what
-to do, which compiled shape, whether the previous step's ids fill placeholders) must reach
-a worker's host, to choose the compiled step; that fetch is the worker's one blocking
-sync per step. Process 0's is the fetch of the sampled ids. The batch's shapes come from
-the fixed bucket list (``batch.warmup_batches``), which every process builds from the same
-config, so a shape index is enough to know what arrives.
+The header (what to do, which compiled shape, whether the previous step's ids fill
+placeholders, the step number) goes through the coordination service's key-value store
+(``HeaderChannel``: ``jax.distributed``'s own, served by process 0), so a worker waits for
+a message, never for a device: it makes no device-to-host sync at all. The batch is one
+jitted collective (``_Broadcast``): every process hands in one row per device of a
+``[devices, ...]`` array, process 0 its batch on its first device and zeros elsewhere, and a
+sum over that axis leaves the batch replicated over the global mesh, *on the devices*. The
+step consumes it there: a worker never brings a batch back to its host, and process 0 never
+waits for a broadcast. Process 0's one blocking sync per step is the fetch of the sampled
+ids; a worker never fetches its copy (it asks the runner for no host copy). The batch's
+shapes come from the fixed bucket list (``batch.warmup_batches``), which every process
+builds from the same config, so a shape index is enough to know what arrives.
 
 Planning ahead (``supports_prev_ids``, the engine's ``async_scheduling``): process 0
 broadcasts step N+1 before fetching step N's ids; the header's ``prev`` flag tells each
@@ -41,8 +43,8 @@ process 0 does, so placeholders are filled on device everywhere.
 when ``jax.process_count() > 1``; workers call ``serve()`` instead of serving an API.
 In a single process it broadcasts nothing: ``step_async`` is the runner's (counted).
 
-``stats`` (``ControllerStats``) counts steps, the blocking host syncs (headers received,
-ids fetched) and the host time spent broadcasting and waiting for ids.
+``stats`` (``ControllerStats``) counts steps, the blocking device-to-host syncs (ids
+fetched), the key-value waits (headers received), and the host time of each.
 
 A dead process cannot be waited out: the collectives would block for ever. The
 coordination service (short heartbeat, ``distributed.py``) ends the survivors, and
@@ -67,7 +69,7 @@ from energon_jax.protocols import CompiledRunner, StepRunner
 log = logging.getLogger(__name__)
 
 STEP, STOP = 1, 2
-HEADER_LEN = 3  # [command, shape index, prev flag]
+HEADER_PREFIX = "energon/controller"  # the key-value store's directory for step headers
 
 
 def _shape_key(batch: Any) -> tuple:
@@ -77,22 +79,107 @@ def _shape_key(batch: Any) -> tuple:
 
 @dataclasses.dataclass
 class ControllerStats:
-    """What the controller cost this process: steps run, blocking host syncs, host time."""
+    """What the controller cost this process: steps run, blocking waits of each kind, host time."""
 
     steps: int = 0
-    header_syncs: int = 0  # worker: headers fetched to the host (each blocks on the device)
-    fetch_syncs: int = 0  # process 0: sampled ids fetched (each blocks on the device)
-    broadcast_s: float = 0.0  # host time dispatching the header and batch broadcasts
-    fetch_s: float = 0.0  # host time blocked fetching (headers on workers, ids on process 0)
+    fetch_syncs: int = 0  # process 0: sampled ids fetched (each a device-to-host sync)
+    kv_waits: int = 0  # worker: step headers waited for in the key-value store (a message, no device sync)
+    broadcast_s: float = 0.0  # host time publishing the header and dispatching the batch broadcast
+    fetch_s: float = 0.0  # host time blocked fetching the ids (process 0)
+    kv_wait_s: float = 0.0  # host time blocked waiting for headers (workers)
 
     @property
-    def host_syncs(self) -> int:
-        return self.header_syncs + self.fetch_syncs
+    def device_syncs(self) -> int:
+        """Blocking device-to-host syncs: only process 0's ids fetches (a worker's header is a message)."""
+        return self.fetch_syncs
 
     def per_step(self) -> dict[str, float]:
         n = max(self.steps, 1)
-        return {"host_syncs": self.host_syncs / n, "broadcast_ms": 1e3 * self.broadcast_s / n,
-                "fetch_ms": 1e3 * self.fetch_s / n}
+        return {"device_syncs": self.device_syncs / n, "kv_waits": self.kv_waits / n,
+                "broadcast_ms": 1e3 * self.broadcast_s / n, "fetch_ms": 1e3 * self.fetch_s / n,
+                "kv_wait_ms": 1e3 * self.kv_wait_s / n}
+
+
+class HeaderChannel:
+    """Process 0 -> every worker: each step's header through the coordination service's
+    key-value store (``distributed.key_value_client``), so that no worker syncs with a device
+    to learn which compiled step to launch.
+
+    Keys: ``{prefix}/{generation}/{n}`` for step ``n`` of this controller; the value is
+    ``"command shape prev n"``. A generation is one controller's lifetime: process 0 draws it
+    from a counter in the store, each worker counts its own ``serve()`` calls in the store, so
+    both sides number controllers in the order they use them (as the collectives already
+    require). Keys do not pile up: once process 0 has fetched step ``n``'s ids, every worker
+    has launched step ``n`` (it joined its collectives), so keys ``<= n`` are deleted, and the
+    previous generation's leftovers (its last steps and its stop) with them.
+
+    ``client``: anything with the store's methods (``key_value_set``, ``key_value_delete``,
+    ``key_value_increment``, ``blocking_key_value_get``); tests pass a dict-backed fake."""
+
+    def __init__(self, client: Any, *, process_index: int, prefix: str = HEADER_PREFIX,
+                 poll_s: float = 30.0) -> None:
+        self._client, self._pid, self._prefix = client, process_index, prefix
+        self._poll_ms = int(1e3 * poll_s)
+        self._gen: int | None = None
+        self._next = 0  # the next step number to publish (process 0) or to wait for (worker)
+        self._acked = -1  # process 0: the last step whose ids it fetched
+        self._deleted = 0  # process 0: keys below this step are gone
+        self._older_cleared = False  # process 0: the previous generation's directory is gone
+
+    def _key(self, n: int) -> str:
+        return f"{self._prefix}/{self._gen}/{n}"
+
+    @property
+    def generation(self) -> int:
+        if self._gen is None:
+            if self._pid == 0:
+                self._gen = int(self._client.key_value_increment(f"{self._prefix}/generations", 1))
+            else:
+                self._gen = int(self._client.key_value_increment(f"{self._prefix}/served/{self._pid}", 1))
+        return self._gen
+
+    # -- process 0 ---------------------------------------------------------------------------
+
+    def publish(self, command: int, shape: int, prev: bool) -> int:
+        """Post the next step's header; returns its step number (never waits on a worker)."""
+        gen, n = self.generation, self._next
+        self._client.key_value_set(self._key(n), f"{command} {shape} {int(prev)} {n}")
+        self._next += 1
+        while self._deleted <= self._acked:  # read by every worker: they ran that step
+            self._client.key_value_delete(self._key(self._deleted))
+            self._deleted += 1
+        if self._acked >= 0 and gen > 1 and not self._older_cleared:  # every worker is in this generation
+            self._client.key_value_delete(f"{self._prefix}/{gen - 1}")  # a directory: all of its keys
+            self._older_cleared = True
+        return n
+
+    def acked(self, n: int) -> None:
+        """Process 0 fetched step ``n``'s ids: every worker has read headers ``<= n``."""
+        self._acked = max(self._acked, n)
+
+    @property
+    def live_keys(self) -> int:
+        """Headers of this generation still in the store (process 0's view)."""
+        return self._next - self._deleted
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def receive(self) -> tuple[int, int, bool]:
+        """Wait for the next step's header: ``(command, shape, prev)``."""
+        self.generation  # noqa: B018 -- numbered on first use
+        key = self._key(self._next)
+        while True:  # an idle server may wait long: poll in slices, so the process stays responsive
+            try:
+                value = self._client.blocking_key_value_get(key, self._poll_ms)
+                break
+            except Exception as e:  # noqa: BLE001 -- jax raises its runtime error; only a timeout retries
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        command, shape, prev, n = (int(v) for v in value.split())
+        if n != self._next:
+            raise RuntimeError(f"process {self._pid}: header {key} holds step {n}, expected {self._next}")
+        self._next += 1
+        return command, shape, bool(prev)
 
 
 def _sum_rows(tree: Any) -> Any:
@@ -149,10 +236,13 @@ def _runner_devices(runner: Any) -> list[Any]:
 
 
 class _CountedHandle:
-    """A step's handle; ``result()`` (the ids' fetch, process 0's one sync) is counted and timed."""
+    """A step's handle; ``result()`` (the ids' fetch, process 0's one sync) is counted and timed,
+    and tells the header channel that every worker has read the step's header (``step``)."""
 
-    def __init__(self, handle: Any, stats: ControllerStats) -> None:
+    def __init__(self, handle: Any, stats: ControllerStats, channel: HeaderChannel | None = None,
+                 step: int = -1) -> None:
         self.inner, self._stats = handle, stats
+        self._channel, self._step = channel, step
 
     @property
     def ids_buffer(self) -> Any:
@@ -163,6 +253,8 @@ class _CountedHandle:
         out = self.inner.result()
         self._stats.fetch_s += time.perf_counter() - start
         self._stats.fetch_syncs += 1
+        if self._channel is not None:
+            self._channel.acked(self._step)
         return out
 
 
@@ -173,10 +265,12 @@ class Controller:
     KV pages live on the global mesh. ``templates``: one batch per shape the runner may
     see (``batch.warmup_batches(buckets)``), in the same order on every process.
     ``devices``: the runner's mesh, flat (default: read from its KV pages' sharding).
+    ``headers``: the header channel (default: one over ``jax.distributed``'s key-value store).
     """
 
     def __init__(self, runner: StepRunner, templates: Sequence[Any], *, process_index: int | None = None,
-                 process_count: int | None = None, devices: Sequence[Any] | None = None) -> None:
+                 process_count: int | None = None, devices: Sequence[Any] | None = None,
+                 headers: HeaderChannel | None = None) -> None:
         self.runner = runner
         self.templates = list(templates)
         if not self.templates:
@@ -190,6 +284,8 @@ class Controller:
         self.controller_stats = ControllerStats()
         self._devices = None if devices is None else list(devices)
         self._bcast: _Broadcast | None = None  # built on first use (needs the global devices)
+        self._headers = headers  # built on first use (needs jax.distributed)
+        self._last_step = -1  # the step number of process 0's last published header
         self._stopped = False
 
     @property
@@ -215,6 +311,14 @@ class Controller:
             devices = self._devices if self._devices is not None else _runner_devices(self.runner)
             self._bcast = _Broadcast(devices, self.is_controller)
         return self._bcast
+
+    @property
+    def headers(self) -> HeaderChannel:
+        if self._headers is None:
+            from energon_jax.parallel.distributed import key_value_client
+
+            self._headers = HeaderChannel(key_value_client(), process_index=self.process_index)
+        return self._headers
 
     # -- the runner's interface (process 0, or any process when alone) -------------------
 
@@ -259,7 +363,7 @@ class Controller:
         if shape is None:
             raise ValueError("batch shape is not one of the templates' shapes (buckets differ from the workers'?)")
         start = time.perf_counter()
-        self.broadcast(np.array([STEP, shape, prev is not None], np.int32))  # not fetched here
+        self._last_step = self.headers.publish(STEP, shape, prev is not None)
         batch = self.broadcast(batch)
         self.controller_stats.broadcast_s += time.perf_counter() - start
         self.controller_stats.steps += 1
@@ -267,7 +371,11 @@ class Controller:
         return self._counted(handle)
 
     def _counted(self, handle: Any) -> Any:
-        return _CountedHandle(handle, self.controller_stats) if hasattr(handle, "result") else handle
+        """``handle`` (of the step last dispatched) with its fetch counted."""
+        if not hasattr(handle, "result"):
+            return handle
+        channel = self._headers if self.multi_process else None
+        return _CountedHandle(handle, self.controller_stats, channel, self._last_step)
 
     def step(self, batch: Any):
         return self.step_async(batch).result()
@@ -276,24 +384,24 @@ class Controller:
         """Process 0: tell every worker to return from ``serve()``. Idempotent."""
         if self.multi_process and self.is_controller and not self._stopped:
             self._stopped = True
-            self.broadcast(np.array([STOP, 0, 0], np.int32))
+            self.headers.publish(STOP, 0, False)
 
     # -- workers ----------------------------------------------------------------------------
 
     def serve(self) -> int:
         """Process i > 0: run every step process 0 broadcasts until it says stop; returns the step count.
 
-        Per step one blocking sync (the header, to pick the compiled shape); the batch and the
-        previous step's ids stay on the devices."""
+        Per step one wait for a message (the header, from the key-value store) and no device
+        sync: the batch, the previous step's ids and the sampled outputs stay on the devices."""
         if not self.multi_process or self.is_controller:
             raise RuntimeError("serve() is for worker processes (process_index > 0 of a multi-process run)")
-        bcast, last = self.broadcast, None
+        bcast, headers, last = self.broadcast, self.headers, None
+        stats = self.controller_stats
         while True:
             start = time.perf_counter()
-            header = bcast(np.zeros(HEADER_LEN, np.int32))
-            cmd, shape, prev = (int(v) for v in np.asarray(header.addressable_data(0)))
-            self.controller_stats.fetch_s += time.perf_counter() - start
-            self.controller_stats.header_syncs += 1
+            cmd, shape, prev = headers.receive()
+            stats.kv_wait_s += time.perf_counter() - start
+            stats.kv_waits += 1
             if cmd == STOP:
                 log.info("process %d: stop after %d steps", self.process_index, self.steps)
                 return self.steps
@@ -301,10 +409,11 @@ class Controller:
                 raise RuntimeError(f"process {self.process_index}: bad header {cmd=} {shape=} {prev=} from process 0")
             start = time.perf_counter()
             batch = bcast(self.templates[shape])  # zeros in; process 0's batch out, on the devices
-            self.controller_stats.broadcast_s += time.perf_counter() - start
-            # outputs stay on device; process 0 reads the ids
-            last = self.runner.step_async(batch, last) if prev else self.runner.step_async(batch)
-            self.controller_stats.steps += 1
+            stats.broadcast_s += time.perf_counter() - start
+            # Outputs stay on device (process 0 reads the ids): no host copy is started.
+            last = (self.runner.step_async(batch, last, fetch=False) if prev
+                    else self.runner.step_async(batch, fetch=False))
+            stats.steps += 1
 
 
 def serve_if_worker(runner: CompiledRunner | None) -> bool:

@@ -161,6 +161,19 @@ def shutdown() -> None:
         jax.distributed.shutdown()
 
 
+def key_value_client():
+    """The coordination service's client of this process (``jax.distributed``'s own), whose
+    key-value store carries small messages between processes (the controller's step headers,
+    ``controller.HeaderChannel``). jax has no public accessor for it; raises ``RuntimeError``
+    when this process has not joined a run."""
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialised: no key-value store to talk through")
+    return client
+
+
 def is_coordinator() -> bool:
     """Process 0 owns the scheduler and the API."""
     import jax

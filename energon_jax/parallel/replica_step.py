@@ -162,11 +162,13 @@ class ReplicaStepRunner:
         self.warmed_up = True
         return self.num_compiles
 
-    def step_async(self, batch: Any) -> StepHandle:
+    def step_async(self, batch: Any, *, fetch: bool = True) -> StepHandle:
+        """Dispatch one stacked step; ``fetch=False`` (a worker): start no copy to the host."""
         exe = self._executable(batch)
         self.kv, out = exe(self._state, self.kv, batch)
-        for a in out:
-            a.copy_to_host_async()
+        if fetch:
+            for a in out:
+                a.copy_to_host_async()
         return StepHandle(out)
 
     def step(self, batch: Any) -> SampledTokens:

@@ -323,15 +323,17 @@ class SpmdPipelineRunner:
 
     # -- the device side of a tick (every process) -------------------------------------------
 
-    def run_tick(self, batch: Any) -> tuple:
+    def run_tick(self, batch: Any, *, fetch: bool = True) -> tuple:
         """Run one tick of a batch already fitted to the tick's bucket; returns the sampled
-        outputs of the stage that finished a micro-batch (ids, logprobs, top ids, top logprobs)."""
+        outputs of the stage that finished a micro-batch (ids, logprobs, top ids, top logprobs).
+        ``fetch=False`` (a multi-process worker, which never reads them): no copy to the host."""
         self._shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
         exe = self._executable(batch)
         self.kv, self._acts, self._ring, out = exe(self._layers, self._active, self.kv, self._acts, self._ring,
                                                    self._embed, self._norm, self._head, batch)
-        for a in out:
-            a.copy_to_host_async()
+        if fetch:
+            for a in out:
+                a.copy_to_host_async()
         return out
 
     # -- the clock (process 0) -------------------------------------------------------------
@@ -406,8 +408,8 @@ class _TickDispatch:
     def __init__(self, runner: SpmdPipelineRunner) -> None:
         self.pipeline = runner
 
-    def step_async(self, batch: Any) -> tuple:
-        return self.pipeline.run_tick(batch)
+    def step_async(self, batch: Any, *, fetch: bool = True) -> tuple:
+        return self.pipeline.run_tick(batch, fetch=fetch)
 
     def warmup(self, batches: Sequence[Any]) -> int:
         return self.pipeline.warmup(batches)
