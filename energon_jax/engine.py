@@ -13,7 +13,7 @@ planned and dispatched while the previous one runs. Runner, scheduler and step l
 come from ``parallel/runtime.py``, built from one ``ParallelOptions`` (``tp``, ``pp``,
 ``dp``, offload): a pipeline ticks with ``pp`` micro-batches in flight, ``dp`` replicas
 each keep their own requests behind a scheduler view. The engine itself keeps only the
-requests' bookkeeping, and the tokens are the same whatever the layout.
+requests' bookkeeping (``request_book.py``), and the tokens are the same whatever the layout.
 
 On the CPU (jnp reference attention) a step that mixes decode rows with a prefill chunk
 runs as two device calls, decode rows then prefill rows (``step_split.py`` says why);
@@ -27,8 +27,6 @@ during the next device step.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import secrets
 import time
@@ -40,11 +38,10 @@ import numpy as np
 
 from energon_jax.engine_config import PromptInput, as_params_list, as_prompt_list, demo_model_path
 from energon_jax.memory_sizing import DEFAULT_KV_CACHE_MEMORY_FRACTION, check_fraction
-from energon_jax.output import OutputTracker
-from energon_jax.output import add_many as add_texts
 from energon_jax.request import (
-    Request, RequestOutput, SamplingParams, StreamDelta, Usage, validate_cache_salt, validate_prompt,
+    Request, RequestOutput, SamplingParams, StreamDelta, validate_cache_salt, validate_prompt,
 )
+from energon_jax.request_book import RequestBook
 from energon_jax.parallel.options import ParallelOptions
 from energon_jax.protocols import CompiledRunner, EngineLoop, SchedulerView
 
@@ -52,17 +49,6 @@ logger = logging.getLogger(__name__)
 
 # Show a progress bar from this many prompts on (unless use_tqdm=False).
 TQDM_MIN_PROMPTS = 8
-
-
-@dataclasses.dataclass
-class _Live:
-    """A request in flight and where its output goes."""
-
-    request: Request
-    tracker: OutputTracker
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
 
 
 class Engine:
@@ -117,9 +103,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_path = model_path
         self._model = model
-        self._ids = itertools.count()
-        self._live: dict[str, _Live] = {}
-        self._done: dict[str, _Live] = {}  # finished, RequestOutput not yet taken
+        self._book = RequestBook(tokenizer)  # live requests, and finished ones whose output is not taken
         self._loop: EngineLoop | None = None  # built with the runner (decoders only)
         if async_scheduling is None:
             # On by default everywhere. An accelerator runs the step off the host cores; on
@@ -338,24 +322,22 @@ class Engine:
         params = SamplingParams() if params is None else params
         validate_cache_salt(cache_salt)
         text, ids = self.check_request(prompt, params)
-        rid = f"req-{next(self._ids)}" if request_id is None else str(request_id)
-        if rid in self._live:
+        rid = self._book.new_id() if request_id is None else str(request_id)
+        if rid in self._book.live:
             raise ValueError(f"request_id={rid!r} is already in flight")
-        detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
-        tracker = OutputTracker(detok, params.stop)
         request = Request(request_id=rid, prompt_token_ids=ids, params=params, prompt=text, cache_salt=cache_salt,
                           min_tokens_ban=self._min_tokens_ban(params))
         self._scheduler.add(request)  # raises ValueError when it can never fit
-        self._live[rid] = _Live(request, tracker, logprobs=[] if params.logprobs is not None else None)
+        self._book.track(request, self._book.tracker(request))
         return rid
 
     def abort(self, request_id: str) -> StreamDelta | None:
         """Stop a request now; its pages are back in the pool when this returns."""
-        live = self._live.get(request_id)
+        live = self._book.live.get(request_id)
         if live is None:
             return None
         self._scheduler.abort(request_id)
-        return self._finish_delta(live, [], None, "abort", live.tracker.finish())
+        return self._book.finish_delta(live, [], None, "abort", live.tracker.finish())
 
     # -- handing a request between servers (serving/disagg_role.py: prefill and decode roles) --
     def release(self, request_id: str) -> tuple[Request, list[int], str]:
@@ -364,7 +346,7 @@ class Engine:
         the request, and the ids and text of its output not yet emitted as a delta (deltas
         are emitted a step late; the one pending for it is dropped)."""
         request = self._scheduler.detach(request_id)  # RuntimeError when not running here
-        live = self._live.pop(request_id)
+        live = self._book.live.pop(request_id)
         ids = list(request.output_token_ids[len(live.token_ids):])
         return request, ids, live.tracker.add(ids, finished=False)
 
@@ -372,19 +354,14 @@ class Engine:
         """Continue a request prefilled elsewhere: ``request`` is running, its ``pages`` come from
         this engine's pool and hold its first ``num_computed_tokens`` K/V, and its output so far
         (the first token) is in ``output_token_ids``; its text is not emitted again here."""
-        params = request.params
-        request.min_tokens_ban = self._min_tokens_ban(params)
-        detok = None if self.tokenizer is None else self.tokenizer.detokenizer(params.skip_special_tokens)
-        tracker = OutputTracker(detok, params.stop)
+        request.min_tokens_ban = self._min_tokens_ban(request.params)
+        tracker = self._book.tracker(request)
         tracker.add(list(request.output_token_ids), finished=False)  # the text the prefill server sent
         self._scheduler.attach(request)
-        self._live[request.request_id] = _Live(
-            request, tracker, token_ids=list(request.output_token_ids),
-            logprobs=[] if params.logprobs is not None else None,
-        )
+        self._book.track(request, tracker, token_ids=request.output_token_ids)
 
     def has_unfinished(self) -> bool:
-        return bool(self._live) or (self._loop is not None and self._loop.busy())
+        return bool(self._book.live) or (self._loop is not None and self._loop.busy())
 
     def step(self) -> list[StreamDelta]:
         """Run one engine step; returns the deltas ready now (any request, any order).
@@ -394,60 +371,15 @@ class Engine:
         """
         if self._loop is None:
             raise ValueError(f"model {self.model_config.architecture} is an encoder: use embed(), not step()")
-        return self._loop.step(self._live.keys())
+        return self._loop.step(self._book.live.keys())
 
     def _process(self, deltas: Sequence[Any]) -> list[StreamDelta]:
-        """Turn scheduler deltas (one step's, each request at most once) into the user's
-        StreamDeltas (text, stop strings); every row's text is decoded in one call."""
-        pairs = [(d, live) for d in deltas if (live := self._live.get(d.request.request_id)) is not None]
-        # (a request missing from _live was aborted while its delta was deferred)
-        texts = add_texts([live.tracker for _, live in pairs], [d.new_token_ids for d, _ in pairs],
-                          [d.finished for d, _ in pairs])
-        out = []
-        for (delta, live), text in zip(pairs, texts, strict=True):
-            ids = list(delta.new_token_ids)
-            logprobs = None if delta.new_logprobs is None else list(delta.new_logprobs)
-            reason = delta.finish_reason if delta.finished else None
-            if live.tracker.stopped and not delta.finished:
-                self._scheduler.finish(live.request.request_id, "stop")
-                reason = "stop"
-            elif live.tracker.stopped:
-                reason = "stop"
-            if reason is not None:
-                out.append(self._finish_delta(live, ids, logprobs, reason, text))
-                continue
-            live.token_ids.extend(ids)
-            if live.logprobs is not None and logprobs is not None:
-                live.logprobs.extend(logprobs)
-            out.append(StreamDelta(live.request.request_id, text, ids, logprobs, False, None, None))
-        return out
-
-    def _finish_delta(self, live: _Live, ids, logprobs, reason: str, text: str) -> StreamDelta:
-        live.token_ids.extend(ids)
-        if live.logprobs is not None and logprobs is not None:
-            live.logprobs.extend(logprobs)
-        live.finish_reason = reason
-        req = live.request
-        if req.finish_time is None:
-            req.finish_time = time.monotonic()
-        self._live.pop(req.request_id, None)
-        self._done[req.request_id] = live
-        usage = Usage(len(req.prompt_token_ids), len(live.token_ids), req.num_cached_tokens)
-        return StreamDelta(req.request_id, text, ids, logprobs, True, reason, usage)
+        """The step loop's scheduler deltas as the user's StreamDeltas (``request_book.py``)."""
+        return self._book.process(deltas, self._scheduler.finish)
 
     def take_output(self, rid: str) -> RequestOutput | None:
         """The finished request's output (once; None when unknown or not finished)."""
-        return self._output(rid) if rid in self._done else None
-
-    def _output(self, rid: str) -> RequestOutput:
-        live = self._done.pop(rid)
-        req = live.request
-        return RequestOutput(
-            request_id=rid, prompt=req.prompt, prompt_token_ids=list(req.prompt_token_ids),
-            token_ids=list(live.token_ids), text=live.tracker.text, finish_reason=live.finish_reason,
-            logprobs=live.logprobs, ttft_s=req.ttft_s or 0.0, latency_s=req.latency_s or 0.0,
-            num_cached_tokens=req.num_cached_tokens,
-        )
+        return self._book.take(rid) if rid in self._book.done else None
 
     # -- the user API -----------------------------------------------------------------
 
@@ -468,7 +400,7 @@ class Engine:
         except Exception:
             for rid in rids:  # all or nothing: a bad prompt leaves no request behind
                 self.abort(rid)
-                self._done.pop(rid, None)
+                self._book.done.pop(rid, None)
             raise
         pending = set(rids)
         bar = None
@@ -486,7 +418,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
-        return [self._output(rid) for rid in rids]
+        return [self._book.take(rid) for rid in rids]
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Yield this request's deltas as they are produced (text held back near stop strings)."""
@@ -496,14 +428,14 @@ class Engine:
                 for delta in self.step():
                     if delta.request_id == rid:
                         if delta.finished:
-                            self._done.pop(rid, None)
+                            self._book.done.pop(rid, None)
                         yield delta
                         if delta.finished:
                             return
         finally:
-            if rid in self._live:  # the consumer stopped early
+            if rid in self._book.live:  # the consumer stopped early
                 self.abort(rid)
-                self._done.pop(rid, None)
+                self._book.done.pop(rid, None)
 
     def embed(
         self, texts: str | Sequence[str], normalize: bool | None = None, *, truncate: bool = False

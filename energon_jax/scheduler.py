@@ -36,7 +36,8 @@ One step, in order (``schedule``):
 2. If nothing was preempted, waiting requests (preempted ones first, then arrival order)
    are admitted while the budget, ``max_num_seqs`` and the free pages allow; each feeds
    the first chunk of its known tokens. Admission is first come, first served: a request
-   that does not fit blocks those behind it, so large requests are not starved.
+   that does not fit blocks those behind it, so large requests are not starved
+   (``waiting_queue.py``: the queue, its order and admission).
 
 Prefix caching (``enable_prefix_caching``; ``kv_cache.py`` has the hashes and the LRU):
 a request's known tokens are hashed page by page when it is queued. Admission reuses every
@@ -45,11 +46,9 @@ known token is always fed, for its logits), and starts feeding after them. A pag
 published in ``update``, once the step that wrote it is done and every one of its
 positions is written, never at ``schedule``: a plan made ahead must not read a page that
 the plan still in flight is writing. Pages filled by decoding are published the same way.
-When at most ``PREFER_CACHED_MAX_WAITING`` requests wait, the ones with the longest cached
-prefix are admitted first (preempted ones still lead; one passed over for
-``MAX_BYPASSED_STEPS`` steps goes first); a request whose next page is one that a running
-request is still computing waits (SGLang's in-batch prefix sharing: the page is a hit a
-step later instead of computed twice). Static batching keeps plain FCFS admission.
+A short queue is admitted longest cached prefix first, and a request whose next page a
+running request is still computing waits for it (``waiting_queue.py``); static batching
+keeps plain FCFS admission.
 
 Pages are allocated for exactly the tokens fed this step; a request that finishes or is
 aborted drops its references in that same call (a shared page stays with its other
@@ -60,33 +59,21 @@ the previous batch has completely finished, and no request joins it while it run
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from energon_jax.kv_cache import PageAllocator
 from energon_jax.prefix_cache import PrefixCache
-from energon_jax.sliding_window import (
-    live_pages,
-    pages_behind_window,
-    pages_held_at_once,
-    release_pages_behind_window,
-)
-from pallas_kernels.page_layout import NULL_PAGE
+from energon_jax.sliding_window import live_pages, pages_held_at_once, release_pages_behind_window
 
 from energon_jax.request import Request, RequestStatus
-from energon_jax.step_plan import PLACEHOLDER, RequestDelta, ScheduledRow, SchedulerConfig, StepPlan
+from energon_jax.step_plan import PLACEHOLDER, RequestDelta, ScheduledRow, SchedulerConfig, StepPlan, feed_row
+from energon_jax.waiting_queue import WaitingQueue
 
 __all__ = ["PLACEHOLDER", "RequestDelta", "ScheduledRow", "Scheduler", "SchedulerConfig", "StepPlan"]
 
 if TYPE_CHECKING:  # SampledTokens lives with the device-side sampler; only its arrays are read here
     from energon_jax.sampling import SampledTokens
-
-# Prefix-aware admission order applies when at most this many requests wait (sorting costs a
-# cache lookup per waiting request, each step)...
-PREFER_CACHED_MAX_WAITING = 32
-# ...and a request passed over for this many schedule calls is tried first again (no starvation).
-MAX_BYPASSED_STEPS = 16
 
 
 class Scheduler:
@@ -96,10 +83,8 @@ class Scheduler:
         self.config = config
         self.allocator = PageAllocator(config.num_pages, config.page_size)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self._waiting: deque[Request] = deque()  # preempted at the front, then arrival order
         self._running: list[Request] = []  # admission order: the most recently admitted is last
         self._requests: dict[str, Request] = {}  # every request not finished yet
-        self._static_batch: set[str] = set()  # static_batching: the batch now being run
         # Scheduled, not yet updated, oldest first: at most two (planning ahead), or one per
         # pipeline stage (schedule_micro_batch).
         self._in_flight: list[StepPlan] = []
@@ -108,8 +93,9 @@ class Scheduler:
         self.prefix_cache = (
             PrefixCache(self.allocator, seed=config.prefix_cache_seed) if config.enable_prefix_caching else None
         )
-        self._queued_at: dict[str, int] = {}  # waiting request id -> schedule calls when it was queued
-        self._num_schedules = 0
+        # Preempted at the front, then arrival order; admission takes them into _running.
+        self._waiting = WaitingQueue(config, self.allocator, self.prefix_cache)
+        self._num_schedules = 0  # the waiting queue's clock
 
     # -- what the engine asks -------------------------------------------------------------
     @property
@@ -187,8 +173,7 @@ class Scheduler:
                 f"but the pool holds {self.allocator.num_usable} (num_pages={cfg.num_pages}, page 0 reserved)"
             )
         self._requests[rid] = request
-        self._waiting.append(request)
-        self._queued_at[rid] = self._num_schedules
+        self._waiting.append(request, self._num_schedules)
         if self.prefix_cache is not None:
             self.prefix_cache.hash_prompt(request)
 
@@ -213,12 +198,11 @@ class Scheduler:
         req.pages = []
         if self.prefix_cache is not None:
             self.prefix_cache.forget(req)
-        self._queued_at.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finish_time = time.monotonic()
         self._requests.pop(req.request_id, None)
-        self._static_batch.discard(req.request_id)
+        self._waiting.leave_batch(req.request_id)
 
     # -- handing a running request to another pool (disagg.py: prefill group -> decode group) --
     def detach(self, request_id: str) -> Request:
@@ -235,7 +219,7 @@ class Scheduler:
         if self.prefix_cache is not None:  # its published pages stay hits after the caller frees them
             self.prefix_cache.forget(req)
         self._requests.pop(request_id)
-        self._static_batch.discard(request_id)
+        self._waiting.leave_batch(request_id)
         return req
 
     def attach(self, request: Request) -> None:
@@ -261,7 +245,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         rows, preempted, budget = self._fill_rows(list(self._running), budget, cap=None)
         if not preempted:
-            self._admit(rows, budget)
+            self._waiting.admit(rows, budget, self._running, now=self._num_schedules)
         return self._new_plan(rows, preempted)
 
     def _schedule_ahead(self, prev: StepPlan) -> StepPlan | None:
@@ -301,9 +285,9 @@ class Scheduler:
                 req.num_computed_tokens = start + 1
                 rows.append(ScheduledRow(req, [PLACEHOLDER], start, True, prev_row))
             else:
-                rows.append(self._row(req, n))
+                rows.append(feed_row(req, n))
             budget -= n
-        self._admit(rows, budget)
+        self._waiting.admit(rows, budget, self._running, now=self._num_schedules)
         if not rows:
             return None
         plan = StepPlan(rows, [], ahead=True)
@@ -336,7 +320,7 @@ class Scheduler:
         budget = cfg.max_num_batched_tokens
         rows, preempted, budget = self._fill_rows(idle, budget, cap=cap)
         if not preempted:
-            self._admit(rows, budget, max_rows=cap)
+            self._waiting.admit(rows, budget, self._running, now=self._num_schedules, max_rows=cap)
         return self._new_plan(rows, preempted)
 
     def _new_plan(self, rows: list[ScheduledRow], preempted: list[Request]) -> StepPlan | None:
@@ -352,68 +336,6 @@ class Scheduler:
         plan = StepPlan(rows, preempted)
         self._in_flight.append(plan)
         return plan
-
-    def _admit(self, rows: list[ScheduledRow], budget: int, max_rows: int | None = None) -> int:
-        """Admit waiting requests into ``rows`` (at most ``max_rows`` rows in all when given).
-
-        A request that does not fit blocks those behind it (first come, first served in the
-        admission order); one deferred for a prefix being computed is skipped."""
-        cfg = self.config
-        if cfg.static_batching and not self._static_batch and not self._running:
-            # The previous batch is over: the next one is the head of the queue.
-            self._static_batch = {r.request_id for r in list(self._waiting)[: cfg.max_num_seqs]}
-        cache = self.prefix_cache
-        smart = cache is not None and not cfg.static_batching  # prefix-aware order and deferral
-        pending = cache.pending(self._running) if smart and self._waiting else None
-        for req in self._admission_order() if smart else list(self._waiting):
-            if budget <= 0 or len(self._running) >= cfg.max_num_seqs:
-                break
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if cfg.static_batching and req.request_id not in self._static_batch:
-                break  # batch members are always a prefix of the queue
-            hits = [] if cache is None else cache.match(req)
-            if pending is not None and cache.waits_for(req, len(hits), pending):
-                continue  # hits the cache a step later instead of computing the same pages twice
-            cached = len(hits) * cfg.page_size
-            # Sliding window: cached pages behind the first fed token's window are never read.
-            behind = 0 if cfg.attention_window is None else pages_behind_window(cached, cfg.attention_window,
-                                                                                cfg.page_size)
-            n = min(req.num_tokens - cached, budget)
-            need = self.allocator.pages_needed(cached + n) - len(hits)
-            if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits[behind:])):
-                break
-            self._waiting.remove(req)
-            self._queued_at.pop(req.request_id, None)
-            self.allocator.acquire(hits[behind:])
-            req.pages = [NULL_PAGE] * behind + hits[behind:] + self.allocator.allocate(need)
-            req.num_computed_tokens = cached
-            if cache is not None:
-                cache.admitted(req, len(hits), first=req.status is RequestStatus.WAITING)
-                if pending is not None:
-                    pending.update(req.block_hashes[len(hits):])
-            req.status = RequestStatus.RUNNING
-            self._running.append(req)
-            rows.append(self._row(req, n))
-            budget -= n
-        return budget
-
-    def _admission_order(self) -> list[Request]:
-        """The waiting queue in the order admission tries it: as queued, or, when it is short and
-        pages are cached, longest cached prefix first (preempted and long-bypassed requests lead)."""
-        waiting = list(self._waiting)
-        if len(waiting) > PREFER_CACHED_MAX_WAITING or len(waiting) < 2 or not self.allocator.num_cached:
-            return waiting
-        now = self._num_schedules
-
-        def key(req: Request) -> tuple[int, int]:
-            if req.status is RequestStatus.PREEMPTED:
-                return (0, 0)
-            if now - self._queued_at.get(req.request_id, now) > MAX_BYPASSED_STEPS:
-                return (1, 0)
-            return (2, -len(self.prefix_cache.match(req)))
-
-        return sorted(waiting, key=key)
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached page no request references; returns how many were dropped."""
@@ -452,7 +374,7 @@ class Scheduler:
                     break
             if req.status is RequestStatus.PREEMPTED:
                 break  # it was the last candidate
-            rows.append(self._row(req, n))
+            rows.append(feed_row(req, n))
             budget -= n
             i += 1
         return rows, preempted, budget
@@ -463,18 +385,11 @@ class Scheduler:
         req.pages = []
         if self.prefix_cache is not None:
             self.prefix_cache.forget(req)
-        self._queued_at[req.request_id] = self._num_schedules
         req.num_computed_tokens = 0  # recompute prompt + generated tokens when readmitted
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self._waiting.appendleft(req)  # victims are taken newest first, so the oldest ends up in front
-
-    @staticmethod
-    def _row(req: Request, n: int) -> ScheduledRow:
-        start = req.num_computed_tokens
-        req.num_computed_tokens = start + n  # advanced now, so that a plan made ahead starts after it
-        return ScheduledRow(req, req.tokens(start, start + n), start, start + n == req.num_tokens)
+        self._waiting.appendleft(req, self._num_schedules)  # victims come newest first: the oldest leads
 
     def update(self, plan: StepPlan, sampled: SampledTokens) -> list[RequestDelta]:
         """Record a step's results: advance each row, append sampled ids, finish and free as needed.

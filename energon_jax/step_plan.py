@@ -65,6 +65,13 @@ class ScheduledRow(NamedTuple):
         return len(self.token_ids)
 
 
+def feed_row(req: Request, n: int) -> ScheduledRow:
+    """The row that feeds ``req``'s next ``n`` known tokens (a running one's, or one just admitted)."""
+    start = req.num_computed_tokens
+    req.num_computed_tokens = start + n  # advanced now, so that a plan made ahead starts after it
+    return ScheduledRow(req, req.tokens(start, start + n), start, start + n == req.num_tokens)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     rows: list[ScheduledRow]  # row order of the packed batch
