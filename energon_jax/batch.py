@@ -9,10 +9,12 @@ to slot 0 of the null page. Rows are padded to the row bucket ``B`` with unused 
 
 Shapes come from a small fixed set (``Buckets``): ``T`` is the smallest token bucket
 that holds the step, ``B`` the smallest of that bucket's few row buckets that holds its
-rows (``Buckets.row_split``), and every other dimension (``M`` pages per row, ``H``
-history, 0 when the runner keeps penalty counts on the device) is static. So the runner
-compiles one function per ``(T, B)``, and ``Buckets.all_shapes`` / ``warmup_batches``
-list them all up front.
+rows (``Buckets.row_split``), and every other dimension (``M`` pages per row) is static,
+but the penalty history's width ``H``: ``max_model_len`` in a step where a row uses a
+penalty, 0 in every other step and always 0 when the runner keeps penalty counts on the
+device (``Buckets.history_widths``), so a penalty-free step uploads no ``[B,
+max_model_len]`` array. So the runner compiles one function per ``(T, B, H)``, and
+``Buckets.all_shapes`` / ``warmup_batches`` list them all up front.
 
 A plan made ahead (while the previous step runs) feeds placeholders for tokens the
 previous step samples: ``prev_token_index`` names, per token, the row of the previous
@@ -62,7 +64,8 @@ class Buckets:
     max_num_seqs: int
     page_size: int  # S: tokens per KV page (slot = page * S + offset)
     max_pages_per_row: int  # M = ceil(max_model_len / page_size)
-    # H = max_model_len; 0 when the runner keeps penalty counts on the device (no history upload)
+    # H = max_model_len: the history width of a step with a penalty row; 0 when the runner keeps
+    # penalty counts on the device (no history upload in any step)
     history_len: int
     max_logprobs: int = MAX_LOGPROBS
     # Row buckets per token bucket: the full one (``row_bucket``), then, when it has at least
@@ -152,6 +155,14 @@ class Buckets:
         """Every ``(T, B)`` the runner can see."""
         return [(t, b) for t in self.token_buckets for b in self.row_buckets(t)]
 
+    def history_widths(self) -> tuple[int, ...]:
+        """The history widths a step can have, widest first: ``(H, 0)``, or ``(0,)`` with device tables."""
+        return (self.history_len, 0) if self.history_len else (0,)
+
+    def history_width(self, uses_penalty: bool) -> int:
+        """A step's history width: ``H`` when one of its rows uses a penalty, else 0 (nothing to upload)."""
+        return self.history_len if uses_penalty else 0
+
 
 MIN_TOKENS_BAN_WIDTH = 16  # most ids one row's min_tokens can hold back (eos + stop_token_ids)
 
@@ -172,7 +183,8 @@ class SamplingBatch:
     step: np.ndarray  # [B] int32: tokens the row's request has generated so far (PRNG fold-in)
     # [B, H] int32: prompt + generated ids, -1 padded. Filled only for rows that use a penalty
     # (the others are -1): rows with neutral penalties never read it, and copying every
-    # row's whole history each step would cost O(B * max_model_len) host work.
+    # row's whole history each step would cost O(B * max_model_len) host work. H is 0 in a
+    # step where no row uses a penalty (``Buckets.history_width``), and with device tables.
     history: np.ndarray
     prompt_len: np.ndarray  # [B] int32: history[:prompt_len] is the prompt
     # [B] int32: top-N logprobs the row's request asked for (0: none). The sampler skips its
@@ -211,8 +223,11 @@ class StepBatch:
         return int(self.logits_indices.shape[0])
 
 
-def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
-    """An all-padding batch of shape ``(T, B)``: what unused tokens and rows hold."""
+def dummy_batch(buckets: Buckets, t: int, b: int, history_len: int | None = None) -> StepBatch:
+    """An all-padding batch of shape ``(T, B)``: what unused tokens and rows hold.
+
+    ``history_len``: the history width ``H`` (default ``buckets.history_len``, the widest)."""
+    h = buckets.history_len if history_len is None else history_len
     f32, i32 = np.float32, np.int32
     sampling = SamplingBatch(
         temperature=np.zeros(b, f32),
@@ -224,7 +239,7 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
         frequency_penalty=np.zeros(b, f32),
         seed=np.zeros(b, np.uint32),
         step=np.zeros(b, i32),
-        history=np.full((b, buckets.history_len), -1, i32),
+        history=np.full((b, h), -1, i32),
         prompt_len=np.zeros(b, i32),
         num_logprobs=np.zeros(b, i32),
         min_tokens=np.zeros(b, i32),
@@ -251,8 +266,14 @@ def dummy_batch(buckets: Buckets, t: int, b: int) -> StepBatch:
 
 
 def warmup_batches(buckets: Buckets) -> list[StepBatch]:
-    """One all-padding batch per shape in ``buckets.all_shapes()`` (for ``ModelRunner.warmup``)."""
-    return [dummy_batch(buckets, t, b) for t, b in buckets.all_shapes()]
+    """One all-padding batch per shape in ``buckets.all_shapes()`` and history width in
+    ``buckets.history_widths()`` (widest first), for ``ModelRunner.warmup``."""
+    return [dummy_batch(buckets, t, b, h) for t, b in buckets.all_shapes() for h in buckets.history_widths()]
+
+
+def history_width(batch: StepBatch) -> int:
+    """The batch's history width ``H`` (0: no history uploaded)."""
+    return int(np.shape(batch.sampling.history)[1])
 
 
 def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray] | None = None,
@@ -273,11 +294,13 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     b = buckets.rows_bucket(t, nr)
     if nr > b:
         raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
-    out = dummy_batch(buckets, t, b)
+    reqs = [row.request for row in rows]
+    # The history goes up only in a step where a row uses a penalty (and never with device tables).
+    width = buckets.history_width(bool(buckets.history_len) and any(r.params.uses_penalties for r in reqs))
+    out = dummy_batch(buckets, t, b, width)
     attn, size = out.attn, buckets.page_size
     if nr == 0:
         return out
-    reqs = [row.request for row in rows]
     if host_rows is not None:
         host_rows.pack_into(out, rows, reqs, buckets, plan.num_tokens)
         if penalty is not None:
@@ -301,7 +324,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
     prev_rows = per_row[:, 3]
     fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
-    _fill_sampling(out, reqs, prev_rows.tolist(), buckets.history_len > 0)
+    _fill_sampling(out, reqs, prev_rows.tolist(), width > 0)
     if penalty is not None:
         out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
     return out

@@ -406,8 +406,10 @@ def build_disagg_executor(
     """``parallel.runtime.build_executor`` for a disaggregated engine: the ``Executor`` (runner,
     scheduler view, step loop, buckets) of the two groups over ``config`` (an ``EngineConfig``).
 
-    Penalty histories travel in the batch (the buckets' ``history_len > 0``): counts kept on
-    one group's devices would not follow a request to the other."""
+    Each group's runner keeps penalty counts on its devices (no history in any batch): a
+    request that moves to the decode group starts there past position 0 on a slot the
+    decode group's ``PenaltySlots`` has not seen, so it is rebuilt once from the host
+    (one ``[V]`` upload, ``penalty_slots.py``), as for a prefix-cache hit."""
     from energon_jax import batch as batch_lib
     from energon_jax.engine_config import param_dtype
     from energon_jax.parallel.mesh import kv_pages_sharding, placed_copy
@@ -426,7 +428,7 @@ def build_disagg_executor(
     buckets = batch_lib.Buckets.create(
         max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
         max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=min_token_bucket,
-        penalty_tables=False, row_split=ROW_SPLIT,
+        penalty_tables=True, row_split=ROW_SPLIT,
     )
     max_rows = max(b for _, b in buckets.all_shapes())
     runners = []
@@ -434,7 +436,8 @@ def build_disagg_executor(
         sharding = kv_pages_sharding(mesh, rules)
         kv = tuple(make_kv_pages(c.num_pages, c.page_size, mc.num_kv_heads, mc.head_dim, param_dtype(model),
                                  sharding=sharding) for _ in range(mc.num_layers))
-        runners.append(ModelRunner(placed_copy(model, mesh, rules), kv, max_rows=max_rows))
+        runners.append(ModelRunner(placed_copy(model, mesh, rules), kv, max_rows=max_rows,
+                                   penalty_slots=c.max_num_seqs, vocab=mc.vocab_size))
     prefill = Scheduler(sc, eos_token_ids=eos_token_ids)
     decode = Scheduler(dataclasses.replace(sc, enable_prefix_caching=False), eos_token_ids=eos_token_ids)
     scheduler = DisaggScheduler(prefill, decode, max_pending=options.max_pending)

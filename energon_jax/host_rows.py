@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from energon_jax.batch import (MIN_TOKENS_BAN_WIDTH, Buckets, StepBatch, check_rows, fill_history,
-                               fill_positions)
+                               fill_positions, history_width)
 from energon_jax.request import Request
 from pallas_kernels.page_layout import NULL_PAGE
 
@@ -164,6 +164,6 @@ class HostRows:
         if banned.size:
             s.min_tokens[banned] = min_tokens[banned]
             s.ban_ids[banned] = self.ban_ids[slots[banned]]
-        if buckets.history_len > 0:
+        if history_width(out) > 0:  # a step with a penalty row (batch.pack chose the width)
             for i in np.flatnonzero(self.penalty[slots]).tolist():
                 fill_history(out, reqs[i], i, int(prev_rows[i]))

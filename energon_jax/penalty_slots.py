@@ -6,8 +6,9 @@ module (host side, owned by the step loop) decides which slot a row uses and whe
 slot's contents cannot be trusted:
 
 - a request that uses a penalty gets a slot the first time it is scheduled and keeps it
-  until it finishes (or aborts); a slot whose request is not in the step may be taken by
-  another request when none is free, and is then rebuilt when its request comes back;
+  until it finishes (or aborts); a slot whose request is neither in the step nor in a
+  step still on the device that reads it later (``busy``) may be taken by another
+  request when none is free, and is then rebuilt when its request comes back;
 - the slot remembers up to which position its request's tokens were fed. A row that
   starts anywhere else (a new request, a recompute after preemption, a prompt whose
   prefix came from the prefix cache) rebuilds it: zeroed by the step when it starts at
@@ -21,6 +22,7 @@ placeholder's id is counted on device when the runner fills it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -39,17 +41,19 @@ class PenaltySlots:
         self._slot_of: dict[int, int] = {}  # id(request) -> slot
         self.rebuilds = 0  # rows that joined at a position > 0 and loaded their counts (instrumentation)
 
-    def assign(self, rows: list[Any], load_row: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    def assign(self, rows: list[Any], load_row: Any, busy: Iterable[Any] = ()) -> tuple[np.ndarray, np.ndarray] | None:
         """``(slot [R] int32, reset [R] int32 0/1)`` for a plan's rows, or None when no row uses a penalty.
 
         ``load_row(slot, counts [V] int32, seen [V] bool)`` writes one slot on the device
-        before the step (only for rows that start past position 0 on an unfamiliar slot)."""
+        before the step (only for rows that start past position 0 on an unfamiliar slot).
+        ``busy``: requests of steps still on the device that read their slots after this
+        step writes its own (a pipeline's micro-batches in flight): their slots are never taken."""
         users = [r for r, row in enumerate(rows) if row.request.params.uses_penalties]
         if not users:
             return None
         slot = [-1] * len(rows)
         reset = [0] * len(rows)
-        in_step = {id(rows[r].request) for r in users}
+        in_step = {id(rows[r].request) for r in users} | {id(req) for req in busy}
         for r in users:
             row = rows[r]
             req = row.request

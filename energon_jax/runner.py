@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from energon_jax.sampling import PenaltyTables, SampledTokens, make_penalty_tables, sample, update_penalty_tables
+from energon_jax.sampling import (PenaltyTables, SampledTokens, load_penalty_slot, make_penalty_tables, sample,
+                                  update_penalty_tables)
 from pallas_kernels import KVCache
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ class ModelRunner:
         self._jitted = jax.jit(step_fn, donate_argnums=(1, 2))
 
         def load_row(tables, slot, counts, seen):  # one slot's counts, rebuilt on the host
-            tables = PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
-            return jax.lax.with_sharding_constraint(tables, tables_sharding)
+            return jax.lax.with_sharding_constraint(load_penalty_slot(tables, slot, counts, seen), tables_sharding)
 
         self._load_row = jax.jit(load_row, donate_argnums=(0,))
         self._load_exe: Any = None  # compiled by warmup()

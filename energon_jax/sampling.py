@@ -45,7 +45,8 @@ top-k over the vocabulary, which runs only when a row of the step asked for logp
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,22 @@ class PenaltyTables:
 
 def make_penalty_tables(slots: int, vocab: int) -> PenaltyTables:
     return PenaltyTables(jnp.zeros((slots, vocab), jnp.int32), jnp.zeros((slots, vocab), bool))
+
+
+def load_penalty_slot(tables: PenaltyTables, slot: jax.Array, counts: jax.Array, seen: jax.Array) -> PenaltyTables:
+    """Overwrite one slot with counts rebuilt on the host (a row that joins past position 0)."""
+    return PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
+
+
+def penalty_slot_loader(sharding: Any) -> Callable[[PenaltyTables, int, np.ndarray, np.ndarray], PenaltyTables]:
+    """``load_penalty_slot`` jitted, the tables donated and kept on ``sharding``; dispatched, not awaited."""
+
+    def load(tables, slot, counts, seen):
+        return jax.lax.with_sharding_constraint(load_penalty_slot(tables, slot, counts, seen), sharding)
+
+    jitted = jax.jit(load, donate_argnums=(0,))
+    return lambda tables, slot, counts, seen: jitted(tables, np.int32(slot), np.asarray(counts, np.int32),
+                                                     np.asarray(seen, bool))
 
 
 def update_penalty_tables(

@@ -118,7 +118,12 @@ class StepLoop:
         With device penalty tables, the rows' slots are assigned here, in dispatch order
         (a slot rebuilt from the host is written before the step that reads it)."""
         self.counts += DispatchCounts(1, plan.num_rows, plan.num_tokens)
-        penalty = None if self._penalty is None else self._penalty.assign(plan.rows, self.runner.load_penalty_row)
+        penalty = None
+        if self._penalty is not None:
+            # A pipeline's micro-batches in flight read their slots when they leave, after this
+            # one has entered and written its own: theirs must not be taken (penalty_slots.py).
+            busy = [row.request for tag in getattr(self.runner, "in_flight_tags", ()) for row in tag.rows]
+            penalty = self._penalty.assign(plan.rows, self.runner.load_penalty_row, busy)
         return self._pack_batch(plan, buckets, penalty, self._host_rows)
 
     def busy(self) -> bool:

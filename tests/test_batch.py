@@ -137,7 +137,8 @@ def test_pack_errors():
 
 def test_dummy_batches_cover_every_shape():
     batches = warmup_batches(BUCKETS)
-    assert [(x.num_tokens_bucket, x.num_rows_bucket) for x in batches] == BUCKETS.all_shapes()
+    assert [(x.num_tokens_bucket, x.num_rows_bucket, x.sampling.history.shape[1]) for x in batches] == [
+        (t, b, h) for t, b in BUCKETS.all_shapes() for h in (32, 0)]  # with and without a penalty row
     d = dummy_batch(BUCKETS, 8, 4)
     assert np.all(d.segment_ids == -1) and np.all(d.attn.context_lens == 0) and np.all(d.sampling.temperature == 0)
     assert d.attn.page_tables.shape == (4, 8) and d.sampling.history.shape == (4, 32)

@@ -24,7 +24,9 @@ def test_row_buckets_per_token_bucket():
     # the engine's defaults (32 seqs, 512 tokens) keep one row bucket per token bucket
     small = Buckets.create(max_num_batched_tokens=512, max_num_seqs=32, max_model_len=64, page_size=8, row_split=8)
     assert small.all_shapes() == [(t, min(t, 32)) for t in small.token_buckets]
-    assert [(d.num_tokens_bucket, d.num_rows_bucket) for d in warmup_batches(b)] == shapes
+    # each shape with the full history (a step with a penalty row) and without (every other step)
+    assert [(d.num_tokens_bucket, d.num_rows_bucket, d.sampling.history.shape[1]) for d in warmup_batches(b)] == [
+        (t, r, h) for t, r in shapes for h in (64, 0)]
     # row_split=1 (the default): one row bucket per token bucket, as before
     one = Buckets.create(max_num_batched_tokens=512, max_num_seqs=256, max_model_len=64, page_size=8)
     assert one.all_shapes() == [(t, min(t, 256)) for t in one.token_buckets]

@@ -43,6 +43,7 @@ from jax.sharding import SingleDeviceSharding
 
 from energon_jax.parallel.stages import DecoderParts, head_piece, run_embed, run_head, run_layer
 from energon_jax.runner import StepHandle, shape_key
+from energon_jax.sampling import make_penalty_tables, penalty_slot_loader, update_penalty_tables
 
 OFFLOAD_KINDS = ("host", "peer")
 
@@ -79,7 +80,8 @@ class OffloadedRunner:
     """A decoder step with layer weights streamed from a memory pool (see the module docstring)."""
 
     def __init__(self, parts: DecoderParts, config: OffloadConfig, *, num_pages: int, page_size: int,
-                 compute_device: jax.Device | None = None, peer_device: jax.Device | None = None) -> None:
+                 compute_device: jax.Device | None = None, peer_device: jax.Device | None = None,
+                 penalty_slots: int = 0, vocab: int = 0) -> None:
         from pallas_kernels import make_kv_pages
 
         self.parts, self.config = parts, config
@@ -115,7 +117,24 @@ class OffloadedRunner:
         # (the graphdef is a static argument, equal for all layers of one family).
         self._embed_fn = jax.jit(lambda st, ids: run_embed(parts, st, ids))
         self._layer_fn = jax.jit(self._run_layer, static_argnums=(0,), donate_argnums=(2,))
-        self._head_fn = jax.jit(lambda ns, hs, x, batch: run_head(parts, ns, hs, x, batch))
+        self._head_fn = jax.jit(self._run_head, donate_argnums=(4,))
+        # Device penalty counts (``sampling.PenaltyTables``) on the compute device, updated by the
+        # head call with the step's fed tokens: no history goes up with a batch.
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        self.penalty_slots, self.vocab = penalty_slots, vocab
+        self.penalty_tables = (jax.device_put(make_penalty_tables(penalty_slots, vocab), self._compute)
+                               if penalty_slots else None)
+        self._load_row = penalty_slot_loader(self._compute)
+
+    def _run_head(self, norm_state: Any, head_state: Any, x: jax.Array, batch: Any, tables: Any):
+        if tables is not None:
+            tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions, batch.sampling)
+        return run_head(self.parts, norm_state, head_state, x, batch, tables), tables
+
+    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+        """Overwrite one penalty slot (a row that joins past position 0); dispatched, not awaited."""
+        self.penalty_tables = self._load_row(self.penalty_tables, slot, counts, seen)
 
     def _run_layer(self, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
         x, pages = run_layer(self.parts, graphdef, state, pages, x, batch)
@@ -167,7 +186,7 @@ class OffloadedRunner:
             kv[i], x = self._layer_fn(self.parts.layers[i][0], state, kv[i], x, batch)
             del state
         self.kv_cache = tuple(kv)
-        outputs = self._head_fn(self._norm, self._head, x, batch)
+        outputs, self.penalty_tables = self._head_fn(self._norm, self._head, x, batch, self.penalty_tables)
         for a in outputs:
             a.copy_to_host_async()
         return StepHandle(outputs)

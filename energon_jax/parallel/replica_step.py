@@ -70,6 +70,8 @@ def fit_batch(batch: Any, template: Any) -> Any:
 
     def one(old, new):
         out = np.array(new)
+        if old.shape[1:] != new.shape[1:]:  # a zero-width history (no penalty row): the template's -1s
+            return out
         n = min(old.shape[0], new.shape[0])  # a wider row bucket of a smaller token bucket: only padding cut
         out[:n] = old[:n]
         return out
@@ -233,7 +235,7 @@ class StackedReplicas(DataParallelRunner):
 
         self.step_runner = step_runner  # ReplicaStepRunner, or a Controller over it across processes
         self.buckets = buckets
-        self._dummy = lambda t, b: dummy_batch(buckets, t, b)
+        self._dummy = lambda t, b, h: dummy_batch(buckets, t, b, h)
         super().__init__([_ReplicaView(self, r) for r in range(dp)])
         self._held: dict[int, Any] = {}  # replica -> batch for the next stacked step
         self._ticket = 0  # the stacked step the held batches will join
@@ -271,12 +273,14 @@ class StackedReplicas(DataParallelRunner):
         """Dispatch the held batches as one stacked step (nothing when none is held)."""
         if not self._held:
             return
+        from energon_jax.batch import history_width
         from energon_jax.parallel.spmd_pipeline import real_size
 
         sizes = [real_size(b) for b in self._held.values()]
         t = self.buckets.token_bucket(max(1, *(n for n, _ in sizes)))
         rows = self.buckets.rows_bucket(t, max(1, *(m for _, m in sizes)))
-        template = self._dummy(t, rows)
+        # One history width for all: the widest held (a replica with a penalty row uploads it).
+        template = self._dummy(t, rows, max(history_width(b) for b in self._held.values()))
         batches = [template if r not in self._held else fit_batch(self._held[r], template) for r in range(self.dp)]
         self._done[self._ticket] = _Dispatched(self.step_runner.step_async(stack_batches(batches)))
         self._readers[self._ticket] = len(self._held)

@@ -6,9 +6,10 @@
 one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is driven):
 
 - nothing asked, one process: a plain ``ModelRunner`` on the default device. It, and
-  every ``ModelRunner`` below in one process (tp, dp replicas), keeps the penalty counts
-  on the device (the pipeline, offload and multi-process runners take each penalty row's
-  history in the batch);
+  every runner below in one process (tp, dp replicas, the pipeline, offload), keeps the
+  penalty counts on the device (``device_penalties``); across processes a step's batch
+  carries each penalty row's history, and only when the step has such a row
+  (``batch.Buckets.history_width``);
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
   split by KV head (``mesh.py``), one ``ModelRunner`` over all of it; with
   ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
@@ -81,11 +82,13 @@ class Executor:
 
 
 def device_penalties(options: ParallelOptions) -> bool:
-    """Whether the runners keep penalty counts on the device: every ``ModelRunner`` of one
-    process (one device, tp, or each dp replica with its own tables and step loop). The
-    pipeline and offload runners, and a multi-process controller (whose workers would have
-    to replay each slot load), take the history in the batch instead."""
-    return options.pp == 1 and options.offload is None and jax.process_count() == 1
+    """Whether the runners keep penalty counts on the device: every runner of one process
+    (``ModelRunner`` on one device, tp, or each dp replica with its own tables and step loop;
+    ``SpmdPipelineRunner``; ``OffloadedRunner``). A multi-process controller's batches carry
+    the history instead, in the steps that have a penalty row: its workers would have to
+    replay each slot load, which is a host-driven write outside the broadcast step."""
+    del options  # every single-process layout keeps them
+    return jax.process_count() == 1
 
 
 def sized_executor(
@@ -291,7 +294,7 @@ def build_runner(
             raise ValueError("offload is single-process: run it without jax.distributed")
         k = options.resident_layers if options.resident_layers is not None else 1
         return OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
-                               num_pages=num_pages, page_size=page_size)
+                               num_pages=num_pages, page_size=page_size, **penalties)
     if options.dp > 1 and options.pp > 1 and jax.process_count() > 1:
         raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
                          f"({jax.process_count()} processes): use dp x tp or pp x tp across processes")
@@ -306,13 +309,15 @@ def build_runner(
         replicas: list[StepRunner] = []
         for m in replica_meshes(mesh):  # each replica: its own weights and pages on its own devices
             if parts is not None:  # a pipeline over mesh[r, :, :]: stage s on mesh[r, s, :]
-                replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype, buckets))
+                replicas.append(_pipeline_runner(parts, m, rules, num_pages, page_size, kv_dtype, buckets,
+                                                 penalties))
             else:
                 kv = kv_pages(kv_pages_sharding(m, rules))
                 replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows, **penalties))
         return DataParallelRunner(replicas)
     if parts is not None:
-        runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets)
+        runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets,
+                                              penalties if jax.process_count() == 1 else {})
     else:
         shard_model(model, mesh, rules)
         runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows,
@@ -366,7 +371,7 @@ def _pipeline_parts(model: Any, pp: int) -> Any:
 
 
 def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
-                     buckets: Any) -> Any:
+                     buckets: Any, penalties: dict[str, int] | None = None) -> Any:
     """An ``SpmdPipelineRunner`` over ``mesh`` (``(1, pp, tp)``; a dp replica passes its slice).
 
     The per-stage ``pipeline.PipelineRunner`` is kept as the tests' reference only: one
@@ -378,7 +383,7 @@ def _pipeline_runner(parts: Any, mesh: Any, rules: Any, num_pages: int, page_siz
     if buckets is None:
         raise ValueError("a pipeline needs buckets (batch.Buckets): its ticks pick their shapes from them")
     return SpmdPipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, buckets=buckets,
-                              kv_dtype=kv_dtype)
+                              kv_dtype=kv_dtype, **(penalties or {}))
 
 
 def load_sharding(model_config: Any, options: Any) -> Any:

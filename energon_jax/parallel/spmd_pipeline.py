@@ -19,7 +19,12 @@ One ``tick(batch)`` is one call of one compiled function on every device::
         x = scan over s's slots: layer(x, ring[s])     # writes s's KV pages
         rows[s] = x[ring[s].logits_indices]            # [B, D]
         acts = ppermute(x, s -> s + 1)                 # handed on for the next tick
-    ids = sample(head(norm(rows[pp - 1])), ring[pp - 1].sampling)
+    ids = sample(head(norm(rows[pp - 1])), ring[pp - 1].sampling, tables)
+
+Penalties in one process: the penalty counts (``sampling.PenaltyTables``) stay on the
+devices like the ring; a micro-batch adds its tokens to its rows' slots as it enters and
+its rows read them as it leaves. Across processes the batch carries each penalty row's
+history instead, and only in a micro-batch that has such a row (``Buckets.history_width``).
 
 The ring of ``pp`` micro-batch plans (a ``StepBatch`` with a leading ``[pp]`` axis, small
 and replicated, so shifting it is a local copy) and the activations in flight
@@ -58,11 +63,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from energon_jax.batch import dummy_batch, history_width
 from energon_jax.parallel.controller import Controller
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
 from energon_jax.runner import StepHandle, shape_key
+from energon_jax.sampling import make_penalty_tables, penalty_slot_loader, update_penalty_tables
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +162,15 @@ def _fit(batch: Any, template: Any) -> Any:
     return jax.tree.map(one, batch, template)
 
 
+def _into_pad(a: jax.Array, pad: Any) -> jax.Array:
+    """``a``'s rows over the carry-sized padding ``pad``; a zero-width history (a micro-batch
+    without penalty rows, which uploads none) leaves the padding's -1s."""
+    pad = jnp.asarray(pad)
+    if a.shape[1:] != pad.shape[1:]:
+        return pad
+    return pad.at[: a.shape[0]].set(a)
+
+
 def real_size(batch: Any) -> tuple[int, int]:
     """``(tokens, rows)`` a packed batch really holds (the rest is padding)."""
     return int(np.count_nonzero(np.asarray(batch.segment_ids) >= 0)), int(
@@ -177,8 +193,7 @@ class SpmdPipelineRunner:
     """``pp`` stages in one jitted tick (module docstring); ``PipelineRunner``'s interface."""
 
     def __init__(self, parts: DecoderParts, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
-                 buckets: Any, kv_dtype: Any = None) -> None:
-        from energon_jax.batch import dummy_batch
+                 buckets: Any, kv_dtype: Any = None, penalty_slots: int = 0, vocab: int = 0) -> None:
         from pallas_kernels import make_kv_pages
 
         if mesh.shape["dp"] != 1:
@@ -209,6 +224,16 @@ class SpmdPipelineRunner:
         self.kv = jax.tree.map(stacked, one)
         self._by_pp = by_pp
         self._replicated = NamedSharding(mesh, P())
+        # Device penalty counts (``sampling.PenaltyTables``), whole on every device like the head that
+        # samples: a micro-batch adds its fed tokens when it enters (no placeholders in a pipeline, so
+        # its ids are known then) and reads its rows' slots when it leaves. The step loop never gives
+        # a slot of a micro-batch still in flight to another request (``PenaltySlots.assign``'s busy).
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        self.penalty_slots, self.vocab = penalty_slots, vocab
+        self.penalty_tables = (place(make_penalty_tables(penalty_slots, vocab), self._replicated)
+                               if penalty_slots else None)
+        self._load_row = penalty_slot_loader(self._replicated)
         # The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
         # activations each stage takes next tick [pp, T_max, D], and the plan each stage ran
         # last tick (a StepBatch with a leading [pp] axis, padding where a plan is smaller).
@@ -228,20 +253,24 @@ class SpmdPipelineRunner:
         # PipelineController that broadcasts it to every process first.
         self.dispatch: Callable[[Any], Any] = self.run_tick
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
-        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4),
-                               out_shardings=(kv_shardings, by_pp, self._replicated, self._replicated))
+        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4, 5),
+                               out_shardings=(kv_shardings, by_pp, self._replicated, self._replicated,
+                                              self._replicated))
 
     # -- the jitted tick ------------------------------------------------------------------
 
-    def _tick_fn(self, layers, active, kv, acts, ring, embed, norm, head, batch):
+    def _tick_fn(self, layers, active, kv, acts, ring, tables, embed, norm, head, batch):
         pp, parts = self.pp, self.parts
         t = batch.input_ids.shape[0]
+        if tables is not None:  # the entering micro-batch's fed tokens (its joining slots zeroed first)
+            tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
+                                           batch.sampling)
 
         x0 = run_embed(parts, embed, batch.input_ids)  # [T, D]
         # This tick's plans: stage 0 takes the new one (padded to the carry's size), stage s the
         # one stage s - 1 ran last tick. The ring is small and replicated: shifting it is a local
         # copy, not a collective.
-        new = jax.tree.map(lambda a, pad: jnp.asarray(pad).at[: a.shape[0]].set(a), batch, self._pad)
+        new = jax.tree.map(_into_pad, batch, self._pad)
         ring = jax.tree.map(lambda a, old: jnp.concatenate([a[None], old[:-1]]), new, ring)
         # Every plan in flight fits this tick's bucket (tick() chose it so): cut the carry to it.
         now = jax.tree.map(lambda a, like: a[:, : like.shape[0]], ring, batch)
@@ -263,8 +292,8 @@ class SpmdPipelineRunner:
         acts = acts.at[:, :t].set(acts_next)
         # The last stage ran the plan that entered pp - 1 ticks ago.
         sampling = jax.tree.map(lambda a: a[pp - 1], now.sampling)
-        out = run_head_rows(parts, norm, head, rows[pp - 1], sampling)
-        return kv, acts, ring, out
+        out = run_head_rows(parts, norm, head, rows[pp - 1], sampling, tables)
+        return kv, acts, ring, tables, out
 
     def _run_slots(self, layers, active, kv, x, meta):
         """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
@@ -299,7 +328,7 @@ class SpmdPipelineRunner:
         if exe is None:
             start = time.perf_counter()
             exe = self._jitted.lower(_abstract(self._layers), _abstract(self._active), _abstract(self.kv),
-                                     _abstract(self._acts), _abstract(self._ring),
+                                     _abstract(self._acts), _abstract(self._ring), _abstract(self.penalty_tables),
                                      _abstract(self._embed), _abstract(self._norm), _abstract(self._head),
                                      _abstract(batch)).compile()
             self._executables[key] = exe
@@ -329,12 +358,18 @@ class SpmdPipelineRunner:
         ``fetch=False`` (a multi-process worker, which never reads them): no copy to the host."""
         self._shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
         exe = self._executable(batch)
-        self.kv, self._acts, self._ring, out = exe(self._layers, self._active, self.kv, self._acts, self._ring,
-                                                   self._embed, self._norm, self._head, batch)
+        self.kv, self._acts, self._ring, self.penalty_tables, out = exe(
+            self._layers, self._active, self.kv, self._acts, self._ring, self.penalty_tables, self._embed,
+            self._norm, self._head, batch)
         if fetch:
             for a in out:
                 a.copy_to_host_async()
         return out
+
+    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+        """Overwrite one penalty slot before the tick its row enters (one process only: across
+        processes the batches carry the history); dispatched, not awaited."""
+        self.penalty_tables = self._load_row(self.penalty_tables, slot, counts, seen)
 
     # -- the clock (process 0) -------------------------------------------------------------
 
@@ -361,7 +396,7 @@ class SpmdPipelineRunner:
             b = self.buckets.rows_bucket(t, max(1, *(h.rows for h in held)))
         else:  # nothing in flight: keep the current shape
             t, b = self._shape
-        template = self._dummy(t, b)
+        template = self._dummy(t, b, 0 if batch is None else history_width(batch))
         fitted = template if batch is None else _fit(batch, template)
         out = self.dispatch(fitted)
         if entering is not None:

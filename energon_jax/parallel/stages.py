@@ -101,19 +101,21 @@ def run_layer(parts: DecoderParts, graphdef: Any, state: Any, pages: Any, x: jax
     return layer(x, batch.positions, batch.segment_ids, rope_inv_freq(parts), pages, batch.attn)
 
 
-def run_head(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, batch: Any):
-    """Final norm, the rows' last tokens, logits ``[B, V]`` float32, then on-device sampling."""
-    return run_head_rows(parts, norm_state, head_state, x[batch.logits_indices], batch.sampling)
+def run_head(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, batch: Any, tables: Any = None):
+    """Final norm, the rows' last tokens, logits ``[B, V]`` float32, then on-device sampling
+    (penalty counts from ``tables``, ``sampling.PenaltyTables``, when the runner keeps them)."""
+    return run_head_rows(parts, norm_state, head_state, x[batch.logits_indices], batch.sampling, tables)
 
 
-def run_head_rows(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, sampling: Any):
+def run_head_rows(parts: DecoderParts, norm_state: Any, head_state: Any, x: jax.Array, sampling: Any,
+                  tables: Any = None):
     """``run_head`` on the rows' last tokens ``x [B, D]`` already gathered (the norm is per token)."""
     x = nnx.merge(parts.norm[0], norm_state)(x)  # [B, D]
     if parts.head is None:
         logits = nnx.merge(parts.embed[0], head_state).attend(x)
     else:
         logits = nnx.merge(parts.head[0], head_state)(x)
-    return sample(logits.astype(jnp.float32), sampling)
+    return sample(logits.astype(jnp.float32), sampling, tables)
 
 
 def head_piece(parts: DecoderParts) -> Piece:
