@@ -16,7 +16,9 @@ serves the most requests per second per device within the SLOs?" in three stages
 3. **Simulate** (``plan_sim.py``): Poisson arrivals with the lengths given, for every
    colocated and disaggregated layout on the devices; report TTFT/TPOT percentiles at the
    requested rate and each layout's goodput (the highest rate that meets both SLOs for
-   ``attainment`` of the requests).
+   ``attainment`` of the requests). The simulation adds what the step loop costs a request
+   on top of its steps (``plan_sim.LoopModel``): planning ahead, and tokens returned one
+   step late; the calibration's whole runs see neither (one request alone, one token).
 
 What is measured and what is assumed: the step model is measured for one replica at
 tensor-parallel degree 1. How a step speeds up with ``tp`` cannot be measured on one
