@@ -179,7 +179,7 @@ def test_dp_of_pipelines_ticks_every_replica_before_collecting_host_only():
         assert got[r.request_id] == r.output_token_ids
 
 
-def test_dp_across_processes_has_replicas_and_dp_pp_is_refused(monkeypatch):
+def test_dp_across_processes_has_replicas(monkeypatch):
     import jax
 
     from energon_jax.parallel import runtime
@@ -189,12 +189,9 @@ def test_dp_across_processes_has_replicas_and_dp_pp_is_refused(monkeypatch):
     assert runtime.dp_replicas(ParallelOptions(dp=2)) and not runtime.dp_replicas(ParallelOptions(tp=2))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     # Across processes the dp replicas share one stacked step (tests/test_replica_step.py; the
-    # 2-process x 2-device dp=2 x tp=2 CLI run is tests/test_cli_distributed.py); dp x pp is refused.
-    assert runtime.dp_replicas(ParallelOptions(dp=2))
-    config = type("C", (), dict(num_heads=4, num_kv_heads=2, num_layers=2, intermediate_size=8, vocab_size=64))()
-    with pytest.raises(ValueError, match=r"dp=2 with pp=2 is single-process for now \(2 processes\)"):
-        runtime.build_runner(None, config, num_pages=4, page_size=4, kv_dtype=None,
-                             options=ParallelOptions(dp=2, pp=2))
+    # 2-process x 2-device dp=2 x tp=2 CLI run is tests/test_cli_distributed.py), dp x pp one
+    # stacked pipeline tick (tests/test_replica_pipeline.py).
+    assert runtime.dp_replicas(ParallelOptions(dp=2)) and runtime.dp_replicas(ParallelOptions(dp=2, pp=2))
 
 
 # ----------------------------------------------------------------- the child

@@ -31,8 +31,8 @@ would on its rows (padding rows and tokens change nothing real, ``batch.pack``).
 Limits: no planning ahead (a replica's next batch would need this step's ids on the
 device, slice by slice: ``supports_prev_ids`` is False, so ``async_scheduling`` logs that
 it is off) and no device penalty tables (batches carry the histories, as every
-multi-process runner's do). ``pp > 1`` is not covered here (``dp x pp`` across processes
-is refused in ``runtime.build_runner``). In one process ``runtime`` keeps the independent
+multi-process runner's do). ``pp > 1``: ``replica_pipeline.py`` stacks the replicas'
+pipeline ticks the same way. In one process ``runtime`` keeps the independent
 ``DataParallelRunner``: its replicas overlap with each other's host work.
 """
 

@@ -24,7 +24,9 @@ one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is dr
 - ``pp > 1``: an ``SpmdPipelineRunner`` (``spmd_pipeline.py``: layers stacked over the
   ``pp`` axis, one jitted tick for all stages) driven by ``PipelineStepLoop`` (``pp``
   micro-batches in flight), in one process or across processes (``PipelineController``
-  broadcasts each tick's new micro-batch); ``dp x pp`` only in one process for now;
+  broadcasts each tick's new micro-batch); ``dp x pp`` across processes: every replica's
+  pipeline in one jitted tick with a leading ``dp`` axis on its carry
+  (``replica_pipeline.py``), each replica's clock, scheduler and step loop on process 0;
 - ``offload``: an ``OffloadedRunner`` (``resident_layers`` on device, the rest streamed);
 - more than one process: whatever the above gave, wrapped in a ``Controller`` so that
   process 0's steps are broadcast and every process runs them (workers call
@@ -213,11 +215,12 @@ def _loop_for(
 ) -> EngineLoop:
     """The step loop that drives one (replica's) runner: a pipeline ticks, others step."""
     from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
+    from energon_jax.parallel.replica_pipeline import PipelineView
     from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
     from energon_jax.step_loop import StepLoop
 
     # a micro-batch is never split nor planned past
-    if isinstance(runner, (SpmdPipelineRunner, PipelineController, PipelineRunner)):
+    if isinstance(runner, (SpmdPipelineRunner, PipelineController, PipelineRunner, PipelineView)):
         return PipelineStepLoop(scheduler, runner, buckets, process)
     return StepLoop(scheduler, runner, buckets, process, split_prefill_decode=split,
                     plans_ahead=ahead and getattr(runner, "supports_prev_ids", False))
@@ -295,14 +298,13 @@ def build_runner(
         k = options.resident_layers if options.resident_layers is not None else 1
         return OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
                                num_pages=num_pages, page_size=page_size, **penalties)
-    if options.dp > 1 and options.pp > 1 and jax.process_count() > 1:
-        raise ValueError(f"dp={options.dp} with pp={options.pp} is single-process for now "
-                         f"({jax.process_count()} processes): use dp x tp or pp x tp across processes")
     mesh = make_mesh(options)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
-    if options.dp > 1 and jax.process_count() > 1:  # the replicas share one SPMD step (replica_step.py)
-        return _stacked_replicas(model, c, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
     parts = _pipeline_parts(model, options.pp)
+    if options.dp > 1 and jax.process_count() > 1:  # the replicas share one SPMD step or tick
+        if parts is not None:  # replica_pipeline.py
+            return _stacked_pipelines(parts, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
+        return _stacked_replicas(model, c, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
     if dp_replicas(options):
         from energon_jax.parallel.data_parallel import DataParallelRunner
 
@@ -359,6 +361,24 @@ def _stacked_replicas(model: Any, c: Any, mesh: Any, rules: Any, num_pages: int,
                                kv_dtype=kv_dtype)
     controller = Controller(runner, [stack_batches([b] * dp) for b in templates])
     return StackedReplicas(controller, dp, buckets)
+
+
+def _stacked_pipelines(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
+                       templates: Sequence[Any], buckets: Any) -> Any:
+    """``dp`` pipelines across processes: one ``ReplicaPipelineRunner`` tick over the
+    ``(dp, pp, tp)`` mesh (each replica's carry and pages on its own devices), broadcast by a
+    ``Controller``; the engine drives it through ``StackedPipelines``' per-replica clocks."""
+    from energon_jax.parallel.controller import Controller
+    from energon_jax.parallel.replica_pipeline import ReplicaPipelineRunner, StackedPipelines, StackedTickDispatch
+    from energon_jax.parallel.replica_step import stack_batches
+
+    if not templates or buckets is None:
+        raise ValueError("a multi-process run needs templates (batch.warmup_batches) and buckets for the controller")
+    dp, pp = mesh.shape["dp"], mesh.shape["pp"]
+    runner = ReplicaPipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, buckets=buckets,
+                                   kv_dtype=kv_dtype)
+    controller = Controller(StackedTickDispatch(runner), [stack_batches([b] * dp) for b in templates])
+    return StackedPipelines(controller, dp, pp, buckets)
 
 
 def _pipeline_parts(model: Any, pp: int) -> Any:

@@ -171,6 +171,13 @@ def _into_pad(a: jax.Array, pad: Any) -> jax.Array:
     return pad.at[: a.shape[0]].set(a)
 
 
+def _context_mesh(mesh: Mesh) -> Any:
+    """``mesh``, or inside an outer ``shard_map`` (``replica_pipeline``: manual over ``dp``) the
+    abstract mesh it set, which a nested ``shard_map`` must be given instead."""
+    inner = jax.sharding.get_abstract_mesh()
+    return mesh if inner.empty else inner
+
+
 def real_size(batch: Any) -> tuple[int, int]:
     """``(tokens, rows)`` a packed batch really holds (the rest is padding)."""
     return int(np.count_nonzero(np.asarray(batch.segment_ids) >= 0)), int(
@@ -285,7 +292,7 @@ class SpmdPipelineRunner:
             return kv, jax.lax.ppermute(x, "pp", perm)[None], rows[None]
 
         kv, acts_next, rows = jax.shard_map(
-            stage, mesh=self.mesh, in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
+            stage, mesh=_context_mesh(self.mesh), in_specs=(P("pp"), P("pp"), P("pp"), P("pp"), P(), P()),
             out_specs=(P("pp"), P("pp"), P("pp")), axis_names=frozenset({"pp"}), check_vma=False,
         )(layers, active, kv, acts[:, :t], now, x0)
         # Past T the activations are stale; only padding tokens of a later, wider tick read them.
