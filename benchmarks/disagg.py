@@ -177,7 +177,8 @@ class Processes:
         deadline = time.monotonic() + timeout_s
         while not port_file.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start (rc={proc.poll()}):\n{log.read_text(errors='replace')[-3000:]}")
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} did not start (rc={proc.poll()}):\n{tail}")
             time.sleep(0.1)
         target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
         _wait_serving(target, proc, deadline, name)
@@ -213,7 +214,8 @@ def _wait_serving(target: str, proc: subprocess.Popen, deadline: float, name: st
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} at {target} is not serving (rc={proc.poll()})")
@@ -394,17 +396,20 @@ def _ms(x: float) -> str:
     return "-" if np.isnan(x) else f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}"
 
 
-def latency_table(rows: Sequence[dict]) -> str:
+def latency_table(rows: Sequence[dict], scale: float = 1.0) -> str:
+    """Per layout and rate: measured percentiles, the predicted p90s, SLO attainment and goodput at ``scale``."""
+    k = f"{scale:g}"
     head = ("layout", "rate (req/s)", "TTFT p50 / p90 / p99 (ms)", "TTFT p90 predicted", "TPOT p50 / p90 / p99 (ms)",
-            "TPOT p90 predicted", "SLO met (x1)", "goodput x1 (req/s), predicted")
+            "TPOT p90 predicted", f"SLO met (x{k}), predicted", f"goodput x{k} (req/s), predicted")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, p = r["measured"], r["predicted"]
+        rate = r["rate"] if r["rate"] == "alone" else format(r["rate"], "g")
+        good = "-" if r["rate"] == "alone" else f"{m['goodput'][k]:.2f} ({p['goodput'][k]:.2f})"
         lines.append(
-            f"| {r['layout']} | {r['rate'] if r['rate'] == 'alone' else format(r['rate'], 'g')} | {' / '.join(_ms(m['ttft'][q]) for q in ('p50', 'p90', 'p99'))} | "
+            f"| {r['layout']} | {rate} | {' / '.join(_ms(m['ttft'][q]) for q in ('p50', 'p90', 'p99'))} | "
             f"{_ms(p['ttft']['p90'])} | {' / '.join(_ms(m['tpot'][q]) for q in ('p50', 'p90', 'p99'))} | "
-            f"{_ms(p['tpot']['p90'])} | {m['attained']['1'] :.0%} ({p['attained']['1']:.0%}) | "
-            + ("- |" if r["rate"] == "alone" else f"{m['goodput']['1']:.2f} ({p['goodput']['1']:.2f}) |"))
+            f"{_ms(p['tpot']['p90'])} | {m['attained'][k]:.0%} ({p['attained'][k]:.0%}) | {good} |")
     return "\n".join(lines)
 
 
@@ -582,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"unloaded pass: front end {c['offsets']['frontend_s'] * 1e3:.1f} ms per TTFT, hand-off "
               f"{c['offsets']['transfer_s'] * 1e3:.1f} ms + {c['offsets']['transfer_s_per_token'] * 1e6:.1f} us/token")
     print()
-    print(latency_table(rows))
+    print(latency_table(rows, 1.0 if 1.0 in args.scale_list else args.scale_list[0]))
     print()
     print(scale_table(rows, args.scale_list, args.layout_list))
     if args.json:

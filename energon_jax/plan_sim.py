@@ -290,7 +290,8 @@ def simulate(workload: Workload, layout: Layout, cost: StepCost, limits: Replica
 def goodput(lengths: Workload, layout: Layout, cost: StepCost, limits: ReplicaLimits, *,
             slo_ttft_s: float | np.ndarray, slo_tpot_s: float | np.ndarray, attainment: float = 0.9, seed: int = 0,
             tp_efficiency: float = 0.9, transfer_s_per_token: float = 0.0, transfer_s: float = 0.0,
-            iterations: int = 14, colocated_loop: LoopModel = COLOCATED_LOOP, role_loop: LoopModel = ROLE_LOOP) -> float:
+            iterations: int = 14, colocated_loop: LoopModel = COLOCATED_LOOP,
+            role_loop: LoopModel = ROLE_LOOP) -> float:
     """The highest Poisson rate (requests/s) at which ``attainment`` of the requests meet both
     SLOs (bisection on the rate; 0 when even a trickle misses them). An SLO is one number for
     every request, or one per request (``[R]``: Splitwise's multiples of each one's unloaded latency)."""
