@@ -59,7 +59,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 TTFT_X, TPOT_X = 3.0, 1.5  # Splitwise: TTFT within 3x and TPOT within 1.5x of the unloaded latency
-LAYOUTS = ("colocated", "disaggregated")
+# colocated-1core (not run by default): one colocated server on the prefill server's CPUs,
+# the planner's one-device layout, a third configuration to check its prediction on.
+LAYOUTS = ("colocated", "disaggregated", "colocated-1core")
+DEFAULT_LAYOUTS = LAYOUTS[:2]
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -225,9 +228,9 @@ def _wait_serving(target: str, proc: subprocess.Popen, deadline: float, name: st
 def start_layout(procs: Processes, layout: str, args: argparse.Namespace) -> str:
     """Start ``layout``'s servers; the gRPC target clients talk to."""
     engine = _engine_flags(args)
-    if layout == "colocated":
-        return procs.start("colocated", args.colocated_cpus,
-                           ["serve", *engine, "--no-http", "--no-metrics"])
+    if layout.startswith("colocated"):
+        cpus = args.colocated_cpus if layout == "colocated" else args.prefill_cpus
+        return procs.start(layout, cpus, ["serve", *engine, "--no-http", "--no-metrics"])
     prefill = procs.start("prefill", args.prefill_cpus, ["serve", "--role", "prefill", *engine])
     decode = procs.start("decode", args.decode_cpus, ["serve", "--role", "decode", *engine])
     return procs.start("router", None, ["router", "--prefill", prefill, "--decode", decode])
@@ -350,7 +353,7 @@ class Offsets:
 def _sim_layout(layout: str):
     from energon_jax.plan_sim import Layout
 
-    return Layout(1) if layout == "colocated" else Layout(1, 1, 1, 1)
+    return Layout(1) if layout.startswith("colocated") else Layout(1, 1, 1, 1)
 
 
 def fit_offsets(layout: str, cost, limits, prompt_len: np.ndarray, output_len: np.ndarray,
@@ -364,7 +367,7 @@ def fit_offsets(layout: str, cost, limits, prompt_len: np.ndarray, output_len: n
     lone = Workload(np.arange(len(prompt_len)) * 1e3, prompt_len, output_len)
     sim = simulate(lone, _sim_layout(layout), cost, limits)
     frontend = float(np.nanmedian(unloaded.ttft - sim.ttft_s))
-    if layout == "colocated":
+    if layout.startswith("colocated"):
         return Offsets(frontend)
     gaps = output_len - 1
     step = unloaded.step_gap if unloaded.step_gap is not None else sim.tpot_s
@@ -469,7 +472,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--slo-reference", choices=("colocated", "own"), default="colocated",
                     help="whose unloaded latency the SLOs multiply: the colocated server's (one objective "
                          "for both layouts) or each layout's own")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="which layouts to run")
+    ap.add_argument("--layouts", default=",".join(DEFAULT_LAYOUTS),
+                    help=f"which layouts to run, of {', '.join(LAYOUTS)}")
     w = ap.add_argument_group("workload (lengths in tokens, ranges LO,HI inclusive)")
     w.add_argument("--requests", type=int, default=60, help="requests per rate (and in the unloaded pass)")
     w.add_argument("--long-share", type=float, default=0.2, help="share of requests with a long prompt")
@@ -539,12 +543,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     limits = ReplicaLimits(args.max_num_seqs, args.max_num_batched_tokens)
     load0 = os.getloadavg()
     t_start = time.time()
-    costs = {}
+    costs: dict[str, dict] = {}
+    by_cpus: dict[str, dict] = {}
     if not args.no_prediction:
         for layout in args.layout_list:
             cpus = args.colocated_cpus if layout == "colocated" else args.prefill_cpus
-            print(f"calibrating the step model for {layout} on CPUs {cpus} ...", file=sys.stderr)
-            costs[layout] = calibrate_pinned(cpus, args)
+            if cpus not in by_cpus:  # one model per CPU set: the role servers' serves colocated-1core too
+                print(f"calibrating the step model for {layout} on CPUs {cpus} ...", file=sys.stderr)
+                by_cpus[cpus] = calibrate_pinned(cpus, args)
+            costs[layout] = dict(by_cpus[cpus])
     runs: dict[str, dict] = {}
     for layout in args.layout_list:
         with Processes() as procs:

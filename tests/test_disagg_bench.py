@@ -131,10 +131,10 @@ def test_help_and_bad_flags(capsys):
     assert "--rates" in out and "--slo-scales" in out and "--prefill-cpus" in out and "--json" in out
     with pytest.raises(SystemExit, match="--rates='0,4' must list numbers > 0"):
         bench.parse_args(["--rates", "0,4"])
-    with pytest.raises(SystemExit, match="'both' is not one of colocated, disaggregated"):
+    with pytest.raises(SystemExit, match="'both' is not one of colocated, disaggregated, colocated-1core"):
         bench.parse_args(["--layouts", "both"])
     args = bench.parse_args(["--rates", "2,4", "--slo-scales", "1"])
-    assert args.rate_list == [2.0, 4.0] and args.scale_list == [1.0] and args.layout_list == list(bench.LAYOUTS)
+    assert args.rate_list == [2.0, 4.0] and args.scale_list == [1.0] and args.layout_list == list(bench.DEFAULT_LAYOUTS)
 
 
 @pytest.mark.slow  # three servers, a router and two calibrations: a few minutes on the 2-core box
@@ -149,7 +149,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| colocated | 20 |" in proc.stdout and "| disaggregated | 20 |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["layout"], r["rate"]) for r in rows} == {(x, y) for x in bench.LAYOUTS for y in ("alone", 20.0)}
+    assert {(r["layout"], r["rate"]) for r in rows} == {(x, y) for x in bench.DEFAULT_LAYOUTS for y in ("alone", 20.0)}
     for r in rows:
         assert r["measured"]["errors"] == 0
         assert r["measured"]["ttft"]["p90"] > 0 and r["predicted"]["ttft"]["p90"] > 0
