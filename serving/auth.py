@@ -1,13 +1,17 @@
-"""API keys and TLS for the server.
+"""API keys and TLS for the servers (``energon serve``, its prefill/decode roles, ``energon router``).
 
 The API key travels as ``authorization: Bearer <key>`` metadata and is checked
 with ``secrets.compare_digest`` on every method except the gRPC health service
 (load balancers probe it without credentials). The key is held only by the
 interceptor and never formatted into a log line or an error message.
+``ApiKeyInterceptor`` guards a ``grpc.aio`` server, ``SyncApiKeyInterceptor`` a
+thread-pool one; ``key_metadata_interceptor`` adds a key to every call of a
+client channel (the router's calls to its backends).
 """
 
 from __future__ import annotations
 
+import collections
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +45,13 @@ def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
 
 
+def _bearer_matches(metadata: tuple | None, key: bytes) -> bool:
+    for name, value in metadata or ():
+        if name == "authorization" and isinstance(value, str) and value.lower().startswith(_BEARER):
+            return secrets.compare_digest(value[len(_BEARER) :].encode(), key)
+    return False
+
+
 class ApiKeyInterceptor(aio.ServerInterceptor):
     def __init__(self, api_key: str) -> None:
         if not api_key:
@@ -51,10 +62,7 @@ class ApiKeyInterceptor(aio.ServerInterceptor):
         return "ApiKeyInterceptor(<redacted>)"
 
     def _authorized(self, metadata: tuple | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.lower().startswith(_BEARER):
-                return secrets.compare_digest(value[len(_BEARER) :].encode(), self._key)
-        return False
+        return _bearer_matches(metadata, self._key)
 
     async def intercept_service(
         self,
@@ -67,6 +75,118 @@ class ApiKeyInterceptor(aio.ServerInterceptor):
         if self._authorized(handler_call_details.invocation_metadata):
             return handler
         return _abort_handler(handler)
+
+
+def _sync_abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``_abort_handler`` for a thread-pool server."""
+
+    def reject(request_or_iterator, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+
+    def reject_stream(request_or_iterator, context: grpc.ServicerContext):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
+        yield  # pragma: no cover - a generator, as stream handlers are
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(reject, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(reject_stream, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(reject, **kw)
+    return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
+
+
+class SyncApiKeyInterceptor(grpc.ServerInterceptor):
+    """``ApiKeyInterceptor`` for ``grpc.server`` (the role servers and the router)."""
+
+    def __init__(self, api_key: str) -> None:
+        if not api_key:
+            raise ValueError("api_key must not be empty")
+        self._key = api_key.encode()
+
+    def __repr__(self) -> str:
+        return "SyncApiKeyInterceptor(<redacted>)"
+
+    def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_HEALTH_PREFIX):
+            return handler
+        if _bearer_matches(handler_call_details.invocation_metadata, self._key):
+            return handler
+        return _sync_abort_handler(handler)
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                            "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _AddKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._entry = ("authorization", f"Bearer {api_key}")
+
+    def __repr__(self) -> str:
+        return "_AddKey(<redacted>)"
+
+    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(d.method, d.timeout, (*(d.metadata or ()), self._entry), d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+def key_metadata_interceptor(api_key: str) -> grpc.UnaryUnaryClientInterceptor:
+    """For ``grpc.intercept_channel``: every unary and server-streaming call carries the key."""
+    if not api_key:
+        raise ValueError("api_key must not be empty")
+    return _AddKey(api_key)
+
+
+class _AioKey:
+    def __init__(self, api_key: str) -> None:
+        self._entry = ("authorization", f"Bearer {api_key}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<redacted>)"
+
+    def _details(self, d: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        return aio.ClientCallDetails(d.method, d.timeout, aio.Metadata(*(d.metadata or ()), self._entry),
+                                     d.credentials, d.wait_for_ready)
+
+
+class _AioUnaryKey(_AioKey, aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamKey(_AioKey, aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def aio_key_interceptors(api_key: str | None) -> list:
+    """For ``aio.insecure_channel(..., interceptors=...)``: every unary and server-streaming call
+    carries the key (none: []). Two objects: an aio channel files each interceptor under one kind."""
+    return [_AioUnaryKey(api_key), _AioStreamKey(api_key)] if api_key else []
+
+
+def tls_from_flags(cert: Path | None, key: Path | None, client_ca: Path | None) -> TlsFiles | None:
+    """``--tls-cert/--tls-key/--tls-client-ca`` as ``TlsFiles`` (None: plaintext), checked together."""
+    if cert or key:
+        if not (cert and key):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        return TlsFiles(cert, key, client_ca)
+    if client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    return None
 
 
 @dataclass(frozen=True)

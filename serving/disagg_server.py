@@ -8,6 +8,13 @@ queue). Status codes: ``ValueError`` (sampling params, prompt too long) -> INVAL
 an engine that failed -> INTERNAL (the process then exits non-zero); a pull that failed
 (the prefill server died or dropped the K/V) -> UNAVAILABLE. gRPC health says SERVING once
 the engine is built and warmed up, NOT_SERVING while shutting down.
+
+Security and metrics as ``energon serve``'s: ``--api-key`` (or ``$ENERGON_API_KEY``) guards
+every method but health, ``--tls-cert/--tls-key[/--tls-client-ca]`` put TLS (mutual) on the
+gRPC port, and ``--metrics-port`` serves Prometheus ``/metrics``: the engine's queue and pages
+and, on a decode server, its K/V pulls. The K/V themselves travel over
+``jax.experimental.transfer``'s own connections, which neither the key nor TLS cover: keep
+prefill and decode servers on a private network.
 """
 
 from __future__ import annotations
@@ -156,30 +163,77 @@ class RoleInferenceServicer(pb_grpc.InferenceServicer):
         return embeddings_to_proto(vectors.tolist())
 
 
+class _RoleCollector:
+    """Scrape-time gauges of a role worker: requests held and K/V pulled."""
+
+    def __init__(self, worker: RoleWorker) -> None:
+        self._w = worker
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self._w.pull_stats
+        yield GaugeMetricFamily("energon_role_requests_in_flight", "Requests this role server holds",
+                                value=self._w.in_flight())
+        yield CounterMetricFamily("energon_kv_pulls", "K/V transfers this server pulled", value=st.pulls)
+        yield CounterMetricFamily("energon_kv_pull_bytes", "Bytes those pulls moved", value=st.bytes)
+        yield CounterMetricFamily("energon_kv_pull_seconds", "Wall time spent pulling", value=st.seconds)
+
+
+def _engine_stats(engine: Any) -> Any:
+    """The scheduler's counts, read from the scrape thread (plain ints: at worst one step stale)."""
+    from energon_jax.async_engine import EngineStats
+
+    s = engine.scheduler
+    return EngineStats(s.num_waiting, s.num_running, s.pages_used, s.pages_total,
+                       getattr(s, "prefix_cache_queries", 0), getattr(s, "prefix_cache_hits", 0))
+
+
+def _role_metrics(worker: RoleWorker, host: str, port: int) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from serving.metrics import MetricsHttpServer, engine_stats_collector
+
+    registry = CollectorRegistry()
+    registry.register(engine_stats_collector(lambda: _engine_stats(worker.engine)))
+    registry.register(_RoleCollector(worker))
+    return MetricsHttpServer(registry, host, port)
+
+
 def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, host: str, port: int,
-               port_file: Path | None = None, max_workers: int = 64) -> int:
-    """Build the engine, start the transfer and gRPC servers, serve until SIGTERM/SIGINT."""
+               port_file: Path | None = None, max_workers: int = 64, api_key: str | None = None,
+               tls: Any = None, metrics_port: int | None = None) -> int:
+    """Build the engine, start the transfer and gRPC servers, serve until SIGTERM/SIGINT.
+    ``tls``: ``auth.TlsFiles``; ``metrics_port`` None: no metrics endpoint."""
     from energon_jax.engine import Engine
+    from serving.auth import SyncApiKeyInterceptor
 
     kwargs = dict(engine_kwargs, async_scheduling=False)
     if role == "decode":  # adopted requests arrive prefilled; Scheduler.attach takes no prefix cache
         kwargs["enable_prefix_caching"] = False
     engine = Engine.from_pretrained(model, **kwargs)
     worker = RoleWorker(engine, role, host=host)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    interceptors = [SyncApiKeyInterceptor(api_key)] if api_key else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     dpb_grpc.add_DisaggServicer_to_server(DisaggServicer(worker), server)
     pb_grpc.add_InferenceServicer_to_server(RoleInferenceServicer(worker), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(f"cannot bind {address}")
+    metrics = None if metrics_port is None else _role_metrics(worker, host, metrics_port)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s server on %s:%d, transfer server on %s", role, host, bound, worker.address)
+    log.info("%s server on %s:%d (%s%s), transfer server on %s", role, host, bound, "TLS" if tls else "plaintext",
+             ", API key" if api_key else "", worker.address)
     if port_file is not None:
+        ports = {"port": bound, "transfer": worker.address, "role": role}
+        if metrics is not None:
+            ports["metrics_port"] = metrics.port
         tmp = port_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"port": bound, "transfer": worker.address, "role": role}))
+        tmp.write_text(json.dumps(ports))
         tmp.rename(port_file)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -189,5 +243,7 @@ def serve_role(role: str, model: str | None, engine_kwargs: dict[str, Any], *, h
             break
     health_servicer.enter_graceful_shutdown()
     server.stop(grace=2).wait()
+    if metrics is not None:
+        metrics.close()
     worker.shutdown()
     return 1 if worker.failure is not None else 0

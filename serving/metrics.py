@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Latency buckets from 1 ms to 60 s: a CPU test model and a GPU service both fit.
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _EngineStatsCollector(Collector):
@@ -50,7 +50,7 @@ class ServingMetrics:
     def __init__(self, engine_stats: Callable[[], Any | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        b = _LATENCY_BUCKETS
+        b = LATENCY_BUCKETS
         self.ttft = Histogram(
             "energon_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=b, registry=r
         )
@@ -70,6 +70,11 @@ class ServingMetrics:
             ["method", "route", "status"], registry=r,
         )  # fmt: skip
         r.register(_EngineStatsCollector(engine_stats))
+
+
+def engine_stats_collector(engine_stats: Callable[[], Any | None]) -> Collector:
+    """Gauges and counters read from ``engine_stats()`` (an ``EngineStats``, or None) at scrape time."""
+    return _EngineStatsCollector(engine_stats)
 
 
 class MetricsHttpServer:

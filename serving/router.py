@@ -15,6 +15,12 @@ up, NOT_SERVING otherwise. A client that cancels cancels the backend call in pro
 aborts the request there (its pages are freed; a prefill's gathered K/V that no decode server
 pulls are dropped at the prefill server's pull timeout).
 
+Security: ``api_key`` guards the router's own methods (not health) as ``energon serve``'s does,
+``tls`` puts TLS (mutual with a client CA) on its port; the calls to the backends carry
+``backend_api_key`` and, with ``backend_tls_ca``, go over TLS verified against that CA.
+``RouterMetrics`` (``--metrics-port``): routed requests by outcome, time to the first token
+and to the hand-off, and each backend's state.
+
 ``Embed``, ``Tokenize`` and ``ModelInfo`` are forwarded as they are to the least-loaded
 prefill server. The OpenAI HTTP API (``--http-port``) is ``router_http.py``: a client of
 this service on loopback, so both protocols take the same path.
@@ -25,8 +31,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -72,14 +80,23 @@ class NoBackend(Exception):
 class BackendPool:
     """The prefill and decode servers, their in-flight counts and whether they are up."""
 
-    def __init__(self, prefill: Sequence[str], decode: Sequence[str], *, probe_timeout_s: float = 2.0) -> None:
+    def __init__(self, prefill: Sequence[str], decode: Sequence[str], *, probe_timeout_s: float = 2.0,
+                 api_key: str | None = None, tls_ca: Path | None = None) -> None:
+        """``api_key``: sent on every backend call; ``tls_ca``: TLS to the backends, verified against it."""
+        from serving.auth import key_metadata_interceptor
+
+        if tls_ca is not None and not Path(tls_ca).is_file():
+            raise ValueError(f"--backend-tls-ca file {str(tls_ca)!r} does not exist")
+        creds = None if tls_ca is None else grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
         self._lock = threading.Lock()
         self._channels = []
         self.backends: list[Backend] = []
         for role, targets in (("prefill", prefill), ("decode", decode)):
             for t in targets:
-                ch = grpc.insecure_channel(t)
+                ch = grpc.insecure_channel(t) if creds is None else grpc.secure_channel(t, creds)
                 self._channels.append(ch)
+                if api_key:
+                    ch = grpc.intercept_channel(ch, key_metadata_interceptor(api_key))
                 self.backends.append(Backend(role, t, dpb_grpc.DisaggStub(ch), pb_grpc.InferenceStub(ch)))
         self.probe_timeout_s = probe_timeout_s
         self.on_change = lambda serving: None  # set by the router: health follows
@@ -106,8 +123,11 @@ class BackendPool:
         try:
             backend.stub.Stats(dpb.StatsRequest(), timeout=self.probe_timeout_s)
             up = True
-        except grpc.RpcError:
+        except grpc.RpcError as e:
             up = False
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED and backend.alive:  # a configuration error: say so
+                log.error("%s server %s refuses the router's key: give --backend-api-key", backend.role,
+                          backend.target)
         before = self.serving()
         with self._lock:
             if backend.alive != up:
@@ -126,11 +146,68 @@ class BackendPool:
             ch.close()
 
 
-class RouterServicer(pb_grpc.InferenceServicer):
+class RouterMetrics:
+    """Prometheus metrics of a router, on their own registry."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        from serving.metrics import LATENCY_BUCKETS
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("energon_router_requests", "Generate calls routed, by outcome (a status code name)",
+                                ["outcome"], registry=r)
+        self.ttft = Histogram("energon_router_time_to_first_token_seconds",
+                              "From the call to the prefill server's first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.handoff = Histogram("energon_router_handoff_seconds",
+                                 "From the first token to the decode server's first response (K/V pull included)",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_PoolCollector(pool))
+
+
+class _PoolCollector:
     def __init__(self, pool: BackendPool) -> None:
         self._pool = pool
 
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily("energon_router_backend_up", "Whether the last probe of a backend answered",
+                               labels=["role", "target"])
+        busy = GaugeMetricFamily("energon_router_backend_in_flight", "This router's calls to a backend now",
+                                 labels=["role", "target"])
+        for b in list(self._pool.backends):
+            up.add_metric([b.role, b.target], float(b.alive))
+            busy.add_metric([b.role, b.target], float(b.in_flight))
+        yield up
+        yield busy
+
+
+class RouterServicer(pb_grpc.InferenceServicer):
+    def __init__(self, pool: BackendPool, metrics: RouterMetrics | None = None) -> None:
+        self._pool = pool
+        self._metrics = metrics
+
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        if self._metrics is None:
+            yield from self._generate(request, context, None)
+            return
+        outcome = "OK"
+        try:
+            yield from self._generate(request, context, self._metrics)
+        except GeneratorExit:  # the client went away
+            outcome = "CANCELLED"
+            raise
+        except Exception:  # context.abort: the code it set
+            code = context.code() if hasattr(context, "code") else None
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            self._metrics.requests.labels(outcome).inc()
+
+    def _generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext,
+                  metrics: RouterMetrics | None) -> Iterator[pb.GenerateResponse]:
+        start = time.monotonic()
         label = request.request_id or uuid.uuid4().hex
         forwarded = pb.GenerateRequest()
         forwarded.CopyFrom(request)
@@ -143,6 +220,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
             resp = self._result(call, prefill, context)
         finally:
             self._pool.release(prefill)
+        first_at = time.monotonic()
+        if metrics is not None:
+            metrics.ttft.observe(first_at - start)
         yield resp.first
         if not resp.HasField("kv"):  # finished on its first token
             return
@@ -156,7 +236,10 @@ class RouterServicer(pb_grpc.InferenceServicer):
             stream = decode.stub.Decode(dreq)
             context.add_callback(stream.cancel)  # a client cancel aborts the decode (its pages are freed)
             try:
-                yield from stream
+                for i, item in enumerate(stream):
+                    if i == 0 and metrics is not None:
+                        metrics.handoff.observe(time.monotonic() - first_at)
+                    yield item
             except grpc.RpcError as e:
                 self._fail(e, decode, context)
         finally:
@@ -210,19 +293,30 @@ class Router:
     """The router's gRPC server, health and probe thread."""
 
     def __init__(self, pool: BackendPool, *, host: str = "127.0.0.1", port: int = 0,
-                 probe_interval_s: float = 1.0, max_workers: int = 64) -> None:
+                 probe_interval_s: float = 1.0, max_workers: int = 64, api_key: str | None = None,
+                 tls: Any = None, metrics: RouterMetrics | None = None) -> None:
+        """``tls``: ``auth.TlsFiles`` for the public port; then ``loopback_port`` is a second,
+        plaintext port on 127.0.0.1 (same key check) for this router's own HTTP front end."""
         from concurrent import futures
 
         from grpc_health.v1 import health_pb2_grpc
 
+        from serving.auth import SyncApiKeyInterceptor
+
         self.pool, self.probe_interval_s = pool, probe_interval_s
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-        pb_grpc.add_InferenceServicer_to_server(RouterServicer(pool), self.server)
+        interceptors = [SyncApiKeyInterceptor(api_key)] if api_key else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+        pb_grpc.add_InferenceServicer_to_server(RouterServicer(pool, metrics), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind {host}:{port}")
+        address = f"{host}:{port}"
+        if tls is not None:
+            self.port = self.server.add_secure_port(address, tls.server_credentials())
+            self.loopback_port = self.server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self.loopback_port = self.server.add_insecure_port(address)
+        if self.port == 0 or self.loopback_port == 0:
+            raise OSError(f"cannot bind {address}")
         self._stop = threading.Event()
         pool.on_change = self._set_health
         self._prober = threading.Thread(target=self._probe_loop, name="energon-router-probe", daemon=True)

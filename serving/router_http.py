@@ -18,6 +18,7 @@ Start-up, in the router's main thread (gRPC already serving on its own threads):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class RouterHttpConfig:
     grace_s: float = 10.0
     info_timeout_s: float = 5.0  # per ModelInfo attempt
     health_interval_s: float = 0.5
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # clients' key (HTTP and the loopback hop)
+    tls: Any = None  # auth.TlsFiles for the HTTP port
 
 
 def _load_tokenizer(root: Path) -> Any:
@@ -58,7 +61,9 @@ def _load_tokenizer(root: Path) -> Any:
 
 async def _connect(config: RouterHttpConfig, stop: asyncio.Event) -> GrpcEngine | None:
     """The engine adapter once a prefill server has answered ``ModelInfo`` (None: stopped first)."""
-    channel = aio.insecure_channel(config.grpc_target)
+    from serving.auth import aio_key_interceptors
+
+    channel = aio.insecure_channel(config.grpc_target, interceptors=aio_key_interceptors(config.api_key))
     while not stop.is_set():
         try:
             info = await GrpcEngine.model_info(channel, config.info_timeout_s)
@@ -127,10 +132,10 @@ async def serve_http(config: RouterHttpConfig, stop: asyncio.Event, on_listening
     admission = Admission(metrics, lambda e: log.error("routed request failed: %r", e))
     root = config.model or engine.info.model
     service = OpenAIService(admission, served_model_name=config.served_model_name or root,
-                            chat_template_file=config.chat_template)
+                            chat_template_file=config.chat_template, api_key=config.api_key)
     try:
         await asyncio.to_thread(service.load_model_files, root)
-        http = HttpFrontEnd(build_app(service, metrics), config.host, config.port)
+        http = HttpFrontEnd(build_app(service, metrics), config.host, config.port, config.tls)
     except (ValueError, OSError) as e:
         log.error("%s", e)
         await engine.close()

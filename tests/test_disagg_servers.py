@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,11 +46,11 @@ def _prompt(n: int) -> list[int]:
 class Proc:
     """One ``energon`` subprocess that reports its port through ``--port-file``."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="energon-disagg-")
         self.port_file = Path(self._tmp.name) / "port.json"
         self.log_path = Path(self._tmp.name) / "log"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
         self._log = open(self.log_path, "wb")
         cmd = [sys.executable, "-m", "energon_jax.cli", *args, "--port", "0", "--port-file", str(self.port_file)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -67,8 +68,13 @@ class Proc:
                 raise RuntimeError(f"no port (rc={self.proc.poll()}):\n{self.log_path.read_text(errors='replace')}")
             time.sleep(0.05)
         ports = json.loads(self.port_file.read_text())
-        self.port, self.http_port = ports["port"], ports.get("http_port")
+        self.port, self.http_port, self.metrics_port = ports["port"], ports.get("http_port"), ports.get("metrics_port")
         return self
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
 
     def stop(self) -> bool:
         """SIGTERM, then SIGKILL after 15 s; False when it had to be killed."""
@@ -237,6 +243,106 @@ def test_cache_salt_and_cached_tokens_through_the_router(trio):
     assert [grpc_cached("g1"), grpc_cached("g1"), grpc_cached("g2")] == [0, 32, 0]
     assert [http_cached("h1"), http_cached("h1"), http_cached("g1")] == [0, 32, 32]
     trio.wait_pages_free()
+
+
+def _metric(text: str, name: str, default: float | None = None) -> float:
+    """The value of one sample line ``name value`` (``name`` with its labels, as Prometheus prints it)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    if default is None:
+        raise AssertionError(f"{name} not in the scrape")
+    return default
+
+
+def test_router_api_key_tls_and_metrics(trio, colocated_tokens, tmp_path):
+    """A second router over the same servers: clients need the key (health excepted) and TLS, on
+    gRPC and HTTP; the HTTP front end reaches the router through its plaintext loopback port."""
+    import httpx
+    from test_serving_security import _make_certs
+
+    _make_certs(tmp_path)
+    router = Proc("router", "--prefill", trio.prefill.target, "--decode", trio.decode.target, "--http-port", "0",
+                  "--metrics-port", "0", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
+                  str(tmp_path / "server.key"), env={"ENERGON_API_KEY": "router-key"})
+    try:
+        router.wait_port()
+        key = (("authorization", "Bearer router-key"),)
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(16)),
+                                 params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+        creds = grpc.ssl_channel_credentials(root_certificates=(tmp_path / "ca.pem").read_bytes())
+        with grpc.secure_channel(router.target, creds) as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING  # no key needed
+            stub = pb_grpc.InferenceStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(req, timeout=60))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            responses = list(stub.Generate(req, timeout=300, metadata=key))
+            got = ([t for r in responses for t in r.token_ids], "".join(r.text for r in responses))
+            assert got == colocated_tokens[16]
+        with grpc.insecure_channel(router.target) as plain:  # plaintext to the TLS port
+            with pytest.raises(grpc.RpcError):
+                list(pb_grpc.InferenceStub(plain).Generate(req, timeout=10, metadata=key))
+        url = f"https://127.0.0.1:{router.http_port}/v1/completions"
+        body = dict(prompt=_prompt(45), max_tokens=MAX_TOKENS, temperature=0.0)
+        with httpx.Client(verify=ssl.create_default_context(cafile=tmp_path / "ca.pem"), timeout=300) as http:
+            assert http.post(url, json=body).status_code == 401
+            r = http.post(url, json=body, headers={"Authorization": "Bearer router-key"})
+            assert r.status_code == 200, r.text + router.log_path.read_text(errors="replace")
+            assert r.json()["choices"][0]["text"] == colocated_tokens[45][1]
+        deadline = time.monotonic() + 30  # a call is counted when its handler returns, just after its last response
+        while _metric(text := router.metrics(), 'energon_router_requests_total{outcome="OK"}', 0.0) < 2:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        time.sleep(0.5)
+        text = router.metrics()
+        assert _metric(text, 'energon_router_requests_total{outcome="OK"}') == 2  # one gRPC, one HTTP
+        assert _metric(text, "energon_router_time_to_first_token_seconds_count") == 2
+        assert _metric(text, "energon_router_handoff_seconds_count") == 2
+        assert _metric(text, f'energon_router_backend_up{{role="prefill",target="{trio.prefill.target}"}}') == 1
+        assert _metric(text, f'energon_router_backend_in_flight{{role="decode",target="{trio.decode.target}"}}') == 0
+    finally:
+        assert router.stop()
+    trio.wait_pages_free()
+
+
+@pytest.mark.slow  # three more processes; the default run covers the router's side above
+def test_role_servers_with_api_key_tls_and_metrics(colocated_tokens, tmp_path):
+    """Role servers that need a key and TLS: a router with --backend-api-key and --backend-tls-ca
+    serves through them; one without the key sees no server up (health NOT_SERVING)."""
+    from test_serving_security import _make_certs
+
+    _make_certs(tmp_path)
+    tls = ("--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"))
+    env = {"ENERGON_API_KEY": "backend-key"}
+    servers = [Proc("serve", "--role", role, *FLAGS, *tls, "--metrics-port", "0", env=env)
+               for role in ("prefill", "decode")]
+    procs = list(servers)
+    try:
+        for p in servers:
+            p.wait_port()
+        prefill, decode = servers
+        targets = ("--prefill", prefill.target, "--decode", decode.target, "--backend-tls-ca", str(tmp_path / "ca.pem"))
+        router = Proc("router", *targets, "--backend-api-key", "backend-key", "--probe-interval", "0.2")
+        keyless = Proc("router", *targets, "--probe-interval", "0.2")
+        procs += [router, keyless]
+        router.wait_port()
+        keyless.wait_port()
+        with grpc.insecure_channel(router.target) as ch:
+            responses = list(pb_grpc.InferenceStub(ch).Generate(
+                pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(45)),
+                                   params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)), timeout=300))
+        assert [t for r in responses for t in r.token_ids] == colocated_tokens[45][0]
+        with grpc.insecure_channel(keyless.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "refuses the router's key" in keyless.log_path.read_text(errors="replace")
+        assert _metric(decode.metrics(), "energon_kv_pulls_total") == 1
+        assert _metric(prefill.metrics(), "energon_kv_pages_used") == 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
 
 
 def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, str]:

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint path (default: the embedded demo model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free port)")
-    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (0: a free port)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="Prometheus /metrics port (0: a free port; default 9090, none for --role prefill|decode)")
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics endpoint")
     parser.add_argument(
         "--api-key",
@@ -138,20 +139,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def server_config(args: argparse.Namespace):
     from serving.admission import AdmissionLimits
-    from serving.auth import API_KEY_ENV, TlsFiles
+    from serving.auth import API_KEY_ENV, tls_from_flags
     from serving.server import ServerConfig
 
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ValueError("--tls-cert and --tls-key must be given together")
-        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca:
-        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = tls_from_flags(args.tls_cert, args.tls_key, args.tls_client_ca)
     return ServerConfig(
         host=args.host,
         port=args.port,
-        metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_port=None if args.no_metrics else (9090 if args.metrics_port is None else args.metrics_port),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         tls=tls,
         max_receive_bytes=args.max_message_bytes,
@@ -188,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
         if args.role != "colocated":
             from serving.disagg_server import serve_role
 
-            return serve_role(args.role, args.model, kwargs, host=args.host, port=args.port, port_file=args.port_file)
+            return serve_role(args.role, args.model, kwargs, host=args.host, port=args.port, port_file=args.port_file,
+                              api_key=config.api_key, tls=config.tls,
+                              metrics_port=None if args.no_metrics else args.metrics_port)
         if multi and not distributed.is_coordinator():
             return _serve_worker(factory, args.model, kwargs)
         return asyncio.run(serve(config, factory, args.model, kwargs))
