@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -79,6 +80,24 @@ class ServerProcess:
         finally:
             if own:
                 channel.close()
+
+    def watch_health(self, timeout_s: float = 60.0) -> tuple[list[int], threading.Thread]:
+        """Follow the health Watch stream in a daemon thread: every status it sends is appended to
+        the returned list, until the server goes away or ``timeout_s`` passes."""
+        seen: list[int] = []
+
+        def watch() -> None:
+            with grpc.insecure_channel(self.target) as channel:
+                try:
+                    for resp in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                                          timeout=timeout_s):
+                        seen.append(resp.status)
+                except grpc.RpcError:
+                    return  # the server went away
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        return seen, watcher
 
     def wait_serving(self, timeout_s: float = 120.0, channel: grpc.Channel | None = None) -> None:
         self.wait_ports(timeout_s)

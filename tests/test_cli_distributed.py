@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from process_harness import ask_when_serving, cpu_env, free_port, stop
+
 
 def _energon(*argv: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one device per process unless launch says otherwise
-    return subprocess.run([sys.executable, "-m", "energon_jax.cli", *argv], env=env, capture_output=True,
+    # one device per process unless launch says otherwise
+    return subprocess.run([sys.executable, "-m", "energon_jax.cli", *argv], env=cpu_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -127,53 +127,23 @@ def test_from_pretrained_tp2_loads_into_shards_and_matches(tiny_checkpoint):
 def test_launch_serve_tp2_serves_one_api_and_stops_the_worker(tiny_checkpoint):
     """2 processes x 1 device: only process 0 binds the port; the stream equals ``generate``'s text;
     SIGTERM drains process 0, which stops the worker (both exit before launch's grace runs out)."""
-    import asyncio
     import signal
-
-    from grpc_health.v1 import health_pb2
-
-    from serving.client import ClientConfig, InferenceClient, sampling_params
 
     path = str(tiny_checkpoint("llama"))
     prompt = "def fib(n):"
     single = _energon("generate", "--model", path, prompt, "--max-tokens", "8", "--temperature", "0",
                       "--no-prompt", "--max-model-len", "64", timeout=120)
     assert single.returncode == 0, single.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    port = free_port()
     cmd = [sys.executable, "-m", "energon_jax.cli", "launch", "-n", "2", "--cpu-devices-per-process", "1",
            "--grace-seconds", "30", "--", "serve", "--model", path, "--tp", "2", "--port", str(port),
            "--no-metrics", "--no-http", "--max-model-len", "64", "--max-num-seqs", "2", "--max-num-batched-tokens",
            "32", "--grace", "5"]
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    async def talk():
-        async with InferenceClient(ClientConfig(target=f"127.0.0.1:{port}")) as client:
-            for _ in range(400):
-                assert server.poll() is None, "the launcher exited before serving"
-                try:
-                    if await client.health(timeout=2.0) == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except Exception:  # not listening yet
-                    pass
-                await asyncio.sleep(0.5)
-            info = await client.model_info(timeout=10)
-            params = sampling_params(max_tokens=8, temperature=0.0)
-            text = "".join([r.text async for r in client.generate(prompt, params, timeout=120)])
-            return info, text
-
+    server = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        info, text = asyncio.run(talk())
+        info, text = ask_when_serving(server, port, prompt, max_tokens=8, tries=400, timeout_s=120)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            code = server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = server.wait()
+        code = stop(server)
     err = server.stderr.read()
     assert (info.layout.dp, info.layout.tp, info.layout.pp) == (1, 2, 1)
     assert text + "\n" == single.stdout

@@ -21,14 +21,12 @@ force preemptions (which must never touch a request in flight).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from test_parallel_mesh import ROOT, run_child
+from process_harness import HERE, ROOT, launch_children, lead_or_serve, run_child, write_result
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [[5, 9, 13, 7, 22, 30, 31], [40, 41, 42], [17, 3, 88, 60, 12, 11, 10, 9, 8]]
 # Each layout builds and warms up its own engine; the default run keeps three (KV heads
 # replicated, pipeline x tensor, offload), the slow run adds the other three.
@@ -106,16 +104,8 @@ def test_engine_pipeline_keeps_pp_micro_batches_in_flight(group):
 
 @pytest.mark.slow  # default-run budget (15 min quiet): test_parallel_controller runs tp=4 over two processes
 def test_engine_tp4_across_two_processes(tmp_path):
-    from energon_jax.parallel.launch import LaunchConfig, launch
-
     base = run_child(__file__, "base", devices=1)["base"]
-    path = os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
-    code = launch([sys.executable, __file__, "multi", str(tmp_path)],
-                  LaunchConfig(num_processes=2, cpu_devices_per_process=2, grace_s=10), env=env)
-    assert code == 0
-    got = json.loads((tmp_path / "0.json").read_text())
-    worker = json.loads((tmp_path / "1.json").read_text())
+    got, worker = launch_children(__file__, "multi", tmp_path, devices_per_process=2)
     assert got["tokens"] == base
     assert got["runner"] == worker["runner"] == "Controller"
     assert worker["steps"] == got["steps"] > 0
@@ -330,22 +320,9 @@ def _child_multi(outdir: str) -> None:
     from energon_jax.parallel import distributed
 
     assert distributed.initialize_from_env()
-    import jax
-
     engine = _engine(tp=4)
-    controller = engine.runner
-    out = {"runner": type(controller).__name__}
-    if jax.process_index() == 0:
-        try:
-            out["tokens"] = _generate(engine)
-            out["steps"] = controller.steps
-        finally:
-            controller.shutdown()
-    else:
-        out["steps"] = controller.serve()
-    with open(os.path.join(outdir, f"{jax.process_index()}.json"), "w") as f:
-        json.dump(out, f)
-    distributed.shutdown()
+    out = lead_or_serve(engine.runner, lambda: {"tokens": _generate(engine)})
+    write_result(outdir, {"runner": type(engine.runner).__name__, **out})
 
 
 if __name__ == "__main__":

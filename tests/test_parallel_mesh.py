@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from energon_jax.parallel.options import ParallelOptions
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def run_child(script: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
-    """Run ``script`` (a test file) as a child with ``devices`` CPU devices; return its JSON line."""
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"child {script} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        raise AssertionError(f"child printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
+# run_child lives in process_harness.py; the other test files import it from here too.
+from process_harness import HERE, ROOT, run_child  # noqa: F401
 
 
 # ----------------------------------------------------------------- in-process checks (1 device)

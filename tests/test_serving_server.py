@@ -9,7 +9,6 @@ running, KV pages, finish reasons) is read from the server's /metrics.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import grpc
@@ -222,23 +221,10 @@ def test_full_queue_is_resource_exhausted_at_once_while_accepted_complete() -> N
             assert _finished(m, "rejected") == 1
 
 
-def _watch_health(target: str, seen: list[int], stop: threading.Event) -> None:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            for resp in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=60):
-                seen.append(resp.status)
-                if stop.is_set():
-                    return
-        except grpc.RpcError:
-            return  # the server went away
-
-
 def test_engine_step_failure_is_internal_not_serving_and_nonzero_exit() -> None:
     with ServerProcess("--engine-arg", "step_s=0.02", "--engine-arg", "fail_on_token=500") as srv:
         srv.wait_serving()
-        seen: list[int] = []
-        watcher = threading.Thread(target=_watch_health, args=(srv.target, seen, threading.Event()), daemon=True)
-        watcher.start()
+        seen, watcher = srv.watch_health()
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
             calls = [_call(stub, [i], 60, max_tokens=60, temperature=0) for i in (1, 2, 3)]
@@ -258,9 +244,7 @@ def test_engine_step_failure_is_internal_not_serving_and_nonzero_exit() -> None:
 def test_sigterm_drains_in_flight_streams_and_exits_zero() -> None:
     with ServerProcess("--engine-arg", "step_s=0.02", "--grace", "20") as srv:
         srv.wait_serving()
-        seen: list[int] = []
-        watcher = threading.Thread(target=_watch_health, args=(srv.target, seen, threading.Event()), daemon=True)
-        watcher.start()
+        seen, _ = srv.watch_health()
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.InferenceStub(channel)
             calls = [_call(stub, [i * 100], 60, max_tokens=40, temperature=0) for i in (1, 2, 3, 4)]

@@ -15,14 +15,12 @@ Default run: one smoke (pp=2 over 5 layers, with an abort); the grid is ``@slow`
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from test_parallel_mesh import ROOT, run_child
+from process_harness import HERE, ROOT, launch_children, lead_or_serve, run_child, write_result
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = [[5, 9, 13, 7, 22, 30, 31], [40, 41, 42], [17, 3, 88, 60, 12, 11, 10, 9, 8, 7, 6, 5, 4],
            [4, 4, 4], [70, 71, 72, 73, 74], [33], [61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
 ARRIVE = [0, 0, 1, 3, 3, 6, 9]  # tick at which each prompt is added
@@ -68,16 +66,8 @@ def test_spmd_pipeline_grid():
 
 @pytest.mark.slow
 def test_spmd_pipeline_two_processes(tmp_path):
-    from energon_jax.parallel.launch import LaunchConfig, launch
-
     want = run_child(__file__, "reference", "x", devices=1)["reference"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
-    code = launch([sys.executable, __file__, "multi", str(tmp_path)],
-                  LaunchConfig(num_processes=2, cpu_devices_per_process=4, grace_s=10), env=env)
-    assert code == 0
-    got = json.loads((tmp_path / "multi-0.json").read_text())
-    worker = json.loads((tmp_path / "multi-1.json").read_text())
+    got, worker = launch_children(__file__, "multi", tmp_path, devices_per_process=4)
     assert got["process_count"] == 2 and got["device_count"] == 8
     _check({"cases": [{**got, "reference": want}]})
     assert worker["steps"] == got["steps"] > 0  # the worker ran every tick process 0 planned
@@ -218,17 +208,8 @@ def _child_multi(outdir: str) -> None:
     controller.warmup(templates)
     out = {"device_count": jax.device_count(), "process_count": jax.process_count(), "name": "multi_pp2_tp4",
            "pp": 2}
-    if controller.is_controller:
-        try:
-            out.update(drive(controller, buckets, num_pages=ENGINE["kv_cache_pages"]))
-            out["steps"] = controller.steps
-        finally:
-            controller.shutdown()
-    else:
-        out["steps"] = controller.serve()
-    with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
-        json.dump(out, f)
-    distributed.shutdown()
+    out.update(lead_or_serve(controller, lambda: drive(controller, buckets, num_pages=ENGINE["kv_cache_pages"])))
+    write_result(outdir, out)
 
 
 if __name__ == "__main__":

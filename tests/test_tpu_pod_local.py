@@ -10,7 +10,6 @@ worker) brings every process down.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import signal
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from process_harness import ask_when_serving, cpu_env, free_port, stop
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "tpu_pod" / "launch.sh"
 PROMPT = "def fib(n):"
@@ -29,58 +30,31 @@ SERVE_FLAGS = ["--no-metrics", "--no-http", "--max-model-len", "64", "--max-num-
                "--max-num-batched-tokens", "32", "--grace", "5", "--no-warmup"]
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # launch --local-cpu-devices sets the device count per process
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # energon on PATH
-    return env
-
-
-def _free_port() -> int:
-    from energon_jax.parallel.launch import free_port
-
-    return free_port()
-
-
 def _start(n: int, devices: int, flags: list[str], *, grpc_port: int, tmp: Path) -> subprocess.Popen:
+    env = cpu_env()  # launch --local-cpu-devices sets the device count per process
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # energon on PATH
     cmd = ["bash", str(SCRIPT), "--local", str(n), "--local-cpu-devices", str(devices),
-           "--coordinator-port", str(_free_port()), "--", *flags, "--port", str(grpc_port), *SERVE_FLAGS]
+           "--coordinator-port", str(free_port()), "--", *flags, "--port", str(grpc_port), *SERVE_FLAGS]
     log = open(tmp / "launch.log", "w")
-    return subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def _ask(proc: subprocess.Popen, port: int, log: Path):
     """Wait until process 0 serves, then one greedy Generate; returns (layout, text)."""
-    from grpc_health.v1 import health_pb2
+    info, text = ask_when_serving(proc, port, PROMPT, max_tokens=MAX_TOKENS, tries=600, timeout_s=180, log=log)
+    return info.layout, text
 
-    from serving.client import ClientConfig, InferenceClient, sampling_params
 
-    async def talk():
-        async with InferenceClient(ClientConfig(target=f"127.0.0.1:{port}")) as client:
-            for _ in range(600):
-                assert proc.poll() is None, f"launch.sh exited before serving:\n{log.read_text()[-3000:]}"
-                try:
-                    if await client.health(timeout=2.0) == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except Exception:  # not listening yet
-                    pass
-                await asyncio.sleep(0.5)
-            info = await client.model_info(timeout=10)
-            params = sampling_params(max_tokens=MAX_TOKENS, temperature=0.0)
-            text = "".join([r.text async for r in client.generate(PROMPT, params, timeout=180)])
-            return info.layout, text
-
-    return asyncio.run(talk())
+def _serve_and_ask(model: str, flags: list[str], tmp: Path):
+    """2 local workers x 1 CPU device serving ``model`` with ``flags``, asked once, then
+    SIGTERM; returns (layout, text, launch.sh's exit code, its log)."""
+    port = free_port()
+    proc = _start(2, 1, ["--model", model, *flags], grpc_port=port, tmp=tmp)
+    try:
+        layout, text = _ask(proc, port, tmp / "launch.log")
+    finally:
+        code = stop(proc)
+    return layout, text, code, (tmp / "launch.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +111,7 @@ def test_local_bad_arguments_say_why(args, message):
 def test_local_two_workers_tp2_answer_a_grpc_request(llama, tmp_path):
     """The smoke test: 2 local workers x 1 CPU device, tp=2 across them, one request."""
     path, expected = llama
-    port = _free_port()
-    proc = _start(2, 1, ["--model", path, "--tp", "2"], grpc_port=port, tmp=tmp_path)
-    try:
-        layout, text = _ask(proc, port, tmp_path / "launch.log")
-    finally:
-        code = _stop(proc)
-    log = (tmp_path / "launch.log").read_text()
+    layout, text, code, log = _serve_and_ask(path, ["--tp", "2"], tmp_path)
     assert (layout.dp, layout.pp, layout.tp) == (1, 1, 2)
     assert text == expected
     assert code == 128 + signal.SIGTERM, log[-3000:]  # energon launch's code when it was signalled
@@ -155,15 +123,10 @@ def test_local_two_workers_tp2_answer_a_grpc_request(llama, tmp_path):
 def test_local_two_workers_pp2_answer_a_grpc_request(llama, tmp_path):
     """The issue's rehearsal: 2 local workers x 1 CPU device, one pipeline stage each."""
     path, expected = llama
-    port = _free_port()
-    proc = _start(2, 1, ["--model", path, "--pp", "2"], grpc_port=port, tmp=tmp_path)
-    try:
-        layout, text = _ask(proc, port, tmp_path / "launch.log")
-    finally:
-        code = _stop(proc)
+    layout, text, code, log = _serve_and_ask(path, ["--pp", "2"], tmp_path)
     assert (layout.dp, layout.pp, layout.tp) == (1, 2, 1)
     assert text == expected
-    assert code == 128 + signal.SIGTERM, (tmp_path / "launch.log").read_text()[-3000:]
+    assert code == 128 + signal.SIGTERM, log[-3000:]
 
 
 @pytest.mark.slow
@@ -171,7 +134,7 @@ def test_local_two_workers_pp2_answer_a_grpc_request(llama, tmp_path):
 def test_local_killed_worker_brings_every_process_down_within_30s(llama, tmp_path):
     """SIGKILL one serving worker: launch.sh (energon launch) stops the rest and exits non-zero."""
     path, _ = llama
-    port = _free_port()
+    port = free_port()
     proc = _start(2, 1, ["--model", path, "--tp", "2"], grpc_port=port, tmp=tmp_path)
     try:
         _ask(proc, port, tmp_path / "launch.log")  # both processes are up and serving
