@@ -1,0 +1,87 @@
+"""Bytes one decode step uploads to the device, with and without penalty rows (issue 13, point 3).
+
+Packs one decode step of ``--rows`` rows (each with a ``--prompt-len`` prompt and a few
+outputs, its pages allocated) with ``batch.pack`` and the step loop's ``HostRows``, and
+reports the batch's bytes (every leaf goes up with the step: on one process as the step's
+input, across processes through the controller's broadcast) and the packing time, for:
+
+- ``device tables``: buckets of a runner that keeps penalty counts on the device (every
+  single-process layout, the pipeline and offloading included, since this change);
+- ``history in batch``: buckets of a multi-process runner (controller, stacked replicas,
+  pipeline across processes), whose batches carry each penalty row's history.
+
+Each with no penalty row and with one. Before the history width became a per-step shape,
+every batch of the second kind (and, before device tables for the pipeline and offloading,
+every step of those layouts) carried ``[B, max_model_len]`` int32 whatever its rows: run
+the script on an older commit for the "before" numbers. The pipeline's tick uploads exactly
+this batch (fitted to the tick's bucket, which a decode-only pipeline keeps at the step's).
+
+    python benchmarks/history_upload.py --rows 256 --max-model-len 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from energon_jax.batch import Buckets, pack
+from energon_jax.host_rows import HostRows
+from energon_jax.request import Request, RequestStatus, SamplingParams
+from energon_jax.scheduler import ScheduledRow, StepPlan
+
+
+def decode_plan(rows: int, prompt_len: int, page_size: int, penalty_rows: int, seed: int = 0) -> StepPlan:
+    rng = np.random.default_rng(seed)
+    plan_rows = []
+    for i in range(rows):
+        params = SamplingParams(max_tokens=64, repetition_penalty=1.2 if i < penalty_rows else 1.0)
+        r = Request(f"r{i}", rng.integers(3, 30000, prompt_len).tolist(), params)
+        r.output_token_ids = rng.integers(3, 30000, 8).tolist()
+        n = prompt_len + len(r.output_token_ids)
+        r.pages = list(range(1 + i * (n // page_size + 1), 1 + (i + 1) * (n // page_size + 1)))
+        r.num_computed_tokens = n - 1
+        r.status = RequestStatus.RUNNING
+        plan_rows.append(ScheduledRow(r, [r.output_token_ids[-1]], n - 1, True))
+    return StepPlan(plan_rows)
+
+
+def measure(buckets: Buckets, plan: StepPlan, reps: int) -> tuple[float, float]:
+    """(MB of the packed batch, best ms of pack with HostRows)."""
+    host = HostRows(buckets, 2 * buckets.max_num_seqs)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        batch = pack(plan, buckets, host_rows=host)
+        best = min(best, time.perf_counter() - start)
+    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(batch))
+    return nbytes / 2**20, best * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--max-model-len", type=int, default=8192)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    print(f"one decode step, B={args.rows}, max_model_len={args.max_model_len}, page_size={args.page_size}")
+    print("| buckets | penalty rows | batch MiB | pack ms (best) |")
+    print("|---|---|---|---|")
+    for name, tables in (("device tables", True), ("history in batch", False)):
+        kw = dict(max_num_batched_tokens=max(2048, args.rows), max_num_seqs=args.rows,
+                  max_model_len=args.max_model_len, page_size=args.page_size)
+        try:
+            buckets = Buckets.create(**kw, penalty_tables=tables)
+        except TypeError:  # a commit before device tables: every batch carries the history
+            buckets = Buckets.create(**kw)
+        for penalty_rows in (0, 1):
+            mb, ms = measure(buckets, decode_plan(args.rows, args.prompt_len, args.page_size, penalty_rows), args.reps)
+            print(f"| {name} | {penalty_rows} | {mb:.2f} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
