@@ -307,8 +307,8 @@ class StackedPipelines(DataParallelRunner):
     def warmup(self, batches: Sequence[Any]) -> int:
         """Compile the stacked tick for every shape of ``batches`` (one replica's warm-up
         batches); walked once per replica (``runtime.warm_up_with_progress``), only the first compiles."""
-        stacked = [stack_batches([b] * self.dp) for b in batches]
-        self.step_runner.warmup(stacked)
+        for _ in range(self.dp):  # lazily: the progress bar ticks per compile, then through the other passes
+            self.step_runner.warmup(stack_batches([b] * self.dp) for b in batches)
         return self.num_compiles
 
     def hold(self, r: int, batch: Any | None, tag: Any) -> tuple[Any, _ReplicaHandle] | None:

@@ -258,9 +258,8 @@ class StackedReplicas(DataParallelRunner):
 
         Walked once per replica (``runtime.warm_up_with_progress`` counts ``dp`` passes); only
         the first compiles."""
-        stacked = [stack_batches([b] * self.dp) for b in batches]
-        for _ in range(self.dp):
-            self.step_runner.warmup(stacked)
+        for _ in range(self.dp):  # lazily: the progress bar ticks per compile, then through the other passes
+            self.step_runner.warmup(stack_batches([b] * self.dp) for b in batches)
         return self.num_compiles
 
     def hold(self, r: int, batch: Any) -> _ReplicaHandle:

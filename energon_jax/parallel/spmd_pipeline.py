@@ -341,8 +341,8 @@ class SpmdPipelineRunner:
             self._executables[key] = exe
             self.num_compiles += 1
             log = logger.warning if self.warmed_up else logger.info
-            log("compiled pipeline tick #%d for tokens=%d rows=%d in %.2fs%s", self.num_compiles,
-                np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0], time.perf_counter() - start,
+            log("compiled pipeline tick #%d for tokens=%d rows=%d in %.2fs%s", self.num_compiles,  # per replica
+                np.shape(batch.input_ids)[-1], np.shape(batch.logits_indices)[-1], time.perf_counter() - start,
                 " (after warm-up)" if self.warmed_up else "")
         return exe
 
