@@ -61,6 +61,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 TTFT_X, TPOT_X = 3.0, 1.5  # Splitwise: TTFT within 3x and TPOT within 1.5x of the unloaded latency
 # colocated-1core (not run by default): one colocated server on the prefill server's CPUs,
 # the planner's one-device layout, a third configuration to check its prediction on.
+# Each layout gets its own calibration (pinned like its server; a role engine does not plan ahead).
 LAYOUTS = ("colocated", "disaggregated", "colocated-1core")
 DEFAULT_LAYOUTS = LAYOUTS[:2]
 
@@ -295,12 +296,13 @@ def run_workload(target: str, prompts: Sequence[list[int]], outputs: np.ndarray,
 # --- the planner's prediction -------------------------------------------------------------------
 
 
-def calibrate_pinned(cpus: str, args: argparse.Namespace) -> dict:
-    """The planner's step model, measured in a process pinned to ``cpus`` (as the server is)."""
+def calibrate_pinned(cpus: str, plans_ahead: bool, args: argparse.Namespace) -> dict:
+    """The planner's step model, measured in a process pinned to ``cpus`` (as the server is), on
+    an engine that plans ahead (a colocated server) or not (a role server)."""
     with tempfile.TemporaryDirectory(prefix="energon-calib-") as tmp:
         out = Path(tmp) / "cost.json"
         cmd = ["taskset", "-c", cpus, sys.executable, str(Path(__file__).resolve()), "--calibrate-to", str(out),
-               *_limit_flags(args)]
+               *_limit_flags(args), *([] if plans_ahead else ["--calibrate-sync"])]
         if args.full_calibration:
             cmd.append("--full-calibration")
         subprocess.run(cmd, cwd=REPO, check=True, preexec_fn=_die_with_parent,
@@ -320,7 +322,8 @@ def _calibrate_here(args: argparse.Namespace) -> None:
     from energon_jax.planner import calibrate, fit_error, fit_step_cost, measure_steps
 
     engine = Engine.from_pretrained(args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_num_batched_tokens, warmup=False)
+                                    max_num_batched_tokens=args.max_num_batched_tokens, warmup=False,
+                                    async_scheduling=not args.calibrate_sync)
     if args.full_calibration:
         cost, samples = calibrate(engine)
     else:  # between the planner's quick and full points: both decode contexts, three row counts
@@ -496,6 +499,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-prediction", action="store_true", help="skip the planner (no calibration)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
     ap.add_argument("--calibrate-to", default=None, help=argparse.SUPPRESS)  # internal: the pinned calibration
+    ap.add_argument("--calibrate-sync", action="store_true", help=argparse.SUPPRESS)  # ... of a role engine
     args = ap.parse_args(argv)
     args.rate_list = _floats(args.rates, "--rates")
     args.scale_list = _floats(args.slo_scales, "--slo-scales")
@@ -544,14 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load0 = os.getloadavg()
     t_start = time.time()
     costs: dict[str, dict] = {}
-    by_cpus: dict[str, dict] = {}
     if not args.no_prediction:
         for layout in args.layout_list:
             cpus = args.colocated_cpus if layout == "colocated" else args.prefill_cpus
-            if cpus not in by_cpus:  # one model per CPU set: the role servers' serves colocated-1core too
-                print(f"calibrating the step model for {layout} on CPUs {cpus} ...", file=sys.stderr)
-                by_cpus[cpus] = calibrate_pinned(cpus, args)
-            costs[layout] = dict(by_cpus[cpus])
+            print(f"calibrating the step model for {layout} on CPUs {cpus} ...", file=sys.stderr)
+            costs[layout] = calibrate_pinned(cpus, layout.startswith("colocated"), args)
     runs: dict[str, dict] = {}
     for layout in args.layout_list:
         with Processes() as procs:

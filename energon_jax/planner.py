@@ -10,15 +10,17 @@ serves the most requests per second per device within the SLOs?" in three stages
 2. **Fit** (``fit_step_cost``): least squares of ``seconds = base + per_token * padded tokens
    + per_row * rows + per_attended * attended (+ per_request for a whole-run sample)``,
    non-negative (a negative term is dropped and the rest refit). Padded tokens use the
-   engine's own token buckets. Prefill samples are whole runs of one request (admission to
-   its id fetched), decode samples single steps (by difference), so ``per_request`` is the
-   latency a request adds once, to its TTFT, beyond the step that computes it.
+   engine's own token buckets. Prefill samples are lone requests timed from admission to
+   their first token returned (``lone_ttft``: the prefill step, then the decode step that
+   brings the token back, as the step loop returns it), decode samples single steps (by
+   difference), so ``per_request`` is the latency a request adds once, to its TTFT, beyond
+   those steps (admission, planning ahead, the host work around them).
 3. **Simulate** (``plan_sim.py``): Poisson arrivals with the lengths given, for every
    colocated and disaggregated layout on the devices; report TTFT/TPOT percentiles at the
    requested rate and each layout's goodput (the highest rate that meets both SLOs for
    ``attainment`` of the requests). The simulation adds what the step loop costs a request
-   on top of its steps (``plan_sim.LoopModel``): planning ahead, and tokens returned one
-   step late; the calibration's whole runs see neither (one request alone, one token).
+   on top of its steps (``plan_sim.LoopModel``): a request arriving while steps run waits
+   for the one already planned, and a token comes back one step late.
 
 What is measured and what is assumed: the step model is measured for one replica at
 tensor-parallel degree 1. How a step speeds up with ``tp`` cannot be measured on one
@@ -46,6 +48,16 @@ class StepSample:
     attended: float  # (query token, context token) pairs attended
     seconds: float
     whole_run: bool = False  # a request's whole run (admission to last id fetched), not one step
+    # A lone request's TTFT as the engine returns it (``lone_ttft``): besides its prefill step it
+    # holds the one decode step (1 row, context ``tokens + 1``) that brings the first token back.
+    then_decode: bool = False
+
+    def features(self, cost: StepCost) -> list[float]:
+        """The fit's regressors: 1, padded tokens, rows, attended pairs, whole runs."""
+        x = [1.0, cost.padded(self.tokens), self.rows, self.attended, float(self.whole_run)]
+        if self.then_decode:
+            x = [a + b for a, b in zip(x, [1.0, cost.padded(1), 1, self.tokens + 1, 0.0])]
+        return x
 
 
 def prefill_attended(start: int, end: int) -> float:
@@ -70,14 +82,33 @@ def _timed_steps(engine: Any, requests: Sequence[tuple[list[int], int]]) -> list
     return times
 
 
+def lone_ttft(engine: Any, ids: list[int]) -> float:
+    """Seconds from ``add_request`` to the first token a ``step()`` call returns, for a request
+    alone with ``max_tokens=2``: as a served request sees it (the step loop returns a token
+    that does not finish its request one step late, and plans ahead)."""
+    from energon_jax.request import SamplingParams
+
+    t0 = time.perf_counter()
+    rid = engine.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    first = None
+    while engine.has_unfinished():
+        out = engine.step()
+        if first is None and any(d.request_id == rid and d.token_ids for d in out):
+            first = time.perf_counter() - t0
+    engine.take_output(rid)
+    if first is None:
+        raise RuntimeError(f"request {rid} returned no token")
+    return first
+
+
 def measure_steps(engine: Any, *, prompt_lens: Iterable[int] = (), decode_rows: Iterable[int] = (),
                   decode_contexts: Iterable[int] = (), decode_steps: int = 8, repeats: int = 2,
                   seed: int = 0) -> list[StepSample]:
     """Calibration steps on ``engine``'s backend (see the module docstring).
 
-    Prefill: one request of each prompt length with ``max_tokens=1``, run alone (one step
-    when the prompt fits the step budget; the sample is the whole run, host work included,
-    as a served step has it). Decode: ``rows`` requests of a ``context``-token prompt each,
+    Prefill: one request of each prompt length, alone, timed to its first token returned
+    (``lone_ttft``: one step when the prompt fits the step budget, then the decode step
+    that returns the token; host work included, as a served request has it). Decode: ``rows`` requests of a ``context``-token prompt each,
     run twice, to 2 and to ``2 + decode_steps`` tokens; the difference of the two wall
     times over ``decode_steps`` is one step of ``rows`` decode rows (prefill, compile and
     the pipeline's drain cancel out)."""
@@ -96,10 +127,11 @@ def measure_steps(engine: Any, *, prompt_lens: Iterable[int] = (), decode_rows: 
     budget = int(cfg.max_num_batched_tokens)
     samples: list[StepSample] = []
     for n in prompt_lens:
-        n = min(int(n), budget, int(cfg.max_model_len) - 1)
-        wall([(prompt(n), 1)])  # compiles this shape
+        n = min(int(n), budget, int(cfg.max_model_len) - 3)
+        lone_ttft(engine, prompt(n))  # compiles this shape
         for _ in range(repeats):
-            samples.append(StepSample(n, 1, prefill_attended(0, n), wall([(prompt(n), 1)]), whole_run=True))
+            samples.append(StepSample(n, 1, prefill_attended(0, n), lone_ttft(engine, prompt(n)), whole_run=True,
+                                      then_decode=True))
     for ctx in decode_contexts:
         for rows in decode_rows:
             rows = min(int(rows), int(cfg.max_num_seqs))
@@ -122,7 +154,7 @@ def fit_step_cost(samples: Sequence[StepSample], token_buckets: Sequence[int] = 
     if len(samples) < 4:
         raise ValueError(f"fit_step_cost needs at least 4 samples of > 0 s, got {len(samples)}")
     probe = StepCost(0.0, 0.0, 0.0, 0.0, tuple(token_buckets))
-    x = np.array([[1.0, probe.padded(s.tokens), s.rows, s.attended, float(s.whole_run)] for s in samples])
+    x = np.array([s.features(probe) for s in samples])
     y = np.array([s.seconds for s in samples])
     w = 1.0 / np.maximum(y, 1e-9)
     keep = [0, 1, 2, 3, 4] if any(s.whole_run for s in samples) and not all(s.whole_run for s in samples) \
@@ -141,7 +173,8 @@ def fit_step_cost(samples: Sequence[StepSample], token_buckets: Sequence[int] = 
 def fit_error(cost: StepCost, samples: Sequence[StepSample]) -> float:
     """Median relative error of ``cost`` on ``samples``."""
     def predicted(s: StepSample) -> float:
-        return cost.step_s(s.tokens, s.rows, s.attended) + (cost.per_request_s if s.whole_run else 0.0)
+        coef = [cost.base_s, cost.per_token_s, cost.per_row_s, cost.per_attended_s, cost.per_request_s]
+        return float(np.dot(coef, s.features(cost)))
 
     errs = [abs(predicted(s) - s.seconds) / s.seconds for s in samples if s.seconds > 0]
     return float(np.median(errs))

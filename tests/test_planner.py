@@ -161,6 +161,13 @@ def test_fit_recovers_known_coefficients():
     fit = fit_step_cost(runs + samples[20:], true.token_buckets)
     assert fit.per_request_s == pytest.approx(0.003, rel=1e-6) and fit.base_s == pytest.approx(true.base_s, rel=1e-6)
     assert prefill_attended(0, 3) == 6 and prefill_attended(2, 4) == 7
+    # lone-TTFT samples: the prefill step, the decode step (1 row at context t + 1) that returns
+    # the first token, and the per-request latency
+    ttft = [StepSample(s.tokens, 1, s.attended, true.step_s(s.tokens, 1, s.attended) + true.step_s(1, 1, s.tokens + 1)
+                       + 0.003, whole_run=True, then_decode=True) for s in samples[:20]]
+    fit = fit_step_cost(ttft + samples[20:], true.token_buckets)
+    assert fit.per_request_s == pytest.approx(0.003, rel=1e-6) and fit.per_row_s == pytest.approx(1e-4, rel=1e-6)
+    assert fit_error(fit, ttft) < 1e-6
 
 
 def test_fit_drops_negative_terms():
