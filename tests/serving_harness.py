@@ -1,8 +1,9 @@
-"""Start and stop real ``energon serve`` processes for the serving tests.
+"""Start and stop real ``energon serve`` (and ``energon router``) processes for the serving tests.
 
 Every server listens on 127.0.0.1 on a free port (``--port 0``) and reports the
 ports it bound through ``--port-file``. Every wait is bounded; ``stop`` escalates
-from SIGTERM to SIGKILL so no test leaves a process behind.
+from SIGTERM to SIGKILL so no test leaves a process behind. ``CliProcess`` is any such
+``energon`` subcommand; ``ServerProcess`` is ``energon serve`` over the mock engine by default.
 """
 
 from __future__ import annotations
@@ -27,22 +28,17 @@ TESTS = Path(__file__).resolve().parent
 MOCK_FACTORY = "mock_engine:serve_binding"
 
 
-class ServerProcess:
-    def __init__(self, *args: str, factory: str | None = MOCK_FACTORY, env: dict[str, str] | None = None) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="energon-serve-")
+class CliProcess:
+    """One ``python -m energon_jax.cli ARGV --port-file F`` subprocess (``serve``, ``router``, ...);
+    its stdout and stderr go to ``log_path``."""
+
+    def __init__(self, argv: list[str], *, env: dict[str, str], prefix: str = "energon-") -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
         self.port_file = Path(self._tmp.name) / "ports.json"
         self.log_path = Path(self._tmp.name) / "server.log"
-        cmd = [sys.executable, "-m", "energon_jax.cli", "serve", "--port", "0", "--metrics-port", "0"]
-        cmd += ["--http-port", "0"]
-        cmd += ["--port-file", str(self.port_file), *args]
-        if factory is not None:
-            cmd += ["--engine-factory", factory]
-        full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), full_env.get("PYTHONPATH", "")])
-        full_env.setdefault("JAX_PLATFORMS", "cpu")
-        full_env.update(env or {})
+        cmd = [sys.executable, "-m", "energon_jax.cli", *argv, "--port-file", str(self.port_file)]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
@@ -68,7 +64,8 @@ class ServerProcess:
                 raise TimeoutError(f"server did not bind within {timeout_s} s:\n{self.log()}")
             time.sleep(0.05)
         ports = json.loads(self.port_file.read_text())
-        self.port, self.metrics_port = ports["port"], ports["metrics_port"]
+        # (a router without --metrics-port has none)
+        self.port, self.metrics_port = ports["port"], ports.get("metrics_port")
         self.http_port = ports.get("http_port")
 
     def health(self, channel: grpc.Channel | None = None, timeout_s: float = 5.0) -> int:
@@ -114,9 +111,14 @@ class ServerProcess:
                 raise TimeoutError(f"server not SERVING within {timeout_s} s:\n{self.log()}")
             time.sleep(0.1)
 
+    def metrics_text(self, timeout_s: float = 5.0) -> str:
+        """The /metrics page as Prometheus prints it."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=timeout_s).read().decode()
+
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics as ``name{label=value,...}`` -> value."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        text = self.metrics_text()
         out = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
@@ -141,20 +143,38 @@ class ServerProcess:
     def wait_exit(self, timeout_s: float = 30.0) -> int:
         return self.proc.wait(timeout=timeout_s)
 
-    def stop(self) -> int | None:
+    def stop(self) -> bool:
+        """SIGTERM, then SIGKILL after 15 s; False when it had to be killed."""
+        clean = True
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                clean = False
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self._log.close()
         self._tmp.cleanup()
-        return self.proc.returncode
+        return clean
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> CliProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerProcess(CliProcess):
+    """``energon serve`` with every port free (gRPC, metrics, HTTP); ``factory``: the engine
+    factory (the mock engine unless None)."""
+
+    def __init__(self, *args: str, factory: str | None = MOCK_FACTORY, env: dict[str, str] | None = None) -> None:
+        argv = ["serve", "--port", "0", "--metrics-port", "0", "--http-port", "0", *args]
+        if factory is not None:
+            argv += ["--engine-factory", factory]
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), full_env.get("PYTHONPATH", "")])
+        full_env.setdefault("JAX_PLATFORMS", "cpu")
+        full_env.update(env or {})
+        super().__init__(argv, env=full_env, prefix="energon-serve-")

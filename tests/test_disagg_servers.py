@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving_harness import CliProcess
 from serving.protos.energon.v1 import disagg_pb2 as dpb
 from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
 from serving.protos.energon.v1 import inference_pb2 as pb
@@ -43,53 +41,12 @@ def _prompt(n: int) -> list[int]:
     return [(i * 7) % 50 + 1 for i in range(n)]
 
 
-class Proc:
-    """One ``energon`` subprocess that reports its port through ``--port-file``."""
+class Proc(CliProcess):
+    """One ``energon`` subprocess (a role server or the router) on a free port."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="energon-disagg-")
-        self.port_file = Path(self._tmp.name) / "port.json"
-        self.log_path = Path(self._tmp.name) / "log"
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **(env or {}))
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "energon_jax.cli", *args, "--port", "0", "--port-file", str(self.port_file)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.port: int | None = None
-        self.http_port: int | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_port(self, timeout_s: float = 120.0) -> Proc:
-        deadline = time.monotonic() + timeout_s
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"no port (rc={self.proc.poll()}):\n{self.log_path.read_text(errors='replace')}")
-            time.sleep(0.05)
-        ports = json.loads(self.port_file.read_text())
-        self.port, self.http_port, self.metrics_port = ports["port"], ports.get("http_port"), ports.get("metrics_port")
-        return self
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-
-    def stop(self) -> bool:
-        """SIGTERM, then SIGKILL after 15 s; False when it had to be killed."""
-        clean = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                clean = False
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        self._tmp.cleanup()
-        return clean
+        super().__init__([*args, "--port", "0"], env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
+                                                           **(env or {})), prefix="energon-disagg-")
 
 
 class Trio:
@@ -101,7 +58,7 @@ class Trio:
         self.decode = Proc("serve", "--role", "decode", *FLAGS)
         self.procs = [*self.prefills, self.decode]
         for p in self.procs:
-            p.wait_port()
+            p.wait_ports(120)
         self._tmp = tempfile.TemporaryDirectory(prefix="energon-router-")
         template = Path(self._tmp.name) / "chat.jinja"
         template.write_text(CHAT_TEMPLATE)
@@ -109,7 +66,7 @@ class Trio:
                            "--decode", self.decode.target, "--probe-interval", "0.2", "--http-port", "0",
                            "--chat-template", str(template))
         self.procs.append(self.router)
-        self.router.wait_port()
+        self.router.wait_ports(120)
         self.channel = grpc.insecure_channel(self.router.target)
         self.stub = pb_grpc.InferenceStub(self.channel)
 
@@ -266,7 +223,7 @@ def test_router_api_key_tls_and_metrics(trio, colocated_tokens, tmp_path):
                   "--metrics-port", "0", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
                   str(tmp_path / "server.key"), env={"ENERGON_API_KEY": "router-key"})
     try:
-        router.wait_port()
+        router.wait_ports(120)
         key = (("authorization", "Bearer router-key"),)
         req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(16)),
                                  params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
@@ -292,11 +249,11 @@ def test_router_api_key_tls_and_metrics(trio, colocated_tokens, tmp_path):
             assert r.status_code == 200, r.text + router.log_path.read_text(errors="replace")
             assert r.json()["choices"][0]["text"] == colocated_tokens[45][1]
         deadline = time.monotonic() + 30  # a call is counted when its handler returns, just after its last response
-        while _metric(text := router.metrics(), 'energon_router_requests_total{outcome="OK"}', 0.0) < 2:
+        while _metric(text := router.metrics_text(10), 'energon_router_requests_total{outcome="OK"}', 0.0) < 2:
             assert time.monotonic() < deadline, text
             time.sleep(0.1)
         time.sleep(0.5)
-        text = router.metrics()
+        text = router.metrics_text(10)
         assert _metric(text, 'energon_router_requests_total{outcome="OK"}') == 2  # one gRPC, one HTTP
         assert _metric(text, "energon_router_time_to_first_token_seconds_count") == 2
         assert _metric(text, "energon_router_handoff_seconds_count") == 2
@@ -321,14 +278,14 @@ def test_role_servers_with_api_key_tls_and_metrics(colocated_tokens, tmp_path):
     procs = list(servers)
     try:
         for p in servers:
-            p.wait_port()
+            p.wait_ports(120)
         prefill, decode = servers
         targets = ("--prefill", prefill.target, "--decode", decode.target, "--backend-tls-ca", str(tmp_path / "ca.pem"))
         router = Proc("router", *targets, "--backend-api-key", "backend-key", "--probe-interval", "0.2")
         keyless = Proc("router", *targets, "--probe-interval", "0.2")
         procs += [router, keyless]
-        router.wait_port()
-        keyless.wait_port()
+        router.wait_ports(120)
+        keyless.wait_ports(120)
         with grpc.insecure_channel(router.target) as ch:
             responses = list(pb_grpc.InferenceStub(ch).Generate(
                 pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(45)),
@@ -338,8 +295,8 @@ def test_role_servers_with_api_key_tls_and_metrics(colocated_tokens, tmp_path):
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert "refuses the router's key" in keyless.log_path.read_text(errors="replace")
-        assert _metric(decode.metrics(), "energon_kv_pulls_total") == 1
-        assert _metric(prefill.metrics(), "energon_kv_pages_used") == 0
+        assert _metric(decode.metrics_text(10), "energon_kv_pulls_total") == 1
+        assert _metric(prefill.metrics_text(10), "energon_kv_pages_used") == 0
     finally:
         for p in reversed(procs):
             p.stop()
