@@ -15,6 +15,10 @@ Across processes (slow): ``energon launch`` starts 2 processes x 4 CPU devices, 
 ``Engine(dp=2, pp=2, tp=2)`` (replica 0 on process 0's devices, replica 1 on process 1's);
 process 0 drives the same staggered run with an abort, process 1 serves the broadcast
 ticks. Same checks, plus: the worker ran every stacked tick and made no device sync.
+
+Both slow runs also build a second engine with a pool too small for every running
+sequence (across processes: a second controller in the same run): requests are
+preempted and recomputed, with the same tokens and every page back.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from test_parallel_mesh import ROOT, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYOUT = dict(dp=2, pp=2, tp=2)
+PREEMPT_PAGES = 9  # per replica: fewer than its 3 running sequences need, so some are preempted
 
 
 def _check(case: dict, base: dict) -> None:
@@ -46,6 +51,8 @@ def _check(case: dict, base: dict) -> None:
     assert case["shared_ticks"] > 0, case  # ...in the same stacked tick
     kv = [set(d) for d in case["kv_devices"]]  # each replica's pages on its own pp * tp devices
     assert [len(d) for d in kv] == [4, 4] and not kv[0] & kv[1], case
+    small = case["preempt"]  # a small pool: preempted requests recompute to the same tokens
+    assert small["tokens"] == base and small["preemptions"] > 0 and small["pages_used"] == [0, 0], small
 
 
 @pytest.mark.slow  # default-run budget: ~100 s of compiles (4 stacked ticks); the host-only test runs by default
@@ -200,6 +207,26 @@ def _run_case(engine) -> dict:
     return case
 
 
+def _small_engine():
+    """``test_parallel_dp._engine(**LAYOUT)`` with a pool too small for every running sequence."""
+    from energon_jax.engine import Engine
+    from test_parallel_dp import MAX_NUM_SEQS
+    from test_parallel_tp_models import build_model
+
+    model, config = build_model("llama", num_hidden_layers=4)
+    return Engine(model, config, None, max_model_len=32, page_size=4, kv_cache_pages=PREEMPT_PAGES,
+                  max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=16, **LAYOUT)
+
+
+def _run_preempt(engine) -> dict:
+    from test_parallel_dp import _staggered
+
+    run = _staggered(engine)
+    sched = engine.scheduler
+    return {"tokens": run["tokens"], "preemptions": sum(s.num_preemptions for s in sched.replicas),
+            "pages_used": [s.pages_used for s in sched.replicas]}
+
+
 def _child_base() -> dict:
     from test_parallel_dp import _engine, _staggered
 
@@ -217,9 +244,12 @@ def _child_local() -> dict:
     run = _staggered(_engine())
     base = {"tokens": run["tokens"], "steps": run["steps"]}
     with mock.patch.object(jax, "process_count", lambda: 2):
-        engine = _engine(**LAYOUT)
-    engine.runner.step_runner.process_count = 1  # one process: the Controller runs the ticks itself
-    return {"base": base, "case": _run_case(engine)}
+        engine, small = _engine(**LAYOUT), _small_engine()
+    for e in (engine, small):
+        e.runner.step_runner.process_count = 1  # one process: the Controller runs the ticks itself
+    case = _run_case(engine)
+    case["preempt"] = _run_preempt(small)
+    return {"base": base, "case": case}
 
 
 def _child_multi(outdir: str) -> None:
@@ -233,8 +263,10 @@ def _child_multi(outdir: str) -> None:
 
     from test_parallel_dp import _engine
 
-    engine = _engine(**LAYOUT)
     out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
+    # Two engines, one after the other, in one run: the second controller's headers must not
+    # meet the first's (controller.HeaderChannel generations).
+    engine = _engine(**LAYOUT)
     controller = engine.runner.step_runner
     if serve_if_worker(engine.runner):
         out["steps"] = controller.steps
@@ -245,6 +277,12 @@ def _child_multi(outdir: str) -> None:
         finally:
             shutdown_workers(engine.runner)
     out["stats"] = dataclasses.asdict(controller.stats)
+    small = _small_engine()
+    if not serve_if_worker(small.runner):
+        try:
+            out["case"]["preempt"] = _run_preempt(small)
+        finally:
+            shutdown_workers(small.runner)
     with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
         json.dump(out, f)
     distributed.shutdown()
