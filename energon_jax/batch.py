@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from energon_jax.request import MAX_LOGPROBS, Request
+from energon_jax.sampling import REBUILD
 from energon_jax.scheduler import StepPlan
 from pallas_kernels.page_layout import NULL_PAGE, PagedAttentionMetadata
 
@@ -281,7 +282,8 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     """Lay the plan's rows end to end in the smallest bucket that holds them.
 
     ``penalty``: ``(slot [R], reset [R])`` per plan row from ``PenaltySlots.assign`` when the
-    runner keeps penalty counts on the device (``buckets.history_len == 0``).
+    runner keeps penalty counts on the device (then the history is 0 wide unless a row's slot
+    is rebuilt from it: ``sampling.REBUILD``, across processes).
     ``host_rows``: the step loop's ``HostRows``; the same batch, with the per-request
     fields and page tables gathered from it instead of read from every request.
 
@@ -295,16 +297,20 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     if nr > b:
         raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
     reqs = [row.request for row in rows]
-    # The history goes up only in a step where a row uses a penalty (and never with device tables).
-    width = buckets.history_width(bool(buckets.history_len) and any(r.params.uses_penalties for r in reqs))
+    # The history goes up only in a step that needs it: without device tables, when a row uses a
+    # penalty; with them, when a row's slot is rebuilt from it (``sampling.REBUILD``).
+    if penalty is not None:
+        needs = bool((penalty[1] == REBUILD).any())
+    else:
+        needs = bool(buckets.history_len) and any(r.params.uses_penalties for r in reqs)
+    width = buckets.history_width(needs)
     out = dummy_batch(buckets, t, b, width)
     attn, size = out.attn, buckets.page_size
     if nr == 0:
         return out
     if host_rows is not None:
         host_rows.pack_into(out, rows, reqs, buckets, plan.num_tokens)
-        if penalty is not None:
-            out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
+        _fill_penalties(out, rows, reqs, penalty)
         return out
     # One pass over the rows for every per-row integer: [R, 4] (tokens, start, pages, prev row).
     per_row = np.array([(row.num_tokens, row.start_pos, len(r.pages), row.prev_row) for row, r in zip(rows, reqs)],
@@ -324,9 +330,8 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32, total)
     prev_rows = per_row[:, 3]
     fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
-    _fill_sampling(out, reqs, prev_rows.tolist(), width > 0)
-    if penalty is not None:
-        out.sampling.penalty_slot[:nr], out.sampling.penalty_reset[:nr] = penalty
+    _fill_sampling(out, reqs, prev_rows.tolist())
+    _fill_penalties(out, rows, reqs, penalty)
     return out
 
 
@@ -360,7 +365,7 @@ def check_rows(rows: list, lens: np.ndarray, starts: np.ndarray, num_pages: np.n
         )
 
 
-def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int], history: bool) -> None:
+def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) -> None:
     s = out.sampling
     n = len(reqs)
     params = [r.params for r in reqs]
@@ -378,9 +383,24 @@ def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int], hi
         if r.min_tokens_ban and s.step[i] < r.params.min_tokens:  # rare: host work only for such rows
             s.min_tokens[i] = r.params.min_tokens
             s.ban_ids[i, : len(r.min_tokens_ban)] = r.min_tokens_ban
-    for i, (r, p) in enumerate(zip(reqs, params, strict=True)):
-        if history and p.uses_penalties:
-            fill_history(out, r, i, prev_rows[i])
+
+
+def _fill_penalties(out: StepBatch, rows: list, reqs: list[Request], penalty: tuple[np.ndarray, np.ndarray] | None
+                    ) -> None:
+    """Device tables (``penalty``): the rows' slots and resets, and the tokens before its start of
+    each row whose slot the step rebuilds. Else: each penalty row's history (when the step has one)."""
+    s = out.sampling
+    if penalty is not None:
+        slot, reset = penalty
+        s.penalty_slot[: len(rows)], s.penalty_reset[: len(rows)] = slot, reset
+        for i in np.flatnonzero(reset == REBUILD).tolist():  # rare: a row joining past position 0
+            start = rows[i].start_pos
+            s.history[i, :start] = reqs[i].tokens(0, start)
+        return
+    if s.history.shape[1]:
+        for i, r in enumerate(reqs):
+            if r.params.uses_penalties:
+                fill_history(out, r, i, rows[i].prev_row)
 
 
 def fill_history(out: StepBatch, r: Request, i: int, prev_row: int) -> None:

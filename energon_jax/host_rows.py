@@ -5,7 +5,8 @@ deltas between steps: each running request's sampling parameters (written once, 
 joins) and its page table (the pages it gained since the last step are appended), so
 packing a step gathers its rows' slots with numpy instead of re-reading every request's
 fields and every page of every row. ``HostRows.pack_into`` fills the same batch fields as
-``batch.pack``'s plain path; tests/test_host_rows.py checks the two field by field.
+``batch.pack``'s plain path (``pack`` adds the penalty fields after either);
+tests/test_host_rows.py checks the two field by field.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from energon_jax.batch import (MIN_TOKENS_BAN_WIDTH, Buckets, StepBatch, check_rows, fill_history,
-                               fill_positions, history_width)
+from energon_jax.batch import MIN_TOKENS_BAN_WIDTH, Buckets, StepBatch, check_rows, fill_positions
 from energon_jax.request import Request
 from pallas_kernels.page_layout import NULL_PAGE
 
@@ -47,7 +47,6 @@ class HostRows:
         self.seed = np.zeros(num_slots, np.uint32)  # [S]
         self.min_tokens = np.zeros(num_slots, np.int64)  # [S] 0 unless the request bans ids until then
         self.ban_ids = np.full((num_slots, MIN_TOKENS_BAN_WIDTH), -1, np.int32)  # [S, W]
-        self.penalty = np.zeros(num_slots, bool)  # [S] the request uses a penalty
         self._owner: list[Request | None] = [None] * num_slots
         self._pages: list[list[int] | None] = [None] * num_slots  # the page list object copied from
         self._counts = [0] * num_slots  # num_pages as Python ints (read per row per step)
@@ -99,7 +98,6 @@ class HostRows:
         self.min_tokens[s] = p.min_tokens if req.min_tokens_ban else 0
         self.ban_ids[s] = -1
         self.ban_ids[s, : len(req.min_tokens_ban)] = req.min_tokens_ban
-        self.penalty[s] = p.uses_penalties
         return s
 
     def _reclaim(self, step: Sequence[Request]) -> None:
@@ -164,6 +162,3 @@ class HostRows:
         if banned.size:
             s.min_tokens[banned] = min_tokens[banned]
             s.ban_ids[banned] = self.ban_ids[slots[banned]]
-        if history_width(out) > 0:  # a step with a penalty row (batch.pack chose the width)
-            for i in np.flatnonzero(self.penalty[slots]).tolist():
-                fill_history(out, reqs[i], i, int(prev_rows[i]))

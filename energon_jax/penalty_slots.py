@@ -13,7 +13,9 @@ slot's contents cannot be trusted:
   starts anywhere else (a new request, a recompute after preemption, a prompt whose
   prefix came from the prefix cache) rebuilds it: zeroed by the step when it starts at
   position 0 (``reset``), else loaded once from the host's copy of the tokens before
-  the row's start (``runner.load_penalty_row``, one ``[V]`` upload). Nothing else goes up.
+  the row's start (``runner.load_penalty_row``, one ``[V]`` upload; across processes the
+  step itself rebuilds it from the row's tokens, carried in that step's batch as its
+  history). Nothing else goes up.
 
 A plan made ahead feeds a placeholder for the token the step in flight samples: it
 continues the row exactly where that step left it, so the slot stays valid and the
@@ -26,6 +28,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from energon_jax.sampling import REBUILD
 
 
 class PenaltySlots:
@@ -45,7 +49,10 @@ class PenaltySlots:
         """``(slot [R] int32, reset [R] int32 0/1)`` for a plan's rows, or None when no row uses a penalty.
 
         ``load_row(slot, counts [V] int32, seen [V] bool)`` writes one slot on the device
-        before the step (only for rows that start past position 0 on an unfamiliar slot).
+        before the step (only for rows that start past position 0 on an unfamiliar slot);
+        None (across processes, where a host-driven write would reach one process only): such
+        a row's reset is ``sampling.REBUILD`` instead, and the step rebuilds the slot from the
+        row's history, which ``batch.pack`` then puts in the step's batch.
         ``busy``: requests of steps still on the device that read their slots after this
         step writes its own (a pipeline's micro-batches in flight): their slots are never taken."""
         users = [r for r, row in enumerate(rows) if row.request.params.uses_penalties]
@@ -66,6 +73,9 @@ class PenaltySlots:
             if self._fed[s] != row.start_pos:
                 if row.start_pos == 0:
                     reset[r] = 1
+                elif load_row is None:
+                    reset[r] = REBUILD
+                    self.rebuilds += 1
                 else:
                     load_row(s, *self._counts(req, row.start_pos))
                     self.rebuilds += 1

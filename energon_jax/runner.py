@@ -99,7 +99,7 @@ class ModelRunner:
         # replica); the step keeps them so (XLA would otherwise split them like the logits).
         tables_sharding = _replicated_like(kv_cache)
         if penalty_slots:
-            self.penalty_tables = jax.device_put(make_penalty_tables(penalty_slots, vocab), tables_sharding)
+            self.penalty_tables = make_penalty_tables(penalty_slots, vocab, tables_sharding)
         self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
         self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)

@@ -56,6 +56,9 @@ if TYPE_CHECKING:  # the batch layout is owned by batch.py; sampling only reads 
     from energon_jax.batch import SamplingBatch
 
 MAX_LOGPROBS = 20
+# ``SamplingBatch.penalty_reset`` of a row whose slot the step rebuilds from the batch's history
+# (1: zero it, 0: continue it).
+REBUILD = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,17 @@ class PenaltyTables:
     prompt_seen: jax.Array  # [S, V] bool: prompt tokens
 
 
-def make_penalty_tables(slots: int, vocab: int) -> PenaltyTables:
-    return PenaltyTables(jnp.zeros((slots, vocab), jnp.int32), jnp.zeros((slots, vocab), bool))
+def make_penalty_tables(slots: int, vocab: int, sharding: Any = None) -> PenaltyTables:
+    """Zeroed tables; on ``sharding`` when given (built shard by shard on each process, so a
+    sharding over several processes' devices works as well as one device)."""
+    if sharding is None:
+        return PenaltyTables(jnp.zeros((slots, vocab), jnp.int32), jnp.zeros((slots, vocab), bool))
+
+    def zeros(dtype: Any) -> jax.Array:
+        return jax.make_array_from_callback((slots, vocab), sharding,
+                                            lambda index: np.zeros((slots, vocab), dtype)[index])
+
+    return PenaltyTables(zeros(np.int32), zeros(np.bool_))
 
 
 def load_penalty_slot(tables: PenaltyTables, slot: jax.Array, counts: jax.Array, seen: jax.Array) -> PenaltyTables:
@@ -118,13 +130,25 @@ def update_penalty_tables(
     """Zero the slots of rows that join (``s.penalty_reset``), then add the step's fed tokens.
 
     ``input_ids/segment_ids/positions [T]`` are the step's (placeholders already filled), so
-    a token sampled by the previous step and fed now is counted on device."""
+    a token sampled by the previous step and fed now is counted on device. A row whose reset
+    is ``REBUILD`` (a row that joins past position 0 where no host-driven slot load can reach
+    every process) first counts its tokens before the step from ``s.history`` (a step with
+    such a row carries the history; 0 wide otherwise)."""
 
     def update(tables: PenaltyTables) -> PenaltyTables:
         slots, vocab = tables.output_counts.shape
         reset = jnp.where((s.penalty_reset > 0) & (s.penalty_slot >= 0), s.penalty_slot, slots)  # [B]
         counts = tables.output_counts.at[reset].set(0, mode="drop")
         seen = tables.prompt_seen.at[reset].set(False, mode="drop")
+        hist = s.history  # [B, H]
+        if hist.shape[1]:  # static: a step that rebuilds slots from their rows' histories
+            rebuild = (s.penalty_reset == REBUILD) & (s.penalty_slot >= 0)  # [B]
+            valid = rebuild[:, None] & (hist >= 0) & (hist < vocab)  # [B, H]
+            target = jnp.where(valid, s.penalty_slot[:, None], slots)  # slots: dropped
+            is_output = jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None]
+            ids = jnp.where(valid, hist, 0)
+            counts = counts.at[jnp.where(is_output, target, slots), ids].add(1, mode="drop")
+            seen = seen.at[jnp.where(is_output, slots, target), ids].set(True, mode="drop")
         row = jnp.maximum(segment_ids, 0)  # [T]
         slot = jnp.where(segment_ids >= 0, s.penalty_slot[row], -1)
         slot = jnp.where((slot >= 0) & (input_ids >= 0) & (input_ids < vocab), slot, slots)  # slots: dropped

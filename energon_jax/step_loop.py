@@ -101,8 +101,17 @@ class StepLoop:
         self._host_rows = (HostRows(buckets, 2 * buckets.max_num_seqs)
                            if config is not None and config.attention_window is None else None)
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
-        slots = getattr(runner, "penalty_slots", 0) if buckets.history_len == 0 else 0
+        slots = getattr(runner, "penalty_slots", 0)
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
+        # How a slot is rebuilt for a row joining past position 0: loaded from the host before the
+        # step, or, across processes (a host-driven load would reach process 0's devices only), by
+        # the step itself from the row's tokens, carried in that step's batch as its history.
+        self._load_row = None
+        if slots and not getattr(runner, "multi_process", False):
+            self._load_row = runner.load_penalty_row
+        elif slots and not buckets.history_len:
+            raise ValueError("a multi-process runner with penalty tables needs buckets with a history "
+                             "(Buckets.create(penalty_tables=False)) to rebuild slots in the step")
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
         self._deferred_steps = 0  # updates those deltas come from (one: each request at most once)
@@ -123,7 +132,7 @@ class StepLoop:
             # A pipeline's micro-batches in flight read their slots when they leave, after this
             # one has entered and written its own: theirs must not be taken (penalty_slots.py).
             busy = [row.request for tag in getattr(self.runner, "in_flight_tags", ()) for row in tag.rows]
-            penalty = self._penalty.assign(plan.rows, self.runner.load_penalty_row, busy)
+            penalty = self._penalty.assign(plan.rows, self._load_row, busy)
         return self._pack_batch(plan, buckets, penalty, self._host_rows)
 
     def busy(self) -> bool:

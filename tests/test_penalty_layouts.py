@@ -8,13 +8,17 @@ warm-up shape.
 In a child with 8 simulated CPU devices the same random 2-layer Llama runs a staggered mix
 (random prompts, fixed seeds; greedy and seeded sampling, with and without repetition,
 presence and frequency penalties; penalty rows join late and leave early, so many steps
-have none) on one device (``ModelRunner`` with device tables) and on:
+have none; a late prompt shares a cached prefix, so its slot is rebuilt) on one device
+(``ModelRunner`` with device tables, the slot loaded from the host) and on:
 
 - the pipeline (pp=2) and the disaggregated engine in one process (the slow run adds
   offloading, pp x tp and dp x pp): device penalty tables, and no batch carries a history;
-- the pipeline as a multi-process engine packs it (``device_penalties`` false; the slow run
-  adds pp x tp, offloading and tp): the history travels only in a step that has a penalty
-  row, zero width otherwise, and no shape compiles after warm-up.
+- the pipeline as a multi-process engine runs it ("rebuild": the slow run adds tp): device
+  tables, and the one step that rebuilds a slot carries the history and rebuilds it on the
+  device (no host-driven load, which would reach one process only); every other step
+  uploads a zero-width history, and no shape compiles after warm-up;
+- (slow) as the stacked dp replicas across processes pack it ("history": no tables): the
+  history travels only in a step that has a penalty row.
 
 Every layout's tokens equal the one-device engine's, and the greedy penalty rows equal an
 independent reference (a cache-less forward with the penalties applied in numpy over the
@@ -32,6 +36,7 @@ import time
 import numpy as np
 import pytest
 
+from energon_jax.sampling import REBUILD
 from test_parallel_mesh import ROOT, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,14 +80,52 @@ def test_history_width_follows_the_step():
         Buckets((16,), 4, 4, 8, -1)
 
 
+def test_a_rebuilt_slot_travels_in_the_step():
+    """Across processes a slot is rebuilt by the step from the tokens before the row's start,
+    which only that step's batch carries; the counts equal numpy's over those tokens plus the fed ones."""
+    import jax
+    import jax.numpy as jnp
+
+    from energon_jax.batch import Buckets, pack
+    from energon_jax.request import Request, SamplingParams
+    from energon_jax.sampling import make_penalty_tables, update_penalty_tables
+    from energon_jax.scheduler import ScheduledRow, StepPlan
+
+    vocab = 96
+    buckets = Buckets.create(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=MAX_MODEL_LEN, page_size=4)
+    rng = np.random.default_rng(5)
+    r = Request("r0", rng.integers(3, vocab, 10).tolist(), SamplingParams(max_tokens=8, repetition_penalty=1.5))
+    r.output_token_ids = rng.integers(3, vocab, 6).tolist()
+    r.pages = list(range(1, 5))
+    start = 13  # 10 prompt tokens and 3 outputs counted before; the step feeds outputs 3..5
+    plan = StepPlan([ScheduledRow(r, r.tokens(start, 16), start, True)])
+    for penalty, width in (((np.array([2], np.int32), np.array([0], np.int32)), 0),
+                           ((np.array([2], np.int32), np.array([REBUILD], np.int32)), MAX_MODEL_LEN)):
+        batch = pack(plan, buckets, penalty)
+        assert batch.sampling.history.shape[1] == width
+    np.testing.assert_array_equal(batch.sampling.history[0, :start], r.tokens(0, start))
+    assert np.all(batch.sampling.history[0, start:] == -1) and np.all(batch.sampling.history[1:] == -1)
+    tables = make_penalty_tables(4, vocab)
+    tables = tables.__class__(tables.output_counts.at[2].set(7), tables.prompt_seen.at[2].set(True))  # stale
+    b = jax.tree.map(jnp.asarray, batch)  # on the device, as the step gets it
+    tables = update_penalty_tables(tables, b.input_ids, b.segment_ids, b.positions, b.sampling)
+    tokens = np.array(r.tokens(0, 16))
+    want_counts = np.bincount(tokens[10:], minlength=vocab)
+    want_seen = np.bincount(tokens[:10], minlength=vocab) > 0
+    np.testing.assert_array_equal(np.asarray(tables.output_counts[2]), want_counts)
+    np.testing.assert_array_equal(np.asarray(tables.prompt_seen[2]), want_seen)
+    assert not np.asarray(tables.output_counts)[[0, 1, 3]].any()
+
+
+
 # -- engines on 8 simulated devices -------------------------------------------------------
 # The default run keeps three engines (test_parallel_engine's layouts also run offload and
 # pp x tp with penalty rows against one device); the slow run adds the others.
 LAYOUTS = {
     "default": [("device", dict(pp=2)), ("device", dict(prefill_devices=1, decode_devices=1)),
-                ("history", dict(pp=2))],
+                ("rebuild", dict(pp=2))],
     "more": [("device", dict(offload="host", resident_layers=1)), ("device", dict(pp=2, tp=2)),
-             ("device", dict(dp=2, pp=2)), ("history", dict(pp=2, tp=2)),
+             ("device", dict(dp=2, pp=2)), ("rebuild", dict(tp=2)), ("history", dict(pp=2)),
              ("history", dict(offload="host", resident_layers=1)), ("history", dict(tp=2))],
 }
 
@@ -99,14 +142,22 @@ def _check(out, group):
     for case in out["cases"]:
         mode, _ = case["case"]
         assert case["tokens"] == base, case
-        widths = case["widths"]  # per packed batch: [history width, whether a row uses a penalty]
-        assert any(p for _, p in widths) and any(not p for _, p in widths), case  # both kinds of step ran
+        # per packed batch: [history width, whether a row uses a penalty, whether a row's slot is rebuilt in it]
+        widths = case["widths"]
+        assert any(p for _, p, _ in widths) and any(not p for _, p, _ in widths), case  # both kinds of step ran
         if mode == "device":
             assert case["history_len"] == 0 and case["tables"], case
-            assert all(w == 0 for w, _ in widths), case
-        else:
+            assert all(w == 0 for w, _, _ in widths), case
+            if "decode_devices" in case["case"][1]:  # a moved request's slot is rebuilt on the decode group
+                assert case["rebuilds"] > 0, case
+        elif mode == "rebuild":  # as across processes: tables, and a history only to rebuild a slot
+            assert case["history_len"] == MAX_MODEL_LEN and case["tables"] and case["rebuilds"] > 0, case
+            assert all(w == (MAX_MODEL_LEN if r else 0) for w, _, r in widths), case
+            assert sum(w > 0 for w, _, _ in widths) < sum(p for _, p, _ in widths), case  # fewer than penalty steps
+        else:  # stacked replicas across processes: no tables, the history in a step with a penalty row
             assert case["history_len"] == MAX_MODEL_LEN and not case["tables"], case
-            assert all(w == (MAX_MODEL_LEN if p else 0) for w, p in widths), case
+            assert all(w == (MAX_MODEL_LEN if p else 0) for w, p, _ in widths), case
+        if mode != "device":
             assert case["compiles_after_warmup"] == 0, case
 
 
@@ -119,6 +170,22 @@ def test_penalties_on_more_layouts_equal_one_device():
     _check(run_child(__file__, "more"), "more")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp", "tp"])
+def test_penalties_across_two_processes(tmp_path, layout):
+    """2 processes x 2 devices (pp=2 x tp=2: the PipelineController; tp=4: the Controller):
+    device tables on every process, the one slot rebuild travels in its step's batch."""
+    from process_harness import launch_children
+
+    base = run_child(__file__, "base", devices=1)["base"]
+    got, worker = launch_children(__file__, f"multi-{layout}", tmp_path, devices_per_process=2)
+    assert got["tokens"] == base
+    assert got["runner"] == worker["runner"] == {"pp": "PipelineController", "tp": "Controller"}[layout]
+    assert got["tables"] and worker["tables"] and got["history_len"] == MAX_MODEL_LEN and got["rebuilds"] > 0
+    assert all(w == (MAX_MODEL_LEN if r else 0) for w, _, r in got["widths"]), got
+    assert worker["steps"] == got["steps"] > 0
+
+
 # ----------------------------------------------------------------- the child
 def _mix():
     """Random prompts (fixed seed) and their parameters; penalty rows arrive late and stop early."""
@@ -127,6 +194,8 @@ def _mix():
     rng = np.random.default_rng(2024)
     lengths = [9, 3, 21, 6, 13, 4]
     prompts = [rng.integers(3, 96, n).tolist() for n in lengths]
+    # shares 3 pages with prompt 2 and arrives late: a prefix-cache hit, so its slot is rebuilt
+    prompts.append(prompts[2][:12] + rng.integers(3, 96, 5).tolist())
     params = [
         SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=10, temperature=0.9, seed=7, ignore_eos=True),
@@ -135,8 +204,9 @@ def _mix():
         SamplingParams(max_tokens=5, temperature=0.8, top_k=20, seed=3, ignore_eos=True, repetition_penalty=1.4,
                        frequency_penalty=0.3),
         SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4),
     ]
-    arrivals = [0, 0, 3, 4, 4, 6]
+    arrivals = [0, 0, 3, 4, 4, 6, 12]
     return prompts, params, arrivals
 
 
@@ -154,18 +224,24 @@ def _run(engine, prompts, params, arrivals) -> list[list[int]]:
     return [tokens[rids[i]] for i in range(len(prompts))]
 
 
+def _loops(engine) -> list:
+    """The engine's step loops (a disaggregated engine's two groups, dp replicas, or the one)."""
+    loop = engine._loop
+    groups = [x for x in (getattr(loop, "prefill", None), getattr(loop, "decode", None)) if x is not None]
+    return groups or getattr(loop, "loops", [loop])
+
+
 def _recorded(engine) -> list[list]:
     """Wrap every step loop's packer; returns the list each packed batch appends to."""
     seen: list[list] = []
-    loop = engine._loop
-    loops = [x for x in (getattr(loop, "prefill", None), getattr(loop, "decode", None)) if x is not None]
-    for one in loops or getattr(loop, "loops", [loop]):
+    for one in _loops(engine):
         pack = one._pack_batch
 
-        def recording(plan, buckets, *args, _pack=pack, **kw):
-            batch = _pack(plan, buckets, *args, **kw)
+        def recording(plan, buckets, penalty=None, *args, _pack=pack, **kw):
+            batch = _pack(plan, buckets, penalty, *args, **kw)
             seen.append([int(batch.sampling.history.shape[1]),
-                         any(row.request.params.uses_penalties for row in plan.rows)])
+                         any(row.request.params.uses_penalties for row in plan.rows),
+                         penalty is not None and bool((penalty[1] == REBUILD).any())])
             return batch
 
         one._pack_batch = recording
@@ -198,17 +274,13 @@ def _penalized_greedy(fwd, prompt, params) -> list[int]:
 def _child(group: str) -> dict:
     import jax
 
-    from energon_jax.engine import Engine
+    from energon_jax.batch import Buckets
     from energon_jax.parallel import runtime
-    from test_parallel_tp_models import build_model
+    from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
+    from energon_jax.runner import ModelRunner
 
     prompts, params, arrivals = _mix()
-
-    def engine(warmup=False, **layout):  # warm-up compiles every shape: only where compiles are counted
-        model, config = build_model("llama", num_hidden_layers=2)
-        return model, Engine(model, config, None, max_model_len=MAX_MODEL_LEN, page_size=4, kv_cache_pages=40,
-                             max_num_seqs=4, max_num_batched_tokens=16, warmup=warmup, **layout)
-
+    engine = _engine
     t0 = time.perf_counter()
     model, one = engine()
     base = _run(one, prompts, params, arrivals)
@@ -217,14 +289,23 @@ def _child(group: str) -> dict:
     out = {"base": base, "base_greedy_penalized": [base[i] for i in greedy_pen],
            "reference": [_penalized_greedy(fwd, prompts[i], params[i]) for i in greedy_pen], "cases": [],
            "s": round(time.perf_counter() - t0, 1)}
-    on_device = runtime.device_penalties
+    on_device, create = runtime.device_penalties, Buckets.create.__func__
     for mode, layout in LAYOUTS[group]:
-        # "history": the batches a multi-process engine packs (its workers keep no tables)
-        runtime.device_penalties = on_device if mode == "device" else (lambda options: False)
+        # What a multi-process engine packs, in one process: "rebuild" (tp, pp: tables, and a slot that
+        # a host would load is rebuilt by the step from the history in its batch), "history" (the
+        # stacked dp replicas: no tables, each penalty row's history in the batch).
+        if mode != "device":
+            Buckets.create = classmethod(lambda cls, **kw: create(cls, **{**kw, "penalty_tables": False}))
+        if mode == "history":
+            runtime.device_penalties = lambda options: False
+        for cls in (ModelRunner, SpmdPipelineRunner):
+            cls.multi_process = mode == "rebuild"  # what the step loop reads off a multi-process Controller
         try:
-            _, eng = engine(warmup=mode == "history", **layout)
+            _, eng = engine(warmup=mode != "device", **layout)
         finally:
-            runtime.device_penalties = on_device
+            runtime.device_penalties, Buckets.create = on_device, classmethod(create)
+            for cls in (ModelRunner, SpmdPipelineRunner):
+                del cls.multi_process
         widths = _recorded(eng)
         compiles = eng.runner.num_compiles
         tokens = _run(eng, prompts, params, arrivals)
@@ -232,11 +313,48 @@ def _child(group: str) -> dict:
         out["cases"].append({
             "case": [mode, layout], "tokens": tokens, "widths": widths, "history_len": eng.buckets.history_len,
             "tables": all(getattr(r, "penalty_tables", None) is not None for r in runners),
-            "compiles_after_warmup": eng.runner.num_compiles - compiles, "s": round(time.perf_counter() - t0, 1),
+            "compiles_after_warmup": eng.runner.num_compiles - compiles,
+            "rebuilds": sum(x._penalty.rebuilds for x in _loops(eng) if getattr(x, "_penalty", None) is not None), "s": round(time.perf_counter() - t0, 1),
         })
     return out
 
 
+def _engine(warmup=False, **layout):
+    """The child's engine (warm-up compiles every shape: only where compiles are counted)."""
+    from energon_jax.engine import Engine
+    from test_parallel_tp_models import build_model
+
+    model, config = build_model("llama", num_hidden_layers=2)
+    return model, Engine(model, config, None, max_model_len=MAX_MODEL_LEN, page_size=4, kv_cache_pages=40,
+                         max_num_seqs=4, max_num_batched_tokens=16, warmup=warmup, **layout)
+
+
+def _child_multi(mode: str, outdir: str) -> None:
+    from energon_jax.parallel import distributed
+    from process_harness import lead_or_serve, write_result
+
+    assert distributed.initialize_from_env()
+    _, eng = _engine(**({"pp": 2, "tp": 2} if mode == "multi-pp" else {"tp": 4}))
+    tables = getattr(getattr(eng.runner, "pipeline", eng.runner), "penalty_tables", None) is not None
+    if not tables:
+        tables = getattr(getattr(eng.runner, "runner", None), "penalty_tables", None) is not None
+
+    def lead():
+        widths = _recorded(eng)
+        tokens = _run(eng, *_mix())
+        return {"tokens": tokens, "widths": widths, "history_len": eng.buckets.history_len,
+                "rebuilds": sum(x._penalty.rebuilds for x in _loops(eng) if getattr(x, "_penalty", None) is not None)}
+
+    out = lead_or_serve(eng.runner, lead)
+    write_result(outdir, {"runner": type(eng.runner).__name__, "tables": tables, **out})
+
+
 if __name__ == "__main__":
     sys.path[:0] = [ROOT, HERE]
-    print(json.dumps(_child(sys.argv[1])))
+    if sys.argv[1].startswith("multi-"):
+        _child_multi(sys.argv[1], sys.argv[2])
+    elif sys.argv[1] == "base":
+        prompts, params, arrivals = _mix()
+        print(json.dumps({"base": _run(_engine()[1], prompts, params, arrivals)}))
+    else:
+        print(json.dumps(_child(sys.argv[1])))

@@ -334,11 +334,21 @@ class Controller:
     def compiled_shapes(self):
         return self.runner.compiled_shapes
 
+    @property
+    def penalty_slots(self) -> int:
+        """The runner's device penalty slots (0: none); the step loop assigns them."""
+        return getattr(self.runner, "penalty_slots", 0)
+
+    @property
+    def vocab(self) -> int:
+        return getattr(self.runner, "vocab", 0)
+
     def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        """A single-process runner's device penalty tables (``runtime.device_penalties``: never
-        across processes, where a batch carries each row's history)."""
+        """One process: the runner's host-driven slot load. Across processes a host write would
+        reach this process's devices only, so the step loop has the step rebuild the slot from
+        the row's tokens in its batch instead (``sampling.REBUILD``) and never calls this."""
         if self.multi_process:
-            raise RuntimeError("device penalty tables are single-process: batches carry the history across processes")
+            raise RuntimeError("across processes a penalty slot is rebuilt inside the step, not loaded from a host")
         self.runner.load_penalty_row(slot, counts, seen)
 
     def warmup(self, batches: Sequence[Any]) -> int:

@@ -123,8 +123,7 @@ class OffloadedRunner:
         if penalty_slots < 0 or (penalty_slots and vocab < 1):
             raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         self.penalty_slots, self.vocab = penalty_slots, vocab
-        self.penalty_tables = (jax.device_put(make_penalty_tables(penalty_slots, vocab), self._compute)
-                               if penalty_slots else None)
+        self.penalty_tables = make_penalty_tables(penalty_slots, vocab, self._compute) if penalty_slots else None
         self._load_row = penalty_slot_loader(self._compute)
 
     def _run_head(self, norm_state: Any, head_state: Any, x: jax.Array, batch: Any, tables: Any):

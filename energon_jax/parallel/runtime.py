@@ -6,10 +6,11 @@
 one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is driven):
 
 - nothing asked, one process: a plain ``ModelRunner`` on the default device. It, and
-  every runner below in one process (tp, dp replicas, the pipeline, offload), keeps the
-  penalty counts on the device (``device_penalties``); across processes a step's batch
-  carries each penalty row's history, and only when the step has such a row
-  (``batch.Buckets.history_width``);
+  every runner below (tp, dp replicas, the pipeline, offload; across processes tp and
+  pp x tp), keeps the penalty counts on the device (``device_penalties``); a batch carries
+  a history only across processes, and only in a step that needs it
+  (``batch.Buckets.history_width``): one that rebuilds a slot, or a stacked ``dp`` step
+  with a penalty row;
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
   split by KV head (``mesh.py``), one ``ModelRunner`` over all of it; with
   ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
@@ -86,11 +87,12 @@ class Executor:
 def device_penalties(options: ParallelOptions) -> bool:
     """Whether the runners keep penalty counts on the device: every runner of one process
     (``ModelRunner`` on one device, tp, or each dp replica with its own tables and step loop;
-    ``SpmdPipelineRunner``; ``OffloadedRunner``). A multi-process controller's batches carry
-    the history instead, in the steps that have a penalty row: its workers would have to
-    replay each slot load, which is a host-driven write outside the broadcast step."""
-    del options  # every single-process layout keeps them
-    return jax.process_count() == 1
+    ``SpmdPipelineRunner``; ``OffloadedRunner``), and across processes the ``Controller``'s
+    ``ModelRunner`` and ``SpmdPipelineRunner`` (tp, pp x tp): every process updates its copy
+    in the same step, and a slot that one process's host would load is rebuilt by the step
+    from the row's tokens, which only that step's batch carries (``sampling.REBUILD``). The
+    stacked replicas of ``dp`` across processes carry each penalty row's history instead."""
+    return jax.process_count() == 1 or options.dp == 1
 
 
 def sized_executor(
@@ -183,7 +185,8 @@ def build_executor(
     buckets = batch_lib.Buckets.create(
         max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
         max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=min_token_bucket,
-        penalty_tables=on_device, row_split=ROW_SPLIT,
+        # across processes a batch can carry a history: rebuilt slots, or the stacked replicas' penalty rows
+        penalty_tables=jax.process_count() == 1, row_split=ROW_SPLIT,
     )
     runner = build_runner(
         model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=param_dtype(model),
@@ -319,11 +322,11 @@ def build_runner(
         return DataParallelRunner(replicas)
     if parts is not None:
         runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets,
-                                              penalties if jax.process_count() == 1 else {})
+                                              penalties)
     else:
         shard_model(model, mesh, rules)
         runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows,
-                             **(penalties if jax.process_count() == 1 else {}))
+                             **penalties)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
 

@@ -21,10 +21,11 @@ One ``tick(batch)`` is one call of one compiled function on every device::
         acts = ppermute(x, s -> s + 1)                 # handed on for the next tick
     ids = sample(head(norm(rows[pp - 1])), ring[pp - 1].sampling, tables)
 
-Penalties in one process: the penalty counts (``sampling.PenaltyTables``) stay on the
-devices like the ring; a micro-batch adds its tokens to its rows' slots as it enters and
-its rows read them as it leaves. Across processes the batch carries each penalty row's
-history instead, and only in a micro-batch that has such a row (``Buckets.history_width``).
+Penalties: the penalty counts (``sampling.PenaltyTables``) stay on the devices like the
+ring; a micro-batch adds its tokens to its rows' slots as it enters and its rows read them
+as it leaves. A slot rebuilt for a row joining past position 0 is loaded from the host in
+one process; across processes the entering micro-batch carries that row's tokens as its
+history and the tick rebuilds the slot (``sampling.REBUILD``), so every process does.
 
 The ring of ``pp`` micro-batch plans (a ``StepBatch`` with a leading ``[pp]`` axis, small
 and replicated, so shifting it is a local copy) and the activations in flight
@@ -238,8 +239,7 @@ class SpmdPipelineRunner:
         if penalty_slots < 0 or (penalty_slots and vocab < 1):
             raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         self.penalty_slots, self.vocab = penalty_slots, vocab
-        self.penalty_tables = (place(make_penalty_tables(penalty_slots, vocab), self._replicated)
-                               if penalty_slots else None)
+        self.penalty_tables = make_penalty_tables(penalty_slots, vocab, self._replicated) if penalty_slots else None
         self._load_row = penalty_slot_loader(self._replicated)
         # The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
         # activations each stage takes next tick [pp, T_max, D], and the plan each stage ran
@@ -452,6 +452,17 @@ class _TickDispatch:
 
     def step_async(self, batch: Any, *, fetch: bool = True) -> tuple:
         return self.pipeline.run_tick(batch, fetch=fetch)
+
+    @property
+    def penalty_slots(self) -> int:
+        return self.pipeline.penalty_slots
+
+    @property
+    def vocab(self) -> int:
+        return self.pipeline.vocab
+
+    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+        self.pipeline.load_penalty_row(slot, counts, seen)
 
     def warmup(self, batches: Sequence[Any]) -> int:
         return self.pipeline.warmup(batches)
