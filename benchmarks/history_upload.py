@@ -6,11 +6,14 @@ reports the batch's bytes (every leaf goes up with the step: on one process as t
 input, across processes through the controller's broadcast) and the packing time, for:
 
 - ``device tables``: buckets of a runner that keeps penalty counts on the device (every
-  single-process layout, the pipeline and offloading included, since this change);
-- ``history in batch``: buckets of a multi-process runner (controller, stacked replicas,
-  pipeline across processes), whose batches carry each penalty row's history.
+  single-process layout, the pipeline and offloading included);
+- ``tables across processes``: the same counts on the device (tp, pp x tp), with buckets
+  that can carry a history: a step uploads one only when it rebuilds a row's slot (a row
+  joining past position 0, e.g. a prefix-cache hit), ``sampling.REBUILD``;
+- ``history in batch``: the stacked dp replicas across processes, whose batches carry each
+  penalty row's history.
 
-Each with no penalty row and with one. Before the history width became a per-step shape,
+Each with no penalty row and with one (for the second, also one whose slot is rebuilt). Before the history width became a per-step shape,
 every batch of the second kind (and, before device tables for the pipeline and offloading,
 every step of those layouts) carried ``[B, max_model_len]`` int32 whatever its rows: run
 the script on an older commit for the "before" numbers. The pipeline's tick uploads exactly
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,6 +35,11 @@ from energon_jax.batch import Buckets, pack
 from energon_jax.host_rows import HostRows
 from energon_jax.request import Request, RequestStatus, SamplingParams
 from energon_jax.scheduler import ScheduledRow, StepPlan
+
+try:
+    from energon_jax.sampling import REBUILD
+except ImportError:  # a commit before slots were rebuilt inside the step
+    REBUILD = None
 
 
 def decode_plan(rows: int, prompt_len: int, page_size: int, penalty_rows: int, seed: int = 0) -> StepPlan:
@@ -48,13 +57,13 @@ def decode_plan(rows: int, prompt_len: int, page_size: int, penalty_rows: int, s
     return StepPlan(plan_rows)
 
 
-def measure(buckets: Buckets, plan: StepPlan, reps: int) -> tuple[float, float]:
-    """(MB of the packed batch, best ms of pack with HostRows)."""
+def measure(buckets: Buckets, plan: StepPlan, reps: int, penalty: Any = None) -> tuple[float, float]:
+    """(MB of the packed batch, best ms of pack with HostRows); ``penalty``: the rows' (slot, reset)."""
     host = HostRows(buckets, 2 * buckets.max_num_seqs)
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        batch = pack(plan, buckets, host_rows=host)
+        batch = pack(plan, buckets, penalty, host_rows=host)
         best = min(best, time.perf_counter() - start)
     nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(batch))
     return nbytes / 2**20, best * 1e3
@@ -71,16 +80,26 @@ def main() -> None:
     print(f"one decode step, B={args.rows}, max_model_len={args.max_model_len}, page_size={args.page_size}")
     print("| buckets | penalty rows | batch MiB | pack ms (best) |")
     print("|---|---|---|---|")
-    for name, tables in (("device tables", True), ("history in batch", False)):
-        kw = dict(max_num_batched_tokens=max(2048, args.rows), max_num_seqs=args.rows,
-                  max_model_len=args.max_model_len, page_size=args.page_size)
+    kw = dict(max_num_batched_tokens=max(2048, args.rows), max_num_seqs=args.rows,
+              max_model_len=args.max_model_len, page_size=args.page_size)
+    for name, tables in (("device tables", True), ("tables across processes", False), ("history in batch", False)):
         try:
             buckets = Buckets.create(**kw, penalty_tables=tables)
         except TypeError:  # a commit before device tables: every batch carries the history
             buckets = Buckets.create(**kw)
-        for penalty_rows in (0, 1):
-            mb, ms = measure(buckets, decode_plan(args.rows, args.prompt_len, args.page_size, penalty_rows), args.reps)
-            print(f"| {name} | {penalty_rows} | {mb:.2f} | {ms:.2f} |")
+        across = name == "tables across processes"
+        if across and REBUILD is None:
+            continue  # a commit before tables across processes
+        for penalty_rows, rebuild in ((0, False), (1, False), *([(1, True)] if across else [])):
+            plan = decode_plan(args.rows, args.prompt_len, args.page_size, penalty_rows)
+            penalty = None
+            if across and penalty_rows:  # what PenaltySlots.assign gives the step loop
+                reset = np.zeros(args.rows, np.int32)
+                reset[0] = REBUILD if rebuild else 0
+                penalty = (np.where(np.arange(args.rows) < penalty_rows, 0, -1).astype(np.int32), reset)
+            mb, ms = measure(buckets, plan, args.reps, penalty)
+            label = f"{penalty_rows}{' (slot rebuilt)' if rebuild else ''}"
+            print(f"| {name} | {label} | {mb:.2f} | {ms:.2f} |")
 
 
 if __name__ == "__main__":
