@@ -30,10 +30,11 @@ would on its rows (padding rows and tokens change nothing real, ``batch.pack``).
 
 Limits: no planning ahead (a replica's next batch would need this step's ids on the
 device, slice by slice: ``supports_prev_ids`` is False, so ``async_scheduling`` logs that
-it is off) and no device penalty tables (batches carry the histories, as every
-multi-process runner's do). ``pp > 1``: ``replica_pipeline.py`` stacks the replicas'
-pipeline ticks the same way. In one process ``runtime`` keeps the independent
-``DataParallelRunner``: its replicas overlap with each other's host work.
+it is off) and no device penalty tables (a step with a penalty row carries the rows'
+histories; tp and pp x tp across processes keep tables, ``runtime.device_penalties``).
+``pp > 1``: ``replica_pipeline.py`` stacks the replicas' pipeline ticks the same way. In
+one process ``runtime`` keeps the independent ``DataParallelRunner``: its replicas overlap
+with each other's host work.
 """
 
 from __future__ import annotations
