@@ -101,8 +101,10 @@ class Mix:
                           rng.integers(*self.short_output, self.requests, endpoint=True))
         return prompt.astype(np.int64), output.astype(np.int64)
 
-    def prompts(self, vocab: int) -> list[list[int]]:
-        rng = np.random.default_rng(self.seed + 1)
+    def prompts(self, vocab: int, run: int) -> list[list[int]]:
+        """Random token ids of the drawn lengths, different in every ``run``: a pass that sent
+        the same prompts again would find them in the servers' prefix caches and skip prefills."""
+        rng = np.random.default_rng([self.seed + 1, run])
         return [rng.integers(3, vocab, int(n)).tolist() for n in self.lengths()[0]]
 
 
@@ -542,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(np.max(prompt_len + output_len)) > args.max_model_len:
         raise SystemExit(f"the longest prompt + output ({int(np.max(prompt_len + output_len))} tokens) exceeds "
                          f"--max-model-len={args.max_model_len}")
-    prompts = mix.prompts(int(config.vocab_size))
+    vocab = int(config.vocab_size)
     arrivals = {rate: poisson_arrivals(mix.requests, rate, args.seed + k) for k, rate in enumerate(args.rate_list)}
     limits = ReplicaLimits(args.max_num_seqs, args.max_num_batched_tokens)
     load0 = os.getloadavg()
@@ -558,11 +560,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Processes() as procs:
             print(f"starting {layout} ...", file=sys.stderr)
             target = start_layout(procs, layout, args)
-            run_workload(target, prompts, output_len, None, args.timeout)  # compiles what the workload needs
-            runs[layout] = {"alone": run_workload(target, prompts, output_len, None, args.timeout)}
-            for rate in args.rate_list:
+            # each pass its own prompts (same lengths): nothing is served from the prefix cache
+            run_workload(target, mix.prompts(vocab, 0), output_len, None, args.timeout)  # compiles what it needs
+            runs[layout] = {"alone": run_workload(target, mix.prompts(vocab, 1), output_len, None, args.timeout)}
+            for k, rate in enumerate(args.rate_list):
                 print(f"  {layout} at {rate:g} req/s", file=sys.stderr)
-                runs[layout][rate] = run_workload(target, prompts, output_len, arrivals[rate], args.timeout)
+                runs[layout][rate] = run_workload(target, mix.prompts(vocab, 2 + k), output_len, arrivals[rate],
+                                                  args.timeout)
     load1 = os.getloadavg()
     rows = []
     for layout in args.layout_list:

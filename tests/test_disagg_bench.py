@@ -85,8 +85,12 @@ def test_mixed_workload_is_seeded_and_in_range():
     assert 0.18 < long.mean() < 0.32
     assert p[long].min() >= 300 and p[long].max() <= 440 and o[long].min() >= 8 and o[long].max() <= 24
     assert p[~long].min() >= 8 and p[~long].max() <= 48 and o[~long].min() >= 48 and o[~long].max() <= 64
-    prompts = mix.prompts(vocab=100)
+    prompts = mix.prompts(vocab=100, run=0)
     assert [len(x) for x in prompts] == p.tolist() and min(min(x) for x in prompts) >= 3
+    assert prompts == mix.prompts(vocab=100, run=0)
+    # another pass: the same lengths, other tokens (no prefix-cache hits between passes)
+    other = mix.prompts(vocab=100, run=1)
+    assert [len(x) for x in other] == p.tolist() and all(a[:8] != b[:8] for a, b in zip(prompts, other))
     with pytest.raises(ValueError, match=r"short_prompt=\(9, 8\) must be"):
         bench.Mix(4, 0.2, (300, 440), (8, 24), (9, 8), (48, 64))
     a = bench.poisson_arrivals(2000, 10.0, seed=1)
