@@ -64,11 +64,18 @@ def test_spmd_pipeline_grid():
     assert out["cases"][1]["kv_shard_heads"] == 1  # 2 KV heads split over tp=2
 
 
+# Across 2 processes x 4 devices: pp=2 x tp=4 over 4 layers; pp=4 x tp=2 over 6 layers (uneven:
+# identity slots, and the stages of one process hand activations to the other's).
+MULTI = {"multi": ("multi_pp2_tp4", 2, 4, 4), "multi_pp4": ("multi_pp4_tp2_l6", 4, 2, 6)}
+
+
 @pytest.mark.slow
-def test_spmd_pipeline_two_processes(tmp_path):
-    want = run_child(__file__, "reference", "x", devices=1)["reference"]
-    got, worker = launch_children(__file__, "multi", tmp_path, devices_per_process=4)
-    assert got["process_count"] == 2 and got["device_count"] == 8
+@pytest.mark.parametrize("mode", sorted(MULTI))
+def test_spmd_pipeline_two_processes(tmp_path, mode):
+    name, pp, _, layers = MULTI[mode]
+    want = run_child(__file__, "reference", str(layers), devices=1)["reference"]
+    got, worker = launch_children(__file__, mode, tmp_path, devices_per_process=4)
+    assert got["process_count"] == 2 and got["device_count"] == 8 and (got["name"], got["pp"]) == (name, pp)
     _check({"cases": [{**got, "reference": want}]})
     assert worker["steps"] == got["steps"] > 0  # the worker ran every tick process 0 planned
 
@@ -196,18 +203,18 @@ def _child(group: str) -> dict:
     return {"cases": cases}
 
 
-def _child_multi(outdir: str) -> None:
+def _child_multi(mode: str, outdir: str) -> None:
     from energon_jax.parallel import distributed
     from energon_jax.parallel.spmd_pipeline import PipelineController
 
     assert distributed.initialize_from_env()
     import jax
 
-    runner, buckets, templates = build_runner(2, 4, 4)
+    name, pp, tp, layers = MULTI[mode]
+    runner, buckets, templates = build_runner(pp, tp, layers)
     controller = PipelineController(runner, templates)
     controller.warmup(templates)
-    out = {"device_count": jax.device_count(), "process_count": jax.process_count(), "name": "multi_pp2_tp4",
-           "pp": 2}
+    out = {"device_count": jax.device_count(), "process_count": jax.process_count(), "name": name, "pp": pp}
     out.update(lead_or_serve(controller, lambda: drive(controller, buckets, num_pages=ENGINE["kv_cache_pages"])))
     write_result(outdir, out)
 
@@ -218,6 +225,6 @@ if __name__ == "__main__":
     if mode == "run":
         print(json.dumps(_child(arg)))
     elif mode == "reference":
-        print(json.dumps({"reference": reference(4)}))
+        print(json.dumps({"reference": reference(int(arg))}))
     else:
-        _child_multi(arg)
+        _child_multi(mode, arg)
