@@ -11,8 +11,8 @@ presence and frequency penalties; penalty rows join late and leave early, so man
 have none; a late prompt shares a cached prefix, so its slot is rebuilt) on one device
 (``ModelRunner`` with device tables, the slot loaded from the host) and on:
 
-- the pipeline (pp=2) and the disaggregated engine in one process (the slow run adds
-  offloading, pp x tp and dp x pp): device penalty tables, and no batch carries a history;
+- the disaggregated engine in one process (the slow run adds the pipeline, offloading,
+  pp x tp and dp x pp): device penalty tables, and no batch carries a history;
 - the pipeline as a multi-process engine runs it ("rebuild": the slow run adds tp): device
   tables, and the one step that rebuilds a slot carries the history and rebuilds it on the
   device (no host-driven load, which would reach one process only); every other step
@@ -119,13 +119,14 @@ def test_a_rebuilt_slot_travels_in_the_step():
 
 
 # -- engines on 8 simulated devices -------------------------------------------------------
-# The default run keeps three engines (test_parallel_engine's layouts also run offload and
-# pp x tp with penalty rows against one device); the slow run adds the others.
+# The default run keeps two engines besides one device's (test_parallel_engine's default
+# layouts also run offload and pp x tp, device tables, with penalty rows against one device);
+# the slow run adds the others.
 LAYOUTS = {
-    "default": [("device", dict(pp=2)), ("device", dict(prefill_devices=1, decode_devices=1)),
-                ("rebuild", dict(pp=2))],
-    "more": [("device", dict(offload="host", resident_layers=1)), ("device", dict(pp=2, tp=2)),
-             ("device", dict(dp=2, pp=2)), ("rebuild", dict(tp=2)), ("history", dict(pp=2)),
+    "default": [("device", dict(prefill_devices=1, decode_devices=1)), ("rebuild", dict(pp=2))],
+    "more": [("device", dict(pp=2)), ("device", dict(offload="host", resident_layers=1)),
+             ("device", dict(pp=2, tp=2)), ("device", dict(dp=2, pp=2)), ("rebuild", dict(tp=2)),
+             ("history", dict(pp=2)),
              ("history", dict(offload="host", resident_layers=1)), ("history", dict(tp=2))],
 }
 
