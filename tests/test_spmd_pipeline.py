@@ -159,7 +159,8 @@ def _buckets():
 
     return Buckets.create(max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
                           max_num_seqs=ENGINE["max_num_seqs"], max_model_len=ENGINE["max_model_len"],
-                          page_size=ENGINE["page_size"], min_tokens=ENGINE["min_token_bucket"])
+                          page_size=ENGINE["page_size"], min_tokens=ENGINE["min_token_bucket"],
+                          penalty_tables=True)  # no penalty rows here: one history width (0), half the compiles
 
 
 def build_runner(pp: int, tp: int, layers: int, devices=None):
