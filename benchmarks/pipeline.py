@@ -188,7 +188,8 @@ def _controller_child(args, outdir: str) -> None:
         if not isinstance(runner, Controller):  # one process: the engine's runner behind a (passthrough,
             # counted) controller, swapped into its loop so that both runs count the same way
             from energon_jax.batch import warmup_batches
-            from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
+            from energon_jax.parallel.pipeline_controller import PipelineController
+            from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
 
             wrap = PipelineController if isinstance(runner, SpmdPipelineRunner) else Controller
             runner = wrap(runner, warmup_batches(engine.buckets))

@@ -206,7 +206,7 @@ def _child(group: str) -> dict:
 
 def _child_multi(mode: str, outdir: str) -> None:
     from energon_jax.parallel import distributed
-    from energon_jax.parallel.spmd_pipeline import PipelineController
+    from energon_jax.parallel.pipeline_controller import PipelineController
 
     assert distributed.initialize_from_env()
     import jax

@@ -218,8 +218,9 @@ def _loop_for(
 ) -> EngineLoop:
     """The step loop that drives one (replica's) runner: a pipeline ticks, others step."""
     from energon_jax.parallel.pipeline import PipelineRunner, PipelineStepLoop
+    from energon_jax.parallel.pipeline_controller import PipelineController
     from energon_jax.parallel.replica_pipeline import PipelineView
-    from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
+    from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
     from energon_jax.step_loop import StepLoop
 
     # a micro-batch is never split nor planned past
@@ -329,8 +330,8 @@ def build_runner(
                              **penalties)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
-
-        from energon_jax.parallel.spmd_pipeline import PipelineController, SpmdPipelineRunner
+        from energon_jax.parallel.pipeline_controller import PipelineController
+        from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
 
         if not templates:
             raise ValueError("a multi-process run needs templates (batch.warmup_batches) for the controller")

@@ -55,7 +55,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -65,7 +65,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from energon_jax.batch import dummy_batch, history_width
-from energon_jax.parallel.controller import Controller
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
@@ -442,77 +441,3 @@ class SpmdPipelineRunner:
 
     def step(self, batch: Any) -> Any:
         return self.step_async(batch).result()
-
-
-class _TickDispatch:
-    """What ``Controller`` drives: ``step_async`` runs one fitted tick on this process."""
-
-    def __init__(self, runner: SpmdPipelineRunner) -> None:
-        self.pipeline = runner
-
-    def step_async(self, batch: Any, *, fetch: bool = True) -> tuple:
-        return self.pipeline.run_tick(batch, fetch=fetch)
-
-    @property
-    def penalty_slots(self) -> int:
-        return self.pipeline.penalty_slots
-
-    @property
-    def vocab(self) -> int:
-        return self.pipeline.vocab
-
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        self.pipeline.load_penalty_row(slot, counts, seen)
-
-    def warmup(self, batches: Sequence[Any]) -> int:
-        return self.pipeline.warmup(batches)
-
-    @property
-    def kv_cache(self) -> Any:
-        return self.pipeline.kv
-
-    @property
-    def num_compiles(self) -> int:
-        return self.pipeline.num_compiles
-
-    @property
-    def compiled_shapes(self) -> list:
-        return self.pipeline.compiled_shapes
-
-
-class PipelineController(Controller):
-    """The ``Controller`` for an ``SpmdPipelineRunner``: process 0 runs the clock and
-    broadcasts each tick's (fitted) micro-batch; every process runs the same tick.
-
-    Only the new micro-batch crosses processes: the ring of plans and the activations stay on
-    the devices. Workers call ``serve()`` as for any ``Controller``. It has the pipeline's
-    interface (``tick``, ``empty``, ``in_flight_tags``, ``stats``), so ``PipelineStepLoop``
-    drives it as it drives the runner."""
-
-    def __init__(self, runner: SpmdPipelineRunner, templates: Sequence[Any], **kwargs: Any) -> None:
-        super().__init__(_TickDispatch(runner), templates, **kwargs)
-        self.pipeline = runner
-        self.pp = runner.pp
-        runner.dispatch = self.step_async
-
-    def tick(self, batch: Any | None = None, tag: Any = None):
-        left = self.pipeline.tick(batch, tag)
-        return None if left is None else (left[0], self._counted(left[1]))  # its fetch counted (controller_stats)
-
-    @property
-    def empty(self) -> bool:
-        return self.pipeline.empty
-
-    @property
-    def in_flight_tags(self) -> list[Any]:
-        return self.pipeline.in_flight_tags
-
-    @property
-    def stats(self) -> PipelineStats:
-        return self.pipeline.stats  # the schedule's; the controller's own: ``controller_stats``
-
-    def reset_stats(self) -> None:
-        self.pipeline.reset_stats()
-
-    def step(self, batch: Any) -> Any:
-        return self.pipeline.step(batch)
