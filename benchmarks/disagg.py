@@ -24,10 +24,12 @@ both SLOs over the run's span (first send to last token), for ``scale`` in ``--s
 Beside each measurement, the planner's prediction (``energon_jax/plan_sim.py``) on the
 same arrivals and lengths, with step models fitted by ``energon_jax/planner.py`` on this
 backend in a process pinned like each server (``taskset``): the colocated engine on the
-colocated CPUs, a role engine on one core. From the unloaded pass only, two constants the
-step model cannot see are fitted per layout: the front end's latency (gRPC, the router)
-added to every TTFT, and, for the disaggregated layout, the hand-off between the servers
-(``transfer_s + transfer_s_per_token x prompt``: gather, pull, scatter, the router's hop).
+colocated CPUs, a role engine on one core. From the unloaded pass only, what the
+in-process step model cannot see is fitted per layout (``Offsets``): a served decode step's
+extra time (the front end streaming tokens from the same process), the front end's latency
+(gRPC, the router) added to every TTFT, and, for the disaggregated layout, the hand-off
+between the servers (``transfer_s + transfer_s_per_token x prompt``: gather, pull, scatter,
+the router's hop).
 
 Run (about 6 minutes on the 2-core box; numbers mean something only on a quiet machine)::
 
@@ -353,6 +355,13 @@ class Offsets:
     frontend_s: float  # added to every TTFT: gRPC, the router's hop
     transfer_s: float = 0.0  # disaggregated hand-off: transfer_s + transfer_s_per_token * prompt
     transfer_s_per_token: float = 0.0
+    # added to every step: what a served step costs beyond the in-process one (the gRPC front
+    # end streams each token out of the same process), from the unloaded decode steps
+    step_s: float = 0.0
+
+    def apply(self, cost):
+        return dataclasses.replace(cost, base_s=max(cost.base_s + self.step_s, 0.0),
+                                   per_request_s=cost.per_request_s + self.frontend_s)
 
 
 def _sim_layout(layout: str):
@@ -364,26 +373,32 @@ def _sim_layout(layout: str):
 def fit_offsets(layout: str, cost, limits, prompt_len: np.ndarray, output_len: np.ndarray,
                 unloaded: Run) -> Offsets:
     """Offsets that make the simulated lone requests match the measured unloaded pass: the
-    median TTFT gap, and (disaggregated) a least-squares line against the prompt length
-    (non-negative) of each request's hand-off: the time from its first to its last token
-    beyond its ``tokens - 1`` decode steps (each step as the client saw it, ``step_gap``)."""
+    median gap between each request's decode step as its client saw it (``step_gap``) and
+    the model's one-row step; then the median TTFT gap; and (disaggregated) a least-squares
+    line against the prompt length (non-negative) of each request's hand-off: the time from
+    its first to its last token beyond its ``tokens - 1`` decode steps (as seen)."""
     from energon_jax.plan_sim import Workload, simulate
 
+    step_s = 0.0
+    if unloaded.step_gap is not None and not np.isnan(unloaded.step_gap).all():
+        model = np.array([cost.step_s(1, 1, float(p + o // 2)) for p, o in zip(prompt_len, output_len)])
+        step_s = float(np.nanmedian(unloaded.step_gap - model))
+    cost = Offsets(0.0, step_s=step_s).apply(cost)
     lone = Workload(np.arange(len(prompt_len)) * 1e3, prompt_len, output_len)
     sim = simulate(lone, _sim_layout(layout), cost, limits)
     frontend = float(np.nanmedian(unloaded.ttft - sim.ttft_s))
     if layout.startswith("colocated"):
-        return Offsets(frontend)
+        return Offsets(frontend, step_s=step_s)
     gaps = output_len - 1
     step = unloaded.step_gap if unloaded.step_gap is not None else sim.tpot_s
     many = (gaps > 0) & ~np.isnan(unloaded.tpot) & ~np.isnan(step)
     extra = (unloaded.tpot[many] - step[many]) * gaps[many]  # hand-off, per request
     if many.sum() < 2 or np.ptp(prompt_len[many]) == 0:  # no line to fit: one constant
-        return Offsets(frontend, max(float(np.median(extra)), 0.0) if many.any() else 0.0)
+        return Offsets(frontend, max(float(np.median(extra)), 0.0) if many.any() else 0.0, step_s=step_s)
     a, b = np.linalg.lstsq(np.stack([np.ones(many.sum()), prompt_len[many]], 1), extra, rcond=None)[0]
     if b < 0:
         a, b = float(np.median(extra)), 0.0
-    return Offsets(frontend, max(float(a), 0.0), float(b))
+    return Offsets(frontend, max(float(a), 0.0), float(b), step_s)
 
 
 def predict(layout: str, cost, limits, prompt_len: np.ndarray, output_len: np.ndarray, arrivals: np.ndarray,
@@ -391,7 +406,7 @@ def predict(layout: str, cost, limits, prompt_len: np.ndarray, output_len: np.nd
     """The planner's simulation of one loaded run, as a ``Run``."""
     from energon_jax.plan_sim import Workload, simulate
 
-    cost = dataclasses.replace(cost, per_request_s=cost.per_request_s + offsets.frontend_s)
+    cost = offsets.apply(cost)
     sim = simulate(Workload(arrivals, prompt_len, output_len), _sim_layout(layout), cost, limits,
                    transfer_s=offsets.transfer_s, transfer_s_per_token=offsets.transfer_s_per_token)
     return Run(sim.ttft_s, sim.tpot_s, float(np.max(sim.finish_s) - np.min(arrivals)), 0)
@@ -596,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"step model, {layout}: {c['base_s'] * 1e3:.2f} ms + {c['per_token_s'] * 1e6:.1f} us/token + "
               f"{c['per_row_s'] * 1e6:.1f} us/row + {c['per_attended_s'] * 1e9:.2f} ns/pair, "
               f"{c['per_request_s'] * 1e3:.2f} ms/request (median fit error {c['fit_error']:.0%}); fitted on the "
-              f"unloaded pass: front end {c['offsets']['frontend_s'] * 1e3:.1f} ms per TTFT, hand-off "
+              f"unloaded pass: {c['offsets']['step_s'] * 1e3:+.2f} ms per step, "
+              f"front end {c['offsets']['frontend_s'] * 1e3:.1f} ms per TTFT, hand-off "
               f"{c['offsets']['transfer_s'] * 1e3:.1f} ms + {c['offsets']['transfer_s_per_token'] * 1e6:.1f} us/token")
     print()
     print(latency_table(rows, 1.0 if 1.0 in args.scale_list else args.scale_list[0]))

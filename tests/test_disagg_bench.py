@@ -116,10 +116,14 @@ def test_offsets_fitted_on_the_unloaded_pass_recover_known_constants():
     np.testing.assert_allclose(again.ttft, measured.ttft)
     np.testing.assert_allclose(again.tpot[many], measured.tpot[many])
     # the same hand-off read against the decode step each client saw (a step of 1 ms, not the model's)
-    seen = bench.Run(measured.ttft, np.where(many, 0.001 + handoff / np.maximum(output - 1, 1), NAN), 1.0, 0,
-                     step_gap=np.where(output >= 4, 0.001, NAN))
+    # and a served step 0.5 ms longer than the model's one-row step (2.11 ms + attention 0): 2.61 ms
+    step = 0.002 + 1e-5 + 1e-4 + 0.0005
+    seen = bench.Run(measured.ttft, np.where(many, step + handoff / np.maximum(output - 1, 1), NAN), 1.0, 0,
+                     step_gap=np.where(output >= 4, step, NAN))
     off = bench.fit_offsets("disaggregated", cost, limits, prompt, output, seen)
     assert (off.transfer_s, off.transfer_s_per_token) == (pytest.approx(0.002), pytest.approx(1e-5))
+    assert off.step_s == pytest.approx(0.0005)
+    assert off.apply(cost).base_s == pytest.approx(0.0025) and off.apply(cost).per_request_s == off.frontend_s
     # colocated: only the front end
     colo = bench.predict("colocated", cost, limits, prompt, output, alone, bench.Offsets(0.0))
     off = bench.fit_offsets("colocated", cost, limits, prompt, output,
