@@ -31,7 +31,7 @@ extra time (the front end streaming tokens from the same process), the front end
 between the servers (``transfer_s + transfer_s_per_token x prompt``: gather, pull, scatter,
 the router's hop).
 
-Run (about 6 minutes on the 2-core box; numbers mean something only on a quiet machine)::
+Run (about 4 minutes on the 2-core box; numbers mean something only on a quiet machine)::
 
     JAX_PLATFORMS=cpu python benchmarks/disagg.py --json /tmp/disagg.json
 """
