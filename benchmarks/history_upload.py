@@ -11,7 +11,11 @@ input, across processes through the controller's broadcast) and the packing time
   that can carry a history: a step uploads one only when it rebuilds a row's slot (a row
   joining past position 0, e.g. a prefix-cache hit), ``sampling.REBUILD``;
 - ``history in batch``: the stacked dp replicas across processes, whose batches carry each
-  penalty row's history.
+  penalty row's history;
+- ``device tables + page tables``: the ``ModelRunner`` layouts of one process, which also keep
+  the page tables on the device (``Buckets.page_slots``): a decode step carries each row's
+  slot and the pages it appended, not ``[B, max_model_len / page_size]`` (the step measured
+  repeats the last one, so it appends nothing; a row's whole table goes up once, when it joins).
 
 Each with no penalty row and with one (for the second, also one whose slot is rebuilt). Before the history width became a per-step shape,
 every batch of the second kind (and, before device tables for the pipeline and offloading,
@@ -82,10 +86,15 @@ def main() -> None:
     print("|---|---|---|---|")
     kw = dict(max_num_batched_tokens=max(2048, args.rows), max_num_seqs=args.rows,
               max_model_len=args.max_model_len, page_size=args.page_size)
-    for name, tables in (("device tables", True), ("tables across processes", False), ("history in batch", False)):
+    layouts = (("device tables", True), ("tables across processes", False), ("history in batch", False),
+               ("device tables + page tables", True))
+    for name, tables in layouts:
+        pages = {"page_slots": 2 * args.rows} if name.endswith("page tables") else {}
         try:
-            buckets = Buckets.create(**kw, penalty_tables=tables)
-        except TypeError:  # a commit before device tables: every batch carries the history
+            buckets = Buckets.create(**kw, penalty_tables=tables, **pages)
+        except TypeError:  # a commit before device tables (or device page tables)
+            if pages:
+                continue
             buckets = Buckets.create(**kw)
         across = name == "tables across processes"
         if across and REBUILD is None:

@@ -67,6 +67,9 @@ class IdentityRunner:
     def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
         pass  # nothing on a device to write
 
+    def load_page_row(self, slot: int, row: np.ndarray) -> None:
+        pass  # the same (device page tables: a joining row's table)
+
     def step_async(self, batch: Any, prev: Any = None) -> Any:
         fed = np.asarray(batch.input_ids)
         idx = np.asarray(batch.prev_token_index)

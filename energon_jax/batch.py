@@ -23,7 +23,11 @@ same for the one penalty-history entry it adds; the runner fills them on device.
 
 ``host_rows.HostRows`` (owned by the step loop, passed to ``pack``) keeps what changes
 only by deltas between steps, so packing a step gathers its rows' slots with numpy instead
-of re-reading every request's fields and every page of every row.
+of re-reading every request's fields and every page of every row. With device page tables
+(``Buckets.page_slots``: the ``ModelRunner`` layouts of one process) the page tables stay on
+the device too: a batch carries each row's slot and the pages appended this step, so what
+goes up per step does not grow with ``max_model_len`` (0.04 MiB for 256 decode rows at 8k
+and at 128k, against 0.5 and 8 MiB of ``[B, M]`` tables: ``benchmarks/history_upload.py``).
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class Buckets:
     # penalty counts on the device (no history upload in any step)
     history_len: int
     max_logprobs: int = MAX_LOGPROBS
+    # S: rows of the runner's device page table (``runner.ModelRunner``'s ``page_slots``): a
+    # batch then carries each row's slot and the step's appended pages (``page_deltas``), and
+    # no ``[B, M]`` page tables; 0: batches carry the page tables.
+    page_slots: int = 0
     # Row buckets per token bucket: the full one (``row_bucket``), then, when it has at least
     # ``SPLIT_ROWS_FROM`` rows, each ``row_split``-th of it down to ``MIN_ROW_BUCKET`` rows;
     # 1 keeps one row bucket per token bucket. A step
@@ -87,6 +95,8 @@ class Buckets:
             raise ValueError(f"row_split={self.row_split} must be >= 1")
         if self.history_len < 0:
             raise ValueError(f"history_len={self.history_len} must be >= 0")
+        if self.page_slots < 0:
+            raise ValueError(f"page_slots={self.page_slots} must be >= 0")
 
     @classmethod
     def create(
@@ -99,6 +109,7 @@ class Buckets:
         min_tokens: int = 16,
         penalty_tables: bool = False,
         row_split: int = 1,
+        page_slots: int = 0,
     ) -> Buckets:
         """Powers of two from ``min_tokens`` up to the budget, the last one exactly the budget;
         from ``HALF_STEPS_FROM`` tokens on, also the half-steps ``1.5 x 2^k`` between them.
@@ -109,6 +120,7 @@ class Buckets:
 
         ``penalty_tables``: the runner keeps penalty counts on the device
         (``sampling.PenaltyTables``), so batches carry no ``[B, max_model_len]`` history.
+        ``page_slots``: the runner keeps the page tables on the device, in this many slots.
         """
         if min_tokens < 1:
             raise ValueError(f"{min_tokens=} must be >= 1")
@@ -122,7 +134,7 @@ class Buckets:
         buckets.append(max_num_batched_tokens)
         history_len = 0 if penalty_tables else max_model_len
         return cls(tuple(buckets), max_num_seqs, page_size, -(-max_model_len // page_size), history_len,
-                   row_split=row_split)
+                   row_split=row_split, page_slots=page_slots)
 
     @property
     def max_tokens(self) -> int:
@@ -155,6 +167,11 @@ class Buckets:
     def all_shapes(self) -> list[tuple[int, int]]:
         """Every ``(T, B)`` the runner can see."""
         return [(t, b) for t in self.token_buckets for b in self.row_buckets(t)]
+
+    def page_deltas_len(self, tokens_bucket: int, rows_bucket: int) -> int:
+        """K: appended pages a ``(T, B)`` step carries with device page tables (0 without): a row
+        gains at most one page more than its tokens fill; more goes through ``load_page_row``."""
+        return rows_bucket + tokens_bucket // self.page_size + 1 if self.page_slots else 0
 
     def history_widths(self) -> tuple[int, ...]:
         """The history widths a step can have, widest first: ``(H, 0)``, or ``(0,)`` with device tables."""
@@ -214,6 +231,11 @@ class StepBatch:
     prev_token_index: np.ndarray
     prev_history_row: np.ndarray  # [B] int32: like prev_token_index, for history[b, prev_history_pos[b]]
     prev_history_pos: np.ndarray  # [B] int32
+    # Device page tables (``Buckets.page_slots``; else [B] -1 and [0, 3]): each row's slot in the
+    # runner's table (-1: unused row), and (slot, column, page) entries the step writes into it
+    # before reading it (slot >= page_slots: padding, dropped). ``attn.page_tables`` is [B, 0].
+    row_slot: np.ndarray  # [B] int32
+    page_deltas: np.ndarray  # [K, 3] int32
 
     @property
     def num_tokens_bucket(self) -> int:
@@ -250,7 +272,7 @@ def dummy_batch(buckets: Buckets, t: int, b: int, history_len: int | None = None
     )
     attn = PagedAttentionMetadata(
         slot_mapping=np.zeros(t, i32),  # slot 0 of the null page
-        page_tables=np.full((b, buckets.max_pages_per_row), NULL_PAGE, i32),
+        page_tables=np.full((b, 0 if buckets.page_slots else buckets.max_pages_per_row), NULL_PAGE, i32),
         context_lens=np.zeros(b, i32),
     )
     return StepBatch(
@@ -263,7 +285,13 @@ def dummy_batch(buckets: Buckets, t: int, b: int, history_len: int | None = None
         prev_token_index=np.full(t, -1, i32),
         prev_history_row=np.full(b, -1, i32),
         prev_history_pos=np.zeros(b, i32),
+        row_slot=np.full(b, -1, i32),
+        page_deltas=np.full((buckets.page_deltas_len(t, b), 3), (NO_SLOT, 0, NULL_PAGE), i32),
     )
+
+
+# A ``page_deltas`` slot past every table: the entry is dropped.
+NO_SLOT = 2**30
 
 
 def warmup_batches(buckets: Buckets) -> list[StepBatch]:
@@ -308,6 +336,9 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     attn, size = out.attn, buckets.page_size
     if nr == 0:
         return out
+    if buckets.page_slots and host_rows is None:
+        raise ValueError(f"buckets with page_slots={buckets.page_slots} (device page tables) need the step "
+                         "loop's host_rows to pack")
     if host_rows is not None:
         host_rows.pack_into(out, rows, reqs, buckets, plan.num_tokens)
         _fill_penalties(out, rows, reqs, penalty)
@@ -336,9 +367,10 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
 
 
 def fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                    seg: np.ndarray, pos: np.ndarray, size: int) -> None:
+                    seg: np.ndarray, pos: np.ndarray, size: int, page_of: np.ndarray | None = None) -> None:
     """Both packers' common tail: placeholders, positions, segments, slots, lengths, logits rows
-    (``input_ids`` and the page tables already written)."""
+    (``input_ids`` and the page tables already written). ``page_of``: each token's page ``[total]``
+    when the batch carries no page tables (device page tables); default read from the batch's."""
     nr, attn = len(lens), out.attn
     total = int(ends[-1]) if nr else 0
     if (prev_rows >= 0).any():  # placeholders (a plan made ahead): one fed token each
@@ -346,7 +378,9 @@ def fill_positions(out: StepBatch, prev_rows: np.ndarray, lens: np.ndarray, star
         out.input_ids[:total] = np.where(out.prev_token_index[:total] >= 0, 0, out.input_ids[:total])
     out.positions[:total] = pos
     out.segment_ids[:total] = seg
-    attn.slot_mapping[:total] = attn.page_tables[seg, pos // size] * size + pos % size
+    if page_of is None:
+        page_of = attn.page_tables[seg, pos // size]
+    attn.slot_mapping[:total] = page_of * size + pos % size
     attn.context_lens[:nr] = starts + lens
     out.logits_indices[:nr] = ends - 1
 

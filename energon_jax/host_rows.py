@@ -33,6 +33,11 @@ class HostRows:
 
     A slot whose request finished is reused; when none is free, one whose request is not
     in the current step is (its request, if it comes back, is written again).
+
+    With device page tables (``buckets.page_slots``: the runner's table has one row per slot
+    here), the batch carries each row's slot and the pages appended this step
+    (``StepBatch.page_deltas``), and a row copied whole (a request that joins or comes back)
+    goes up once through ``take_loads`` -> ``runner.load_page_row``, before the step.
     """
 
     def __init__(self, buckets: Buckets, num_slots: int) -> None:
@@ -52,6 +57,16 @@ class HostRows:
         self._counts = [0] * num_slots  # num_pages as Python ints (read per row per step)
         self._slot_of: dict[int, int] = {}  # id(request) -> slot
         self._free = list(range(num_slots - 1, -1, -1))
+        self.device_tables = buckets.page_slots > 0
+        if self.device_tables and num_slots != buckets.page_slots:
+            raise ValueError(f"{num_slots=} must equal buckets.page_slots={buckets.page_slots} (the device table's rows)")
+        self._appends: list[tuple[int, int, int]] = []  # (slot, first, end) columns appended since the last pack
+        self._loads: set[int] = set()  # slots whose whole row goes up before the next step
+
+    def take_loads(self) -> list[tuple[int, np.ndarray]]:
+        """``(slot, row [M])`` of every slot copied whole since the last call (device page tables)."""
+        loads, self._loads = sorted(self._loads), set()
+        return [(slot, self.tables[slot].copy()) for slot in loads]
 
     def slots(self, reqs: Sequence[Request]) -> np.ndarray:
         """``[R]`` slot of each request (distinct), its row brought up to date first."""
@@ -74,8 +89,12 @@ class HostRows:
             self.tables[s, : min(n, m)] = pages[:m]
             self.tables[s, min(n, m) : had] = NULL_PAGE
             self._pages[s] = pages
+            if self.device_tables:
+                self._loads.add(s)
         else:
             self.tables[s, had : min(n, m)] = pages[had:m]
+            if self.device_tables and min(n, m) > had:
+                self._appends.append((s, had, min(n, m)))
         self._counts[s] = n
         self.num_pages[s] = n
 
@@ -140,15 +159,21 @@ class HostRows:
         else:
             seg = np.repeat(np.arange(nr), lens)  # [total]
             pos = np.arange(total) - np.repeat(ends - lens, lens) + np.repeat(starts, lens)  # [total]
-        width = int(num_pages.max())  # columns past every row's pages stay NULL_PAGE (as in tables)
-        attn.page_tables[:nr, :width] = self.tables[slots, :width]
+        page_of = None
+        if self.device_tables:
+            out.row_slot[:nr] = slots
+            self._fill_deltas(out.page_deltas)
+            page_of = self.tables[slots[seg], pos // size]
+        else:
+            width = int(num_pages.max())  # columns past every row's pages stay NULL_PAGE (as in tables)
+            attn.page_tables[:nr, :width] = self.tables[slots, :width]
         if decode:
             out.input_ids[:nr] = [row.token_ids[0] for row in rows]
         else:
             out.input_ids[:total] = np.fromiter(itertools.chain.from_iterable(row.token_ids for row in rows), np.int32,
                                                 total)
         placeholder = prev_rows >= 0
-        fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size)
+        fill_positions(out, prev_rows, lens, starts, ends, seg, pos, size, page_of)
         f, ints = self.floats[slots], self.ints[slots]
         s.temperature[:nr], s.top_p[:nr], s.min_p[:nr] = f[:, 0], f[:, 1], f[:, 2]
         s.repetition_penalty[:nr], s.presence_penalty[:nr], s.frequency_penalty[:nr] = f[:, 3], f[:, 4], f[:, 5]
@@ -162,3 +187,18 @@ class HostRows:
         if banned.size:
             s.min_tokens[banned] = min_tokens[banned]
             s.ban_ids[banned] = self.ban_ids[slots[banned]]
+
+    def _fill_deltas(self, deltas: np.ndarray) -> None:
+        """The appended pages as ``(slot, column, page)`` entries of ``deltas [K, 3]``; rows that
+        will be loaded whole are skipped, and when the rest do not fit, they are loaded whole too."""
+        appends = [(s, a, e) for s, a, e in self._appends if s not in self._loads]
+        self._appends = []
+        if not appends:
+            return
+        if sum(e - a for _, a, e in appends) > len(deltas):  # rare: more new pages than the bucket carries
+            self._loads.update(s for s, _, _ in appends)
+            return
+        slot = np.concatenate([np.full(e - a, s, np.int32) for s, a, e in appends])
+        col = np.concatenate([np.arange(a, e, dtype=np.int32) for _, a, e in appends])
+        n = len(slot)
+        deltas[:n, 0], deltas[:n, 1], deltas[:n, 2] = slot, col, self.tables[slot, col]

@@ -42,6 +42,7 @@ from flax import nnx
 from energon_jax.sampling import (PenaltyTables, SampledTokens, load_penalty_slot, make_penalty_tables, sample,
                                   update_penalty_tables)
 from pallas_kernels import KVCache
+from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,13 @@ class ModelRunner:
     supports_prev_ids = True  # step_async(batch, prev=...) fills placeholders on device
 
     def __init__(
-        self, model: nnx.Module, kv_cache: KVCache, *, max_rows: int = 256, penalty_slots: int = 0, vocab: int = 0
+        self, model: nnx.Module, kv_cache: KVCache, *, max_rows: int = 256, penalty_slots: int = 0, vocab: int = 0,
+        page_slots: int = 0, max_pages_per_row: int = 0,
     ) -> None:
         if max_rows < 1:
             raise ValueError(f"{max_rows=} must be >= 1")
+        if page_slots < 0 or (page_slots and max_pages_per_row < 1):
+            raise ValueError(f"{page_slots=} must be >= 0, with max_pages_per_row >= 1 (got {max_pages_per_row=})")
         if penalty_slots < 0 or (penalty_slots and vocab < 1):
             raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         # Device penalty counts, one row per slot (None: batches carry the history instead).
@@ -100,6 +104,13 @@ class ModelRunner:
         tables_sharding = _replicated_like(kv_cache)
         if penalty_slots:
             self.penalty_tables = make_penalty_tables(penalty_slots, vocab, tables_sharding)
+        # Device page tables (``batch.Buckets.page_slots``): one row per host slot (``HostRows``)
+        # and a last all-null row for unused batch rows; steps append pages, joins load rows.
+        self.page_slots = page_slots
+        self.page_table: jax.Array | None = None
+        if page_slots:
+            self.page_table = jax.device_put(np.full((page_slots + 1, max_pages_per_row), NULL_PAGE, np.int32),
+                                             tables_sharding)
         self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
         self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)
@@ -109,8 +120,11 @@ class ModelRunner:
         self.num_compiles = 0
         self.warmed_up = False
 
-        def step_fn(state, kv_cache, tables, batch, prev_ids):  # prev_ids [max_rows] int32
+        def step_fn(state, kv_cache, tables, page_table, batch, prev_ids):  # prev_ids [max_rows] int32
             batch = _fill_placeholders(batch, prev_ids)
+            if page_table is not None:
+                page_table, batch = _with_page_tables(page_table, batch)
+                page_table = jax.lax.with_sharding_constraint(page_table, tables_sharding)
             if tables is not None:
                 tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
                                                batch.sampling)
@@ -127,15 +141,26 @@ class ModelRunner:
             out = sample(logits, batch.sampling, tables)
             rows = out[0].shape[0]  # a batch wider than max_rows keeps every id (it cannot be a prev then)
             ids_buffer = jnp.zeros(max(max_rows, rows), jnp.int32).at[:rows].set(out[0].astype(jnp.int32))
-            return kv_cache, tables, out, ids_buffer
+            return kv_cache, tables, page_table, out, ids_buffer
 
-        self._jitted = jax.jit(step_fn, donate_argnums=(1, 2))
+        self._jitted = jax.jit(step_fn, donate_argnums=(1, 2, 3))
 
         def load_row(tables, slot, counts, seen):  # one slot's counts, rebuilt on the host
             return jax.lax.with_sharding_constraint(load_penalty_slot(tables, slot, counts, seen), tables_sharding)
 
         self._load_row = jax.jit(load_row, donate_argnums=(0,))
         self._load_exe: Any = None  # compiled by warmup()
+
+        def load_page_row(page_table, slot, row):  # a row copied whole on the host (HostRows.take_loads)
+            return jax.lax.with_sharding_constraint(page_table.at[slot].set(row), tables_sharding)
+
+        self._load_page = jax.jit(load_page_row, donate_argnums=(0,))
+        self._load_page_exe: Any = None
+
+    def load_page_row(self, slot: int, row: np.ndarray) -> None:
+        """Overwrite one row of the device page table (a request that joins); dispatched, not awaited."""
+        load = self._load_page if self._load_page_exe is None else self._load_page_exe
+        self.page_table = load(self.page_table, np.int32(slot), np.asarray(row, np.int32))
 
     def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
         """Overwrite one penalty slot (a row that joins past position 0); dispatched, not awaited."""
@@ -157,8 +182,8 @@ class ModelRunner:
     def _compile(self, batch: Any, key: ShapeKey) -> Any:
         start = time.perf_counter()
         exe = self._jitted.lower(
-            _abstract(self._state), _abstract(self.kv_cache), _abstract(self.penalty_tables), _abstract(batch),
-            _abstract(self._no_prev),
+            _abstract(self._state), _abstract(self.kv_cache), _abstract(self.penalty_tables),
+            _abstract(self.page_table), _abstract(batch), _abstract(self._no_prev),
         ).compile()
         self._executables[key] = exe
         self.num_compiles += 1
@@ -182,6 +207,11 @@ class ModelRunner:
                 _abstract(self.penalty_tables), jax.ShapeDtypeStruct((), np.int32),
                 jax.ShapeDtypeStruct((v,), np.int32), jax.ShapeDtypeStruct((v,), bool),
             ).compile()
+        if self.page_table is not None and self._load_page_exe is None:
+            self._load_page_exe = self._load_page.lower(
+                _abstract(self.page_table), jax.ShapeDtypeStruct((), np.int32),
+                jax.ShapeDtypeStruct(self.page_table.shape[1:], np.int32),
+            ).compile()
         self.warmed_up = True
         return self.num_compiles
 
@@ -195,8 +225,8 @@ class ModelRunner:
         """
         prev_ids = self._no_prev if prev is None or prev.ids_buffer is None else prev.ids_buffer
         exe = self._executable(batch)
-        self.kv_cache, self.penalty_tables, outputs, ids_buffer = exe(
-            self._state, self.kv_cache, self.penalty_tables, batch, prev_ids
+        self.kv_cache, self.penalty_tables, self.page_table, outputs, ids_buffer = exe(
+            self._state, self.kv_cache, self.penalty_tables, self.page_table, batch, prev_ids
         )
         if fetch:
             for x in outputs:
@@ -221,6 +251,16 @@ def _fill_placeholders(batch: Any, prev_ids: jax.Array) -> Any:
     filled = jnp.where(hrow >= 0, prev_ids[jnp.maximum(hrow, 0)], history[b, hpos])
     sampling = dataclasses.replace(batch.sampling, history=history.at[b, hpos].set(filled))
     return dataclasses.replace(batch, input_ids=input_ids, sampling=sampling)
+
+
+def _with_page_tables(page_table: jax.Array, batch: Any) -> tuple[jax.Array, Any]:
+    """Write the step's appended pages into the device table, then give the batch its rows'
+    page tables ``[B, M]`` (an unused row, slot -1, reads the table's last, all-null row)."""
+    d = batch.page_deltas  # [K, 3] (slot, column, page); padding slots are past the table: dropped
+    page_table = page_table.at[d[:, 0], d[:, 1]].set(d[:, 2], mode="drop")
+    null_row = page_table.shape[0] - 1
+    rows = page_table[jnp.where(batch.row_slot >= 0, batch.row_slot, null_row)]
+    return page_table, dataclasses.replace(batch, attn=dataclasses.replace(batch.attn, page_tables=rows))
 
 
 def _replicated_like(tree: Any) -> Any:

@@ -98,8 +98,11 @@ class StepLoop:
         # Per-request step inputs kept between steps (host_rows.HostRows). Not with a sliding window:
         # the scheduler releases pages behind it by overwriting them in place.
         config = getattr(scheduler, "config", None)
-        self._host_rows = (HostRows(buckets, 2 * buckets.max_num_seqs)
+        self._host_rows = (HostRows(buckets, buckets.page_slots or 2 * buckets.max_num_seqs)
                            if config is not None and config.attention_window is None else None)
+        if buckets.page_slots and self._host_rows is None:
+            raise ValueError("device page tables (Buckets.page_slots) need HostRows: a scheduler without a "
+                             "sliding window")
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0)
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
@@ -133,7 +136,11 @@ class StepLoop:
             # one has entered and written its own: theirs must not be taken (penalty_slots.py).
             busy = [row.request for tag in getattr(self.runner, "in_flight_tags", ()) for row in tag.rows]
             penalty = self._penalty.assign(plan.rows, self._load_row, busy)
-        return self._pack_batch(plan, buckets, penalty, self._host_rows)
+        batch = self._pack_batch(plan, buckets, penalty, self._host_rows)
+        if buckets.page_slots:  # rows copied whole (joins) go up before the step that reads them
+            for slot, row in self._host_rows.take_loads():
+                self.runner.load_page_row(slot, row)
+        return batch
 
     def busy(self) -> bool:
         """Deferred text to emit, or a step in flight that still has an unfinished request."""

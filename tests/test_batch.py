@@ -144,5 +144,5 @@ def test_dummy_batches_cover_every_shape():
     assert d.attn.page_tables.shape == (4, 8) and d.sampling.history.shape == (4, 32)
     assert np.all(d.prev_token_index == -1) and np.all(d.prev_history_row == -1)  # no placeholders
     # a registered pytree: jax sees every array as a leaf
-    # (6 top-level/attn arrays + 16 sampling + logits_indices + 3 plan-ahead fields)
-    assert len(jax.tree_util.tree_leaves(d)) == 26
+    # (6 top-level/attn arrays + 16 sampling + logits_indices + 3 plan-ahead + 2 device page table fields)
+    assert len(jax.tree_util.tree_leaves(d)) == 28

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 
 import jax
@@ -23,6 +25,7 @@ from energon_jax.output import OutputTracker, add_many
 from energon_jax.request import Request, SamplingParams
 from energon_jax.sampling import SampledTokens
 from energon_jax.scheduler import Scheduler, SchedulerConfig
+from pallas_kernels.page_layout import NULL_PAGE
 
 
 def _params(rng: random.Random) -> SamplingParams:
@@ -51,15 +54,32 @@ def _same(a, b) -> None:
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("history", [False, True])
-def test_host_rows_pack_equals_plain_pack(history: bool) -> None:
+def _device_view(batch, table: np.ndarray, host: HostRows, plain):
+    """What the runner's step sees with device page tables: the rows loaded whole, then the
+    step's appended pages written, then each row's table read by slot (numpy, not the runner)."""
+    null_row = table.shape[0] - 1
+    for slot, row in host.take_loads():
+        table[slot] = row
+    for slot, col, page in batch.page_deltas:
+        if slot < null_row:
+            table[slot, col] = page
+    rows = table[np.where(batch.row_slot >= 0, batch.row_slot, null_row)]
+    return dataclasses.replace(batch, attn=dataclasses.replace(batch.attn, page_tables=rows),
+                               row_slot=plain.row_slot, page_deltas=plain.page_deltas)
+
+
+@pytest.mark.parametrize(("history", "device_pages"), [(False, False), (True, False), (False, True)])
+def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool) -> None:
     rng = random.Random(3)
     cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=48, page_size=4, num_pages=14,
                           enable_prefix_caching=True, prefix_cache_seed=0)
     sched = Scheduler(cfg, eos_token_ids=[2])
     buckets = Buckets.create(max_num_batched_tokens=8, max_num_seqs=6, max_model_len=48, page_size=4,
-                             min_tokens=4, penalty_tables=not history)
+                             min_tokens=4, penalty_tables=not history, page_slots=7 if device_pages else 0)
+    plain_buckets = dataclasses.replace(buckets, page_slots=0)
     host = HostRows(buckets, 7)  # far fewer slots than requests: slots are reclaimed and rewritten
+    table = np.full((8, buckets.max_pages_per_row), -7, np.int32)  # device page tables: 7 slots + the null row
+    table[7] = NULL_PAGE
     shared = [rng.randrange(3, 50) for _ in range(8)]  # a common prefix: prefix-cache hits
     n_req, in_flight, steps, rows_seen = 0, [], 0, 0
     while steps < 400 and (n_req < 40 or sched.has_work() or in_flight):
@@ -73,7 +93,8 @@ def test_host_rows_pack_equals_plain_pack(history: bool) -> None:
             sched.abort(rng.choice(sched.running).request_id)
         plan = sched.schedule() if len(in_flight) < 2 else None
         if plan is not None:
-            _same(pack(plan, buckets, host_rows=host), pack(plan, buckets))
+            fast, plain = pack(plan, buckets, host_rows=host), pack(plan, plain_buckets)
+            _same(_device_view(fast, table, host, plain) if device_pages else fast, plain)
             rows_seen += plan.num_rows
             in_flight.append(plan)
         # update the oldest plan, unless planning ahead (one stays in flight) this time
@@ -164,11 +185,16 @@ def test_engine_stream_identical_without_host_rows(tiny_checkpoint) -> None:
     config = TinyConfig(vocab_size=300, max_position_embeddings=128)
     engine = Engine(TinyDecoder(config, seed=3), config, Tokenizer.from_pretrained(tiny_checkpoint("llama")),
                     max_model_len=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=16, kv_cache_pages=13)
-    assert engine._loop._host_rows is not None
+    assert engine._loop._host_rows is not None and engine.buckets.page_slots == 16  # device page tables
     fast = _workload(engine, "a")
     preempted = engine.scheduler.num_preemptions
+    loads = engine.runner.page_table is not None
     engine._loop._host_rows = None  # pack reads every request afresh, as before HostRows
+    # ... and the batches carry [B, M] page tables, as before device page tables (new shapes compile)
+    engine._loop.buckets = dataclasses.replace(engine._loop.buckets, page_slots=0)
+    engine.runner.page_table = None
     plain = _workload(engine, "b")
+    assert loads
     assert preempted > 0 and len(fast) == 8
     assert fast == plain
     assert engine.scheduler.pages_used == 0

@@ -95,6 +95,15 @@ def device_penalties(options: ParallelOptions) -> bool:
     return jax.process_count() == 1 or options.dp == 1
 
 
+def device_page_tables(options: ParallelOptions, attention_window: int | None) -> bool:
+    """Whether the runner keeps the page tables on the device (``Buckets.page_slots``): the
+    ``ModelRunner`` layouts of one process (one device, tp, each dp replica), without a sliding
+    window (whose released pages ``HostRows`` does not follow). The others take ``[B, M]`` page
+    tables in each batch."""
+    return (jax.process_count() == 1 and options.pp == 1 and options.offload is None
+            and attention_window is None)
+
+
 def sized_executor(
     model: Any,
     model_config: Any,
@@ -187,6 +196,7 @@ def build_executor(
         max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=min_token_bucket,
         # across processes a batch can carry a history: rebuilt slots, or the stacked replicas' penalty rows
         penalty_tables=jax.process_count() == 1, row_split=ROW_SPLIT,
+        page_slots=2 * c.max_num_seqs if device_page_tables(options, scheduler_config.attention_window) else 0,
     )
     runner = build_runner(
         model, model_config, num_pages=c.num_pages, page_size=c.page_size, kv_dtype=param_dtype(model),
@@ -291,8 +301,10 @@ def build_runner(
                      for _ in range(c.num_layers))
 
     penalties = dict(penalty_slots=penalty_slots, vocab=c.vocab_size)
+    pages = {} if buckets is None or not buckets.page_slots else dict(  # ModelRunner's device page tables
+        page_slots=buckets.page_slots, max_pages_per_row=buckets.max_pages_per_row)
     if options.single_device and jax.process_count() == 1:
-        return ModelRunner(model, kv_pages(), max_rows=max_rows, **penalties)
+        return ModelRunner(model, kv_pages(), max_rows=max_rows, **penalties, **pages)
     if options.offload is not None:
         from energon_jax.parallel.memory_pool import OffloadConfig, OffloadedRunner
         from energon_jax.parallel.stages import decoder_parts
@@ -319,7 +331,8 @@ def build_runner(
                                                  penalties))
             else:
                 kv = kv_pages(kv_pages_sharding(m, rules))
-                replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows, **penalties))
+                replicas.append(ModelRunner(placed_copy(model, m, rules), kv, max_rows=max_rows, **penalties,
+                                            **pages))
         return DataParallelRunner(replicas)
     if parts is not None:
         runner: StepRunner = _pipeline_runner(parts, mesh, rules, num_pages, page_size, kv_dtype, buckets,
@@ -327,7 +340,7 @@ def build_runner(
     else:
         shard_model(model, mesh, rules)
         runner = ModelRunner(model, kv_pages(kv_pages_sharding(mesh, rules)), max_rows=max_rows,
-                             **penalties)
+                             **penalties, **pages)
     if jax.process_count() > 1:
         from energon_jax.parallel.controller import Controller
         from energon_jax.parallel.pipeline_controller import PipelineController
