@@ -24,7 +24,7 @@ same for the one penalty-history entry it adds; the runner fills them on device.
 ``host_rows.HostRows`` (owned by the step loop, passed to ``pack``) keeps what changes
 only by deltas between steps, so packing a step gathers its rows' slots with numpy instead
 of re-reading every request's fields and every page of every row. With device page tables
-(``Buckets.page_slots``: the ``ModelRunner`` layouts of one process) the page tables stay on
+(``Buckets.page_slots``: every layout of one process but offloading) the page tables stay on
 the device too: a batch carries each row's slot and the pages appended this step, so what
 goes up per step does not grow with ``max_model_len`` (0.04 MiB for 256 decode rows at 8k
 and at 128k, against 0.5 and 8 MiB of ``[B, M]`` tables: ``benchmarks/history_upload.py``).
@@ -168,10 +168,13 @@ class Buckets:
         """Every ``(T, B)`` the runner can see."""
         return [(t, b) for t in self.token_buckets for b in self.row_buckets(t)]
 
-    def page_deltas_len(self, tokens_bucket: int, rows_bucket: int) -> int:
-        """K: appended pages a ``(T, B)`` step carries with device page tables (0 without): a row
-        gains at most one page more than its tokens fill; more goes through ``load_page_row``."""
-        return rows_bucket + tokens_bucket // self.page_size + 1 if self.page_slots else 0
+    def page_deltas_len(self) -> int:
+        """K: appended pages a step carries with device page tables (0 without), the same for every
+        shape (a pipeline fits a batch into a wider tick): each row gains at most one page more
+        than its tokens fill; more goes up through ``load_page_row``."""
+        if not self.page_slots:
+            return 0
+        return max(b for _, b in self.all_shapes()) + self.max_tokens // self.page_size + 1
 
     def history_widths(self) -> tuple[int, ...]:
         """The history widths a step can have, widest first: ``(H, 0)``, or ``(0,)`` with device tables."""
@@ -286,7 +289,7 @@ def dummy_batch(buckets: Buckets, t: int, b: int, history_len: int | None = None
         prev_history_row=np.full(b, -1, i32),
         prev_history_pos=np.zeros(b, i32),
         row_slot=np.full(b, -1, i32),
-        page_deltas=np.full((buckets.page_deltas_len(t, b), 3), (NO_SLOT, 0, NULL_PAGE), i32),
+        page_deltas=np.full((buckets.page_deltas_len(), 3), (NO_SLOT, 0, NULL_PAGE), i32),
     )
 
 

@@ -123,7 +123,7 @@ class ModelRunner:
         def step_fn(state, kv_cache, tables, page_table, batch, prev_ids):  # prev_ids [max_rows] int32
             batch = _fill_placeholders(batch, prev_ids)
             if page_table is not None:
-                page_table, batch = _with_page_tables(page_table, batch)
+                page_table, batch = with_page_tables(page_table, batch)
                 page_table = jax.lax.with_sharding_constraint(page_table, tables_sharding)
             if tables is not None:
                 tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
@@ -253,7 +253,7 @@ def _fill_placeholders(batch: Any, prev_ids: jax.Array) -> Any:
     return dataclasses.replace(batch, input_ids=input_ids, sampling=sampling)
 
 
-def _with_page_tables(page_table: jax.Array, batch: Any) -> tuple[jax.Array, Any]:
+def with_page_tables(page_table: jax.Array, batch: Any) -> tuple[jax.Array, Any]:
     """Write the step's appended pages into the device table, then give the batch its rows'
     page tables ``[B, M]`` (an unused row, slot -1, reads the table's last, all-null row)."""
     d = batch.page_deltas  # [K, 3] (slot, column, page); padding slots are past the table: dropped

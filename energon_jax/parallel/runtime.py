@@ -96,12 +96,12 @@ def device_penalties(options: ParallelOptions) -> bool:
 
 
 def device_page_tables(options: ParallelOptions, attention_window: int | None) -> bool:
-    """Whether the runner keeps the page tables on the device (``Buckets.page_slots``): the
-    ``ModelRunner`` layouts of one process (one device, tp, each dp replica), without a sliding
-    window (whose released pages ``HostRows`` does not follow). The others take ``[B, M]`` page
-    tables in each batch."""
-    return (jax.process_count() == 1 and options.pp == 1 and options.offload is None
-            and attention_window is None)
+    """Whether the runner keeps the page tables on the device (``Buckets.page_slots``): every
+    layout of one process but offloading (``ModelRunner`` on one device, tp, each dp replica;
+    ``SpmdPipelineRunner``), without a sliding window (whose released pages ``HostRows`` does
+    not follow). Across processes a joining row's table would have to travel in the step's
+    broadcast: batches carry ``[B, M]`` page tables there, as with offloading."""
+    return jax.process_count() == 1 and options.offload is None and attention_window is None
 
 
 def sized_executor(

@@ -68,8 +68,9 @@ from energon_jax.batch import dummy_batch, history_width
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
-from energon_jax.runner import StepHandle, shape_key
+from energon_jax.runner import StepHandle, shape_key, with_page_tables
 from energon_jax.sampling import make_penalty_tables, penalty_slot_loader, update_penalty_tables
+from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,16 @@ class SpmdPipelineRunner:
         t_max = buckets.max_tokens
         b_max = max(b for _, b in buckets.all_shapes())
         self._pad = self._dummy(t_max, b_max)  # what padding tokens and unused rows hold
+        # Device page tables (``Buckets.page_slots``, one process): like ``ModelRunner``'s; a
+        # micro-batch gathers its rows' tables when it enters, and the ring holds them from then on.
+        self.page_table: jax.Array | None = None
+        if buckets.page_slots:
+            m = buckets.max_pages_per_row
+            self.page_table = place(np.full((buckets.page_slots + 1, m), NULL_PAGE, np.int32), self._replicated)
+            self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
+                self._pad.attn, page_tables=np.full((b_max, m), NULL_PAGE, np.int32)))
+        self._load_page = jax.jit(lambda table, slot, row: table.at[slot].set(row), donate_argnums=(0,),
+                                  out_shardings=self._replicated)
         self._acts = place(np.zeros((self.pp, t_max, c.hidden_size), parts.dtype), by_pp)
         self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), NamedSharding(mesh, P())),
                                   self._pad)
@@ -259,15 +270,17 @@ class SpmdPipelineRunner:
         # PipelineController that broadcasts it to every process first.
         self.dispatch: Callable[[Any], Any] = self.run_tick
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
-        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4, 5),
+        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4, 5, 6),
                                out_shardings=(kv_shardings, by_pp, self._replicated, self._replicated,
-                                              self._replicated))
+                                              self._replicated, self._replicated))
 
     # -- the jitted tick ------------------------------------------------------------------
 
-    def _tick_fn(self, layers, active, kv, acts, ring, tables, embed, norm, head, batch):
+    def _tick_fn(self, layers, active, kv, acts, ring, tables, page_table, embed, norm, head, batch):
         pp, parts = self.pp, self.parts
         t = batch.input_ids.shape[0]
+        if page_table is not None:  # the entering micro-batch's appended pages, then its rows' tables
+            page_table, batch = with_page_tables(page_table, batch)
         if tables is not None:  # the entering micro-batch's fed tokens (its joining slots zeroed first)
             tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
                                            batch.sampling)
@@ -299,7 +312,7 @@ class SpmdPipelineRunner:
         # The last stage ran the plan that entered pp - 1 ticks ago.
         sampling = jax.tree.map(lambda a: a[pp - 1], now.sampling)
         out = run_head_rows(parts, norm, head, rows[pp - 1], sampling, tables)
-        return kv, acts, ring, tables, out
+        return kv, acts, ring, tables, page_table, out
 
     def _run_slots(self, layers, active, kv, x, meta):
         """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
@@ -335,7 +348,7 @@ class SpmdPipelineRunner:
             start = time.perf_counter()
             exe = self._jitted.lower(_abstract(self._layers), _abstract(self._active), _abstract(self.kv),
                                      _abstract(self._acts), _abstract(self._ring), _abstract(self.penalty_tables),
-                                     _abstract(self._embed), _abstract(self._norm), _abstract(self._head),
+                                     _abstract(self.page_table), _abstract(self._embed), _abstract(self._norm), _abstract(self._head),
                                      _abstract(batch)).compile()
             self._executables[key] = exe
             self.num_compiles += 1
@@ -364,9 +377,9 @@ class SpmdPipelineRunner:
         ``fetch=False`` (a multi-process worker, which never reads them): no copy to the host."""
         self._shape = (np.shape(batch.input_ids)[0], np.shape(batch.logits_indices)[0])
         exe = self._executable(batch)
-        self.kv, self._acts, self._ring, self.penalty_tables, out = exe(
-            self._layers, self._active, self.kv, self._acts, self._ring, self.penalty_tables, self._embed,
-            self._norm, self._head, batch)
+        self.kv, self._acts, self._ring, self.penalty_tables, self.page_table, out = exe(
+            self._layers, self._active, self.kv, self._acts, self._ring, self.penalty_tables, self.page_table,
+            self._embed, self._norm, self._head, batch)
         if fetch:
             for a in out:
                 a.copy_to_host_async()
@@ -376,6 +389,11 @@ class SpmdPipelineRunner:
         """Overwrite one penalty slot before the tick its row enters (one process only: across
         processes the batches carry the history); dispatched, not awaited."""
         self.penalty_tables = self._load_row(self.penalty_tables, slot, counts, seen)
+
+    def load_page_row(self, slot: int, row: np.ndarray) -> None:
+        """Overwrite one row of the device page table before the tick its row enters (one process
+        only); dispatched, not awaited."""
+        self.page_table = self._load_page(self.page_table, np.int32(slot), np.asarray(row, np.int32))
 
     # -- the clock (process 0) -------------------------------------------------------------
 
