@@ -192,11 +192,13 @@ class RouterServicer(pb_grpc.InferenceServicer):
         if self._metrics is None:
             yield from self._generate(request, context, None)
             return
-        outcome = "OK"
+        outcome, finished = "OK", False
         try:
-            yield from self._generate(request, context, self._metrics)
-        except GeneratorExit:  # the client went away
-            outcome = "CANCELLED"
+            for resp in self._generate(request, context, self._metrics):
+                finished = bool(resp.finish_reason)
+                yield resp
+        except GeneratorExit:  # the call ended before the handler: cancelled, unless its last response went out
+            outcome = "OK" if finished else "CANCELLED"
             raise
         except Exception:  # context.abort: the code it set
             code = context.code() if hasattr(context, "code") else None
