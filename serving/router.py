@@ -200,9 +200,9 @@ class RouterServicer(pb_grpc.InferenceServicer):
         except GeneratorExit:  # the call ended before the handler: cancelled, unless its last response went out
             outcome = "OK" if finished else "CANCELLED"
             raise
-        except Exception:  # context.abort: the code it set
+        except Exception:  # context.abort: the code it set (a cancel after the final response: OK)
             code = context.code() if hasattr(context, "code") else None
-            outcome = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+            outcome = "OK" if finished else code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
             raise
         finally:
             self._metrics.requests.labels(outcome).inc()
