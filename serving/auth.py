@@ -25,6 +25,18 @@ _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _BEARER = "bearer "
 
 
+def _like(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind and serializers running ``unary`` (single response) or ``stream``."""
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(stream, **kw)
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that rejects the call unauthenticated."""
 
@@ -35,14 +47,7 @@ def _abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
         yield  # pragma: no cover - makes this an async generator, as stream handlers are
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject, **kw)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
+    return _like(handler, reject, reject_stream)
 
 
 def _bearer_matches(metadata: tuple | None, key: bytes) -> bool:
@@ -87,14 +92,7 @@ def _sync_abort_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key")
         yield  # pragma: no cover - a generator, as stream handlers are
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject, **kw)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, **kw)
+    return _like(handler, reject, reject_stream)
 
 
 class SyncApiKeyInterceptor(grpc.ServerInterceptor):
