@@ -2,11 +2,11 @@
 
 ``HostRows`` (owned by the step loop, passed to ``batch.pack``) keeps what changes only by
 deltas between steps: each running request's sampling parameters (written once, when it
-joins) and its page table (the pages it gained since the last step are appended), so
-packing a step gathers its rows' slots with numpy instead of re-reading every request's
-fields and every page of every row. ``HostRows.pack_into`` fills the same batch fields as
-``batch.pack``'s plain path (``pack`` adds the penalty fields after either);
-tests/test_host_rows.py checks the two field by field.
+joins) and its page table (the pages it gained since the last step are appended, those a
+sliding window released are nulled), so packing a step gathers its rows' slots with numpy
+instead of re-reading every request's fields and every page of every row.
+``HostRows.pack_into`` fills the same batch fields as ``batch.pack``'s plain path (``pack``
+adds the penalty fields after either); tests/test_host_rows.py checks the two field by field.
 """
 
 from __future__ import annotations
@@ -29,15 +29,21 @@ class HostRows:
     step: pages the request gained are appended (the scheduler only ever extends a page
     list, or hands the request a new list: admission, preemption, finish), and a list
     that is new, or shorter than what was copied (a plan made ahead that gave pages back),
-    is copied whole. Not for sliding windows: those overwrite released pages in place.
+    is copied whole. A sliding window also overwrites pages in place: those behind the
+    window become ``NULL_PAGE``, always a prefix of the list (``sliding_window.py``). So the
+    slot remembers how many leading entries it knows are released, and a step looks at the
+    first entry past them only: when it became ``NULL_PAGE``, the scan goes on from there
+    and those columns are nulled (O(1) per row in a step that releases nothing).
 
     A slot whose request finished is reused; when none is free, one whose request is not
     in the current step is (its request, if it comes back, is written again).
 
     With device page tables (``buckets.page_slots``: the runner's table has one row per slot
     here), the batch carries each row's slot and the pages appended this step
-    (``StepBatch.page_deltas``), and a row copied whole (a request that joins or comes back)
-    goes up once through ``take_loads`` -> ``runner.load_page_row``, before the step.
+    (``StepBatch.page_deltas``: pages appended and columns released this step, each as
+    ``(slot, column, page)``), and a row copied whole (a request that joins or comes back, or
+    a step whose entries do not fit in ``page_deltas``, as the first release after a long
+    prompt) goes up once through ``take_loads`` -> ``runner.load_page_row``, before the step.
     """
 
     def __init__(self, buckets: Buckets, num_slots: int) -> None:
@@ -55,12 +61,14 @@ class HostRows:
         self._owner: list[Request | None] = [None] * num_slots
         self._pages: list[list[int] | None] = [None] * num_slots  # the page list object copied from
         self._counts = [0] * num_slots  # num_pages as Python ints (read per row per step)
+        self._released = [0] * num_slots  # leading NULL_PAGE entries (a window's releases) copied so far
         self._slot_of: dict[int, int] = {}  # id(request) -> slot
         self._free = list(range(num_slots - 1, -1, -1))
         self.device_tables = buckets.page_slots > 0
         if self.device_tables and num_slots != buckets.page_slots:
             raise ValueError(f"{num_slots=} must equal buckets.page_slots={buckets.page_slots} (the device table's rows)")
-        self._appends: list[tuple[int, int, int]] = []  # (slot, first, end) columns appended since the last pack
+        # (slot, first, end) columns appended or released since the last pack
+        self._appends: list[tuple[int, int, int]] = []
         self._loads: set[int] = set()  # slots whose whole row goes up before the next step
 
     def take_loads(self) -> list[tuple[int, np.ndarray]]:
@@ -72,29 +80,42 @@ class HostRows:
         """``[R]`` slot of each request (distinct), its row brought up to date first."""
         out = []
         slot_of, owner, copied, counts = self._slot_of, self._owner, self._pages, self._counts
+        released = self._released
         for req in reqs:
             s = slot_of.get(id(req), -1)
             if s < 0 or owner[s] is not req:
                 s = self._join(req, reqs)
-            pages = req.pages
-            if pages is not copied[s] or len(pages) != counts[s]:  # else: nothing changed (most steps)
+            pages, k = req.pages, released[s]
+            # else nothing changed (most steps): same list, same length, no new release behind a window
+            if pages is not copied[s] or len(pages) != counts[s] or (k < len(pages) and pages[k] == NULL_PAGE):
                 self._sync(s, pages)
             out.append(s)
         return np.array(out, np.intp)
 
     def _sync(self, s: int, pages: list[int]) -> None:
-        """Bring slot ``s``'s table row to ``pages``: append what is new, or copy it whole."""
+        """Bring slot ``s``'s table row to ``pages``: null what a window released, append what is
+        new, or copy it whole."""
         n, had, m = len(pages), self._counts[s], self.max_pages_per_row  # more than m: pack's check reports it
+        top = min(n, m)
         if pages is not self._pages[s] or n < had:
-            self.tables[s, : min(n, m)] = pages[:m]
-            self.tables[s, min(n, m) : had] = NULL_PAGE
+            self.tables[s, :top] = pages[:m]
+            self.tables[s, top:had] = NULL_PAGE
             self._pages[s] = pages
+            self._released[s] = _leading_nulls(pages, 0, top)
             if self.device_tables:
                 self._loads.add(s)
         else:
-            self.tables[s, had : min(n, m)] = pages[had:m]
-            if self.device_tables and min(n, m) > had:
-                self._appends.append((s, had, min(n, m)))
+            # Released behind a window since the last copy (in place, a prefix): the columns
+            # already copied are nulled here; those past ``had`` are copied as they are below.
+            k = self._released[s]
+            end = self._released[s] = _leading_nulls(pages, k, top)
+            if min(end, had) > k:
+                self.tables[s, k : min(end, had)] = NULL_PAGE
+                if self.device_tables:
+                    self._appends.append((s, k, min(end, had)))
+            self.tables[s, had:top] = pages[had:m]
+            if self.device_tables and top > had:
+                self._appends.append((s, had, top))
         self._counts[s] = n
         self.num_pages[s] = n
 
@@ -108,6 +129,7 @@ class HostRows:
         self._pages[s] = None
         self.tables[s, : self._counts[s]] = NULL_PAGE
         self._counts[s] = 0
+        self._released[s] = 0
         self.num_pages[s] = 0
         p = req.params
         self.floats[s] = (p.temperature, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
@@ -189,16 +211,26 @@ class HostRows:
             s.ban_ids[banned] = self.ban_ids[slots[banned]]
 
     def _fill_deltas(self, deltas: np.ndarray) -> None:
-        """The appended pages as ``(slot, column, page)`` entries of ``deltas [K, 3]``; rows that
-        will be loaded whole are skipped, and when the rest do not fit, they are loaded whole too."""
+        """The appended pages and released columns as ``(slot, column, page)`` entries of ``deltas
+        [K, 3]``; rows that will be loaded whole are skipped, and when the rest do not fit, they are
+        loaded whole too."""
         appends = [(s, a, e) for s, a, e in self._appends if s not in self._loads]
         self._appends = []
         if not appends:
             return
-        if sum(e - a for _, a, e in appends) > len(deltas):  # rare: more new pages than the bucket carries
+        if sum(e - a for _, a, e in appends) > len(deltas):  # rare: more entries than the bucket carries
             self._loads.update(s for s, _, _ in appends)
             return
         slot = np.concatenate([np.full(e - a, s, np.int32) for s, a, e in appends])
         col = np.concatenate([np.arange(a, e, dtype=np.int32) for _, a, e in appends])
         n = len(slot)
         deltas[:n, 0], deltas[:n, 1], deltas[:n, 2] = slot, col, self.tables[slot, col]
+
+
+def _leading_nulls(pages: list[int], start: int, stop: int) -> int:
+    """The first index ``>= start`` (at most ``stop``) whose entry is not ``NULL_PAGE``; the
+    entries before ``start`` are known to be ``NULL_PAGE`` (a window's released prefix)."""
+    i = start
+    while i < stop and pages[i] == NULL_PAGE:
+        i += 1
+    return i

@@ -95,14 +95,13 @@ class StepLoop:
         self.split_prefill_decode = split_prefill_decode
         self.plans_ahead = plans_ahead
         self._pack_batch = batch_lib.pack
-        # Per-request step inputs kept between steps (host_rows.HostRows). Not with a sliding window:
-        # the scheduler releases pages behind it by overwriting them in place.
+        # Per-request step inputs kept between steps (host_rows.HostRows), a sliding window's
+        # released pages included (for the engine's Scheduler: a stand-in without a config packs plainly).
         config = getattr(scheduler, "config", None)
         self._host_rows = (HostRows(buckets, buckets.page_slots or 2 * buckets.max_num_seqs)
-                           if config is not None and config.attention_window is None else None)
+                           if config is not None else None)
         if buckets.page_slots and self._host_rows is None:
-            raise ValueError("device page tables (Buckets.page_slots) need HostRows: a scheduler without a "
-                             "sliding window")
+            raise ValueError("device page tables (Buckets.page_slots) need HostRows: a scheduler with a config")
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0)
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None

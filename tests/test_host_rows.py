@@ -3,7 +3,10 @@
 - ``host_rows.HostRows`` (page tables and sampling parameters kept between steps, patched
   by deltas): every field of every packed batch equals ``pack`` reading each request
   afresh, over a randomized scheduler run with chunked prefill, plans made ahead,
-  preemption (a small pool), aborts, penalties, min_tokens and placeholders.
+  preemption (a small pool), aborts, penalties, min_tokens and placeholders; with a
+  sliding window too (pages released behind it, in place), and with device page tables,
+  where the runner's view (rows loaded whole, then the step's entries) is rebuilt in numpy,
+  the overflow path (more entries than the batch carries: rows loaded whole) included.
 - ``output.add_many`` (one tokenizer call for a whole step): the text of every request
   equals a full ``decode`` of its ids cut at the first stop string, and each step's
   deltas equal ``OutputTracker.add`` row by row.
@@ -54,25 +57,34 @@ def _same(a, b) -> None:
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def _device_view(batch, table: np.ndarray, host: HostRows, plain):
+def _device_view(batch, table: np.ndarray, host: HostRows, plain, seen: dict | None = None):
     """What the runner's step sees with device page tables: the rows loaded whole, then the
-    step's appended pages written, then each row's table read by slot (numpy, not the runner)."""
+    step's appended pages written, then each row's table read by slot (numpy, not the runner).
+    ``seen`` counts the rows loaded whole and the entries that null a column."""
     null_row = table.shape[0] - 1
     for slot, row in host.take_loads():
         table[slot] = row
+        if seen is not None:
+            seen["loads"].append(slot)
     for slot, col, page in batch.page_deltas:
         if slot < null_row:
             table[slot, col] = page
+            if seen is not None and page == NULL_PAGE:
+                seen["nulled"] += 1
     rows = table[np.where(batch.row_slot >= 0, batch.row_slot, null_row)]
     return dataclasses.replace(batch, attn=dataclasses.replace(batch.attn, page_tables=rows),
                                row_slot=plain.row_slot, page_deltas=plain.page_deltas)
 
 
-@pytest.mark.parametrize(("history", "device_pages"), [(False, False), (True, False), (False, True)])
-def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool) -> None:
+@pytest.mark.parametrize(("history", "device_pages", "window"),
+                         [(False, False, None), (True, False, None), (False, True, None), (False, False, 6),
+                          (False, True, 6)])
+def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool, window: int | None) -> None:
     rng = random.Random(3)
-    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=48, page_size=4, num_pages=14,
-                          enable_prefix_caching=True, prefix_cache_seed=0)
+    # A window's sequences hold fewer pages at once: a smaller pool still preempts.
+    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=48, page_size=4,
+                          num_pages=14 if window is None else 9, enable_prefix_caching=True, prefix_cache_seed=0,
+                          attention_window=window)
     sched = Scheduler(cfg, eos_token_ids=[2])
     buckets = Buckets.create(max_num_batched_tokens=8, max_num_seqs=6, max_model_len=48, page_size=4,
                              min_tokens=4, penalty_tables=not history, page_slots=7 if device_pages else 0)
@@ -81,7 +93,7 @@ def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool) -> 
     table = np.full((8, buckets.max_pages_per_row), -7, np.int32)  # device page tables: 7 slots + the null row
     table[7] = NULL_PAGE
     shared = [rng.randrange(3, 50) for _ in range(8)]  # a common prefix: prefix-cache hits
-    n_req, in_flight, steps, rows_seen = 0, [], 0, 0
+    n_req, in_flight, steps, rows_seen, seen = 0, [], 0, 0, {"loads": [], "nulled": 0}
     while steps < 400 and (n_req < 40 or sched.has_work() or in_flight):
         steps += 1
         if n_req < 40 and rng.random() < 0.5:
@@ -94,7 +106,9 @@ def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool) -> 
         plan = sched.schedule() if len(in_flight) < 2 else None
         if plan is not None:
             fast, plain = pack(plan, buckets, host_rows=host), pack(plan, plain_buckets)
-            _same(_device_view(fast, table, host, plain) if device_pages else fast, plain)
+            _same(_device_view(fast, table, host, plain, seen) if device_pages else fast, plain)
+            np.testing.assert_array_equal(host.tables[host.slots([r.request for r in plan.rows])],
+                                          plain.attn.page_tables[: plan.num_rows])  # the host table itself
             rows_seen += plan.num_rows
             in_flight.append(plan)
         # update the oldest plan, unless planning ahead (one stays in flight) this time
@@ -103,6 +117,42 @@ def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool) -> 
             sched.update(done, _sampled(done.num_rows, rng))
     assert n_req == 40 and not sched.has_work() and rows_seen > 200
     assert sched.num_preemptions > 0 and sched.num_planned_ahead > 0
+    if window is not None and device_pages:
+        assert seen["nulled"] > 20  # released columns went up as entries, not only in rows loaded whole
+
+
+def test_host_rows_window_release_overflows_into_a_whole_row() -> None:
+    """One 140-token prompt in 64-token chunks, window 8, pages of 4: the second chunk appends
+    16 pages and nulls the 14 that the first one's window left behind, more than the batch's
+    21 entries (4 rows + 64 / 4 + 1), so the row goes up whole; the third chunk's 16 nulls and
+    3 new pages fit. Each step's device view equals plain packing, and decode steps then null
+    one column every 4 tokens."""
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=192, page_size=4, num_pages=40,
+                          attention_window=8)
+    sched = Scheduler(cfg, eos_token_ids=[2])
+    buckets = Buckets.create(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=192, page_size=4,
+                             min_tokens=4, penalty_tables=True, page_slots=8)
+    assert buckets.page_deltas_len() == 21
+    plain_buckets = dataclasses.replace(buckets, page_slots=0)
+    host = HostRows(buckets, 8)
+    table = np.full((9, buckets.max_pages_per_row), -7, np.int32)
+    table[8] = NULL_PAGE
+    req = Request("long", [3 + i % 40 for i in range(140)], SamplingParams(max_tokens=12, ignore_eos=True))
+    sched.add(req)
+    rng = random.Random(0)
+    loads_per_step, nulled_per_step = [], []
+    while sched.has_work():
+        plan = sched.schedule()
+        seen = {"loads": [], "nulled": 0}
+        fast, plain = pack(plan, buckets, host_rows=host), pack(plan, plain_buckets)
+        _same(_device_view(fast, table, host, plain, seen), plain)
+        loads_per_step.append(len(seen["loads"]))
+        nulled_per_step.append(seen["nulled"])
+        sched.update(plan, _sampled(plan.num_rows, rng))
+    assert loads_per_step == [1, 1] + [0] * 12  # the join, the overflow; then entries only
+    # chunk 3: 16 columns released by chunk 2; the first decode step: 3 by chunk 3; then one per page
+    assert nulled_per_step == [0, 0, 16, 3, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert len(req.output_token_ids) == 12 and sched.pages_used == 0
 
 
 @pytest.fixture(scope="module")
