@@ -169,12 +169,13 @@ class Buckets:
         return [(t, b) for t in self.token_buckets for b in self.row_buckets(t)]
 
     def page_deltas_len(self) -> int:
-        """K: appended pages a step carries with device page tables (0 without), the same for every
+        """K: entries a step carries with device page tables (0 without), the same for every
         shape (a pipeline fits a batch into a wider tick): each row gains at most one page more
-        than its tokens fill; more goes up through ``load_page_row``."""
+        than its tokens fill, and with a sliding window a decode row also releases at most one
+        (rows in lock step append and release in the same step); more goes up as whole rows."""
         if not self.page_slots:
             return 0
-        return max(b for _, b in self.all_shapes()) + self.max_tokens // self.page_size + 1
+        return 2 * max(b for _, b in self.all_shapes()) + self.max_tokens // self.page_size + 1
 
     def history_widths(self) -> tuple[int, ...]:
         """The history widths a step can have, widest first: ``(H, 0)``, or ``(0,)`` with device tables."""

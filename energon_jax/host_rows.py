@@ -212,15 +212,25 @@ class HostRows:
 
     def _fill_deltas(self, deltas: np.ndarray) -> None:
         """The appended pages and released columns as ``(slot, column, page)`` entries of ``deltas
-        [K, 3]``; rows that will be loaded whole are skipped, and when the rest do not fit, they are
-        loaded whole too."""
+        [K, 3]``; rows that will be loaded whole are skipped, and when the rest do not fit, the
+        rows with the most entries are loaded whole too, until they do."""
         appends = [(s, a, e) for s, a, e in self._appends if s not in self._loads]
         self._appends = []
         if not appends:
             return
-        if sum(e - a for _, a, e in appends) > len(deltas):  # rare: more entries than the bucket carries
-            self._loads.update(s for s, _, _ in appends)
-            return
+        total = sum(e - a for _, a, e in appends)
+        if total > len(deltas):  # rare: a long prompt's first release behind a window, or its chunks'
+            per_slot: dict[int, int] = {}
+            for s, a, e in appends:
+                per_slot[s] = per_slot.get(s, 0) + e - a
+            for s, n in sorted(per_slot.items(), key=lambda item: (-item[1], item[0])):
+                if total <= len(deltas):
+                    break
+                self._loads.add(s)
+                total -= n
+            appends = [(s, a, e) for s, a, e in appends if s not in self._loads]
+            if not appends:
+                return
         slot = np.concatenate([np.full(e - a, s, np.int32) for s, a, e in appends])
         col = np.concatenate([np.arange(a, e, dtype=np.int32) for _, a, e in appends])
         n = len(slot)

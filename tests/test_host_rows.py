@@ -122,22 +122,26 @@ def test_host_rows_pack_equals_plain_pack(history: bool, device_pages: bool, win
 
 
 def test_host_rows_window_release_overflows_into_a_whole_row() -> None:
-    """One 140-token prompt in 64-token chunks, window 8, pages of 4: the second chunk appends
-    16 pages and nulls the 14 that the first one's window left behind, more than the batch's
-    21 entries (4 rows + 64 / 4 + 1), so the row goes up whole; the third chunk's 16 nulls and
-    3 new pages fit. Each step's device view equals plain packing, and decode steps then null
-    one column every 4 tokens."""
+    """A 140-token prompt in 64-token chunks (60 beside a 4-token one in the first step),
+    window 8, pages of 4. The second chunk appends 16 pages and nulls the 13 that the first
+    one's window left behind: with the short row's entry, more than the batch's 25 entries
+    (2 x 4 rows + 64 / 4 + 1), so the long row (the most entries) goes up whole and the
+    short one's entry still goes as an entry. The third chunk's 16 nulls and 4 new pages
+    fit, and so does every later step (one null per row every 4 tokens). Each step's
+    device view equals plain packing."""
     cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=192, page_size=4, num_pages=40,
                           attention_window=8)
     sched = Scheduler(cfg, eos_token_ids=[2])
     buckets = Buckets.create(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=192, page_size=4,
                              min_tokens=4, penalty_tables=True, page_slots=8)
-    assert buckets.page_deltas_len() == 21
+    assert buckets.page_deltas_len() == 25
     plain_buckets = dataclasses.replace(buckets, page_slots=0)
     host = HostRows(buckets, 8)
     table = np.full((9, buckets.max_pages_per_row), -7, np.int32)
     table[8] = NULL_PAGE
+    short = Request("short", [3, 4, 5, 6], SamplingParams(max_tokens=30, ignore_eos=True))
     req = Request("long", [3 + i % 40 for i in range(140)], SamplingParams(max_tokens=12, ignore_eos=True))
+    sched.add(short)
     sched.add(req)
     rng = random.Random(0)
     loads_per_step, nulled_per_step = [], []
@@ -146,13 +150,16 @@ def test_host_rows_window_release_overflows_into_a_whole_row() -> None:
         seen = {"loads": [], "nulled": 0}
         fast, plain = pack(plan, buckets, host_rows=host), pack(plan, plain_buckets)
         _same(_device_view(fast, table, host, plain, seen), plain)
-        loads_per_step.append(len(seen["loads"]))
+        loads_per_step.append([plan.rows[list(fast.row_slot).index(s)].request.request_id for s in seen["loads"]])
         nulled_per_step.append(seen["nulled"])
         sched.update(plan, _sampled(plan.num_rows, rng))
-    assert loads_per_step == [1, 1] + [0] * 12  # the join, the overflow; then entries only
-    # chunk 3: 16 columns released by chunk 2; the first decode step: 3 by chunk 3; then one per page
-    assert nulled_per_step == [0, 0, 16, 3, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]
-    assert len(req.output_token_ids) == 12 and sched.pages_used == 0
+    # the joins, then the overflow: the long row only; then entries only
+    assert loads_per_step == [["short", "long"], ["long"]] + [[]] * (len(loads_per_step) - 2)
+    # the third step nulls what the second chunk's window left (written 124: 29 pages behind, 13
+    # of them sent in the whole row), the fourth what the third's left (written 140: 33 behind)
+    assert nulled_per_step[:4] == [0, 0, 16, 4]
+    assert all(n <= 2 for n in nulled_per_step[4:]) and sum(nulled_per_step[4:]) >= 8
+    assert len(req.output_token_ids) == 12 and len(short.output_token_ids) == 30 and sched.pages_used == 0
 
 
 @pytest.fixture(scope="module")
