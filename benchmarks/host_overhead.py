@@ -64,11 +64,11 @@ class IdentityRunner:
         self.max_rows = max_rows
         self.penalty_slots = 0
 
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
+    def write_penalty_rows(self, slots: np.ndarray, rows: Any) -> None:
         pass  # nothing on a device to write
 
-    def load_page_row(self, slot: int, row: np.ndarray) -> None:
-        pass  # the same (device page tables: a joining row's table)
+    def write_page_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        pass  # the same (device page tables: joining rows' tables)
 
     def step_async(self, batch: Any, prev: Any = None) -> Any:
         fed = np.asarray(batch.input_ids)

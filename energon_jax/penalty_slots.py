@@ -13,9 +13,9 @@ slot's contents cannot be trusted:
   starts anywhere else (a new request, a recompute after preemption, a prompt whose
   prefix came from the prefix cache) rebuilds it: zeroed by the step when it starts at
   position 0 (``reset``), else loaded once from the host's copy of the tokens before
-  the row's start (``runner.load_penalty_row``, one ``[V]`` upload; across processes the
-  step itself rebuilds it from the row's tokens, carried in that step's batch as its
-  history). Nothing else goes up.
+  the row's start (the step loop gathers a step's loads into ``runner.write_penalty_rows``
+  calls, ``slot_loads.py``: one ``[V]`` row per slot; across processes the ``Controller``
+  broadcasts them). Nothing else goes up.
 
 A plan made ahead feeds a placeholder for the token the step in flight samples: it
 continues the row exactly where that step left it, so the slot stays valid and the

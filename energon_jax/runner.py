@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from energon_jax.sampling import (PenaltyTables, SampledTokens, load_penalty_slot, make_penalty_tables, sample,
-                                  update_penalty_tables)
+from energon_jax.sampling import PenaltyTables, SampledTokens, make_penalty_tables, sample, update_penalty_tables
+from energon_jax.slot_loads import SlotLoader
 from pallas_kernels import KVCache
 from pallas_kernels.page_layout import NULL_PAGE
 
@@ -109,8 +109,9 @@ class ModelRunner:
         self.page_slots = page_slots
         self.page_table: jax.Array | None = None
         if page_slots:
-            self.page_table = jax.device_put(np.full((page_slots + 1, max_pages_per_row), NULL_PAGE, np.int32),
-                                             tables_sharding)
+            empty = np.full((page_slots + 1, max_pages_per_row), NULL_PAGE, np.int32)
+            # shard by shard: the sharding may span several processes' devices
+            self.page_table = jax.make_array_from_callback(empty.shape, tables_sharding, lambda index: empty[index])
         self.max_rows = max_rows  # rows of the sampled-ids buffer one step hands the next
         self._no_prev = np.zeros(max_rows, np.int32)  # numpy: placed like the batch (no device of its own)
         graphdef, state = nnx.split(model)
@@ -145,28 +146,26 @@ class ModelRunner:
 
         self._jitted = jax.jit(step_fn, donate_argnums=(1, 2, 3))
 
-        def load_row(tables, slot, counts, seen):  # one slot's counts, rebuilt on the host
-            return jax.lax.with_sharding_constraint(load_penalty_slot(tables, slot, counts, seen), tables_sharding)
+        # Whole rows (a joining request's page table, a rebuilt penalty slot), one call per chunk.
+        self._page_loader = SlotLoader(tables_sharding)
+        self._penalty_loader = SlotLoader(tables_sharding)
 
-        self._load_row = jax.jit(load_row, donate_argnums=(0,))
-        self._load_exe: Any = None  # compiled by warmup()
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite rows of the device page table (requests that join; a ``slot_loads.chunks``
+        chunk, numpy or broadcast); dispatched, not awaited."""
+        self.page_table = self._page_loader(self.page_table, slots, rows)
 
-        def load_page_row(page_table, slot, row):  # a row copied whole on the host (HostRows.take_loads)
-            return jax.lax.with_sharding_constraint(page_table.at[slot].set(row), tables_sharding)
+    def write_penalty_rows(self, slots: Any, rows: PenaltyTables) -> None:
+        """Overwrite penalty slots (rows that join past position 0; one chunk); dispatched, not awaited."""
+        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
 
-        self._load_page = jax.jit(load_page_row, donate_argnums=(0,))
-        self._load_page_exe: Any = None
-
-    def load_page_row(self, slot: int, row: np.ndarray) -> None:
-        """Overwrite one row of the device page table (a request that joins); dispatched, not awaited."""
-        load = self._load_page if self._load_page_exe is None else self._load_page_exe
-        self.page_table = load(self.page_table, np.int32(slot), np.asarray(row, np.int32))
-
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        """Overwrite one penalty slot (a row that joins past position 0); dispatched, not awaited."""
-        load = self._load_row if self._load_exe is None else self._load_exe
-        self.penalty_tables = load(self.penalty_tables, np.int32(slot), np.asarray(counts, np.int32),
-                                   np.asarray(seen, bool))
+    def warmup_loads(self, place: Any = None) -> None:
+        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
+        kw = {} if place is None else {"place": place}
+        if self.page_table is not None:
+            self._page_loader.warmup(self.page_table, **kw)
+        if self.penalty_tables is not None:
+            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     @property
     def compiled_shapes(self) -> list[ShapeKey]:
@@ -201,17 +200,7 @@ class ModelRunner:
         """Compile the step for every batch shape given (nothing runs); returns the compile count."""
         for batch in batches:
             self._executable(batch)
-        if self.penalty_tables is not None and self._load_exe is None:
-            v = self.vocab
-            self._load_exe = self._load_row.lower(
-                _abstract(self.penalty_tables), jax.ShapeDtypeStruct((), np.int32),
-                jax.ShapeDtypeStruct((v,), np.int32), jax.ShapeDtypeStruct((v,), bool),
-            ).compile()
-        if self.page_table is not None and self._load_page_exe is None:
-            self._load_page_exe = self._load_page.lower(
-                _abstract(self.page_table), jax.ShapeDtypeStruct((), np.int32),
-                jax.ShapeDtypeStruct(self.page_table.shape[1:], np.int32),
-            ).compile()
+        self.warmup_loads()
         self.warmed_up = True
         return self.num_compiles
 

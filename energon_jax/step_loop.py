@@ -37,9 +37,13 @@ import dataclasses
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from energon_jax import slot_loads
 from energon_jax.penalty_slots import PenaltySlots
 from energon_jax.protocols import StepRunner
 from energon_jax.request import StreamDelta
+from energon_jax.sampling import PenaltyTables
 from energon_jax.step_split import merge_sampled, split_plan
 
 if TYPE_CHECKING:
@@ -105,14 +109,13 @@ class StepLoop:
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0)
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
-        # How a slot is rebuilt for a row joining past position 0: loaded from the host before the
-        # step, or, across processes (a host-driven load would reach process 0's devices only), by
-        # the step itself from the row's tokens, carried in that step's batch as its history.
-        self._load_row = None
-        if slots and not getattr(runner, "multi_process", False):
-            self._load_row = runner.load_penalty_row
-        elif slots and not buckets.history_len:
-            raise ValueError("a multi-process runner with penalty tables needs buckets with a history "
+        # How a slot is rebuilt for a row joining past position 0: its counts are loaded from the
+        # host before the step (one call per step, slot_loads.py; across processes the Controller
+        # broadcasts them), or, by a runner that cannot load, rebuilt by the step itself from the
+        # row's tokens, carried in that step's batch as its history.
+        self._loads_penalties = bool(slots) and hasattr(runner, "write_penalty_rows")
+        if slots and not self._loads_penalties and not buckets.history_len:
+            raise ValueError("a runner with penalty tables but no write_penalty_rows needs buckets with a history "
                              "(Buckets.create(penalty_tables=False)) to rebuild slots in the step")
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
@@ -134,11 +137,21 @@ class StepLoop:
             # A pipeline's micro-batches in flight read their slots when they leave, after this
             # one has entered and written its own: theirs must not be taken (penalty_slots.py).
             busy = [row.request for tag in getattr(self.runner, "in_flight_tags", ()) for row in tag.rows]
-            penalty = self._penalty.assign(plan.rows, self._load_row, busy)
+            loads: list[tuple[int, np.ndarray, np.ndarray]] = []
+            load_row = (lambda *row: loads.append(row)) if self._loads_penalties else None
+            penalty = self._penalty.assign(plan.rows, load_row, busy)
+            if loads:  # rebuilt slots go up before the step that reads them
+                counts = np.stack([c for _, c, _ in loads])
+                seen = np.stack([v for _, _, v in loads])
+                for s, r in slot_loads.chunks(np.array([s for s, _, _ in loads]), PenaltyTables(counts, seen)):
+                    self.runner.write_penalty_rows(s, r)
         batch = self._pack_batch(plan, buckets, penalty, self._host_rows)
         if buckets.page_slots:  # rows copied whole (joins) go up before the step that reads them
-            for slot, row in self._host_rows.take_loads():
-                self.runner.load_page_row(slot, row)
+            joined = self._host_rows.take_loads()
+            if joined:
+                rows = np.stack([row for _, row in joined])
+                for s, r in slot_loads.chunks(np.array([s for s, _ in joined]), rows):
+                    self.runner.write_page_rows(s, r)
         return batch
 
     def busy(self) -> bool:

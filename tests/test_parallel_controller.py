@@ -55,7 +55,10 @@ def test_two_processes_tp4_match_one_process(tmp_path):
     # the stop) in the key-value store; process 0 waits for none.
     assert got["planned_ahead"] > 0
     assert got["stats"]["fetch_syncs"] == got["steps"] and got["stats"]["kv_waits"] == 0
-    assert worker["stats"]["kv_waits"] == worker["steps"] + 1 and worker["stats"]["fetch_syncs"] == 0
+    # ... and for the header of each load (joining rows' page tables), which it also receives
+    assert worker["stats"]["loads"] == got["stats"]["loads"] > 0
+    assert worker["stats"]["kv_waits"] == worker["steps"] + worker["stats"]["loads"] + 1
+    assert worker["stats"]["fetch_syncs"] == 0
     assert got["live_header_keys"] <= 2, got  # the headers every worker has read are deleted
 
 

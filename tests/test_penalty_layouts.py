@@ -1,24 +1,22 @@
-"""Penalties on every layout: counts on the device in one process, and a history uploaded only
-in a step that has a penalty row where the batch still carries one (across processes).
+"""Penalties on every layout: counts on the device, in one process and across processes.
 
 Host only: ``batch.pack`` gives a step without a penalty row a zero-width history and a step
-with one the full ``[B, max_model_len]`` width, through both packers; every width is a
-warm-up shape.
+with one the full ``[B, max_model_len]`` width, through both packers, for buckets without
+device tables (a runner built without them, as the tests' reference); every width is a
+warm-up shape; with device tables no batch carries a history.
 
 In a child with 8 simulated CPU devices the same random 2-layer Llama runs a staggered mix
 (random prompts, fixed seeds; greedy and seeded sampling, with and without repetition,
 presence and frequency penalties; penalty rows join late and leave early, so many steps
-have none; a late prompt shares a cached prefix, so its slot is rebuilt) on one device
-(``ModelRunner`` with device tables, the slot loaded from the host) and on:
+have none; a late prompt shares a cached prefix, so its slot is rebuilt on the host and
+loaded) on one device (``ModelRunner`` with device tables) and on:
 
-- the disaggregated engine in one process (the slow run adds the pipeline, offloading,
-  pp x tp and dp x pp): device penalty tables, and no batch carries a history;
-- the pipeline as a multi-process engine runs it ("rebuild": the slow run adds tp): device
-  tables, and the one step that rebuilds a slot carries the history and rebuilds it on the
-  device (no host-driven load, which would reach one process only); every other step
-  uploads a zero-width history, and no shape compiles after warm-up;
-- (slow) as the stacked dp replicas across processes pack it ("history": no tables): the
-  history travels only in a step that has a penalty row.
+- the disaggregated engine and the pipeline in one process (the slow run adds offloading,
+  tp, pp x tp and dp x pp): device penalty tables, and no batch carries a history;
+- (slow) "history": batches that carry each penalty row's history instead of tables, the
+  history only in a step that has a penalty row;
+- (slow) across 2 processes (tp, pp x tp, and the stacked dp x tp and dp x pp replicas):
+  tables on every process, no history in any step, every load broadcast.
 
 Every layout's tokens equal the one-device engine's, and the greedy penalty rows equal an
 independent reference (a cache-less forward with the penalties applied in numpy over the
@@ -123,9 +121,9 @@ def test_a_rebuilt_slot_travels_in_the_step():
 # layouts also run offload and pp x tp, device tables, with penalty rows against one device);
 # the slow run adds the others.
 LAYOUTS = {
-    "default": [("device", dict(prefill_devices=1, decode_devices=1)), ("rebuild", dict(pp=2))],
-    "more": [("device", dict(pp=2)), ("device", dict(offload="host", resident_layers=1)),
-             ("device", dict(pp=2, tp=2)), ("device", dict(dp=2, pp=2)), ("rebuild", dict(tp=2)),
+    "default": [("device", dict(prefill_devices=1, decode_devices=1)), ("device", dict(pp=2))],
+    "more": [("device", dict(offload="host", resident_layers=1)),
+             ("device", dict(pp=2, tp=2)), ("device", dict(dp=2, pp=2)), ("device", dict(tp=2)),
              ("history", dict(pp=2)),
              ("history", dict(offload="host", resident_layers=1)), ("history", dict(tp=2))],
 }
@@ -151,10 +149,6 @@ def _check(out, group):
             assert all(w == 0 for w, _, _ in widths), case
             if "decode_devices" in case["case"][1]:  # a moved request's slot is rebuilt on the decode group
                 assert case["rebuilds"] > 0, case
-        elif mode == "rebuild":  # as across processes: tables, and a history only to rebuild a slot
-            assert case["history_len"] == MAX_MODEL_LEN and case["tables"] and case["rebuilds"] > 0, case
-            assert all(w == (MAX_MODEL_LEN if r else 0) for w, _, r in widths), case
-            assert sum(w > 0 for w, _, _ in widths) < sum(p for _, p, _ in widths), case  # fewer than penalty steps
         else:  # stacked replicas across processes: no tables, the history in a step with a penalty row
             assert case["history_len"] == MAX_MODEL_LEN and not case["tables"], case
             assert all(w == (MAX_MODEL_LEN if p else 0) for w, p, _ in widths), case
@@ -171,20 +165,29 @@ def test_penalties_on_more_layouts_equal_one_device():
     _check(run_child(__file__, "more"), "more")
 
 
+# 2 processes x 2 devices: the layout's engine options and the runner the engine drives
+MULTI = {"pp": ({"pp": 2, "tp": 2}, "PipelineController"), "tp": ({"tp": 4}, "Controller"),
+         "dp": ({"dp": 2, "tp": 2}, "StackedReplicas"), "dp-pp": ({"dp": 2, "pp": 2}, "StackedPipelines")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["pp", "tp"])
+@pytest.mark.parametrize("layout", list(MULTI))
 def test_penalties_across_two_processes(tmp_path, layout):
-    """2 processes x 2 devices (pp=2 x tp=2: the PipelineController; tp=4: the Controller):
-    device tables on every process, the one slot rebuild travels in its step's batch."""
+    """2 processes x 2 devices (pp=2 x tp=2: the PipelineController; tp=4: the Controller; the
+    stacked replicas of dp=2 x tp=2 and dp=2 x pp=2, one replica per process): device tables
+    on every process, no step carries a history; the rebuilt slot and every joining row's
+    page table go to every process in a broadcast load."""
     from process_harness import launch_children
 
     base = run_child(__file__, "base", devices=1)["base"]
     got, worker = launch_children(__file__, f"multi-{layout}", tmp_path, devices_per_process=2)
     assert got["tokens"] == base
-    assert got["runner"] == worker["runner"] == {"pp": "PipelineController", "tp": "Controller"}[layout]
-    assert got["tables"] and worker["tables"] and got["history_len"] == MAX_MODEL_LEN and got["rebuilds"] > 0
-    assert all(w == (MAX_MODEL_LEN if r else 0) for w, _, r in got["widths"]), got
+    assert got["runner"] == worker["runner"] == MULTI[layout][1]
+    assert got["tables"] and worker["tables"] and got["history_len"] == 0 and got["rebuilds"] > 0
+    assert all(w == 0 for w, _, _ in got["widths"]), got  # no step carries a history
     assert worker["steps"] == got["steps"] > 0
+    # the rebuilt slot and every joining row's page table went to each process in a broadcast load
+    assert worker["loads"] == got["loads"] > got["rebuilds"], (got, worker)
 
 
 # ----------------------------------------------------------------- the child
@@ -277,8 +280,6 @@ def _child(group: str) -> dict:
 
     from energon_jax.batch import Buckets
     from energon_jax.parallel import runtime
-    from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
-    from energon_jax.runner import ModelRunner
 
     prompts, params, arrivals = _mix()
     engine = _engine
@@ -292,21 +293,14 @@ def _child(group: str) -> dict:
            "s": round(time.perf_counter() - t0, 1)}
     on_device, create = runtime.device_penalties, Buckets.create.__func__
     for mode, layout in LAYOUTS[group]:
-        # What a multi-process engine packs, in one process: "rebuild" (tp, pp: tables, and a slot that
-        # a host would load is rebuilt by the step from the history in its batch), "history" (the
-        # stacked dp replicas: no tables, each penalty row's history in the batch).
-        if mode != "device":
-            Buckets.create = classmethod(lambda cls, **kw: create(cls, **{**kw, "penalty_tables": False}))
+        # "history": batches that carry each penalty row's history, no tables
         if mode == "history":
+            Buckets.create = classmethod(lambda cls, **kw: create(cls, **{**kw, "penalty_tables": False}))
             runtime.device_penalties = lambda options: False
-        for cls in (ModelRunner, SpmdPipelineRunner):
-            cls.multi_process = mode == "rebuild"  # what the step loop reads off a multi-process Controller
         try:
             _, eng = engine(warmup=mode != "device", **layout)
         finally:
             runtime.device_penalties, Buckets.create = on_device, classmethod(create)
-            for cls in (ModelRunner, SpmdPipelineRunner):
-                del cls.multi_process
         widths = _recorded(eng)
         compiles = eng.runner.num_compiles
         tokens = _run(eng, prompts, params, arrivals)
@@ -335,10 +329,9 @@ def _child_multi(mode: str, outdir: str) -> None:
     from process_harness import lead_or_serve, write_result
 
     assert distributed.initialize_from_env()
-    _, eng = _engine(**({"pp": 2, "tp": 2} if mode == "multi-pp" else {"tp": 4}))
-    tables = getattr(getattr(eng.runner, "pipeline", eng.runner), "penalty_tables", None) is not None
-    if not tables:
-        tables = getattr(getattr(eng.runner, "runner", None), "penalty_tables", None) is not None
+    _, eng = _engine(**MULTI[mode.removeprefix("multi-")][0])
+    controller = getattr(eng.runner, "step_runner", eng.runner)  # the stacked replicas' Controller
+    tables = controller.penalty_tables is not None and controller.page_table is not None
 
     def lead():
         widths = _recorded(eng)
@@ -346,8 +339,9 @@ def _child_multi(mode: str, outdir: str) -> None:
         return {"tokens": tokens, "widths": widths, "history_len": eng.buckets.history_len,
                 "rebuilds": sum(x._penalty.rebuilds for x in _loops(eng) if getattr(x, "_penalty", None) is not None)}
 
-    out = lead_or_serve(eng.runner, lead)
-    write_result(outdir, {"runner": type(eng.runner).__name__, "tables": tables, **out})
+    out = lead_or_serve(controller, lead)
+    write_result(outdir, {"runner": type(eng.runner).__name__, "tables": tables,
+                          "loads": controller.controller_stats.loads, **out})
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ broadcasts step N+1 before fetching step N's ids; the header's ``prev`` flag tel
 worker to hand its own previous step's ids buffer (on its devices) to the step, as
 process 0 does, so placeholders are filled on device everywhere.
 
+Whole rows of the runner's per-slot device tables (a joining request's page table, a
+penalty slot rebuilt on the host: ``slot_loads.py``) go up the same way, before the step
+that reads them: process 0 publishes a ``LOAD_PAGES`` or ``LOAD_PENALTIES`` header with the
+chunk's row count, broadcasts the chunk, and every process writes it into its own copy of
+the table. Between joins nothing of size ``max_model_len`` crosses processes: a step's
+batch carries only its rows' slots and the pages they gained.
+
 ``Controller`` has the runner's interface (``step_async``, ``step``, ``warmup``,
 ``num_compiles``, ``kv_cache``), so the engine swaps it in for its ``ModelRunner``
 when ``jax.process_count() > 1``; workers call ``serve()`` instead of serving an API.
@@ -65,10 +72,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from energon_jax.protocols import CompiledRunner, StepRunner
+from energon_jax.slot_loads import LOAD_SIZES, template
 
 log = logging.getLogger(__name__)
 
-STEP, STOP = 1, 2
+STEP, STOP, LOAD_PAGES, LOAD_PENALTIES = 1, 2, 3, 4
 HEADER_PREFIX = "energon/controller"  # the key-value store's directory for step headers
 
 
@@ -82,6 +90,7 @@ class ControllerStats:
     """What the controller cost this process: steps run, blocking waits of each kind, host time."""
 
     steps: int = 0
+    loads: int = 0  # chunks of whole rows (page tables, penalty slots) broadcast before a step
     fetch_syncs: int = 0  # process 0: sampled ids fetched (each a device-to-host sync)
     kv_waits: int = 0  # worker: step headers waited for in the key-value store (a message, no device sync)
     broadcast_s: float = 0.0  # host time publishing the header and dispatching the batch broadcast
@@ -343,21 +352,62 @@ class Controller:
     def vocab(self) -> int:
         return getattr(self.runner, "vocab", 0)
 
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        """One process: the runner's host-driven slot load. Across processes a host write would
-        reach this process's devices only, so the step loop has the step rebuild the slot from
-        the row's tokens in its batch instead (``sampling.REBUILD``) and never calls this."""
-        if self.multi_process:
-            raise RuntimeError("across processes a penalty slot is rebuilt inside the step, not loaded from a host")
-        self.runner.load_penalty_row(slot, counts, seen)
+    @property
+    def page_table(self) -> Any:
+        return getattr(self.runner, "page_table", None)
+
+    @property
+    def penalty_tables(self) -> Any:
+        return getattr(self.runner, "penalty_tables", None)
+
+    def write_page_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """One ``slot_loads.chunks`` chunk of page-table rows (requests that join), written on
+        every process: process 0 announces it and broadcasts it, as it does a step."""
+        self._load(LOAD_PAGES, slots, rows)
+
+    def write_penalty_rows(self, slots: np.ndarray, rows: Any) -> None:
+        """One chunk of penalty slots (``sampling.PenaltyTables`` rows) rebuilt on the host, written on every process."""
+        self._load(LOAD_PENALTIES, slots, rows)
+
+    def _writer(self, command: int) -> Any:
+        return self.runner.write_page_rows if command == LOAD_PAGES else self.runner.write_penalty_rows
+
+    def _load(self, command: int, slots: np.ndarray, rows: Any) -> None:
+        if not self.multi_process:
+            self._writer(command)(slots, rows)
+            return
+        if not self.is_controller:
+            raise RuntimeError(f"process {self.process_index} is a worker: it runs serve(), not loads")
+        if self._stopped:
+            raise RuntimeError("the controller was shut down; the workers are gone")
+        if len(slots) not in LOAD_SIZES:
+            raise ValueError(f"a load of {len(slots)} rows is not one of {LOAD_SIZES} (use slot_loads.chunks)")
+        start = time.perf_counter()
+        self.headers.publish(command, len(slots), False)
+        slots, rows = self.broadcast((slots, rows))
+        self.controller_stats.broadcast_s += time.perf_counter() - start
+        self.controller_stats.loads += 1
+        self._writer(command)(slots, rows)
+
+    def _receive_load(self, command: int, size: int) -> None:
+        """A worker's side of ``_load``: the chunk's shape comes from the runner's table."""
+        table = self.page_table if command == LOAD_PAGES else self.penalty_tables
+        if table is None or size not in LOAD_SIZES:
+            raise RuntimeError(f"process {self.process_index}: bad load header {command=} {size=} from process 0")
+        slots, rows = self.broadcast(template(table, size, getattr(self.runner, "slot_dims", 1)))
+        self._writer(command)(slots, rows)
+        self.controller_stats.loads += 1
 
     def warmup(self, batches: Sequence[Any]) -> int:
         """Every process compiles the same shapes (compiles are local; nothing to broadcast).
         Across processes the step is compiled for batches as the broadcast leaves them:
         replicated over the mesh, on the devices."""
-        if self.multi_process:  # lazily: a progress bar over ``batches`` ticks per compile
-            return self.runner.warmup(self.broadcast.abstract(b) for b in batches)
-        return self.runner.warmup(batches)
+        if not self.multi_process:
+            return self.runner.warmup(batches)
+        n = self.runner.warmup(self.broadcast.abstract(b) for b in batches)  # lazily: a progress bar ticks
+        if hasattr(self.runner, "warmup_loads"):  # row loads as they arrive: broadcast, on the devices
+            self.runner.warmup_loads(self.broadcast.abstract)
+        return n
 
     def step_async(self, batch: Any, prev: Any = None):
         inner_prev = getattr(prev, "inner", prev)
@@ -415,6 +465,9 @@ class Controller:
             if cmd == STOP:
                 log.info("process %d: stop after %d steps", self.process_index, self.steps)
                 return self.steps
+            if cmd in (LOAD_PAGES, LOAD_PENALTIES):
+                self._receive_load(cmd, shape)
+                continue
             if cmd != STEP or not 0 <= shape < len(self.templates) or (prev and last is None):
                 raise RuntimeError(f"process {self.process_index}: bad header {cmd=} {shape=} {prev=} from process 0")
             start = time.perf_counter()

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from energon_jax.parallel.controller import Controller
 from energon_jax.parallel.pipeline import PipelineStats
 
@@ -37,8 +35,22 @@ class _TickDispatch:
     def vocab(self) -> int:
         return self.pipeline.vocab
 
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        self.pipeline.load_penalty_row(slot, counts, seen)
+    @property
+    def page_table(self) -> Any:
+        return self.pipeline.page_table
+
+    @property
+    def penalty_tables(self) -> Any:
+        return self.pipeline.penalty_tables
+
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        self.pipeline.write_page_rows(slots, rows)
+
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        self.pipeline.write_penalty_rows(slots, rows)
+
+    def warmup_loads(self, place: Any = None) -> None:
+        self.pipeline.warmup_loads(place)
 
     def warmup(self, batches: Sequence[Any]) -> int:
         return self.pipeline.warmup(batches)

@@ -52,13 +52,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from energon_jax.parallel.data_parallel import DataParallelRunner
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
-from energon_jax.parallel.replica_step import fit_batch, stack_batches
+from energon_jax.parallel.replica_step import ReplicaTables, filled, fit_batch, stack_batches, stacked_penalty_tables
 from energon_jax.parallel.spmd_pipeline import (
     SlotLayout, SpmdPipelineRunner, _Held, _outer_placed, _stacked_placed, real_size, stack_layers,
 )
 from energon_jax.parallel.stages import DecoderParts, head_piece
 from energon_jax.runner import StepHandle
 from energon_jax.sampling import SampledTokens
+from energon_jax.slot_loads import SlotLoader
+from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
     outputs ``[dp, B]``. The clocks live on the host, in ``StackedPipelines``."""
 
     def __init__(self, parts: DecoderParts, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
-                 buckets: Any, kv_dtype: Any = None) -> None:
+                 buckets: Any, kv_dtype: Any = None, penalty_slots: int = 0, vocab: int = 0) -> None:
         from energon_jax.batch import dummy_batch
         from pallas_kernels import make_kv_pages
 
@@ -104,12 +106,24 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
 
         self.kv = jax.tree.map(stacked_pages, one)
         self._replicated = NamedSharding(mesh, P())
-        self.penalty_slots, self.vocab, self.penalty_tables = 0, 0, None  # batches carry the histories
+        by_dp, acts_sharding = NamedSharding(mesh, P("dp")), NamedSharding(mesh, P("dp", "pp"))
+        # Each replica's per-slot tables, as one pipeline keeps them, with a leading [dp] axis over dp.
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        self.penalty_slots, self.vocab = penalty_slots, vocab
+        self.penalty_tables = stacked_penalty_tables(self.dp, penalty_slots, vocab, by_dp) if penalty_slots else None
         # Each replica's carry at the largest bucket, as one pipeline's, with a leading [dp] axis.
         t_max = buckets.max_tokens
         b_max = max(b for _, b in buckets.all_shapes())
         self._pad = self._dummy(t_max, b_max)
-        by_dp, acts_sharding = NamedSharding(mesh, P("dp")), NamedSharding(mesh, P("dp", "pp"))
+        self.page_table = None
+        if buckets.page_slots:  # the ring holds each micro-batch's gathered [B, M] tables
+            m = buckets.max_pages_per_row
+            self.page_table = filled((self.dp, buckets.page_slots + 1, m), NULL_PAGE, np.int32, by_dp)
+            self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
+                self._pad.attn, page_tables=np.full((b_max, m), NULL_PAGE, np.int32)))
+        self.slot_dims = 2  # a loaded row's slot is (replica, slot)
+        self._page_loader, self._penalty_loader = SlotLoader(by_dp, slot_dims=2), SlotLoader(by_dp, slot_dims=2)
         self._acts = place(np.zeros((self.dp, self.pp, t_max, c.hidden_size), parts.dtype), acts_sharding)
         self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.dp, self.pp, *a.shape)), by_dp), self._pad)
         self._shape = (buckets.token_buckets[0], buckets.rows_bucket(buckets.token_buckets[0], 1))
@@ -120,24 +134,25 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
         self.stats = PipelineStats(busy=[0] * self.pp)
         self.dispatch = self.run_tick
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
-        self._jitted = jax.jit(self._stacked_tick_fn, donate_argnums=(2, 3, 4),
-                               out_shardings=(kv_shardings, acts_sharding, by_dp, self._replicated,
-                                              self._replicated))
+        tables_sharding = None if self.penalty_tables is None else jax.tree.map(lambda a: by_dp, self.penalty_tables)
+        self._jitted = jax.jit(self._stacked_tick_fn, donate_argnums=(2, 3, 4, 5, 6),
+                               out_shardings=(kv_shardings, acts_sharding, by_dp, tables_sharding,
+                                              None if self.page_table is None else by_dp, self._replicated))
 
-    def _stacked_tick_fn(self, layers, active, kv, acts, ring, tables, embed, norm, head, batch):
+    def _stacked_tick_fn(self, layers, active, kv, acts, ring, tables, page_table, embed, norm, head, batch):
         """Every replica's tick at once: ``SpmdPipelineRunner._tick_fn`` on replica ``r``'s block."""
 
-        def replica(layers, active, embed, norm, head, kv, acts, ring, batch):  # a leading axis of 1
-            kv, acts, ring, batch = jax.tree.map(lambda a: a[0], (kv, acts, ring, batch))
-            kv, acts, ring, _, out = self._tick_fn(layers, active, kv, acts, ring, None, embed, norm, head, batch)
-            return jax.tree.map(lambda a: a[None], (kv, acts, ring, tuple(out)))
+        def replica(layers, active, embed, norm, head, kv, acts, ring, tables, page_table, batch):
+            carry = jax.tree.map(lambda a: a[0], (kv, acts, ring, tables, page_table, batch))  # a leading axis of 1
+            kv, acts, ring, tables, page_table, batch = carry
+            out = self._tick_fn(layers, active, kv, acts, ring, tables, page_table, embed, norm, head, batch)
+            return jax.tree.map(lambda a: a[None], (*out[:5], tuple(out[5])))
 
         # Manual over dp only: inside, the pipeline's own shard_map is manual over pp, tp automatic.
-        kv, acts, ring, out = jax.shard_map(
-            replica, mesh=self.mesh, in_specs=(P(),) * 5 + (P("dp"),) * 4, out_specs=P("dp"),
+        return jax.shard_map(
+            replica, mesh=self.mesh, in_specs=(P(),) * 5 + (P("dp"),) * 6, out_specs=P("dp"),
             axis_names=frozenset({"dp"}), check_vma=False,
-        )(layers, active, embed, norm, head, kv, acts, ring, batch)
-        return kv, acts, ring, tables, out
+        )(layers, active, embed, norm, head, kv, acts, ring, tables, page_table, batch)
 
     @property
     def kv_cache(self) -> Any:
@@ -157,6 +172,35 @@ class StackedTickDispatch:
 
     def step_async(self, batch: Any, *, fetch: bool = True) -> StepHandle:
         return StepHandle(tuple(self.pipeline.run_tick(batch, fetch=fetch)))
+
+    @property
+    def penalty_slots(self) -> int:
+        return self.pipeline.penalty_slots
+
+    @property
+    def vocab(self) -> int:
+        return self.pipeline.vocab
+
+    @property
+    def slot_dims(self) -> int:
+        return self.pipeline.slot_dims
+
+    @property
+    def page_table(self) -> Any:
+        return self.pipeline.page_table
+
+    @property
+    def penalty_tables(self) -> Any:
+        return self.pipeline.penalty_tables
+
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        self.pipeline.write_page_rows(slots, rows)
+
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        self.pipeline.write_penalty_rows(slots, rows)
+
+    def warmup_loads(self, place: Any = None) -> None:
+        self.pipeline.warmup_loads(place)
 
     def step(self, batch: Any) -> SampledTokens:
         return self.step_async(batch).result()
@@ -207,7 +251,7 @@ class _Clock:
         self.slots = [*stages[:-1], None]
 
 
-class PipelineView:
+class PipelineView(ReplicaTables):
     """What replica ``r``'s ``PipelineStepLoop`` drives: the pipeline interface (``tick``,
     ``empty``, ``in_flight_tags``, ``stats``), its ticks held for the stacked one."""
 

@@ -53,8 +53,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from energon_jax.parallel.data_parallel import DataParallelRunner
 from energon_jax.parallel.mesh import ShardingRules
-from energon_jax.runner import StepHandle, shape_key
-from energon_jax.sampling import SampledTokens, sample
+from energon_jax.runner import StepHandle, shape_key, with_page_tables
+from energon_jax.sampling import PenaltyTables, SampledTokens, sample, update_penalty_tables
+from energon_jax.slot_loads import PAD_SLOT, SlotLoader
+from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,34 @@ def fit_batch(batch: Any, template: Any) -> Any:
     return jax.tree.map(one, batch, template)
 
 
+def filled(shape: tuple, value: Any, dtype: Any, sharding: Any) -> jax.Array:
+    """``np.full(shape, value)`` on ``sharding``, built shard by shard (it may span processes)."""
+    full = np.broadcast_to(np.asarray(value, dtype), shape)  # a view: no host copy of the whole
+    return jax.make_array_from_callback(shape, sharding, lambda index: np.ascontiguousarray(full[index]))
+
+
+def stacked_penalty_tables(dp: int, slots: int, vocab: int, sharding: Any) -> PenaltyTables:
+    """Zeroed ``sampling.PenaltyTables`` with a leading ``[dp]`` axis (one set per replica) on ``sharding``."""
+    return PenaltyTables(filled((dp, slots, vocab), 0, np.int32, sharding),
+                         filled((dp, slots, vocab), False, np.bool_, sharding))
+
+
+def replica_slots(r: int, slots: np.ndarray) -> np.ndarray:
+    """A replica's chunk of slots ``[J]`` as the stacked tables' ``(replica, slot)`` pairs ``[J, 2]``
+    (padding stays padding)."""
+    slots = np.asarray(slots, np.int32)
+    return np.stack([np.where(slots == PAD_SLOT, PAD_SLOT, r), slots], axis=1).astype(np.int32)
+
+
+def write_replica_rows(group: Any, r: int, method: str, slots: np.ndarray, rows: Any) -> None:
+    """Replica ``r``'s chunk of whole rows into ``group``'s stacked tables (``method``:
+    ``write_page_rows`` or ``write_penalty_rows`` of its step runner). A batch ``r`` holds is
+    dispatched first: it reads the rows as they were when it was packed."""
+    if r in group._held:
+        group.flush()
+    getattr(group.step_runner, method)(replica_slots(r, slots), rows)
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
@@ -94,11 +124,16 @@ class ReplicaStepRunner:
     ``result()`` holds every replica's ids, ``[dp, B]``."""
 
     def __init__(self, model: nnx.Module, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
-                 num_kv_heads: int, head_dim: int, num_layers: int, kv_dtype: Any) -> None:
+                 num_kv_heads: int, head_dim: int, num_layers: int, kv_dtype: Any, penalty_slots: int = 0,
+                 vocab: int = 0, page_slots: int = 0, max_pages_per_row: int = 0) -> None:
         from pallas_kernels import make_kv_pages
 
         if mesh.shape["pp"] != 1:
             raise ValueError(f"pp={mesh.shape['pp']}: the replica step runs pp=1 replicas only")
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        if page_slots < 0 or (page_slots and max_pages_per_row < 1):
+            raise ValueError(f"{page_slots=} must be >= 0, with max_pages_per_row >= 1 (got {max_pages_per_row=})")
         self.mesh = mesh
         self.dp = mesh.shape["dp"]
         graphdef, self._state = nnx.split(model)
@@ -111,27 +146,62 @@ class ReplicaStepRunner:
             return jnp.full((self.dp, num_pages, *a.shape[1:]), fill, a.dtype, device=NamedSharding(mesh, spec))
 
         self.kv = tuple(jax.tree.map(stacked, one) for _ in range(num_layers))
-        replicated = NamedSharding(mesh, P())
+        replicated, by_dp = NamedSharding(mesh, P()), NamedSharding(mesh, P("dp"))
+        # Each replica's per-slot tables, a leading [dp] axis over dp (replica r's on its own
+        # devices): penalty counts and page tables, as one ModelRunner keeps them.
+        self.penalty_slots, self.vocab = penalty_slots, vocab
+        self.penalty_tables = stacked_penalty_tables(self.dp, penalty_slots, vocab, by_dp) if penalty_slots else None
+        self.page_slots = page_slots
+        self.page_table = None
+        if page_slots:
+            self.page_table = filled((self.dp, page_slots + 1, max_pages_per_row), NULL_PAGE, np.int32, by_dp)
+        self.slot_dims = 2  # a loaded row's slot is (replica, slot)
+        self._page_loader = SlotLoader(by_dp, slot_dims=2)
+        self._penalty_loader = SlotLoader(by_dp, slot_dims=2)
         self._executables: dict[Any, Any] = {}
         self.num_compiles = 0
         self.warmed_up = False
 
-        def replica(state, kv, batch):  # one replica's block: a leading axis of 1 on kv and batch
-            kv, batch = jax.tree.map(lambda a: a[0], (kv, batch))
+        def replica(state, kv, tables, page_table, batch):  # one replica's block: a leading axis of 1
+            kv, tables, page_table, batch = jax.tree.map(lambda a: a[0], (kv, tables, page_table, batch))
+            if page_table is not None:
+                page_table, batch = with_page_tables(page_table, batch)
+            if tables is not None:
+                tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions,
+                                               batch.sampling)
             model = nnx.merge(graphdef, state)
             logits, kv = model(batch.input_ids, batch.positions, batch.segment_ids, kv_cache=kv,
                                attn_meta=batch.attn, logits_indices=batch.logits_indices)  # logits [B, V]
-            out = sample(logits, batch.sampling, None)
-            return jax.tree.map(lambda a: a[None], (kv, tuple(out)))
+            out = sample(logits, batch.sampling, tables)
+            return jax.tree.map(lambda a: a[None], (kv, tables, page_table, tuple(out)))
 
-        def step_fn(state, kv, batch):
+        def step_fn(state, kv, tables, page_table, batch):
             # Manual over dp only: inside, each replica's model runs with tp automatic, as alone.
-            return jax.shard_map(replica, mesh=mesh, in_specs=(P(), P("dp"), P("dp")), out_specs=(P("dp"), P("dp")),
-                                 axis_names=frozenset({"dp"}), check_vma=False)(state, kv, batch)
+            return jax.shard_map(replica, mesh=mesh, in_specs=(P(),) + (P("dp"),) * 4, out_specs=(P("dp"),) * 4,
+                                 axis_names=frozenset({"dp"}), check_vma=False)(state, kv, tables, page_table, batch)
 
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
+        tables_sharding = None if self.penalty_tables is None else jax.tree.map(lambda a: by_dp, self.penalty_tables)
+        pages_sharding = None if self.page_table is None else by_dp
         # The sampled outputs are gathered to every device: process 0 fetches them whole.
-        self._jitted = jax.jit(step_fn, donate_argnums=(1,), out_shardings=(kv_shardings, replicated))
+        self._jitted = jax.jit(step_fn, donate_argnums=(1, 2, 3),
+                               out_shardings=(kv_shardings, tables_sharding, pages_sharding, replicated))
+
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite page-table rows (``slots [J, 2]``: replica, slot; one ``slot_loads`` chunk)."""
+        self.page_table = self._page_loader(self.page_table, slots, rows)
+
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite penalty slots (``slots [J, 2]``: replica, slot; one chunk)."""
+        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
+
+    def warmup_loads(self, place: Any = None) -> None:
+        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
+        kw = {} if place is None else {"place": place}
+        if self.page_table is not None:
+            self._page_loader.warmup(self.page_table, **kw)
+        if self.penalty_tables is not None:
+            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     @property
     def kv_cache(self) -> Any:
@@ -149,7 +219,8 @@ class ReplicaStepRunner:
             start = time.perf_counter()
             # The batch as it comes: numpy (one process), or replicated over the mesh on the devices
             # (the Controller's broadcast); the shard_map hands each replica its slice, a local cut.
-            exe = self._jitted.lower(_abstract(self._state), _abstract(self.kv), _abstract(batch)).compile()
+            exe = self._jitted.lower(_abstract(self._state), _abstract(self.kv), _abstract(self.penalty_tables),
+                                     _abstract(self.page_table), _abstract(batch)).compile()
             self._executables[key] = exe
             self.num_compiles += 1
             log = logger.warning if self.warmed_up else logger.info
@@ -162,13 +233,15 @@ class ReplicaStepRunner:
         """Compile the step for every stacked batch shape given (nothing runs)."""
         for batch in batches:
             self._executable(batch)
+        self.warmup_loads()
         self.warmed_up = True
         return self.num_compiles
 
     def step_async(self, batch: Any, *, fetch: bool = True) -> StepHandle:
         """Dispatch one stacked step; ``fetch=False`` (a worker): start no copy to the host."""
         exe = self._executable(batch)
-        self.kv, out = exe(self._state, self.kv, batch)
+        self.kv, self.penalty_tables, self.page_table, out = exe(self._state, self.kv, self.penalty_tables,
+                                                                 self.page_table, batch)
         if fetch:
             for a in out:
                 a.copy_to_host_async()
@@ -196,7 +269,32 @@ class _ReplicaHandle:
         return SampledTokens(s.token_ids[r], s.logprobs[r], s.top_ids[r], s.top_logprobs[r])
 
 
-class _ReplicaView:
+class ReplicaTables:
+    """A replica view's part of the stacked per-slot tables (``penalty_slots``, row loads), for
+    ``_ReplicaView`` and ``replica_pipeline.PipelineView``: ``self._group`` holds the stacked
+    runner (``step_runner``) and the batches held for its next call (``_held``, ``flush``)."""
+
+    _group: Any
+    index: int
+
+    @property
+    def penalty_slots(self) -> int:
+        """Slots in this replica's device penalty table (its ``[index]`` slice of the stacked one)."""
+        return getattr(self._group.step_runner, "penalty_slots", 0)
+
+    @property
+    def vocab(self) -> int:
+        return getattr(self._group.step_runner, "vocab", 0)
+
+    def write_page_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """This replica's rows of the stacked page table (a batch it holds goes first: it reads the old rows)."""
+        write_replica_rows(self._group, self.index, "write_page_rows", slots, rows)
+
+    def write_penalty_rows(self, slots: np.ndarray, rows: Any) -> None:
+        write_replica_rows(self._group, self.index, "write_penalty_rows", slots, rows)
+
+
+class _ReplicaView(ReplicaTables):
     """What replica ``r``'s ``StepLoop`` drives: ``step_async`` holds its batch for the stacked step."""
 
     supports_prev_ids = False  # a held batch cannot read ids of a step not yet dispatched

@@ -6,11 +6,10 @@
 one branch each in ``build_runner`` (the runner) and ``_loop_for`` (how it is driven):
 
 - nothing asked, one process: a plain ``ModelRunner`` on the default device. It, and
-  every runner below (tp, dp replicas, the pipeline, offload; across processes tp and
-  pp x tp), keeps the penalty counts on the device (``device_penalties``); a batch carries
-  a history only across processes, and only in a step that needs it
-  (``batch.Buckets.history_width``): one that rebuilds a slot, or a stacked ``dp`` step
-  with a penalty row;
+  every runner below, in one process or across processes, keeps the penalty counts and
+  the page tables on the device (``device_penalties``, ``device_page_tables``): a batch
+  carries the step's deltas, and whole rows go up only for requests that join
+  (``slot_loads.py``; across processes broadcast by the ``Controller``);
 - ``tp``: the model sharded over a ``(1, 1, tp)`` mesh by its logical axes, KV pages
   split by KV head (``mesh.py``), one ``ModelRunner`` over all of it; with
   ``expert_parallel`` a mixture-of-experts model spreads whole experts over ``tp``;
@@ -85,23 +84,24 @@ class Executor:
 
 
 def device_penalties(options: ParallelOptions) -> bool:
-    """Whether the runners keep penalty counts on the device: every runner of one process
-    (``ModelRunner`` on one device, tp, or each dp replica with its own tables and step loop;
-    ``SpmdPipelineRunner``; ``OffloadedRunner``), and across processes the ``Controller``'s
-    ``ModelRunner`` and ``SpmdPipelineRunner`` (tp, pp x tp): every process updates its copy
-    in the same step, and a slot that one process's host would load is rebuilt by the step
-    from the row's tokens, which only that step's batch carries (``sampling.REBUILD``). The
-    stacked replicas of ``dp`` across processes carry each penalty row's history instead."""
-    return jax.process_count() == 1 or options.dp == 1
+    """Whether the runners keep penalty counts on the device (``sampling.PenaltyTables``): every
+    layout does (one device, tp, dp replicas, the pipeline, offloading; across processes tp,
+    pp x tp and the stacked dp replicas, whose tables carry a leading ``[dp]`` axis). Every
+    process updates its copy in the same step; a slot rebuilt on the host goes to every
+    process in a broadcast load before its step (``Controller.write_penalty_rows``). The
+    switch stays for tests, which compare against batches that carry each row's history."""
+    del options
+    return True
 
 
 def device_page_tables(options: ParallelOptions, attention_window: int | None) -> bool:
     """Whether the runner keeps the page tables on the device (``Buckets.page_slots``): every
-    layout of one process but offloading (``ModelRunner`` on one device, tp, each dp replica;
-    ``SpmdPipelineRunner``), without a sliding window (whose released pages ``HostRows`` does
-    not follow). Across processes a joining row's table would have to travel in the step's
-    broadcast: batches carry ``[B, M]`` page tables there, as with offloading."""
-    return jax.process_count() == 1 and options.offload is None and attention_window is None
+    layout does, with or without a sliding window (``HostRows`` sends the pages it releases as
+    null entries); across processes a joining row's table goes to every process in a broadcast
+    load before its step (``Controller.write_page_rows``). The switch stays for tests, which
+    compare against batches that carry ``[B, M]`` tables."""
+    del options, attention_window
+    return True
 
 
 def sized_executor(
@@ -194,8 +194,7 @@ def build_executor(
     buckets = batch_lib.Buckets.create(
         max_num_batched_tokens=c.max_num_batched_tokens, max_num_seqs=c.max_num_seqs,
         max_model_len=c.max_model_len, page_size=c.page_size, min_tokens=min_token_bucket,
-        # across processes a batch can carry a history: rebuilt slots, or the stacked replicas' penalty rows
-        penalty_tables=jax.process_count() == 1, row_split=ROW_SPLIT,
+        penalty_tables=on_device, row_split=ROW_SPLIT,
         page_slots=2 * c.max_num_seqs if device_page_tables(options, scheduler_config.attention_window) else 0,
     )
     runner = build_runner(
@@ -319,8 +318,10 @@ def build_runner(
     parts = _pipeline_parts(model, options.pp)
     if options.dp > 1 and jax.process_count() > 1:  # the replicas share one SPMD step or tick
         if parts is not None:  # replica_pipeline.py
-            return _stacked_pipelines(parts, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
-        return _stacked_replicas(model, c, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets)
+            return _stacked_pipelines(parts, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets,
+                                      penalties)
+        return _stacked_replicas(model, c, mesh, rules, num_pages, page_size, kv_dtype, templates, buckets,
+                                 {**penalties, **pages})
     if dp_replicas(options):
         from energon_jax.parallel.data_parallel import DataParallelRunner
 
@@ -362,7 +363,7 @@ def dp_replicas(options: ParallelOptions) -> bool:
 
 
 def _stacked_replicas(model: Any, c: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
-                      templates: Sequence[Any], buckets: Any) -> Any:
+                      templates: Sequence[Any], buckets: Any, tables: dict[str, int]) -> Any:
     """``dp`` replicas across processes: one ``ReplicaStepRunner`` over the ``(dp, 1, tp)`` mesh
     (weights over ``tp``, each replica's pages on its own devices), its stacked steps broadcast
     by a ``Controller``; the engine drives it through ``StackedReplicas``' replica views."""
@@ -375,13 +376,13 @@ def _stacked_replicas(model: Any, c: Any, mesh: Any, rules: Any, num_pages: int,
     shard_model(model, mesh, rules)  # over tp; the rules never name dp, so replicated over it
     runner = ReplicaStepRunner(model, mesh, rules, num_pages=num_pages, page_size=page_size,
                                num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, num_layers=c.num_layers,
-                               kv_dtype=kv_dtype)
+                               kv_dtype=kv_dtype, **tables)
     controller = Controller(runner, [stack_batches([b] * dp) for b in templates])
     return StackedReplicas(controller, dp, buckets)
 
 
 def _stacked_pipelines(parts: Any, mesh: Any, rules: Any, num_pages: int, page_size: int, kv_dtype: Any,
-                       templates: Sequence[Any], buckets: Any) -> Any:
+                       templates: Sequence[Any], buckets: Any, penalties: dict[str, int]) -> Any:
     """``dp`` pipelines across processes: one ``ReplicaPipelineRunner`` tick over the
     ``(dp, pp, tp)`` mesh (each replica's carry and pages on its own devices), broadcast by a
     ``Controller``; the engine drives it through ``StackedPipelines``' per-replica clocks."""
@@ -393,7 +394,7 @@ def _stacked_pipelines(parts: Any, mesh: Any, rules: Any, num_pages: int, page_s
         raise ValueError("a multi-process run needs templates (batch.warmup_batches) and buckets for the controller")
     dp, pp = mesh.shape["dp"], mesh.shape["pp"]
     runner = ReplicaPipelineRunner(parts, mesh, rules, num_pages=num_pages, page_size=page_size, buckets=buckets,
-                                   kv_dtype=kv_dtype)
+                                   kv_dtype=kv_dtype, **penalties)
     controller = Controller(StackedTickDispatch(runner), [stack_batches([b] * dp) for b in templates])
     return StackedPipelines(controller, dp, pp, buckets)
 

@@ -69,7 +69,8 @@ from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
-from energon_jax.sampling import make_penalty_tables, penalty_slot_loader, update_penalty_tables
+from energon_jax.sampling import make_penalty_tables, update_penalty_tables
+from energon_jax.slot_loads import SlotLoader
 from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,6 @@ class SpmdPipelineRunner:
             raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         self.penalty_slots, self.vocab = penalty_slots, vocab
         self.penalty_tables = make_penalty_tables(penalty_slots, vocab, self._replicated) if penalty_slots else None
-        self._load_row = penalty_slot_loader(self._replicated)
         # The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
         # activations each stage takes next tick [pp, T_max, D], and the plan each stage ran
         # last tick (a StepBatch with a leading [pp] axis, padding where a plan is smaller).
@@ -255,8 +255,7 @@ class SpmdPipelineRunner:
             self.page_table = place(np.full((buckets.page_slots + 1, m), NULL_PAGE, np.int32), self._replicated)
             self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
                 self._pad.attn, page_tables=np.full((b_max, m), NULL_PAGE, np.int32)))
-        self._load_page = jax.jit(lambda table, slot, row: table.at[slot].set(row), donate_argnums=(0,),
-                                  out_shardings=self._replicated)
+        self._page_loader, self._penalty_loader = SlotLoader(self._replicated), SlotLoader(self._replicated)
         self._acts = place(np.zeros((self.pp, t_max, c.hidden_size), parts.dtype), by_pp)
         self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), NamedSharding(mesh, P())),
                                   self._pad)
@@ -366,6 +365,7 @@ class SpmdPipelineRunner:
         """Compile the tick for every batch shape given (nothing runs)."""
         for batch in batches:
             self._executable(batch)
+        self.warmup_loads()
         self.warmed_up = True
         return self.num_compiles
 
@@ -385,15 +385,23 @@ class SpmdPipelineRunner:
                 a.copy_to_host_async()
         return out
 
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        """Overwrite one penalty slot before the tick its row enters (one process only: across
-        processes the batches carry the history); dispatched, not awaited."""
-        self.penalty_tables = self._load_row(self.penalty_tables, slot, counts, seen)
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite penalty slots (one ``slot_loads.chunks`` chunk) before the tick their rows
+        enter; dispatched, not awaited."""
+        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
 
-    def load_page_row(self, slot: int, row: np.ndarray) -> None:
-        """Overwrite one row of the device page table before the tick its row enters (one process
-        only); dispatched, not awaited."""
-        self.page_table = self._load_page(self.page_table, np.int32(slot), np.asarray(row, np.int32))
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite rows of the device page table (one chunk) before the tick their rows enter;
+        dispatched, not awaited."""
+        self.page_table = self._page_loader(self.page_table, slots, rows)
+
+    def warmup_loads(self, place: Any = None) -> None:
+        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
+        kw = {} if place is None else {"place": place}
+        if self.page_table is not None:
+            self._page_loader.warmup(self.page_table, **kw)
+        if self.penalty_tables is not None:
+            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     # -- the clock (process 0) -------------------------------------------------------------
 
