@@ -6,6 +6,12 @@ In a child with 2 CPU devices, a 4-layer Llama generates greedily for 3 prompts
 tokens must equal the fully resident ``ModelRunner``'s, the logprobs must match within
 1e-5, and the weight bytes resident on the compute device must never exceed
 ``k + 1`` layers (and reach it: the next layer really is prefetched).
+
+In this process (one CPU device, its ``pinned_host`` memory as the pool), an engine with
+``offload="host"`` keeps the page tables on the device (``OffloadedRunner.page_table``):
+its streams over a mixed workload (penalties, stop strings, min_tokens, an abort, a pool
+small enough to preempt) equal those of the same engine with ``[B, M]`` page tables in
+every batch.
 """
 
 from __future__ import annotations
@@ -34,6 +40,36 @@ def test_offloaded_matches_resident_and_bounds_memory():
         assert case["fetches"] == case["steps"] * LAYERS, case
         assert case["pool_memory_kind"] == ("pinned_host" if case["offload"] == "host" else "device"), case
         assert case["pool_device"] == (0 if case["offload"] == "host" else 1), case
+
+
+def test_offload_engine_streams_equal_without_device_page_tables(tiny_checkpoint, monkeypatch):
+    import jax
+
+    from energon_jax import Engine
+    from energon_jax.parallel import runtime
+    from test_host_rows import _workload
+
+    def engine():
+        return Engine.from_pretrained(tiny_checkpoint("llama"), offload="host", resident_layers=1, max_model_len=48,
+                                      page_size=4, max_num_seqs=8, max_num_batched_tokens=16, kv_cache_pages=13,
+                                      warmup=False)
+
+    on_device = engine()
+    runner = on_device.runner
+    assert type(runner).__name__ == "OffloadedRunner" and runner.page_table is not None
+    assert on_device.buckets.page_slots == 16
+    layer_batches = []  # what each layer call is handed: the batch already on the device, [B, M] tables gathered
+    layer_fn = runner._layer_fn
+    runner._layer_fn = lambda *a: layer_batches.append(a[-1]) or layer_fn(*a)
+    fast = _workload(on_device, "a")
+    assert on_device.scheduler.num_preemptions > 0 and on_device.scheduler.pages_used == 0
+    assert layer_batches and all(isinstance(x, jax.Array) for b in layer_batches for x in jax.tree.leaves(b))
+    assert {b.attn.page_tables.shape[1] for b in layer_batches} == {on_device.buckets.max_pages_per_row}
+    # The same engine with [B, M] page tables in every batch (as before device page tables).
+    monkeypatch.setattr(runtime, "device_page_tables", lambda *args, **kwargs: False)
+    plain = engine()
+    assert plain.runner.page_table is None and plain.buckets.page_slots == 0
+    assert len(fast) == 8 and _workload(plain, "b") == fast
 
 
 def test_offload_config_errors():

@@ -258,8 +258,8 @@ def hf_greedy(ref, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("variant", ["mistral", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_engine_greedy_matches_transformers_and_releases_pages(variant, windowed):
-    """Chunked prefill (8-token budget), paged decode, prefix caching on, planning ahead:
-    greedy tokens equal transformers' past the window, and the pool ends empty. Mistral
+    """Chunked prefill (8-token budget), paged decode, prefix caching on, planning ahead, device
+    page tables: greedy tokens equal transformers' past the window, and the pool ends empty. Mistral
     windows every layer (pages are released, the default pool holds 8 pages a sequence);
     this Qwen2 has a full layer too (nothing released)."""
     from energon_jax import Engine
@@ -268,6 +268,8 @@ def test_engine_greedy_matches_transformers_and_releases_pages(variant, windowed
     engine = Engine.from_pretrained(path, page_size=4, max_num_seqs=4, max_num_batched_tokens=8, min_token_bucket=8,
                                     max_model_len=128, warmup=False)
     assert engine._scheduler.config.attention_window == (WINDOW if variant == "mistral" else None)
+    # Page tables stay on the device, the window's released pages sent as null entries (HostRows).
+    assert engine.runner.page_table is not None and engine._loop._host_rows is not None
     ref = load_ref(path)
     rng = np.random.default_rng(7)
     shared = rng.integers(3, 300, 13).tolist()

@@ -27,6 +27,13 @@ live device copies, via weak references, at the moment each copy is made) and th
 number of fetches. ``OffloadedRunner`` has the runner's interface (``step_async``,
 ``step``, ``warmup``, ``num_compiles``, ``kv_cache``), so the engine can use it in place of
 ``ModelRunner``. It runs on one compute device; combining it with ``tp`` is not done.
+
+Like ``ModelRunner`` it keeps the penalty counts and, with ``page_slots``
+(``batch.Buckets.page_slots``), the page tables on the compute device: a step first
+writes the batch's appended pages into the table and gathers its rows' ``[B, M]`` tables
+there (one small jitted call, the table donated), and every layer call reads that
+gathered batch on the device, so no ``[B, M]`` table goes up with a step (and the batch
+goes up once per step, not once per layer).
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from energon_jax.parallel.stages import DecoderParts, head_piece, run_embed, run_head, run_layer
-from energon_jax.runner import StepHandle, shape_key
-from energon_jax.sampling import make_penalty_tables, penalty_slot_loader, update_penalty_tables
+from energon_jax.runner import StepHandle, shape_key, with_page_tables
+from energon_jax.sampling import make_penalty_tables, update_penalty_tables
+from energon_jax.slot_loads import SlotLoader
+from pallas_kernels.page_layout import NULL_PAGE
 
 OFFLOAD_KINDS = ("host", "peer")
 
@@ -81,7 +90,7 @@ class OffloadedRunner:
 
     def __init__(self, parts: DecoderParts, config: OffloadConfig, *, num_pages: int, page_size: int,
                  compute_device: jax.Device | None = None, peer_device: jax.Device | None = None,
-                 penalty_slots: int = 0, vocab: int = 0) -> None:
+                 penalty_slots: int = 0, vocab: int = 0, page_slots: int = 0, max_pages_per_row: int = 0) -> None:
         from pallas_kernels import make_kv_pages
 
         self.parts, self.config = parts, config
@@ -124,16 +133,39 @@ class OffloadedRunner:
             raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         self.penalty_slots, self.vocab = penalty_slots, vocab
         self.penalty_tables = make_penalty_tables(penalty_slots, vocab, self._compute) if penalty_slots else None
-        self._load_row = penalty_slot_loader(self._compute)
+        # Device page tables: one row per host slot (``HostRows``) and a last all-null row for
+        # unused batch rows, as in ``ModelRunner``.
+        if page_slots < 0 or (page_slots and max_pages_per_row < 1):
+            raise ValueError(f"{page_slots=} must be >= 0, with max_pages_per_row >= 1 (got {max_pages_per_row=})")
+        self.page_slots = page_slots
+        self.page_table: jax.Array | None = None
+        if page_slots:
+            self.page_table = jax.device_put(np.full((page_slots + 1, max_pages_per_row), NULL_PAGE, np.int32),
+                                             self._compute)
+        self._tables_fn = jax.jit(with_page_tables, donate_argnums=(0,))
+        # Whole rows (a joining request's page table, a rebuilt penalty slot), one call per chunk.
+        self._page_loader, self._penalty_loader = SlotLoader(self._compute), SlotLoader(self._compute)
 
     def _run_head(self, norm_state: Any, head_state: Any, x: jax.Array, batch: Any, tables: Any):
         if tables is not None:
             tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions, batch.sampling)
         return run_head(self.parts, norm_state, head_state, x, batch, tables), tables
 
-    def load_penalty_row(self, slot: int, counts: np.ndarray, seen: np.ndarray) -> None:
-        """Overwrite one penalty slot (a row that joins past position 0); dispatched, not awaited."""
-        self.penalty_tables = self._load_row(self.penalty_tables, slot, counts, seen)
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite penalty slots (rows that join past position 0; one ``slot_loads.chunks``
+        chunk); dispatched, not awaited."""
+        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
+
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite rows of the device page table (requests that join; one chunk); dispatched, not awaited."""
+        self.page_table = self._page_loader(self.page_table, slots, rows)
+
+    def warmup_loads(self) -> None:
+        """Compile the row loads for every chunk size."""
+        if self.page_table is not None:
+            self._page_loader.warmup(self.page_table)
+        if self.penalty_tables is not None:
+            self._penalty_loader.warmup(self.penalty_tables)
 
     def _run_layer(self, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
         x, pages = run_layer(self.parts, graphdef, state, pages, x, batch)
@@ -166,12 +198,19 @@ class OffloadedRunner:
     def warmup(self, batches: Iterable[Any]) -> int:
         for batch in batches:
             self.step(batch)  # all-padding batches write only the null page
+        self.warmup_loads()
         self.warmed_up = True
         return self.num_compiles
 
     def step_async(self, batch: Any) -> StepHandle:
         self._shapes.add(shape_key(batch))
         k, n = self.config.resident_layers, self.parts.num_layers
+        # The batch goes up once, not with each layer call: with device page tables, through the
+        # call that writes the step's appended pages and gathers its rows' [B, M] tables there.
+        if self.page_table is not None:
+            self.page_table, batch = self._tables_fn(self.page_table, batch)
+        else:
+            batch = jax.device_put(batch, self._compute)
         kv = list(self.kv_cache)
         self.kv_cache = ()  # the pages are donated layer by layer below
         x = self._embed_fn(self._embed, batch.input_ids)  # [T, D]

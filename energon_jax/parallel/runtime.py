@@ -312,7 +312,7 @@ def build_runner(
             raise ValueError("offload is single-process: run it without jax.distributed")
         k = options.resident_layers if options.resident_layers is not None else 1
         return OffloadedRunner(decoder_parts(model), OffloadConfig(options.offload, k),
-                               num_pages=num_pages, page_size=page_size, **penalties)
+                               num_pages=num_pages, page_size=page_size, **penalties, **pages)
     mesh = make_mesh(options)
     rules = sharding_rules(options.tp, num_kv_heads=c.num_kv_heads, expert_parallel=options.expert_parallel)
     parts = _pipeline_parts(model, options.pp)
