@@ -24,14 +24,12 @@ preempted and recomputed, with the same tokens and every page back.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from test_parallel_mesh import ROOT, run_child
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from process_harness import HERE, ROOT, launch_children, lead_or_serve, run_child, write_result
+from test_replica_step import _child_base, _replica_devices
 LAYOUT = dict(dp=2, pp=2, tp=2)
 PREEMPT_PAGES = 9  # per replica: fewer than its 3 running sequences need, so some are preempted
 
@@ -66,22 +64,14 @@ def test_replica_pipeline_one_process_matches_single_device():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_dp2_pp2_tp2_across_two_processes_matches_single_device(tmp_path):
-    from energon_jax.parallel.launch import LaunchConfig, launch
-
     base = run_child(__file__, "base", devices=1)["base"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH",
-                                                                                                       "")]))
-    env.pop("XLA_FLAGS", None)
-    code = launch([sys.executable, __file__, "multi", str(tmp_path)],
-                  LaunchConfig(num_processes=2, cpu_devices_per_process=4, grace_s=10), env=env)
-    assert code == 0
-    got = json.loads((tmp_path / "multi-0.json").read_text())
-    worker = json.loads((tmp_path / "multi-1.json").read_text())
+    got, worker = launch_children(__file__, "multi", tmp_path, devices_per_process=4)
     assert got["process_count"] == 2 and got["device_count"] == 8
     _check(got["case"], base)
     assert got["case"]["kv_processes"] == [[0], [1]], got  # replica r's pages on process r's devices
-    assert worker["steps"] == got["stacked_ticks"] > 0  # the worker ran every stacked tick
+    assert worker["steps"] == got["steps"] > 0  # the worker ran every stacked tick
     assert worker["stats"]["fetch_syncs"] == 0 and worker["stats"]["kv_waits"] == worker["steps"] + 1, worker
+    assert worker["preempt_steps"] == got["preempt_steps"] > 0  # ...and every tick of the second controller
 
 
 class StackedEcho:
@@ -173,19 +163,6 @@ def test_stacked_pipelines_clocks_host_only():
 # ----------------------------------------------------------------- the children
 
 
-def _replica_devices(runner) -> list[list]:
-    """The devices holding each replica's slice of the stacked pages ``[dp, slots, P, S, K, H]``."""
-    import jax
-
-    leaf = jax.tree.leaves(runner.step_runner.kv_cache)[0]
-    dp = leaf.shape[0]
-    held: list[set] = [set() for _ in range(dp)]
-    for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
-        for r in range(*index[0].indices(dp)):
-            held[r].add(device)
-    return [sorted(held[r], key=lambda d: d.id) for r in range(dp)]
-
-
 def _run_case(engine) -> dict:
     from test_parallel_dp import _staggered
 
@@ -227,13 +204,6 @@ def _run_preempt(engine) -> dict:
             "pages_used": [s.pages_used for s in sched.replicas]}
 
 
-def _child_base() -> dict:
-    from test_parallel_dp import _engine, _staggered
-
-    run = _staggered(_engine())
-    return {"base": {"tokens": run["tokens"], "steps": run["steps"]}}
-
-
 def _child_local() -> dict:
     from unittest import mock
 
@@ -256,7 +226,6 @@ def _child_multi(outdir: str) -> None:
     import dataclasses
 
     from energon_jax.parallel import distributed
-    from energon_jax.parallel.controller import serve_if_worker, shutdown_workers
 
     assert distributed.initialize_from_env()
     import jax
@@ -265,27 +234,18 @@ def _child_multi(outdir: str) -> None:
 
     out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
     # Two engines, one after the other, in one run: the second controller's headers must not
-    # meet the first's (controller.HeaderChannel generations).
+    # meet the first's (controller.HeaderChannel generations). Process 0 drives each ("steps":
+    # the stacked ticks it dispatched), process 1 runs them.
     engine = _engine(**LAYOUT)
     controller = engine.runner.step_runner
-    if serve_if_worker(engine.runner):
-        out["steps"] = controller.steps
-    else:
-        try:
-            out["case"] = _run_case(engine)
-            out["stacked_ticks"] = controller.steps
-        finally:
-            shutdown_workers(engine.runner)
+    out.update(lead_or_serve(controller, lambda: {"case": _run_case(engine)}))
     out["stats"] = dataclasses.asdict(controller.stats)
     small = _small_engine()
-    if not serve_if_worker(small.runner):
-        try:
-            out["case"]["preempt"] = _run_preempt(small)
-        finally:
-            shutdown_workers(small.runner)
-    with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
-        json.dump(out, f)
-    distributed.shutdown()
+    preempt = lead_or_serve(small.runner.step_runner, lambda: {"preempt": _run_preempt(small)})
+    out["preempt_steps"] = preempt["steps"]
+    if "case" in out:
+        out["case"]["preempt"] = preempt["preempt"]
+    write_result(outdir, out)
 
 
 if __name__ == "__main__":

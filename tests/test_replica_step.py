@@ -17,15 +17,12 @@ steps. Same checks, plus: the worker ran every stacked step process 0 dispatched
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
 import pytest
 
-from test_parallel_mesh import ROOT, run_child
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from process_harness import HERE, ROOT, launch_children, lead_or_serve, run_child, write_result
 
 
 def _check(case: dict, base: dict) -> None:
@@ -55,35 +52,21 @@ def test_replica_step_one_process_matches_single_device():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_dp2_tp2_across_two_processes_matches_single_device(tmp_path):
-    from energon_jax.parallel.launch import LaunchConfig, launch
-
     base = run_child(__file__, "base", devices=1)["base"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH",
-                                                                                                       "")]))
-    env.pop("XLA_FLAGS", None)
-    code = launch([sys.executable, __file__, "multi", str(tmp_path)],
-                  LaunchConfig(num_processes=2, cpu_devices_per_process=2, grace_s=10), env=env)
-    assert code == 0
-    got = json.loads((tmp_path / "multi-0.json").read_text())
-    worker = json.loads((tmp_path / "multi-1.json").read_text())
+    got, worker = launch_children(__file__, "multi", tmp_path, devices_per_process=2)
     assert got["process_count"] == 2 and got["device_count"] == 4
     _check(got["case"], base)
     assert got["case"]["runner"] == "StackedReplicas"
     assert got["case"]["kv_processes"] == [[0], [1]], got  # replica r's pages on process r's devices
-    assert worker["steps"] == got["stacked_steps"] > 0  # the worker ran every stacked step
+    assert worker["steps"] == got["steps"] > 0  # the worker ran every stacked step
 
 
 # ----------------------------------------------------------------- the children
 
 
-def _devices(tree) -> list[int]:
-    import jax
-
-    return sorted({d.id for x in jax.tree.leaves(tree) for d in x.devices()})
-
-
 def _replica_devices(runner) -> list[list[Any]]:
-    """The devices holding each replica's slice of the stacked pages ``[dp, P, S, K, H]``."""
+    """The devices holding each replica's slice of the stacked pages (replicas on the first axis:
+    ``[dp, P, S, K, H]`` here, ``[dp, slots, P, S, K, H]`` in ``test_replica_pipeline``)."""
     import jax
 
     leaf = jax.tree.leaves(runner.step_runner.kv_cache)[0]
@@ -139,7 +122,6 @@ def _child_local() -> dict:
 
 def _child_multi(outdir: str) -> None:
     from energon_jax.parallel import distributed
-    from energon_jax.parallel.controller import serve_if_worker, shutdown_workers
 
     assert distributed.initialize_from_env()
     import jax
@@ -148,18 +130,9 @@ def _child_multi(outdir: str) -> None:
 
     engine = _engine(dp=2, tp=2)
     out = {"device_count": jax.device_count(), "process_count": jax.process_count()}
-    controller = engine.runner.step_runner
-    if serve_if_worker(engine.runner):
-        out["steps"] = controller.steps
-    else:
-        try:
-            out["case"] = _run_case(engine)
-            out["stacked_steps"] = controller.steps
-        finally:
-            shutdown_workers(engine.runner)
-    with open(os.path.join(outdir, f"multi-{jax.process_index()}.json"), "w") as f:
-        json.dump(out, f)
-    distributed.shutdown()
+    # process 0 drives the run ("steps": the stacked steps it dispatched); process 1 runs them
+    out.update(lead_or_serve(engine.runner.step_runner, lambda: {"case": _run_case(engine)}))
+    write_result(outdir, out)
 
 
 if __name__ == "__main__":
