@@ -24,7 +24,7 @@ same for the one penalty-history entry it adds; the runner fills them on device.
 ``host_rows.HostRows`` (owned by the step loop, passed to ``pack``) keeps what changes
 only by deltas between steps, so packing a step gathers its rows' slots with numpy instead
 of re-reading every request's fields and every page of every row. With device page tables
-(``Buckets.page_slots``: every layout of one process, offloading and sliding windows
+(``Buckets.page_slots``: every layout, across processes, offloading and sliding windows
 included) the page tables stay on the device too: a batch carries each row's slot and the
 pages appended this step (and the columns a window released, as null pages), so what goes
 up per step does not grow with ``max_model_len`` (0.05 MiB for 256 decode rows at 8k and at
