@@ -31,6 +31,10 @@ extra time (the front end streaming tokens from the same process), the front end
 between the servers (``transfer_s + transfer_s_per_token x prompt``: gather, pull, scatter,
 the router's hop).
 
+Here: the workload, the timing client, SLOs and goodput, the planner's prediction and the
+tables. ``disagg_servers.py`` beside it starts and stops the servers and runs the pinned
+calibrations.
+
 Run (about 4 minutes on the 2-core box; numbers mean something only on a quiet machine)::
 
     JAX_PLATFORMS=cpu python benchmarks/disagg.py --json /tmp/disagg.json
@@ -40,16 +44,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,12 +59,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+# the processes (beside this file: the script's folder is on sys.path)
+from disagg_servers import (  # noqa: E402
+    DEFAULT_LAYOUTS, LAYOUTS, Processes, add_engine_flags, calibrate_pinned, check_cpus, start_layout)
+
 TTFT_X, TPOT_X = 3.0, 1.5  # Splitwise: TTFT within 3x and TPOT within 1.5x of the unloaded latency
-# colocated-1core (not run by default): one colocated server on the prefill server's CPUs,
-# the planner's one-device layout, a third configuration to check its prediction on.
-# Each layout gets its own calibration (pinned like its server; a role engine does not plan ahead).
-LAYOUTS = ("colocated", "disaggregated", "colocated-1core")
-DEFAULT_LAYOUTS = LAYOUTS[:2]
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -153,100 +151,6 @@ def best_rate(rates: Sequence[float], attained: Sequence[float], target: float =
     return best
 
 
-# --- processes ----------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class Processes:
-    """``energon`` subprocesses on 127.0.0.1, each pinned with ``taskset``; all stopped on exit."""
-
-    def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="energon-disagg-bench-")
-        self._procs: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def start(self, name: str, cpus: str | None, args: Sequence[str], timeout_s: float = 300.0) -> str:
-        """Start ``energon ARGS`` (pinned to ``cpus`` unless None); its target once it serves."""
-        port_file, log = Path(self._tmp.name) / f"{name}.json", Path(self._tmp.name) / f"{name}.log"
-        cmd = [sys.executable, "-m", "energon_jax.cli", *args, "--host", "127.0.0.1", "--port", "0",
-               "--port-file", str(port_file)]
-        if cpus is not None:
-            cmd = ["taskset", "-c", cpus, *cmd]
-        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)
-        self._procs.append((name, proc, log))
-        deadline = time.monotonic() + timeout_s
-        while not port_file.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{name} did not start (rc={proc.poll()}):\n{tail}")
-            time.sleep(0.1)
-        target = f"127.0.0.1:{json.loads(port_file.read_text())['port']}"
-        _wait_serving(target, proc, deadline, name)
-        return target
-
-    def stop(self) -> None:
-        """SIGTERM to every process, then SIGKILL to any still running after 15 s."""
-        for _, proc, _ in self._procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc, _ in self._procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                print(f"{name} ignored SIGTERM; killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait(timeout=10)
-        self._procs.clear()
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self._tmp.cleanup()
-
-
-def _wait_serving(target: str, proc: subprocess.Popen, deadline: float, name: str) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            with contextlib.suppress(grpc.RpcError):
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} at {target} is not serving (rc={proc.poll()})")
-            time.sleep(0.2)
-
-
-def start_layout(procs: Processes, layout: str, args: argparse.Namespace) -> str:
-    """Start ``layout``'s servers; the gRPC target clients talk to."""
-    engine = _engine_flags(args)
-    if layout.startswith("colocated"):
-        cpus = args.colocated_cpus if layout == "colocated" else args.prefill_cpus
-        return procs.start(layout, cpus, ["serve", *engine, "--no-http", "--no-metrics"])
-    prefill = procs.start("prefill", args.prefill_cpus, ["serve", "--role", "prefill", *engine])
-    decode = procs.start("decode", args.decode_cpus, ["serve", "--role", "decode", *engine])
-    return procs.start("router", None, ["router", "--prefill", prefill, "--decode", decode])
-
-
-def _engine_flags(args: argparse.Namespace) -> list[str]:
-    flags = [f"--max-model-len={args.max_model_len}", f"--max-num-seqs={args.max_num_seqs}",
-             f"--max-num-batched-tokens={args.max_num_batched_tokens}"]
-    return flags + (["--model", args.model] if args.model else [])
-
-
 # --- the client ---------------------------------------------------------------------------------
 
 
@@ -298,46 +202,6 @@ def run_workload(target: str, prompts: Sequence[list[int]], outputs: np.ndarray,
 
 
 # --- the planner's prediction -------------------------------------------------------------------
-
-
-def calibrate_pinned(cpus: str, plans_ahead: bool, args: argparse.Namespace) -> dict:
-    """The planner's step model, measured in a process pinned to ``cpus`` (as the server is), on
-    an engine that plans ahead (a colocated server) or not (a role server)."""
-    with tempfile.TemporaryDirectory(prefix="energon-calib-") as tmp:
-        out = Path(tmp) / "cost.json"
-        cmd = ["taskset", "-c", cpus, sys.executable, str(Path(__file__).resolve()), "--calibrate-to", str(out),
-               *_limit_flags(args), *([] if plans_ahead else ["--calibrate-sync"])]
-        if args.full_calibration:
-            cmd.append("--full-calibration")
-        subprocess.run(cmd, cwd=REPO, check=True, preexec_fn=_die_with_parent,
-                       env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")))
-        return json.loads(out.read_text())
-
-
-def _limit_flags(args: argparse.Namespace) -> list[str]:
-    flags = [f"--max-model-len={args.max_model_len}", f"--max-num-seqs={args.max_num_seqs}",
-             f"--max-num-batched-tokens={args.max_num_batched_tokens}"]
-    return flags + (["--model", args.model] if args.model else [])
-
-
-def _calibrate_here(args: argparse.Namespace) -> None:
-    """``--calibrate-to``: fit the step model in this (pinned) process, write it as JSON."""
-    from energon_jax import Engine
-    from energon_jax.planner import calibrate, fit_error, fit_step_cost, measure_steps
-
-    engine = Engine.from_pretrained(args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                                    max_num_batched_tokens=args.max_num_batched_tokens, warmup=False,
-                                    async_scheduling=not args.calibrate_sync)
-    if args.full_calibration:
-        cost, samples = calibrate(engine)
-    else:  # between the planner's quick and full points: both decode contexts, three row counts
-        budget = args.max_num_batched_tokens
-        samples = measure_steps(engine, prompt_lens=sorted({16, 64, min(128, budget), budget}),
-                                decode_rows=sorted({1, min(4, args.max_num_seqs), args.max_num_seqs}),
-                                decode_contexts=[32, min(256, args.max_model_len // 2)], decode_steps=8, repeats=2)
-        cost = fit_step_cost(samples, tuple(engine.buckets.token_buckets))
-    record = dataclasses.asdict(cost) | {"fit_error": fit_error(cost, samples), "samples": len(samples)}
-    Path(args.calibrate_to).write_text(json.dumps(record))
 
 
 def step_cost(record: dict):
@@ -503,10 +367,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     w.add_argument("--short-output", type=_pair, default=(48, 64))
     w.add_argument("--seed", type=int, default=0)
     e = ap.add_argument_group("servers (the same engine limits in every process)")
-    e.add_argument("--model", default=None, help="checkpoint (default: the embedded demo model)")
-    e.add_argument("--max-model-len", type=int, default=512)
-    e.add_argument("--max-num-seqs", type=int, default=16)
-    e.add_argument("--max-num-batched-tokens", type=int, default=256)
+    add_engine_flags(e)
     e.add_argument("--colocated-cpus", default="0,1", help="taskset CPU list of the colocated server")
     e.add_argument("--prefill-cpus", default="0", help="taskset CPU list of the prefill server")
     e.add_argument("--decode-cpus", default="1", help="taskset CPU list of the decode server")
@@ -515,8 +376,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--full-calibration", action="store_true", help="the planner's full step calibration")
     ap.add_argument("--no-prediction", action="store_true", help="skip the planner (no calibration)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
-    ap.add_argument("--calibrate-to", default=None, help=argparse.SUPPRESS)  # internal: the pinned calibration
-    ap.add_argument("--calibrate-sync", action="store_true", help=argparse.SUPPRESS)  # ... of a role engine
     args = ap.parse_args(argv)
     args.rate_list = _floats(args.rates, "--rates")
     args.scale_list = _floats(args.slo_scales, "--slo-scales")
@@ -527,26 +386,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _check_cpus(args: argparse.Namespace) -> None:
-    if shutil.which("taskset") is None:
-        raise SystemExit("taskset is not installed (util-linux): the servers must be pinned to cores")
-    have = os.sched_getaffinity(0)
-    for flag in ("colocated_cpus", "prefill_cpus", "decode_cpus"):
-        value = getattr(args, flag)
-        cpus = {int(c) for part in value.split(",") for c in
-                (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))}
-        if not cpus <= have:
-            raise SystemExit(f"--{flag.replace('_', '-')}={value} names CPUs outside this process's {sorted(have)}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM (a killed run) unwinds like an exception: every server is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.calibrate_to:
-        _calibrate_here(args)
-        return 0
-    _check_cpus(args)
+    check_cpus(args)
     from models.loading import load_config
 
     from energon_jax.engine import demo_model_path

@@ -1,11 +1,13 @@
-"""``benchmarks/disagg.py``: the SLO and goodput arithmetic against numbers worked out by hand,
-the seeded workload, the planner offsets fitted on an unloaded pass, the flags; end to end at
-a tiny size (real servers, slow)."""
+"""``benchmarks/disagg.py`` and ``disagg_servers.py``: the SLO and goodput arithmetic against
+numbers worked out by hand, the seeded workload, the planner offsets fitted on an unloaded pass,
+the flags; end to end at a tiny size (real servers and pinned calibrations, slow)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +20,18 @@ from energon_jax.plan_sim import ReplicaLimits, StepCost
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("disagg_bench", REPO / "benchmarks" / "disagg.py")
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / file)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
-bench = _load()
+# disagg.py imports disagg_servers (as a script its folder is on sys.path): loaded first under
+# that name, without putting benchmarks/ (its serving.py, planner.py, ...) on this process's path.
+servers = _load("disagg_servers", "disagg_servers.py")
+bench = _load("disagg_bench", "disagg.py")
 
 NAN = float("nan")
 
@@ -142,7 +147,20 @@ def test_help_and_bad_flags(capsys):
     with pytest.raises(SystemExit, match="'both' is not one of colocated, disaggregated, colocated-1core"):
         bench.parse_args(["--layouts", "both"])
     args = bench.parse_args(["--rates", "2,4", "--slo-scales", "1"])
-    assert args.rate_list == [2.0, 4.0] and args.scale_list == [1.0] and args.layout_list == list(bench.DEFAULT_LAYOUTS)
+    assert args.rate_list == [2.0, 4.0] and args.scale_list == [1.0] and args.layout_list == list(servers.DEFAULT_LAYOUTS)
+
+
+def test_server_flags_and_cpu_lists():
+    # the same engine flags reach every server and calibration (disagg_servers.engine_flags)
+    args = bench.parse_args(["--model", "/ckpt", "--max-num-seqs", "4"])
+    assert servers.engine_flags(args) == ["--max-model-len=512", "--max-num-seqs=4", "--max-num-batched-tokens=256",
+                                          "--model", "/ckpt"]
+    outside = max(os.sched_getaffinity(0)) + 1
+    args = bench.parse_args(["--decode-cpus", f"0-{outside}"])
+    want = ("taskset is not installed" if shutil.which("taskset") is None
+            else f"--decode-cpus=0-{outside} names CPUs outside this process's")
+    with pytest.raises(SystemExit, match=want):
+        servers.check_cpus(args)
 
 
 @pytest.mark.slow  # three servers, a router and two calibrations: a few minutes on the 2-core box
@@ -157,7 +175,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| colocated | 20 |" in proc.stdout and "| disaggregated | 20 |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
-    assert {(r["layout"], r["rate"]) for r in rows} == {(x, y) for x in bench.DEFAULT_LAYOUTS for y in ("alone", 20.0)}
+    assert {(r["layout"], r["rate"]) for r in rows} == {(x, y) for x in servers.DEFAULT_LAYOUTS for y in ("alone", 20.0)}
     for r in rows:
         assert r["measured"]["errors"] == 0
         assert r["measured"]["ttft"]["p90"] > 0 and r["predicted"]["ttft"]["p90"] > 0
