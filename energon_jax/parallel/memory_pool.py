@@ -160,12 +160,13 @@ class OffloadedRunner:
         """Overwrite rows of the device page table (requests that join; one chunk); dispatched, not awaited."""
         self.page_table = self._page_loader(self.page_table, slots, rows)
 
-    def warmup_loads(self) -> None:
-        """Compile the row loads for every chunk size."""
+    def warmup_loads(self, place: Any = None) -> None:
+        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
+        kw = {} if place is None else {"place": place}
         if self.page_table is not None:
-            self._page_loader.warmup(self.page_table)
+            self._page_loader.warmup(self.page_table, **kw)
         if self.penalty_tables is not None:
-            self._penalty_loader.warmup(self.penalty_tables)
+            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     def _run_layer(self, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
         x, pages = run_layer(self.parts, graphdef, state, pages, x, batch)
