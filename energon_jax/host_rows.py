@@ -41,9 +41,10 @@ class HostRows:
     With device page tables (``buckets.page_slots``: the runner's table has one row per slot
     here), the batch carries each row's slot and the pages appended this step
     (``StepBatch.page_deltas``: pages appended and columns released this step, each as
-    ``(slot, column, page)``), and a row copied whole (a request that joins or comes back, or
-    a step whose entries do not fit in ``page_deltas``, as the first release after a long
-    prompt) goes up once through ``take_loads`` -> ``runner.load_page_row``, before the step.
+    ``(slot, column, page)``), and a row copied whole (a request that joins or comes back, or,
+    when a step's entries do not fit in ``page_deltas``, the rows with the most of them, as a
+    long prompt's chunk beside its first release) goes up once through ``take_loads`` ->
+    ``runner.write_page_rows`` (``slot_loads.py``), before the step.
     """
 
     def __init__(self, buckets: Buckets, num_slots: int) -> None:
