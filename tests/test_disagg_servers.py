@@ -3,99 +3,24 @@
 Real processes on 127.0.0.1, the demo model: ``energon serve --role prefill``, ``energon serve
 --role decode`` and ``energon router`` (gRPC and the OpenAI HTTP API). The K/V pages go from the prefill process to the
 decode process through ``jax.experimental.transfer``; the reference is a colocated in-process
-``Engine`` with the same limits (greedy, so the tokens must be identical).
+``Engine`` with the same limits (greedy, so the tokens must be identical). The processes and the
+reference come from ``disagg_harness.py``; keys, TLS and metrics are in ``test_disagg_security.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import ssl
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from serving_harness import CliProcess
-from serving.protos.energon.v1 import disagg_pb2 as dpb
-from serving.protos.energon.v1 import disagg_pb2_grpc as dpb_grpc
+from disagg_harness import LIMITS, MAX_TOKENS, PENALTIES, PROMPT_LENS, TEXT_PROMPT, Trio, prompt_ids
 from serving.protos.energon.v1 import inference_pb2 as pb
-from serving.protos.energon.v1 import inference_pb2_grpc as pb_grpc
 
-REPO = Path(__file__).resolve().parents[1]
-# Small limits: a chunk of 32 tokens (so a 45-token prompt takes two prefill steps), pages of 16.
-LIMITS = dict(max_model_len=128, max_num_batched_tokens=32, kv_cache_pages=64, max_num_seqs=4)
-FLAGS = ["--no-warmup", *(f"--{k.replace('_', '-')}={v}" for k, v in LIMITS.items())]
-PROMPT_LENS = (5, 16, 45)  # shorter than a page, an exact page multiple, longer than one chunk
-MAX_TOKENS = 8
-TEXT_PROMPT = "The quick brown fox"  # tokenized by the prefill server
-# Greedy with every penalty: the decode server rebuilds each request's counts from its prompt.
-PENALTIES = dict(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.7)
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the router's --chat-template
-
-
-def _prompt(n: int) -> list[int]:
-    return [(i * 7) % 50 + 1 for i in range(n)]
-
-
-class Proc(CliProcess):
-    """One ``energon`` subprocess (a role server or the router) on a free port."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__([*args, "--port", "0"], env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                                                           **(env or {})), prefix="energon-disagg-")
-
-
-class Trio:
-    """Prefill server(s), a decode server and the router in front of them."""
-
-    def __init__(self, num_prefill: int = 1) -> None:
-        self.prefills = [Proc("serve", "--role", "prefill", *FLAGS) for _ in range(num_prefill)]
-        self.prefill = self.prefills[0]
-        self.decode = Proc("serve", "--role", "decode", *FLAGS)
-        self.procs = [*self.prefills, self.decode]
-        for p in self.procs:
-            p.wait_ports(120)
-        self._tmp = tempfile.TemporaryDirectory(prefix="energon-router-")
-        template = Path(self._tmp.name) / "chat.jinja"
-        template.write_text(CHAT_TEMPLATE)
-        self.router = Proc("router", "--prefill", ",".join(p.target for p in self.prefills),
-                           "--decode", self.decode.target, "--probe-interval", "0.2", "--http-port", "0",
-                           "--chat-template", str(template))
-        self.procs.append(self.router)
-        self.router.wait_ports(120)
-        self.channel = grpc.insecure_channel(self.router.target)
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def stats(self, proc: Proc) -> dpb.StatsResponse:
-        with grpc.insecure_channel(proc.target) as ch:
-            return dpb_grpc.DisaggStub(ch).Stats(dpb.StatsRequest(), timeout=10)
-
-    def health(self) -> int:
-        return health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
-
-    def wait_pages_free(self, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            used = [self.stats(p).pages_used for p in (self.prefill, self.decode)]
-            if used == [0, 0]:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"pages still used on (prefill, decode): {used}")
-            time.sleep(0.1)
-
-    def close(self) -> list[str]:
-        """Stop every process; the ones that needed SIGKILL."""
-        killed = []
-        for p in reversed(self.procs):
-            if not p.stop():
-                killed.append(" ".join(p.proc.args[3:6]))
-        self.channel.close()
-        self._tmp.cleanup()
-        return killed
+# The trio of processes and the colocated reference are shared with test_disagg_security.py.
+pytest_plugins = ["disagg_harness"]
 
 
 def _generate(stub, ids: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 300.0) -> list[pb.GenerateResponse]:
@@ -104,34 +29,9 @@ def _generate(stub, ids: list[int], max_tokens: int = MAX_TOKENS, timeout: float
     return list(stub.Generate(req, timeout=timeout))
 
 
-@pytest.fixture(scope="module")
-def trio():
-    t = Trio()
-    yield t
-    # A handler thread left waiting on an aborted request's queue (cancel test) held the
-    # decode server's exit until SIGKILL.
-    assert t.close() == [], "processes that ignored SIGTERM"
-
-
-@pytest.fixture(scope="module")
-def colocated_tokens():
-    """Greedy tokens of a colocated in-process engine with the same limits (the reference)."""
-    from energon_jax.engine import Engine
-    from energon_jax.request import SamplingParams
-
-    engine = Engine.from_pretrained(None, warmup=False, **LIMITS)
-    chat = engine.tokenizer.encode(TEXT_PROMPT, add_special_tokens=False)  # one user message, CHAT_TEMPLATE
-    prompts = [*(_prompt(n) for n in PROMPT_LENS), TEXT_PROMPT, chat]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-    ref = {n: (list(o.token_ids), o.text) for n, o in zip([*PROMPT_LENS, "text", "chat"], outs, strict=True)}
-    outs = engine.generate([_prompt(n) for n in PROMPT_LENS], SamplingParams(max_tokens=MAX_TOKENS, **PENALTIES))
-    ref.update({("penalties", n): (list(o.token_ids), o.text) for n, o in zip(PROMPT_LENS, outs, strict=True)})
-    return ref
-
-
 def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_tokens):
     for n in PROMPT_LENS:
-        responses = _generate(trio.stub, _prompt(n))
+        responses = _generate(trio.stub, prompt_ids(n))
         ids = [t for r in responses for t in r.token_ids]
         assert (ids, "".join(r.text for r in responses)) == colocated_tokens[n], f"prompt of {n} tokens"
         assert len(responses) >= 2  # the first token is streamed on its own, from the prefill server
@@ -148,7 +48,7 @@ def test_greedy_tokens_match_colocated_and_pages_are_freed(trio, colocated_token
 
 
 def test_cancel_frees_pages_on_both_sides(trio):
-    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(40)),
                              params=pb.SamplingParams(max_tokens=80, temperature=0.0))
     call = trio.stub.Generate(req, timeout=300)
     next(call)  # the first token, from the prefill server
@@ -161,19 +61,19 @@ def test_cancel_frees_pages_on_both_sides(trio):
         next(call)
         call.cancel()
     trio.wait_pages_free()
-    assert [t for r in _generate(trio.stub, _prompt(5)) for t in r.token_ids]  # still serving
+    assert [t for r in _generate(trio.stub, prompt_ids(5)) for t in r.token_ids]  # still serving
 
 
 def test_bad_requests_fail_with_invalid_argument_through_the_router(trio):
     with pytest.raises(grpc.RpcError) as err:  # longer than max_model_len: refused by the prefill server
-        _generate(trio.stub, _prompt(LIMITS["max_model_len"] + 1))
+        _generate(trio.stub, prompt_ids(LIMITS["max_model_len"] + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     trio.wait_pages_free()
 
 
 def test_penalties_match_colocated_through_the_router(trio, colocated_tokens):
     for n in PROMPT_LENS:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(n)),
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(n)),
                                  params=pb.SamplingParams(max_tokens=MAX_TOKENS, **PENALTIES))
         responses = list(trio.stub.Generate(req, timeout=300))
         got = ([t for r in responses for t in r.token_ids], "".join(r.text for r in responses))
@@ -187,12 +87,12 @@ def test_cache_salt_and_cached_tokens_through_the_router(trio):
     import httpx
 
     def grpc_cached(salt: str) -> int:
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(45)), cache_salt=salt,
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(45)), cache_salt=salt,
                                  params=pb.SamplingParams(max_tokens=3, temperature=0.0))
         return list(trio.stub.Generate(req, timeout=300))[-1].usage.cached_tokens
 
     def http_cached(salt: str) -> int:
-        body = dict(prompt=_prompt(45), max_tokens=3, temperature=0.0, cache_salt=salt)
+        body = dict(prompt=prompt_ids(45), max_tokens=3, temperature=0.0, cache_salt=salt)
         r = httpx.post(f"http://127.0.0.1:{trio.router.http_port}/v1/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -200,106 +100,6 @@ def test_cache_salt_and_cached_tokens_through_the_router(trio):
     assert [grpc_cached("g1"), grpc_cached("g1"), grpc_cached("g2")] == [0, 32, 0]
     assert [http_cached("h1"), http_cached("h1"), http_cached("g1")] == [0, 32, 32]
     trio.wait_pages_free()
-
-
-def _metric(text: str, name: str, default: float | None = None) -> float:
-    """The value of one sample line ``name value`` (``name`` with its labels, as Prometheus prints it)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    if default is None:
-        raise AssertionError(f"{name} not in the scrape")
-    return default
-
-
-def test_router_api_key_tls_and_metrics(trio, colocated_tokens, tmp_path):
-    """A second router over the same servers: clients need the key (health excepted) and TLS, on
-    gRPC and HTTP; the HTTP front end reaches the router through its plaintext loopback port."""
-    import httpx
-    from test_serving_security import _make_certs
-
-    _make_certs(tmp_path)
-    router = Proc("router", "--prefill", trio.prefill.target, "--decode", trio.decode.target, "--http-port", "0",
-                  "--metrics-port", "0", "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
-                  str(tmp_path / "server.key"), env={"ENERGON_API_KEY": "router-key"})
-    try:
-        router.wait_ports(120)
-        key = (("authorization", "Bearer router-key"),)
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(16)),
-                                 params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
-        creds = grpc.ssl_channel_credentials(root_certificates=(tmp_path / "ca.pem").read_bytes())
-        with grpc.secure_channel(router.target, creds) as ch:
-            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
-            assert health.status == health_pb2.HealthCheckResponse.SERVING  # no key needed
-            stub = pb_grpc.InferenceStub(ch)
-            with pytest.raises(grpc.RpcError) as err:
-                list(stub.Generate(req, timeout=60))
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            responses = list(stub.Generate(req, timeout=300, metadata=key))
-            got = ([t for r in responses for t in r.token_ids], "".join(r.text for r in responses))
-            assert got == colocated_tokens[16]
-        with grpc.insecure_channel(router.target) as plain:  # plaintext to the TLS port
-            with pytest.raises(grpc.RpcError):
-                list(pb_grpc.InferenceStub(plain).Generate(req, timeout=10, metadata=key))
-        url = f"https://127.0.0.1:{router.http_port}/v1/completions"
-        body = dict(prompt=_prompt(45), max_tokens=MAX_TOKENS, temperature=0.0)
-        with httpx.Client(verify=ssl.create_default_context(cafile=tmp_path / "ca.pem"), timeout=300) as http:
-            assert http.post(url, json=body).status_code == 401
-            r = http.post(url, json=body, headers={"Authorization": "Bearer router-key"})
-            assert r.status_code == 200, r.text + router.log_path.read_text(errors="replace")
-            assert r.json()["choices"][0]["text"] == colocated_tokens[45][1]
-        deadline = time.monotonic() + 30  # a call is counted when its handler returns, just after its last response
-        while _metric(text := router.metrics_text(10), 'energon_router_requests_total{outcome="OK"}', 0.0) < 2:
-            assert time.monotonic() < deadline, text
-            time.sleep(0.1)
-        time.sleep(0.5)
-        text = router.metrics_text(10)
-        assert _metric(text, 'energon_router_requests_total{outcome="OK"}') == 2  # one gRPC, one HTTP
-        assert _metric(text, "energon_router_time_to_first_token_seconds_count") == 2
-        assert _metric(text, "energon_router_handoff_seconds_count") == 2
-        assert _metric(text, f'energon_router_backend_up{{role="prefill",target="{trio.prefill.target}"}}') == 1
-        assert _metric(text, f'energon_router_backend_in_flight{{role="decode",target="{trio.decode.target}"}}') == 0
-    finally:
-        assert router.stop()
-    trio.wait_pages_free()
-
-
-@pytest.mark.slow  # three more processes; the default run covers the router's side above
-def test_role_servers_with_api_key_tls_and_metrics(colocated_tokens, tmp_path):
-    """Role servers that need a key and TLS: a router with --backend-api-key and --backend-tls-ca
-    serves through them; one without the key sees no server up (health NOT_SERVING)."""
-    from test_serving_security import _make_certs
-
-    _make_certs(tmp_path)
-    tls = ("--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"))
-    env = {"ENERGON_API_KEY": "backend-key"}
-    servers = [Proc("serve", "--role", role, *FLAGS, *tls, "--metrics-port", "0", env=env)
-               for role in ("prefill", "decode")]
-    procs = list(servers)
-    try:
-        for p in servers:
-            p.wait_ports(120)
-        prefill, decode = servers
-        targets = ("--prefill", prefill.target, "--decode", decode.target, "--backend-tls-ca", str(tmp_path / "ca.pem"))
-        router = Proc("router", *targets, "--backend-api-key", "backend-key", "--probe-interval", "0.2")
-        keyless = Proc("router", *targets, "--probe-interval", "0.2")
-        procs += [router, keyless]
-        router.wait_ports(120)
-        keyless.wait_ports(120)
-        with grpc.insecure_channel(router.target) as ch:
-            responses = list(pb_grpc.InferenceStub(ch).Generate(
-                pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(45)),
-                                   params=pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)), timeout=300))
-        assert [t for r in responses for t in r.token_ids] == colocated_tokens[45][0]
-        with grpc.insecure_channel(keyless.target) as ch:
-            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert "refuses the router's key" in keyless.log_path.read_text(errors="replace")
-        assert _metric(decode.metrics_text(10), "energon_kv_pulls_total") == 1
-        assert _metric(prefill.metrics_text(10), "energon_kv_pages_used") == 0
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, str]:
@@ -328,7 +128,7 @@ def _http_text(trio: Trio, prompt: str | list[int], stream: bool) -> tuple[str, 
 def test_openai_completions_through_the_router_match_colocated(trio, colocated_tokens):
     import httpx
 
-    for key, prompt in ((16, _prompt(16)), (45, _prompt(45)), ("text", TEXT_PROMPT)):
+    for key, prompt in ((16, prompt_ids(16)), (45, prompt_ids(45)), ("text", TEXT_PROMPT)):
         for stream in (False, True):
             text, reason = _http_text(trio, prompt, stream)
             assert text == colocated_tokens[key][1], f"prompt {key}, stream={stream}"
@@ -344,14 +144,14 @@ def test_openai_errors_and_disconnects_through_the_router(trio, colocated_tokens
     import httpx
 
     url = f"http://127.0.0.1:{trio.router.http_port}/v1/completions"
-    long = dict(prompt=_prompt(LIMITS["max_model_len"]), max_tokens=4)  # refused at the router's admission
+    long = dict(prompt=prompt_ids(LIMITS["max_model_len"]), max_tokens=4)  # refused at the router's admission
     r = httpx.post(url, json=long, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    penalty = dict(prompt=_prompt(16), max_tokens=MAX_TOKENS, **PENALTIES)
+    penalty = dict(prompt=prompt_ids(16), max_tokens=MAX_TOKENS, **PENALTIES)
     r = httpx.post(url, json=penalty, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == colocated_tokens[("penalties", 16)][1]
-    body = dict(prompt=_prompt(40), max_tokens=80, temperature=0.0, stream=True)
+    body = dict(prompt=prompt_ids(40), max_tokens=80, temperature=0.0, stream=True)
     with httpx.stream("POST", url, json=body, timeout=300) as r:  # the client leaves mid-stream
         events = (line for line in r.iter_lines() if line.startswith("data: "))
         next(events), next(events)  # a token from the decode server: the request holds decode pages
@@ -408,9 +208,9 @@ def test_router_flags_are_checked():
 def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
     t = Trio()
     try:
-        ids = _prompt(16)
+        ids = prompt_ids(16)
         assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[16][0]
-        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=_prompt(40)),
+        req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids(40)),
                                  params=pb.SamplingParams(max_tokens=80, temperature=0.0))
         call = t.stub.Generate(req, timeout=300)
         next(call)
@@ -444,7 +244,7 @@ def test_decode_server_death_fails_in_flight_and_turns_health(colocated_tokens):
 def test_prefill_server_death_routes_to_the_other_one(colocated_tokens):
     t = Trio(num_prefill=2)
     try:
-        ids = _prompt(45)
+        ids = prompt_ids(45)
         for _ in range(2):  # least-loaded pick: both prefill servers are in use
             assert [x for r in _generate(t.stub, ids) for x in r.token_ids] == colocated_tokens[45][0]
         t.prefills[0].proc.kill()
@@ -523,7 +323,7 @@ def _role_pair_vs_colocated(path, kw: dict, prompts: list[list[int]], int8: bool
 @pytest.mark.slow
 def test_int8_pages_move_with_their_scales_between_role_workers():
     kw = dict(LIMITS, page_size=8)
-    want, got, _ = _role_pair_vs_colocated(None, kw, [_prompt(n) for n in (7, 16, 33)], int8=True)
+    want, got, _ = _role_pair_vs_colocated(None, kw, [prompt_ids(n) for n in (7, 16, 33)], int8=True)
     assert got == want
 
 
