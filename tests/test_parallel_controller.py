@@ -221,7 +221,9 @@ def generate_ahead(runner, buckets) -> tuple[dict, int]:
     return tokens, loop.num_planned_ahead
 
 
-def _setup(tp: int):
+def _setup(tp: int, page_slots: int = 0):
+    """The model over tp devices; ``page_slots``: the runner keeps the page tables on the
+    device (a batch carries only its rows' slots and new pages; joins are loads)."""
     import jax.numpy as jnp
 
     from energon_jax.batch import Buckets, warmup_batches
@@ -236,8 +238,10 @@ def _setup(tp: int):
     shard_model(model, mesh, rules)
     kv = tuple(make_kv_pages(24, 4, config.num_kv_heads, config.head_dim, jnp.float32,
                              sharding=kv_pages_sharding(mesh, rules)) for _ in range(config.num_layers))
-    buckets = Buckets.create(max_num_batched_tokens=8, max_num_seqs=4, max_model_len=32, page_size=4, min_tokens=4)
-    return ModelRunner(model, kv), buckets, warmup_batches(buckets)
+    buckets = Buckets.create(max_num_batched_tokens=8, max_num_seqs=4, max_model_len=32, page_size=4, min_tokens=4,
+                             page_slots=page_slots)
+    runner = ModelRunner(model, kv, page_slots=page_slots, max_pages_per_row=buckets.max_pages_per_row)
+    return runner, buckets, warmup_batches(buckets)
 
 
 def _child_single(outdir: str) -> dict:
@@ -253,7 +257,7 @@ def _child_multi(outdir: str) -> None:
     assert distributed.initialize_from_env()
     import jax
 
-    runner, buckets, templates = _setup(tp=4)
+    runner, buckets, templates = _setup(tp=4, page_slots=8)
     controller = Controller(runner, templates)
     controller.warmup(templates)
     out = {"device_count": jax.device_count(), "process_count": jax.process_count()}

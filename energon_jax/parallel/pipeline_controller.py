@@ -18,54 +18,25 @@ if TYPE_CHECKING:
     from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner
 
 
-class _TickDispatch:
-    """What ``Controller`` drives: ``step_async`` runs one fitted tick on this process."""
+class TickDispatch:
+    """What ``Controller`` drives for a pipeline: ``step_async`` runs one fitted tick on this
+    process. Everything else the controller asks of its runner (the device tables and their
+    row loads, warm-up, compile counts) is the pipeline's own, passed through."""
 
     def __init__(self, runner: SpmdPipelineRunner) -> None:
         self.pipeline = runner
 
-    def step_async(self, batch: Any, *, fetch: bool = True) -> tuple:
+    def step_async(self, batch: Any, *, fetch: bool = True) -> Any:
         return self.pipeline.run_tick(batch, fetch=fetch)
-
-    @property
-    def penalty_slots(self) -> int:
-        return self.pipeline.penalty_slots
-
-    @property
-    def vocab(self) -> int:
-        return self.pipeline.vocab
-
-    @property
-    def page_table(self) -> Any:
-        return self.pipeline.page_table
-
-    @property
-    def penalty_tables(self) -> Any:
-        return self.pipeline.penalty_tables
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        self.pipeline.write_page_rows(slots, rows)
-
-    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
-        self.pipeline.write_penalty_rows(slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        self.pipeline.warmup_loads(place)
-
-    def warmup(self, batches: Sequence[Any]) -> int:
-        return self.pipeline.warmup(batches)
 
     @property
     def kv_cache(self) -> Any:
         return self.pipeline.kv
 
-    @property
-    def num_compiles(self) -> int:
-        return self.pipeline.num_compiles
-
-    @property
-    def compiled_shapes(self) -> list:
-        return self.pipeline.compiled_shapes
+    def __getattr__(self, name: str) -> Any:
+        if name == "pipeline":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)
 
 
 class PipelineController(Controller):
@@ -78,7 +49,7 @@ class PipelineController(Controller):
     drives it as it drives the runner."""
 
     def __init__(self, runner: SpmdPipelineRunner, templates: Sequence[Any], **kwargs: Any) -> None:
-        super().__init__(_TickDispatch(runner), templates, **kwargs)
+        super().__init__(TickDispatch(runner), templates, **kwargs)
         self.pipeline = runner
         self.pp = runner.pp
         runner.dispatch = self.step_async

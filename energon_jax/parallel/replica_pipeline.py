@@ -31,8 +31,9 @@ as in its ``Scheduler``.
 Every replica ticks at every stacked tick (the carry moves for all of them); a replica
 whose loop had nothing to tick (an empty pipeline) takes an empty tick, which changes
 nothing it holds. Greedy tokens equal one device's: each replica's rows are exactly what a
-lone pipeline computes on them. Limits: as every multi-process runner, no device penalty
-tables (batches carry the histories) and no planning ahead (a pipeline's overlap is its
+lone pipeline computes on them. Each replica keeps its penalty counts and page tables on its
+own devices, as one pipeline does (a leading ``[dp]`` axis over ``dp``; a replica view's row
+loads address ``(replica, slot)``). Limit: no planning ahead (a pipeline's overlap is its
 micro-batches in flight).
 """
 
@@ -52,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from energon_jax.parallel.data_parallel import DataParallelRunner
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
+from energon_jax.parallel.pipeline_controller import TickDispatch
 from energon_jax.parallel.replica_step import ReplicaTables, filled, fit_batch, stack_batches, stacked_penalty_tables
 from energon_jax.parallel.spmd_pipeline import (
     SlotLayout, SpmdPipelineRunner, _Held, _outer_placed, _stacked_placed, real_size, stack_layers,
@@ -163,62 +165,15 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
         raise RuntimeError("stacked pipelines tick through StackedPipelines (one clock per replica)")
 
 
-class StackedTickDispatch:
+class StackedTickDispatch(TickDispatch):
     """What a ``Controller`` drives: ``step_async`` runs one stacked tick and returns a
-    ``StepHandle`` (so the controller counts its fetch)."""
-
-    def __init__(self, runner: ReplicaPipelineRunner) -> None:
-        self.pipeline = runner
+    ``StepHandle`` (so the controller counts its fetch); the rest is the pipeline's."""
 
     def step_async(self, batch: Any, *, fetch: bool = True) -> StepHandle:
         return StepHandle(tuple(self.pipeline.run_tick(batch, fetch=fetch)))
 
-    @property
-    def penalty_slots(self) -> int:
-        return self.pipeline.penalty_slots
-
-    @property
-    def vocab(self) -> int:
-        return self.pipeline.vocab
-
-    @property
-    def slot_dims(self) -> int:
-        return self.pipeline.slot_dims
-
-    @property
-    def page_table(self) -> Any:
-        return self.pipeline.page_table
-
-    @property
-    def penalty_tables(self) -> Any:
-        return self.pipeline.penalty_tables
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        self.pipeline.write_page_rows(slots, rows)
-
-    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
-        self.pipeline.write_penalty_rows(slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        self.pipeline.warmup_loads(place)
-
     def step(self, batch: Any) -> SampledTokens:
         return self.step_async(batch).result()
-
-    def warmup(self, batches: Sequence[Any]) -> int:
-        return self.pipeline.warmup(batches)
-
-    @property
-    def kv_cache(self) -> Any:
-        return self.pipeline.kv
-
-    @property
-    def num_compiles(self) -> int:
-        return self.pipeline.num_compiles
-
-    @property
-    def compiled_shapes(self) -> list:
-        return self.pipeline.compiled_shapes
 
 
 @dataclasses.dataclass

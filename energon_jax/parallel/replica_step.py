@@ -16,7 +16,7 @@ so ``dp`` replicas cannot each run their own step as they do in one process
     every process: ReplicaStepRunner.step_async(stacked):
         shard_map over dp, replica r on mesh[r, :, :]:
             logits, kv[r] = model(batch[r], kv[r])    # tp stays automatic inside
-            ids[r] = sample(logits, batch[r].sampling)
+            ids[r] = sample(logits, batch[r].sampling, tables[r])
         -> ids [dp, B] (gathered to every process: process 0 reads them)
     process 0: each replica's handle reads its row of the ids
 
@@ -28,10 +28,14 @@ page ids mean the same as in its ``Scheduler``.
 Greedy tokens equal one device's: each replica computes exactly what a lone runner
 would on its rows (padding rows and tokens change nothing real, ``batch.pack``).
 
-Limits: no planning ahead (a replica's next batch would need this step's ids on the
+Each replica keeps its penalty counts and page tables on its own devices, as a lone
+``ModelRunner`` does: ``[dp, ...]`` tables over ``dp``, the step updating replica ``r``'s
+slice from its rows; a replica view's row loads (``slot_loads.py``) address
+``(replica, slot)`` and first dispatch any batch the replica holds.
+
+Limit: no planning ahead (a replica's next batch would need this step's ids on the
 device, slice by slice: ``supports_prev_ids`` is False, so ``async_scheduling`` logs that
-it is off) and no device penalty tables (a step with a penalty row carries the rows'
-histories; tp and pp x tp across processes keep tables, ``runtime.device_penalties``).
+it is off).
 ``pp > 1``: ``replica_pipeline.py`` stacks the replicas' pipeline ticks the same way. In
 one process ``runtime`` keeps the independent ``DataParallelRunner``: its replicas overlap
 with each other's host work.
