@@ -5,20 +5,18 @@ outputs, its pages allocated) with ``batch.pack`` and the step loop's ``HostRows
 reports the batch's bytes (every leaf goes up with the step: on one process as the step's
 input, across processes through the controller's broadcast) and the packing time, for:
 
-- ``device tables``: buckets of a runner that keeps penalty counts on the device (every
-  single-process layout, the pipeline and offloading included);
-- ``tables across processes``: the same counts on the device (tp, pp x tp), with buckets
-  that can carry a history: a step uploads one only when it rebuilds a row's slot (a row
-  joining past position 0, e.g. a prefix-cache hit), ``sampling.REBUILD``;
-- ``history in batch``: the stacked dp replicas across processes, whose batches carry each
-  penalty row's history;
-- ``device tables + page tables``: the ``ModelRunner`` layouts of one process, which also keep
-  the page tables on the device (``Buckets.page_slots``): a decode step carries each row's
-  slot and the pages it appended, not ``[B, max_model_len / page_size]`` (the step measured
-  repeats the last one, so it appends nothing; a row's whole table goes up once, when it joins).
+- ``device tables + page tables``: what every layout now uploads, in one process and across
+  processes (tp, pp x tp, the stacked dp replicas): penalty counts and page tables stay on the
+  device (``Buckets.page_slots``): a decode step carries each row's slot and the pages it
+  appended, not ``[B, max_model_len / page_size]`` (the step measured repeats the last one,
+  so it appends nothing; a row's whole table goes up once, when it joins, as a separate load:
+  ``slot_loads.py``, broadcast by the controller across processes);
+- ``device tables``: penalty counts on the device, ``[B, M]`` page tables in every batch (what
+  offloading and every multi-process layout uploaded before this session);
+- ``history in batch``: a runner built without penalty tables (the stacked dp replicas across
+  processes before this session), whose batches carry each penalty row's history.
 
-Each with no penalty row and with one (for the second, also one whose slot is rebuilt). The
-``OffloadedRunner`` takes the same batches as the last layout (same ``Buckets``).
+Each with no penalty row and with one.
 
 ``--window W`` adds a sliding-window run: ``--rows`` requests in lock step (one prefill
 step, then decode, planning ahead as the engine does) on the real scheduler, which releases
@@ -46,11 +44,6 @@ from energon_jax.batch import Buckets, pack
 from energon_jax.host_rows import HostRows
 from energon_jax.request import Request, RequestStatus, SamplingParams
 from energon_jax.scheduler import ScheduledRow, StepPlan
-
-try:
-    from energon_jax.sampling import REBUILD
-except ImportError:  # a commit before slots were rebuilt inside the step
-    REBUILD = None
 
 
 def decode_plan(rows: int, prompt_len: int, page_size: int, penalty_rows: int, seed: int = 0) -> StepPlan:
@@ -135,8 +128,7 @@ def main() -> None:
     print("|---|---|---|---|")
     kw = dict(max_num_batched_tokens=max(2048, args.rows), max_num_seqs=args.rows,
               max_model_len=args.max_model_len, page_size=args.page_size)
-    layouts = (("device tables", True), ("tables across processes", False), ("history in batch", False),
-               ("device tables + page tables", True))
+    layouts = (("device tables + page tables", True), ("device tables", True), ("history in batch", False))
     for name, tables in layouts:
         pages = {"page_slots": 2 * args.rows} if name.endswith("page tables") else {}
         try:
@@ -145,19 +137,14 @@ def main() -> None:
             if pages:
                 continue
             buckets = Buckets.create(**kw)
-        across = name == "tables across processes"
-        if across and REBUILD is None:
-            continue  # a commit before tables across processes
-        for penalty_rows, rebuild in ((0, False), (1, False), *([(1, True)] if across else [])):
+        for penalty_rows in (0, 1):
             plan = decode_plan(args.rows, args.prompt_len, args.page_size, penalty_rows)
             penalty = None
-            if across and penalty_rows:  # what PenaltySlots.assign gives the step loop
-                reset = np.zeros(args.rows, np.int32)
-                reset[0] = REBUILD if rebuild else 0
-                penalty = (np.where(np.arange(args.rows) < penalty_rows, 0, -1).astype(np.int32), reset)
+            if tables and penalty_rows:  # what PenaltySlots.assign gives the step loop
+                penalty = (np.where(np.arange(args.rows) < penalty_rows, 0, -1).astype(np.int32),
+                           np.zeros(args.rows, np.int32))
             mb, ms = measure(buckets, plan, args.reps, penalty)
-            label = f"{penalty_rows}{' (slot rebuilt)' if rebuild else ''}"
-            print(f"| {name} | {label} | {mb:.2f} | {ms:.2f} |")
+            print(f"| {name} | {penalty_rows} | {mb:.2f} | {ms:.2f} |")
     if args.window:
         print(f"\nsliding window {args.window}: {args.rows} rows decoding in lock step, planned ahead")
         print("| page tables | MiB up per decode step (mean) | max | rows reloaded whole |")

@@ -41,7 +41,6 @@ import jax
 import numpy as np
 
 from energon_jax.request import MAX_LOGPROBS, Request
-from energon_jax.sampling import REBUILD
 from energon_jax.scheduler import StepPlan
 from pallas_kernels.page_layout import NULL_PAGE, PagedAttentionMetadata
 
@@ -315,8 +314,7 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     """Lay the plan's rows end to end in the smallest bucket that holds them.
 
     ``penalty``: ``(slot [R], reset [R])`` per plan row from ``PenaltySlots.assign`` when the
-    runner keeps penalty counts on the device (then the history is 0 wide unless a row's slot
-    is rebuilt from it: ``sampling.REBUILD``, across processes).
+    runner keeps penalty counts on the device (then the history is 0 wide).
     ``host_rows``: the step loop's ``HostRows``; the same batch, with the per-request
     fields and page tables gathered from it instead of read from every request.
 
@@ -330,12 +328,8 @@ def pack(plan: StepPlan, buckets: Buckets, penalty: tuple[np.ndarray, np.ndarray
     if nr > b:
         raise ValueError(f"plan has {nr} rows but the ({t=}) bucket holds {b}; max_num_seqs too small?")
     reqs = [row.request for row in rows]
-    # The history goes up only in a step that needs it: without device tables, when a row uses a
-    # penalty; with them, when a row's slot is rebuilt from it (``sampling.REBUILD``).
-    if penalty is not None:
-        needs = bool((penalty[1] == REBUILD).any())
-    else:
-        needs = bool(buckets.history_len) and any(r.params.uses_penalties for r in reqs)
+    # Without device tables the history goes up only in a step where a row uses a penalty.
+    needs = penalty is None and bool(buckets.history_len) and any(r.params.uses_penalties for r in reqs)
     width = buckets.history_width(needs)
     out = dummy_batch(buckets, t, b, width)
     attn, size = out.attn, buckets.page_size
@@ -426,15 +420,12 @@ def _fill_sampling(out: StepBatch, reqs: list[Request], prev_rows: list[int]) ->
 
 def _fill_penalties(out: StepBatch, rows: list, reqs: list[Request], penalty: tuple[np.ndarray, np.ndarray] | None
                     ) -> None:
-    """Device tables (``penalty``): the rows' slots and resets, and the tokens before its start of
-    each row whose slot the step rebuilds. Else: each penalty row's history (when the step has one)."""
+    """Device tables (``penalty``): the rows' slots and resets. Else: each penalty row's history
+    (when the step has one)."""
     s = out.sampling
     if penalty is not None:
         slot, reset = penalty
         s.penalty_slot[: len(rows)], s.penalty_reset[: len(rows)] = slot, reset
-        for i in np.flatnonzero(reset == REBUILD).tolist():  # rare: a row joining past position 0
-            start = rows[i].start_pos
-            s.history[i, :start] = reqs[i].tokens(0, start)
         return
     if s.history.shape[1]:
         for i, r in enumerate(reqs):

@@ -24,12 +24,11 @@ placeholder's id is counted on device when the runner fills it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from energon_jax.sampling import REBUILD
 
 
 class PenaltySlots:
@@ -45,14 +44,14 @@ class PenaltySlots:
         self._slot_of: dict[int, int] = {}  # id(request) -> slot
         self.rebuilds = 0  # rows that joined at a position > 0 and loaded their counts (instrumentation)
 
-    def assign(self, rows: list[Any], load_row: Any, busy: Iterable[Any] = ()) -> tuple[np.ndarray, np.ndarray] | None:
+    def assign(self, rows: list[Any], load_row: Callable[[int, np.ndarray, np.ndarray], Any],
+               busy: Iterable[Any] = ()) -> tuple[np.ndarray, np.ndarray] | None:
         """``(slot [R] int32, reset [R] int32 0/1)`` for a plan's rows, or None when no row uses a penalty.
 
-        ``load_row(slot, counts [V] int32, seen [V] bool)`` writes one slot on the device
-        before the step (only for rows that start past position 0 on an unfamiliar slot);
-        None (across processes, where a host-driven write would reach one process only): such
-        a row's reset is ``sampling.REBUILD`` instead, and the step rebuilds the slot from the
-        row's history, which ``batch.pack`` then puts in the step's batch.
+        ``load_row(slot, counts [V] int32, seen [V] bool)`` is called for each row that starts
+        past position 0 on an unfamiliar slot: the slot's counts rebuilt on the host, which the
+        caller writes on the device before the step (the step loop gathers them into
+        ``runner.write_penalty_rows`` calls).
         ``busy``: requests of steps still on the device that read their slots after this
         step writes its own (a pipeline's micro-batches in flight): their slots are never taken."""
         users = [r for r, row in enumerate(rows) if row.request.params.uses_penalties]
@@ -73,9 +72,6 @@ class PenaltySlots:
             if self._fed[s] != row.start_pos:
                 if row.start_pos == 0:
                     reset[r] = 1
-                elif load_row is None:
-                    reset[r] = REBUILD
-                    self.rebuilds += 1
                 else:
                     load_row(s, *self._counts(req, row.start_pos))
                     self.rebuilds += 1

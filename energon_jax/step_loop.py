@@ -109,14 +109,11 @@ class StepLoop:
         # Slots in the runner's device penalty tables (when it keeps them; else batches carry histories).
         slots = getattr(runner, "penalty_slots", 0)
         self._penalty = PenaltySlots(slots, runner.vocab) if slots else None
-        # How a slot is rebuilt for a row joining past position 0: its counts are loaded from the
-        # host before the step (one call per step, slot_loads.py; across processes the Controller
-        # broadcasts them), or, by a runner that cannot load, rebuilt by the step itself from the
-        # row's tokens, carried in that step's batch as its history.
-        self._loads_penalties = bool(slots) and hasattr(runner, "write_penalty_rows")
-        if slots and not self._loads_penalties and not buckets.history_len:
-            raise ValueError("a runner with penalty tables but no write_penalty_rows needs buckets with a history "
-                             "(Buckets.create(penalty_tables=False)) to rebuild slots in the step")
+        # A row joining past position 0 has its slot's counts rebuilt on the host and loaded before
+        # the step (one call per chunk, slot_loads.py; across processes the Controller broadcasts them).
+        if slots and not hasattr(runner, "write_penalty_rows"):
+            raise ValueError(f"{type(runner).__name__} keeps penalty_slots={slots} but has no write_penalty_rows "
+                             "to load a rebuilt slot")
         self._process = process
         self._deferred: list[Any] = []  # scheduler deltas whose text is produced during the next step
         self._deferred_steps = 0  # updates those deltas come from (one: each request at most once)
@@ -138,8 +135,7 @@ class StepLoop:
             # one has entered and written its own: theirs must not be taken (penalty_slots.py).
             busy = [row.request for tag in getattr(self.runner, "in_flight_tags", ()) for row in tag.rows]
             loads: list[tuple[int, np.ndarray, np.ndarray]] = []
-            load_row = (lambda *row: loads.append(row)) if self._loads_penalties else None
-            penalty = self._penalty.assign(plan.rows, load_row, busy)
+            penalty = self._penalty.assign(plan.rows, lambda *row: loads.append(row), busy)
             if loads:  # rebuilt slots go up before the step that reads them
                 counts = np.stack([c for _, c, _ in loads])
                 seen = np.stack([v for _, _, v in loads])

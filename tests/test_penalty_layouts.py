@@ -34,7 +34,6 @@ import time
 import numpy as np
 import pytest
 
-from energon_jax.sampling import REBUILD
 from test_parallel_mesh import ROOT, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,44 +77,6 @@ def test_history_width_follows_the_step():
         Buckets((16,), 4, 4, 8, -1)
 
 
-def test_a_rebuilt_slot_travels_in_the_step():
-    """Across processes a slot is rebuilt by the step from the tokens before the row's start,
-    which only that step's batch carries; the counts equal numpy's over those tokens plus the fed ones."""
-    import jax
-    import jax.numpy as jnp
-
-    from energon_jax.batch import Buckets, pack
-    from energon_jax.request import Request, SamplingParams
-    from energon_jax.sampling import make_penalty_tables, update_penalty_tables
-    from energon_jax.scheduler import ScheduledRow, StepPlan
-
-    vocab = 96
-    buckets = Buckets.create(max_num_batched_tokens=16, max_num_seqs=4, max_model_len=MAX_MODEL_LEN, page_size=4)
-    rng = np.random.default_rng(5)
-    r = Request("r0", rng.integers(3, vocab, 10).tolist(), SamplingParams(max_tokens=8, repetition_penalty=1.5))
-    r.output_token_ids = rng.integers(3, vocab, 6).tolist()
-    r.pages = list(range(1, 5))
-    start = 13  # 10 prompt tokens and 3 outputs counted before; the step feeds outputs 3..5
-    plan = StepPlan([ScheduledRow(r, r.tokens(start, 16), start, True)])
-    for penalty, width in (((np.array([2], np.int32), np.array([0], np.int32)), 0),
-                           ((np.array([2], np.int32), np.array([REBUILD], np.int32)), MAX_MODEL_LEN)):
-        batch = pack(plan, buckets, penalty)
-        assert batch.sampling.history.shape[1] == width
-    np.testing.assert_array_equal(batch.sampling.history[0, :start], r.tokens(0, start))
-    assert np.all(batch.sampling.history[0, start:] == -1) and np.all(batch.sampling.history[1:] == -1)
-    tables = make_penalty_tables(4, vocab)
-    tables = tables.__class__(tables.output_counts.at[2].set(7), tables.prompt_seen.at[2].set(True))  # stale
-    b = jax.tree.map(jnp.asarray, batch)  # on the device, as the step gets it
-    tables = update_penalty_tables(tables, b.input_ids, b.segment_ids, b.positions, b.sampling)
-    tokens = np.array(r.tokens(0, 16))
-    want_counts = np.bincount(tokens[10:], minlength=vocab)
-    want_seen = np.bincount(tokens[:10], minlength=vocab) > 0
-    np.testing.assert_array_equal(np.asarray(tables.output_counts[2]), want_counts)
-    np.testing.assert_array_equal(np.asarray(tables.prompt_seen[2]), want_seen)
-    assert not np.asarray(tables.output_counts)[[0, 1, 3]].any()
-
-
-
 # -- engines on 8 simulated devices -------------------------------------------------------
 # The default run keeps two engines besides one device's (test_parallel_engine's default
 # layouts also run offload and pp x tp, device tables, with penalty rows against one device);
@@ -143,15 +104,15 @@ def _check(out, group):
         assert case["tokens"] == base, case
         # per packed batch: [history width, whether a row uses a penalty, whether a row's slot is rebuilt in it]
         widths = case["widths"]
-        assert any(p for _, p, _ in widths) and any(not p for _, p, _ in widths), case  # both kinds of step ran
+        assert any(p for _, p in widths) and any(not p for _, p in widths), case  # both kinds of step ran
         if mode == "device":
             assert case["history_len"] == 0 and case["tables"], case
-            assert all(w == 0 for w, _, _ in widths), case
+            assert all(w == 0 for w, _ in widths), case
             if "decode_devices" in case["case"][1]:  # a moved request's slot is rebuilt on the decode group
                 assert case["rebuilds"] > 0, case
         else:  # stacked replicas across processes: no tables, the history in a step with a penalty row
             assert case["history_len"] == MAX_MODEL_LEN and not case["tables"], case
-            assert all(w == (MAX_MODEL_LEN if p else 0) for w, p, _ in widths), case
+            assert all(w == (MAX_MODEL_LEN if p else 0) for w, p in widths), case
         if mode != "device":
             assert case["compiles_after_warmup"] == 0, case
 
@@ -184,7 +145,7 @@ def test_penalties_across_two_processes(tmp_path, layout):
     assert got["tokens"] == base
     assert got["runner"] == worker["runner"] == MULTI[layout][1]
     assert got["tables"] and worker["tables"] and got["history_len"] == 0 and got["rebuilds"] > 0
-    assert all(w == 0 for w, _, _ in got["widths"]), got  # no step carries a history
+    assert all(w == 0 for w, _ in got["widths"]), got  # no step carries a history
     assert worker["steps"] == got["steps"] > 0
     # the rebuilt slot and every joining row's page table went to each process in a broadcast load
     assert worker["loads"] == got["loads"] > got["rebuilds"], (got, worker)
@@ -244,8 +205,7 @@ def _recorded(engine) -> list[list]:
         def recording(plan, buckets, penalty=None, *args, _pack=pack, **kw):
             batch = _pack(plan, buckets, penalty, *args, **kw)
             seen.append([int(batch.sampling.history.shape[1]),
-                         any(row.request.params.uses_penalties for row in plan.rows),
-                         penalty is not None and bool((penalty[1] == REBUILD).any())])
+                         any(row.request.params.uses_penalties for row in plan.rows)])
             return batch
 
         one._pack_batch = recording

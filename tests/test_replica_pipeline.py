@@ -70,7 +70,10 @@ def test_dp2_pp2_tp2_across_two_processes_matches_single_device(tmp_path):
     _check(got["case"], base)
     assert got["case"]["kv_processes"] == [[0], [1]], got  # replica r's pages on process r's devices
     assert worker["steps"] == got["steps"] > 0  # the worker ran every stacked tick
-    assert worker["stats"]["fetch_syncs"] == 0 and worker["stats"]["kv_waits"] == worker["steps"] + 1, worker
+    # a worker waits for each step's header, each load's (joining rows' page tables) and the stop
+    assert worker["stats"]["loads"] == got["stats"]["loads"] > 0, (got, worker)
+    assert worker["stats"]["fetch_syncs"] == 0
+    assert worker["stats"]["kv_waits"] == worker["steps"] + worker["stats"]["loads"] + 1, worker
     assert worker["preempt_steps"] == got["preempt_steps"] > 0  # ...and every tick of the second controller
 
 
