@@ -196,8 +196,7 @@ def _engine(kv_cache_pages: int = 32, **layout):
 
 
 def _generate(engine):
-    """Greedy tokens of PROMPTS; the last two with penalties (device count tables in every layout
-    but stacked dp replicas across processes, which carry each penalty row's history in the batch)."""
+    """Greedy tokens of PROMPTS; the last two with penalties (device count tables in every layout)."""
     from energon_jax.request import SamplingParams
 
     plain = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
