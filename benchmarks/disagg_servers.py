@@ -152,6 +152,8 @@ def _wait_serving(target: str, proc: subprocess.Popen, deadline: float, name: st
 def start_layout(procs: Processes, layout: str, args: argparse.Namespace) -> str:
     """Start ``layout``'s servers; the gRPC target clients talk to."""
     engine = engine_flags(args)
+    if args.no_warmup:  # `energon serve --no-warmup`, the role servers' too (the router has no engine)
+        engine.append("--no-warmup")
     if layout.startswith("colocated"):
         cpus = args.colocated_cpus if layout == "colocated" else args.prefill_cpus
         return procs.start(layout, cpus, ["serve", *engine, "--no-http", "--no-metrics"])

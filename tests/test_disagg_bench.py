@@ -163,6 +163,31 @@ def test_server_flags_and_cpu_lists():
         servers.check_cpus(args)
 
 
+class _Started:
+    """Records ``Processes.start`` calls instead of starting anything."""
+
+    def __init__(self) -> None:
+        self.commands: dict[str, list[str]] = {}
+
+    def start(self, name: str, cpus: str | None, args: list[str]) -> str:
+        self.commands[name] = list(args)
+        return f"{name}:1"
+
+
+@pytest.mark.parametrize("no_warmup", [False, True])
+def test_no_warmup_reaches_every_server(no_warmup):
+    argv = ["--no-warmup"] if no_warmup else []
+    for layout, engines in (("colocated", ["colocated"]), ("disaggregated", ["prefill", "decode"])):
+        started = _Started()
+        assert servers.start_layout(started, layout, bench.parse_args(argv)) == (
+            "router:1" if layout == "disaggregated" else "colocated:1")
+        for name in engines:  # every `energon serve` (colocated or a role) gets the flag, or none does
+            assert started.commands[name][0] == "serve"
+            assert ("--no-warmup" in started.commands[name]) == no_warmup, started.commands
+        if layout == "disaggregated":  # the router runs no engine and takes no such flag
+            assert started.commands["router"] == ["router", "--prefill", "prefill:1", "--decode", "decode:1"]
+
+
 @pytest.mark.slow  # three servers, a router and two calibrations: a few minutes on the 2-core box
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "disagg.json"
