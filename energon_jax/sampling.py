@@ -127,37 +127,46 @@ def penalty_slot_loader(sharding: Any) -> Callable[[PenaltyTables, int, np.ndarr
 def update_penalty_tables(
     tables: PenaltyTables, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, s: SamplingBatch
 ) -> PenaltyTables:
+    """``add_step_tokens``, skipped (``lax.cond``) in a step where no row holds a slot.
+
+    With the tables donated (as the runners' steps donate them) XLA aliases them through the
+    conditional: the compiled step copies neither ``[S, V]`` array, and a step without penalty
+    rows is as fast with the tables as without (``benchmarks/penalty_tables.py``). Running the
+    update every step instead, its scatters dropping every index, measured slower."""
+    return jax.lax.cond(jnp.any(s.penalty_slot >= 0),
+                        lambda t: add_step_tokens(t, input_ids, segment_ids, positions, s), lambda t: t, tables)
+
+
+def add_step_tokens(
+    tables: PenaltyTables, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, s: SamplingBatch
+) -> PenaltyTables:
     """Zero the slots of rows that join (``s.penalty_reset``), then add the step's fed tokens.
 
     ``input_ids/segment_ids/positions [T]`` are the step's (placeholders already filled), so
     a token sampled by the previous step and fed now is counted on device. A row whose reset
     is ``REBUILD`` (a row that joins past position 0 where no host-driven slot load can reach
     every process) first counts its tokens before the step from ``s.history`` (a step with
-    such a row carries the history; 0 wide otherwise)."""
-
-    def update(tables: PenaltyTables) -> PenaltyTables:
-        slots, vocab = tables.output_counts.shape
-        reset = jnp.where((s.penalty_reset > 0) & (s.penalty_slot >= 0), s.penalty_slot, slots)  # [B]
-        counts = tables.output_counts.at[reset].set(0, mode="drop")
-        seen = tables.prompt_seen.at[reset].set(False, mode="drop")
-        hist = s.history  # [B, H]
-        if hist.shape[1]:  # static: a step that rebuilds slots from their rows' histories
-            rebuild = (s.penalty_reset == REBUILD) & (s.penalty_slot >= 0)  # [B]
-            valid = rebuild[:, None] & (hist >= 0) & (hist < vocab)  # [B, H]
-            target = jnp.where(valid, s.penalty_slot[:, None], slots)  # slots: dropped
-            is_output = jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None]
-            ids = jnp.where(valid, hist, 0)
-            counts = counts.at[jnp.where(is_output, target, slots), ids].add(1, mode="drop")
-            seen = seen.at[jnp.where(is_output, slots, target), ids].set(True, mode="drop")
-        row = jnp.maximum(segment_ids, 0)  # [T]
-        slot = jnp.where(segment_ids >= 0, s.penalty_slot[row], -1)
-        slot = jnp.where((slot >= 0) & (input_ids >= 0) & (input_ids < vocab), slot, slots)  # slots: dropped
-        is_output = positions >= s.prompt_len[row]
-        counts = counts.at[jnp.where(is_output, slot, slots), input_ids].add(1, mode="drop")
-        seen = seen.at[jnp.where(is_output, slots, slot), input_ids].set(True, mode="drop")
-        return PenaltyTables(counts, seen)
-
-    return jax.lax.cond(jnp.any(s.penalty_slot >= 0), update, lambda t: t, tables)
+    such a row carries the history; 0 wide otherwise). Rows without a slot change nothing."""
+    slots, vocab = tables.output_counts.shape
+    reset = jnp.where((s.penalty_reset > 0) & (s.penalty_slot >= 0), s.penalty_slot, slots)  # [B]
+    counts = tables.output_counts.at[reset].set(0, mode="drop")
+    seen = tables.prompt_seen.at[reset].set(False, mode="drop")
+    hist = s.history  # [B, H]
+    if hist.shape[1]:  # static: a step that rebuilds slots from their rows' histories
+        rebuild = (s.penalty_reset == REBUILD) & (s.penalty_slot >= 0)  # [B]
+        valid = rebuild[:, None] & (hist >= 0) & (hist < vocab)  # [B, H]
+        target = jnp.where(valid, s.penalty_slot[:, None], slots)  # slots: dropped
+        is_output = jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None]
+        ids = jnp.where(valid, hist, 0)
+        counts = counts.at[jnp.where(is_output, target, slots), ids].add(1, mode="drop")
+        seen = seen.at[jnp.where(is_output, slots, target), ids].set(True, mode="drop")
+    row = jnp.maximum(segment_ids, 0)  # [T]
+    slot = jnp.where(segment_ids >= 0, s.penalty_slot[row], -1)
+    slot = jnp.where((slot >= 0) & (input_ids >= 0) & (input_ids < vocab), slot, slots)  # slots: dropped
+    is_output = positions >= s.prompt_len[row]
+    counts = counts.at[jnp.where(is_output, slot, slots), input_ids].add(1, mode="drop")
+    seen = seen.at[jnp.where(is_output, slots, slot), input_ids].set(True, mode="drop")
+    return PenaltyTables(counts, seen)
 
 
 def apply_penalties(logits: jax.Array, s: SamplingBatch, tables: PenaltyTables | None = None) -> jax.Array:

@@ -304,3 +304,54 @@ def test_top_k_one_is_greedy(temperature):
         jnp.asarray(logits), make_batch(6, temperature=np.full(6, temperature), top_k=np.ones(6), seed=np.arange(6))
     )
     np.testing.assert_array_equal(np.asarray(ids), logits.argmax(-1))
+
+
+def _table_params_copied_or_not_aliased(hlo: str, shapes: tuple[str, ...]) -> tuple[list[str], list[int]]:
+    """In compiled HLO text: the instructions that copy an array of one of ``shapes``, and the
+    entry parameters of those shapes whose buffer no output aliases."""
+    import re
+
+    copies = [m.group(0) for m in re.finditer(r"%(\S+) = ((?:s32|pred)\[\d+,\d+\])\S* (\S+?)\(", hlo)
+              if m.group(2) in shapes and "copy" in m.group(1) + m.group(3)]
+    entry = hlo[hlo.index("\nENTRY "):]
+    params = [int(m.group(2)) for m in re.finditer(r"= ((?:s32|pred)\[\d+,\d+\])\S* parameter\((\d+)\)", entry)
+              if m.group(1) in shapes]
+    header = hlo.splitlines()[0]
+    return copies, [i for i in params if not re.search(rf"\({i}, \{{\}}, (may|must)-alias\)", header)]
+
+
+def test_penalty_tables_stay_in_place_through_a_step_without_penalty_rows():
+    """A step where no row holds a slot leaves the tables as they were, and the compiled update
+    and sampler (the tables donated, as the runner's step donates them) copy neither table:
+    XLA aliases them through ``update_penalty_tables``'s conditional. A copy would cost every
+    step a pass over ``[S, V]`` (5 MiB at 32 slots x 32000 ids; benchmarks/penalty_tables.py)."""
+    from energon_jax.batch import Buckets, dummy_batch
+    from energon_jax.sampling import PenaltyTables, update_penalty_tables
+
+    slots, vocab, rows = 8, 1000, 4  # rows != slots: no other array has the tables' shape
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 5, (slots, vocab)).astype(np.int32)
+    seen = rng.random((slots, vocab)) < 0.3
+    buckets = Buckets.create(max_num_batched_tokens=16, max_num_seqs=rows, max_model_len=32, page_size=4,
+                             penalty_tables=True)
+    batch = dummy_batch(buckets, 16, rows, 0)
+    batch.input_ids[:10] = rng.integers(3, vocab, 10)
+    batch.segment_ids[:10] = np.repeat(np.arange(rows), [4, 3, 2, 1])
+    batch.positions[:10] = [0, 1, 2, 3, 5, 6, 7, 2, 3, 9]
+    batch.sampling.penalty_reset[:] = 1  # joining rows, but without a slot: nothing to zero
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32)
+
+    def step(tables, logits, batch):
+        s = batch.sampling
+        tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions, s)
+        return tables, sample(logits, s, tables)[0]
+
+    jitted = jax.jit(step, donate_argnums=(0,))
+    tables = PenaltyTables(jnp.asarray(counts), jnp.asarray(seen))
+    hlo = jitted.lower(tables, logits, batch).compile().as_text()
+    copies, unaliased = _table_params_copied_or_not_aliased(hlo, (f"s32[{slots},{vocab}]", f"pred[{slots},{vocab}]"))
+    assert copies == [] and unaliased == []
+    out, ids = jitted(tables, logits, batch)
+    np.testing.assert_array_equal(np.asarray(out.output_counts), counts)
+    np.testing.assert_array_equal(np.asarray(out.prompt_seen), seen)
+    np.testing.assert_array_equal(np.asarray(ids), np.argmax(logits, axis=-1))
