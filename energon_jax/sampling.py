@@ -45,7 +45,6 @@ top-k over the vocabulary, which runs only when a row of the step asked for logp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -56,9 +55,6 @@ if TYPE_CHECKING:  # the batch layout is owned by batch.py; sampling only reads 
     from energon_jax.batch import SamplingBatch
 
 MAX_LOGPROBS = 20
-# ``SamplingBatch.penalty_reset`` of a row whose slot the step rebuilds from the batch's history
-# (1: zero it, 0: continue it).
-REBUILD = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,22 +104,6 @@ def make_penalty_tables(slots: int, vocab: int, sharding: Any = None) -> Penalty
     return PenaltyTables(zeros(np.int32), zeros(np.bool_))
 
 
-def load_penalty_slot(tables: PenaltyTables, slot: jax.Array, counts: jax.Array, seen: jax.Array) -> PenaltyTables:
-    """Overwrite one slot with counts rebuilt on the host (a row that joins past position 0)."""
-    return PenaltyTables(tables.output_counts.at[slot].set(counts), tables.prompt_seen.at[slot].set(seen))
-
-
-def penalty_slot_loader(sharding: Any) -> Callable[[PenaltyTables, int, np.ndarray, np.ndarray], PenaltyTables]:
-    """``load_penalty_slot`` jitted, the tables donated and kept on ``sharding``; dispatched, not awaited."""
-
-    def load(tables, slot, counts, seen):
-        return jax.lax.with_sharding_constraint(load_penalty_slot(tables, slot, counts, seen), sharding)
-
-    jitted = jax.jit(load, donate_argnums=(0,))
-    return lambda tables, slot, counts, seen: jitted(tables, np.int32(slot), np.asarray(counts, np.int32),
-                                                     np.asarray(seen, bool))
-
-
 def update_penalty_tables(
     tables: PenaltyTables, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array, s: SamplingBatch
 ) -> PenaltyTables:
@@ -143,23 +123,13 @@ def add_step_tokens(
     """Zero the slots of rows that join (``s.penalty_reset``), then add the step's fed tokens.
 
     ``input_ids/segment_ids/positions [T]`` are the step's (placeholders already filled), so
-    a token sampled by the previous step and fed now is counted on device. A row whose reset
-    is ``REBUILD`` (a row that joins past position 0 where no host-driven slot load can reach
-    every process) first counts its tokens before the step from ``s.history`` (a step with
-    such a row carries the history; 0 wide otherwise). Rows without a slot change nothing."""
+    a token sampled by the previous step and fed now is counted on device. A row joining past
+    position 0 had its slot loaded from the host before the step (``slot_loads.py``). Rows
+    without a slot change nothing."""
     slots, vocab = tables.output_counts.shape
     reset = jnp.where((s.penalty_reset > 0) & (s.penalty_slot >= 0), s.penalty_slot, slots)  # [B]
     counts = tables.output_counts.at[reset].set(0, mode="drop")
     seen = tables.prompt_seen.at[reset].set(False, mode="drop")
-    hist = s.history  # [B, H]
-    if hist.shape[1]:  # static: a step that rebuilds slots from their rows' histories
-        rebuild = (s.penalty_reset == REBUILD) & (s.penalty_slot >= 0)  # [B]
-        valid = rebuild[:, None] & (hist >= 0) & (hist < vocab)  # [B, H]
-        target = jnp.where(valid, s.penalty_slot[:, None], slots)  # slots: dropped
-        is_output = jnp.arange(hist.shape[1])[None, :] >= s.prompt_len[:, None]
-        ids = jnp.where(valid, hist, 0)
-        counts = counts.at[jnp.where(is_output, target, slots), ids].add(1, mode="drop")
-        seen = seen.at[jnp.where(is_output, slots, target), ids].set(True, mode="drop")
     row = jnp.maximum(segment_ids, 0)  # [T]
     slot = jnp.where(segment_ids >= 0, s.penalty_slot[row], -1)
     slot = jnp.where((slot >= 0) & (input_ids >= 0) & (input_ids < vocab), slot, slots)  # slots: dropped
