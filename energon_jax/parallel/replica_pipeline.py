@@ -46,23 +46,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from energon_jax.parallel.data_parallel import DataParallelRunner
-from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
 from energon_jax.parallel.pipeline_controller import TickDispatch
-from energon_jax.parallel.replica_step import ReplicaTables, filled, fit_batch, stack_batches, stacked_penalty_tables
-from energon_jax.parallel.spmd_pipeline import (
-    SlotLayout, SpmdPipelineRunner, _Held, _outer_placed, _stacked_placed, real_size, stack_layers,
-)
-from energon_jax.parallel.stages import DecoderParts, head_piece
+from energon_jax.parallel.replica_step import ReplicaTables, fit_batch, stack_batches
+from energon_jax.parallel.spmd_pipeline import SpmdPipelineRunner, _Held, real_size
 from energon_jax.runner import StepHandle
 from energon_jax.sampling import SampledTokens
-from energon_jax.slot_loads import SlotLoader
-from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
 
@@ -73,73 +65,19 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
     The tick of each replica is ``SpmdPipelineRunner``'s, run inside a ``shard_map`` manual
     over ``dp``; ``run_tick`` takes a stacked micro-batch (``stack_batches``: a ``[dp]`` axis in
     front of every leaf, already fitted to one bucket) and returns every replica's sampled
-    outputs ``[dp, B]``. The clocks live on the host, in ``StackedPipelines``."""
+    outputs ``[dp, B]``. The clocks live on the host, in ``StackedPipelines`` (this runner's own
+    ``_slots`` and ``stats`` stay unused). The weights, pages, tables and carry are
+    ``SpmdPipelineRunner``'s, built with a leading ``[dp]`` axis (``replica_axes``)."""
 
-    def __init__(self, parts: DecoderParts, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
-                 buckets: Any, kv_dtype: Any = None, penalty_slots: int = 0, vocab: int = 0) -> None:
-        from energon_jax.batch import dummy_batch
-        from pallas_kernels import make_kv_pages
+    replica_axes = ("dp",)  # every piece of the carry and every per-slot table gets a leading [dp] over dp
 
-        self.dp, self.pp = mesh.shape["dp"], mesh.shape["pp"]
-        if self.dp < 2 or self.pp < 2:
-            raise ValueError(f"dp={self.dp} and pp={self.pp} must both be >= 2 for stacked pipelines")
-        self.parts, self.mesh, self.buckets = parts, mesh, buckets
-        self.layout = SlotLayout(parts.num_layers, self.pp)
-        self.bounds = self.layout.bounds
-        self._dummy = functools.partial(dummy_batch, buckets)
-        c = parts.config
-        # Weights exactly as one pipeline places them: the rules never name dp, so replicated over it.
-        self._graphdef, stacked = stack_layers(parts, self.layout)
-        self._layers = _stacked_placed(stacked, mesh, rules)
-        self._by_pp = NamedSharding(mesh, P("pp"))
-        self._active = place(np.array([i >= 0 for i in self.layout.layer_of_slot]), self._by_pp)  # [slots]
-        self._embed = _outer_placed(parts.embed[1], mesh, rules)
-        self._norm = _outer_placed(parts.norm[1], mesh, rules)
-        self._head = _outer_placed(head_piece(parts)[1], mesh, rules)
-        slots = self.pp * self.layout.per_stage
-        kv_axis = rules.mesh_axis("kv_heads")
-        one = make_kv_pages(2, page_size, c.num_kv_heads, c.head_dim, parts.dtype if kv_dtype is None else kv_dtype)
+    @property
+    def dp(self) -> int:
+        return self.mesh.shape["dp"]
 
-        def stacked_pages(a):  # one layer's [P, S, K, H] (int8 scales [P, S, K]) -> [dp, slots, P, S, K, ...]
-            spec = P("dp", "pp", None, None, kv_axis, *([None] * (a.ndim - 3)))
-            fill = a.reshape(-1)[0]  # 0 for pages, 1 for int8 scales
-            return jnp.full((self.dp, slots, num_pages, *a.shape[1:]), fill, a.dtype,
-                            device=NamedSharding(mesh, spec))
-
-        self.kv = jax.tree.map(stacked_pages, one)
-        self._replicated = NamedSharding(mesh, P())
-        by_dp, acts_sharding = NamedSharding(mesh, P("dp")), NamedSharding(mesh, P("dp", "pp"))
-        # Each replica's per-slot tables, as one pipeline keeps them, with a leading [dp] axis over dp.
-        if penalty_slots < 0 or (penalty_slots and vocab < 1):
-            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
-        self.penalty_slots, self.vocab = penalty_slots, vocab
-        self.penalty_tables = stacked_penalty_tables(self.dp, penalty_slots, vocab, by_dp) if penalty_slots else None
-        # Each replica's carry at the largest bucket, as one pipeline's, with a leading [dp] axis.
-        t_max = buckets.max_tokens
-        b_max = max(b for _, b in buckets.all_shapes())
-        self._pad = self._dummy(t_max, b_max)
-        self.page_table = None
-        if buckets.page_slots:  # the ring holds each micro-batch's gathered [B, M] tables
-            m = buckets.max_pages_per_row
-            self.page_table = filled((self.dp, buckets.page_slots + 1, m), NULL_PAGE, np.int32, by_dp)
-            self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
-                self._pad.attn, page_tables=np.full((b_max, m), NULL_PAGE, np.int32)))
-        self.slot_dims = 2  # a loaded row's slot is (replica, slot)
-        self._page_loader, self._penalty_loader = SlotLoader(by_dp, slot_dims=2), SlotLoader(by_dp, slot_dims=2)
-        self._acts = place(np.zeros((self.dp, self.pp, t_max, c.hidden_size), parts.dtype), acts_sharding)
-        self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.dp, self.pp, *a.shape)), by_dp), self._pad)
-        self._shape = (buckets.token_buckets[0], buckets.rows_bucket(buckets.token_buckets[0], 1))
-        self._slots = [None] * self.pp  # unused: every replica's clock is in StackedPipelines
-        self._executables: dict[Any, Any] = {}
-        self.num_compiles = 0
-        self.warmed_up = False
-        self.stats = PipelineStats(busy=[0] * self.pp)
-        self.dispatch = self.run_tick
-        kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
-        tables_sharding = None if self.penalty_tables is None else jax.tree.map(lambda a: by_dp, self.penalty_tables)
-        self._jitted = jax.jit(self._stacked_tick_fn, donate_argnums=(2, 3, 4, 5, 6),
-                               out_shardings=(kv_shardings, acts_sharding, by_dp, tables_sharding,
-                                              None if self.page_table is None else by_dp, self._replicated))
+    def _check_mesh(self, mesh: Mesh) -> None:
+        if mesh.shape["dp"] < 2 or self.pp < 2:
+            raise ValueError(f"dp={mesh.shape['dp']} and pp={self.pp} must both be >= 2 for stacked pipelines")
 
     def _stacked_tick_fn(self, layers, active, kv, acts, ring, tables, page_table, embed, norm, head, batch):
         """Every replica's tick at once: ``SpmdPipelineRunner._tick_fn`` on replica ``r``'s block."""
@@ -155,6 +93,8 @@ class ReplicaPipelineRunner(SpmdPipelineRunner):
             replica, mesh=self.mesh, in_specs=(P(),) * 5 + (P("dp"),) * 6, out_specs=P("dp"),
             axis_names=frozenset({"dp"}), check_vma=False,
         )(layers, active, embed, norm, head, kv, acts, ring, tables, page_table, batch)
+
+    _device_tick = _stacked_tick_fn
 
     @property
     def kv_cache(self) -> Any:

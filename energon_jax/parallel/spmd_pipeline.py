@@ -67,9 +67,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from energon_jax.batch import dummy_batch, history_width
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
+from energon_jax.parallel.replica_step import filled
 from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
-from energon_jax.sampling import make_penalty_tables, update_penalty_tables
+from energon_jax.sampling import PenaltyTables, update_penalty_tables
 from energon_jax.slot_loads import SlotLoader
 from pallas_kernels.page_layout import NULL_PAGE
 
@@ -199,68 +200,34 @@ def _abstract(tree: Any) -> Any:
 
 
 class SpmdPipelineRunner:
-    """``pp`` stages in one jitted tick (module docstring); ``PipelineRunner``'s interface."""
+    """``pp`` stages in one jitted tick (module docstring); ``PipelineRunner``'s interface.
+    ``ReplicaPipelineRunner`` stacks ``dp`` of them: it sets ``replica_axes`` and ``_device_tick``."""
+
+    # Mesh axes of a leading axis on every piece of the carry (pages, activations, ring of plans)
+    # and on the per-slot tables: none for one pipeline, ("dp",) for stacked replicas.
+    replica_axes: tuple[str, ...] = ()
 
     def __init__(self, parts: DecoderParts, mesh: Mesh, rules: ShardingRules, *, num_pages: int, page_size: int,
                  buckets: Any, kv_dtype: Any = None, penalty_slots: int = 0, vocab: int = 0) -> None:
-        from pallas_kernels import make_kv_pages
-
-        if mesh.shape["dp"] != 1:
-            raise ValueError(f"dp={mesh.shape['dp']}: give each data-parallel replica its own (1, pp, tp) mesh")
         self.pp = mesh.shape["pp"]
-        if self.pp < 2:
-            raise ValueError(f"pp={self.pp} must be >= 2 for a pipeline (pp=1 is the plain ModelRunner)")
+        self._check_mesh(mesh)
+        if penalty_slots < 0 or (penalty_slots and vocab < 1):
+            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
         self.parts, self.mesh, self.buckets = parts, mesh, buckets
         self.layout = SlotLayout(parts.num_layers, self.pp)
         self.bounds = self.layout.bounds
         self._dummy = functools.partial(dummy_batch, buckets)
-        c = parts.config
-        self._graphdef, stacked = stack_layers(parts, self.layout)
-        self._layers = _stacked_placed(stacked, mesh, rules)
-        by_pp = NamedSharding(mesh, P("pp"))
-        self._active = place(np.array([i >= 0 for i in self.layout.layer_of_slot]), by_pp)  # [slots] bool
-        self._embed = _outer_placed(parts.embed[1], mesh, rules)
-        self._norm = _outer_placed(parts.norm[1], mesh, rules)
-        self._head = _outer_placed(head_piece(parts)[1], mesh, rules)
-        slots = self.pp * self.layout.per_stage
-        kv_axis = rules.mesh_axis("kv_heads")
-        one = make_kv_pages(2, page_size, c.num_kv_heads, c.head_dim, parts.dtype if kv_dtype is None else kv_dtype)
-
-        def stacked(a):  # one layer's [P, S, K, H] (int8 scales [P, S, K]) -> [slots, P, S, K, ...]
-            spec = P("pp", None, None, kv_axis, *([None] * (a.ndim - 3)))
-            return jnp.zeros((slots, num_pages, *a.shape[1:]), a.dtype, device=NamedSharding(mesh, spec))
-
-        self.kv = jax.tree.map(stacked, one)
-        self._by_pp = by_pp
+        self._by_pp = NamedSharding(mesh, P("pp"))
         self._replicated = NamedSharding(mesh, P())
-        # Device penalty counts (``sampling.PenaltyTables``), whole on every device like the head that
-        # samples: a micro-batch adds its fed tokens when it enters (no placeholders in a pipeline, so
-        # its ids are known then) and reads its rows' slots when it leaves. The step loop never gives
-        # a slot of a micro-batch still in flight to another request (``PenaltySlots.assign``'s busy).
-        if penalty_slots < 0 or (penalty_slots and vocab < 1):
-            raise ValueError(f"{penalty_slots=} must be >= 0, with vocab >= 1 (got {vocab=})")
+        # A replica's per-slot tables and ring of plans: whole on each of its devices (replicated
+        # over the whole mesh for one pipeline, split by replica when stacked).
+        self._per_replica = NamedSharding(mesh, P(*self.replica_axes))
+        self._lead = tuple(mesh.shape[a] for a in self.replica_axes)  # () or (dp,)
         self.penalty_slots, self.vocab = penalty_slots, vocab
-        self.penalty_tables = make_penalty_tables(penalty_slots, vocab, self._replicated) if penalty_slots else None
-        # The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
-        # activations each stage takes next tick [pp, T_max, D], and the plan each stage ran
-        # last tick (a StepBatch with a leading [pp] axis, padding where a plan is smaller).
-        t_max = buckets.max_tokens
-        b_max = max(b for _, b in buckets.all_shapes())
-        self._pad = self._dummy(t_max, b_max)  # what padding tokens and unused rows hold
-        # Device page tables (``Buckets.page_slots``, one process): like ``ModelRunner``'s; a
-        # micro-batch gathers its rows' tables when it enters, and the ring holds them from then on.
-        self.page_table: jax.Array | None = None
-        if buckets.page_slots:
-            m = buckets.max_pages_per_row
-            self.page_table = place(np.full((buckets.page_slots + 1, m), NULL_PAGE, np.int32), self._replicated)
-            self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
-                self._pad.attn, page_tables=np.full((b_max, m), NULL_PAGE, np.int32)))
-        self._page_loader, self._penalty_loader = SlotLoader(self._replicated), SlotLoader(self._replicated)
-        self._acts = place(np.zeros((self.pp, t_max, c.hidden_size), parts.dtype), by_pp)
-        self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (self.pp, *a.shape)), NamedSharding(mesh, P())),
-                                  self._pad)
-        self._shape = (buckets.token_buckets[0], buckets.rows_bucket(buckets.token_buckets[0], 1))  # last tick's
-        self._slots: list[_Held | None] = [None] * self.pp  # what each stage ran at the last tick
+        self._place_weights(rules)
+        self.kv = self._make_pages(rules.mesh_axis("kv_heads"), num_pages, page_size, kv_dtype)
+        self._make_tables()
+        self._make_carry()
         self._executables: dict[Any, Any] = {}
         self.num_compiles = 0
         self.warmed_up = False
@@ -269,9 +236,87 @@ class SpmdPipelineRunner:
         # PipelineController that broadcasts it to every process first.
         self.dispatch: Callable[[Any], Any] = self.run_tick
         kv_shardings = jax.tree.map(lambda a: a.sharding, self.kv)
-        self._jitted = jax.jit(self._tick_fn, donate_argnums=(2, 3, 4, 5, 6),
-                               out_shardings=(kv_shardings, by_pp, self._replicated, self._replicated,
-                                              self._replicated, self._replicated))
+        self._jitted = jax.jit(self._device_tick, donate_argnums=(2, 3, 4, 5, 6),
+                               out_shardings=(kv_shardings, self._acts.sharding, self._per_replica,
+                                              self._per_replica, self._per_replica, self._replicated))
+
+    def _check_mesh(self, mesh: Mesh) -> None:
+        if mesh.shape["dp"] != 1:
+            raise ValueError(f"dp={mesh.shape['dp']}: give each data-parallel replica its own (1, pp, tp) mesh")
+        if self.pp < 2:
+            raise ValueError(f"pp={self.pp} must be >= 2 for a pipeline (pp=1 is the plain ModelRunner)")
+
+    @property
+    def slot_dims(self) -> int:
+        """Indices that name a loaded row's slot: ``slot``, or ``(replica, slot)`` when stacked."""
+        return 1 + len(self.replica_axes)
+
+    def _place_weights(self, rules: ShardingRules) -> None:
+        """The layers stacked over ``pp`` and the outer pieces by the ``tp`` rules; the rules never
+        name a replica axis, so stacked replicas share one copy, replicated over ``dp``."""
+        parts, mesh = self.parts, self.mesh
+        self._graphdef, stacked = stack_layers(parts, self.layout)
+        self._layers = _stacked_placed(stacked, mesh, rules)
+        self._active = place(np.array([i >= 0 for i in self.layout.layer_of_slot]), self._by_pp)  # [slots] bool
+        self._embed = _outer_placed(parts.embed[1], mesh, rules)
+        self._norm = _outer_placed(parts.norm[1], mesh, rules)
+        self._head = _outer_placed(head_piece(parts)[1], mesh, rules)
+
+    def _make_pages(self, kv_axis: Any, num_pages: int, page_size: int, kv_dtype: Any) -> Any:
+        """Every slot's pages, ``[*lead, slots, P, S, K, H]`` (int8 scales ``[..., K]``), over the
+        replica axes, ``pp`` and ``kv_axis`` by KV head; filled as one layer's fresh pages are."""
+        from pallas_kernels import make_kv_pages
+
+        c, slots = self.parts.config, self.pp * self.layout.per_stage
+        dtype = self.parts.dtype if kv_dtype is None else kv_dtype
+        one = make_kv_pages(2, page_size, c.num_kv_heads, c.head_dim, dtype)
+
+        def stacked(a):  # one layer's [P, S, K, ...] -> [*lead, slots, P, S, K, ...]
+            spec = P(*self.replica_axes, "pp", None, None, kv_axis, *([None] * (a.ndim - 3)))
+            fill = a.reshape(-1)[0]  # 0 for pages, 1 for int8 scales
+            return jnp.full((*self._lead, slots, num_pages, *a.shape[1:]), fill, a.dtype,
+                            device=NamedSharding(self.mesh, spec))
+
+        return jax.tree.map(stacked, one)
+
+    def _make_tables(self) -> None:
+        """The per-slot tables, each replica's whole on its devices (like the head that samples),
+        and their row loads. Penalty counts (``sampling.PenaltyTables``): a micro-batch adds its
+        fed tokens as it enters (a pipeline has no placeholders) and reads its rows' slots as it
+        leaves; the step loop never gives a slot still in flight to another request
+        (``PenaltySlots.assign``'s busy). Page tables (``Buckets.page_slots``): ``ModelRunner``'s;
+        a micro-batch gathers its rows' tables as it enters, and the ring holds them from then on."""
+        buckets, sharding = self.buckets, self._per_replica
+        self.penalty_tables = None
+        if self.penalty_slots:
+            shape = (*self._lead, self.penalty_slots, self.vocab)
+            self.penalty_tables = PenaltyTables(filled(shape, 0, np.int32, sharding),
+                                                filled(shape, False, np.bool_, sharding))
+        self.page_table: jax.Array | None = None
+        if buckets.page_slots:
+            self.page_table = filled((*self._lead, buckets.page_slots + 1, buckets.max_pages_per_row), NULL_PAGE,
+                                     np.int32, sharding)
+        self._page_loader = SlotLoader(sharding, slot_dims=self.slot_dims)
+        self._penalty_loader = SlotLoader(sharding, slot_dims=self.slot_dims)
+
+    def _make_carry(self) -> None:
+        """The carry, at the largest bucket (T_max, B_max) so that its shape never changes: the
+        activations each stage takes next tick ``[*lead, pp, T_max, D]`` (over the replica axes and
+        ``pp``), the plan each stage ran last tick (a StepBatch with a leading ``[*lead, pp]`` axis,
+        padding where a plan is smaller); and the host clock."""
+        buckets, c = self.buckets, self.parts.config
+        t_max = buckets.max_tokens
+        b_max = max(b for _, b in buckets.all_shapes())
+        self._pad = self._dummy(t_max, b_max)  # what padding tokens and unused rows hold
+        if buckets.page_slots:  # the ring holds each micro-batch's gathered [B, M] tables
+            self._pad = dataclasses.replace(self._pad, attn=dataclasses.replace(
+                self._pad.attn, page_tables=np.full((b_max, buckets.max_pages_per_row), NULL_PAGE, np.int32)))
+        lead = (*self._lead, self.pp)
+        self._acts = place(np.zeros((*lead, t_max, c.hidden_size), self.parts.dtype),
+                           NamedSharding(self.mesh, P(*self.replica_axes, "pp")))
+        self._ring = jax.tree.map(lambda a: place(np.broadcast_to(a, (*lead, *a.shape)), self._per_replica), self._pad)
+        self._shape = (buckets.token_buckets[0], buckets.rows_bucket(buckets.token_buckets[0], 1))  # last tick's
+        self._slots: list[_Held | None] = [None] * self.pp  # what each stage ran at the last tick
 
     # -- the jitted tick ------------------------------------------------------------------
 
@@ -312,6 +357,8 @@ class SpmdPipelineRunner:
         sampling = jax.tree.map(lambda a: a[pp - 1], now.sampling)
         out = run_head_rows(parts, norm, head, rows[pp - 1], sampling, tables)
         return kv, acts, ring, tables, page_table, out
+
+    _device_tick = _tick_fn  # what __init__ jits (ReplicaPipelineRunner: every replica's tick at once)
 
     def _run_slots(self, layers, active, kv, x, meta):
         """This stage's slots over ``x [T, D]``. The stage's pages are one pool of ``n * P``
