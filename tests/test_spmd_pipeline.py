@@ -83,7 +83,7 @@ def test_spmd_pipeline_two_processes(tmp_path, mode):
 def test_stacking_refuses_layers_of_different_structure():
     from test_parallel_tp_models import build_model
 
-    from energon_jax.parallel.spmd_pipeline import SlotLayout, stack_layers
+    from energon_jax.parallel.pipeline_layout import SlotLayout, stack_layers
     from energon_jax.parallel.stages import decoder_parts
 
     model, _ = build_model("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=4,

@@ -23,9 +23,9 @@ One ``tick(batch)`` is one call of one compiled function on every device::
 
 Penalties: the penalty counts (``sampling.PenaltyTables``) stay on the devices like the
 ring; a micro-batch adds its tokens to its rows' slots as it enters and its rows read them
-as it leaves. A slot rebuilt for a row joining past position 0 is loaded from the host in
-one process; across processes the entering micro-batch carries that row's tokens as its
-history and the tick rebuilds the slot (``sampling.REBUILD``), so every process does.
+as it leaves. A slot rebuilt for a row joining past position 0, and a joining row's page
+table, are loaded before the tick it enters (``slot_loads.py``; across processes the
+``PipelineController`` broadcasts them, so every process does).
 
 The ring of ``pp`` micro-batch plans (a ``StepBatch`` with a leading ``[pp]`` axis, small
 and replicated, so shifting it is a local copy) and the activations in flight
@@ -67,88 +67,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from energon_jax.batch import dummy_batch, history_width
 from energon_jax.parallel.mesh import ShardingRules, place
 from energon_jax.parallel.pipeline import PipelineStats
+from energon_jax.parallel.pipeline_layout import SlotLayout, outer_placed, stack_layers, stacked_placed
 from energon_jax.parallel.replica_step import filled
-from energon_jax.parallel.stages import DecoderParts, head_piece, layer_bounds, rope_inv_freq, run_embed, run_head_rows
+from energon_jax.parallel.stages import DecoderParts, head_piece, rope_inv_freq, run_embed, run_head_rows
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
 from energon_jax.sampling import PenaltyTables, update_penalty_tables
 from energon_jax.slot_loads import SlotLoader
 from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
-
-
-def _is_var(x: object) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotLayout:
-    """Which layer each of the ``pp * per_stage`` slots holds (-1: an identity slot)."""
-
-    num_layers: int
-    pp: int
-
-    @property
-    def per_stage(self) -> int:
-        return -(-self.num_layers // self.pp)
-
-    @property
-    def bounds(self) -> list[tuple[int, int]]:
-        return layer_bounds(self.num_layers, self.pp)
-
-    @property
-    def layer_of_slot(self) -> list[int]:
-        out = []
-        for a, b in self.bounds:
-            out += list(range(a, b)) + [-1] * (self.per_stage - (b - a))
-        return out
-
-
-def stack_layers(parts: DecoderParts, layout: SlotLayout) -> tuple[Any, Any]:
-    """``(graphdef, state)``: every layer's state stacked along a leading slot axis (numpy),
-    zeros in identity slots. Layers must share one structure (one graphdef)."""
-    graphdef = parts.layers[0][0]
-    for i, (g, _) in enumerate(parts.layers):
-        if g != graphdef:
-            windows = getattr(parts.config, "layer_windows", ())
-            raise ValueError(
-                f"layer {i} differs in structure from layer 0 (per-layer sliding windows {tuple(windows)}?): the "
-                "SPMD pipeline stacks identical layers; run this model with pp=1 or tp"
-            )
-    states = [s for _, s in parts.layers]
-    zeros = jax.tree.map(lambda a: np.zeros(np.shape(a), a.dtype), states[0])
-    slots = [states[i] if i >= 0 else zeros for i in layout.layer_of_slot]
-    return graphdef, jax.tree.map(lambda *a: np.stack([np.asarray(v) for v in a]), *slots)
-
-
-def _stacked_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
-    """Place a stacked layer state: slot axis over ``pp``, the rest by each variable's logical axes."""
-
-    def one(var):
-        value = var.get_value()
-        axes = var.get_metadata().get("logical_axes")
-        spec = (None,) * (value.ndim - 1) if axes is None else tuple(
-            rules.partition_spec(axes, value.shape[1:], mesh, name="layer"))
-        return var.replace(place(value, NamedSharding(mesh, P("pp", *spec))))
-
-    return jax.tree.map(one, state, is_leaf=_is_var)
-
-
-def _outer_placed(state: Any, mesh: Mesh, rules: ShardingRules) -> Any:
-    """Embedding, final norm, head: by the tensor-parallel rules, replicated over ``pp``.
-
-    Every stage's ``tp`` group holds the head and samples the last stage's rows itself, so
-    the sampler's reductions over the vocabulary stay inside one stage (on a pod, one host)
-    instead of crossing stages; splitting the vocabulary over ``pp x tp`` saves that memory
-    but was slower per tick too on 8 CPU devices (6.2 vs 4.7 ms, pp=4 x tp=2)."""
-
-    def one(var):
-        value = var.get_value()
-        axes = var.get_metadata().get("logical_axes") or (None,) * value.ndim
-        return var.replace(place(value, NamedSharding(mesh, rules.partition_spec(axes, value.shape, mesh,
-                                                                                  name="outer"))))
-
-    return jax.tree.map(one, state, is_leaf=_is_var)
 
 
 def _fit(batch: Any, template: Any) -> Any:
@@ -256,11 +183,11 @@ class SpmdPipelineRunner:
         name a replica axis, so stacked replicas share one copy, replicated over ``dp``."""
         parts, mesh = self.parts, self.mesh
         self._graphdef, stacked = stack_layers(parts, self.layout)
-        self._layers = _stacked_placed(stacked, mesh, rules)
+        self._layers = stacked_placed(stacked, mesh, rules)
         self._active = place(np.array([i >= 0 for i in self.layout.layer_of_slot]), self._by_pp)  # [slots] bool
-        self._embed = _outer_placed(parts.embed[1], mesh, rules)
-        self._norm = _outer_placed(parts.norm[1], mesh, rules)
-        self._head = _outer_placed(head_piece(parts)[1], mesh, rules)
+        self._embed = outer_placed(parts.embed[1], mesh, rules)
+        self._norm = outer_placed(parts.norm[1], mesh, rules)
+        self._head = outer_placed(head_piece(parts)[1], mesh, rules)
 
     def _make_pages(self, kv_axis: Any, num_pages: int, page_size: int, kv_dtype: Any) -> Any:
         """Every slot's pages, ``[*lead, slots, P, S, K, H]`` (int8 scales ``[..., K]``), over the
