@@ -9,7 +9,8 @@
 # 2. benchmarks/kernels.py: FlashAttention vs cuDNN and plain jnp at 4k-16k, paged and
 #    ragged paged attention as a fraction of HBM bandwidth, sparse and int8 matmul vs
 #    dense bf16, batch-1 decode of a 1B-class random Llama vs the HBM roofline;
-# 3. one Markdown table with the target beside each figure, printed and written to FILE
+# 3. the KV pool `energon info` gives the demo model (sized from device memory off CPU);
+# 4. one Markdown table with the target beside each figure, printed and written to FILE
 #    (default benchmarks/device_check.md) for benchmarks/RESULTS.md.
 #
 # --tiny: a few tests and every benchmark case at tiny sizes, seconds on a CPU; the default
@@ -24,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --tiny) tiny=1; shift ;;
         --out) out="${2:?--out needs a file}"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "device_check.sh: unknown argument '$1' (known: --tiny, --out FILE)" >&2; exit 2 ;;
     esac
 done
@@ -64,7 +65,14 @@ if ! "$python" benchmarks/kernels.py "${bench_args[@]}" >"$work/bench.log" 2>&1;
     status=1
 fi
 
-# 3. one table
+# 3. the engine's KV pool on this device (issue 13 point 5): sized from device memory on an
+#    accelerator (an explicit default on the CPU), as `energon info` reports it for the demo model
+start=$SECONDS
+pool="$("$python" -m energon_jax.cli info 2>"$work/info.log" | grep -m 1 '^KV pool' | sed 's/^KV pool *//; s/|/\//g' || true)"
+info_secs=$((SECONDS - start))
+if [[ $pool == *"sized from device memory"* ]]; then pool_ok=yes; else pool_ok=no; fi
+
+# 4. one table
 {
     echo "## device check: $(grep -m 1 '^# ' "$work/bench.log" | sed 's/^# //')"
     echo
@@ -72,6 +80,7 @@ fi
     grep -m 1 '^|---' "$work/bench.log"
     echo "| kernel tests compiled for the device ($(basename "${pytest_args[0]}" .py)...) | pytest | $((tests_secs * 1000)) | | | | ${summary:-no summary} | all pass | ${tests_ok} |"
     grep '^| ' "$work/bench.log" | grep -v '^| case ' || true
+    echo "| kv pool of the demo model (energon info) | engine | $((info_secs * 1000)) | | | | ${pool:-no KV pool line} | sized from device memory | ${pool_ok} |"
 } >"$out"
 cat "$out"
 if [[ $tests_ok != yes ]]; then

@@ -6,8 +6,8 @@ A runner keeps some state per host slot on its devices between steps: page table
 by deltas; only a row the host copies whole (a request that joins, or comes back after a
 preemption) goes up, before the step that reads it.
 
-Those uploads are one call per step, not one per row: ``chunks`` pads a step's rows to a
-power-of-two count (``LOAD_SIZES``, at most ``MAX_LOAD_ROWS`` per call) and ``SlotLoader``
+Those uploads are one call per step, not one per row: ``chunks`` pads a step's rows to the
+next of a few counts (``LOAD_SIZES``, at most ``MAX_LOAD_ROWS`` per call) and ``SlotLoader``
 scatters each chunk in one jitted call (the table donated, so it is updated in place),
 compiled at warm-up. Padding rows carry ``PAD_SLOT``, past any table: the scatter drops
 them. Across processes the ``Controller`` broadcasts each chunk to every process first
@@ -20,6 +20,7 @@ a ``(replica, slot)`` pair (a table ``[dp, S, ...]``; ``slots [J, 2]``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,9 @@ import numpy as np
 
 PAD_SLOT = 2**30  # past every table's slot axis: a padding row's write is dropped
 MAX_LOAD_ROWS = 64  # rows one call writes; a step that loads more makes several calls
-LOAD_SIZES = tuple(2**i for i in range(7))  # 1 .. MAX_LOAD_ROWS
+# Three sizes: each is compiled at every runner's warm-up (about 60 ms apiece on a CPU), and
+# padding a few joining rows to 8 costs at most 7 rows of [M] ints (or [V] counts) per step.
+LOAD_SIZES = (1, 8, MAX_LOAD_ROWS)
 
 
 def chunks(slots: np.ndarray, rows: Any) -> list[tuple[np.ndarray, Any]]:
@@ -63,9 +66,27 @@ def _abstract(tree: Any) -> Any:
                         tree)
 
 
+def _load(table: Any, slots: jax.Array, rows: Any, *, slot_dims: int, sharding: Any) -> Any:
+    index = slots if slot_dims == 1 else tuple(slots[:, d] for d in range(slot_dims))
+    out = jax.tree.map(lambda t, r: t.at[index].set(r.astype(t.dtype), mode="drop"), table, rows)
+    return jax.lax.with_sharding_constraint(out, sharding)
+
+
+_jitted_load = jax.jit(_load, static_argnames=("slot_dims", "sharding"), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(slot_dims: int, sharding: Any, treedef: Any, leaves: tuple) -> Any:
+    """One load executable per (table, chunk) shapes and placement, shared by every runner of
+    the process: an engine (or a test) that builds several runners alike compiles it once."""
+    table, slots, rows = jax.tree.unflatten(treedef, list(leaves))
+    return _jitted_load.lower(table, slots, rows, slot_dims=slot_dims, sharding=sharding).compile()
+
+
 class SlotLoader:
     """``table.at[slots].set(rows)`` for a table pytree whose leaves share their leading slot
-    axes, kept on ``sharding``; one executable per chunk size, compiled by ``warmup``.
+    axes, kept on ``sharding``; one executable per chunk size, compiled by ``warmup`` (and shared
+    with every other loader of the same shapes and placement).
 
     ``slot_dims``: 1 (``slots [J]``) or 2 (``slots [J, 2]``: replica, slot)."""
 
@@ -73,14 +94,8 @@ class SlotLoader:
         if slot_dims not in (1, 2):
             raise ValueError(f"{slot_dims=} must be 1 or 2")
         self.slot_dims = slot_dims
+        self.sharding = sharding
         self.num_loads = 0  # calls made (instrumentation)
-
-        def load(table: Any, slots: jax.Array, rows: Any) -> Any:
-            index = slots if slot_dims == 1 else tuple(slots[:, d] for d in range(slot_dims))
-            out = jax.tree.map(lambda t, r: t.at[index].set(r.astype(t.dtype), mode="drop"), table, rows)
-            return jax.lax.with_sharding_constraint(out, sharding)
-
-        self._jitted = jax.jit(load, donate_argnums=(0,))
         self._executables: dict[Any, Any] = {}
 
     def warmup(self, table: Any, place: Callable[[Any], Any] = _abstract) -> None:
@@ -90,7 +105,8 @@ class SlotLoader:
             slots, rows = template(table, size, self.slot_dims)
             key = self._key(place(slots), place(rows))
             if key not in self._executables:
-                self._executables[key] = self._jitted.lower(_abstract(table), place(slots), place(rows)).compile()
+                leaves, treedef = jax.tree.flatten((_abstract(table), place(slots), place(rows)))
+                self._executables[key] = _compiled(self.slot_dims, self.sharding, treedef, tuple(leaves))
 
     @staticmethod
     def _key(slots: Any, rows: Any) -> Any:
@@ -99,6 +115,8 @@ class SlotLoader:
 
     def __call__(self, table: Any, slots: Any, rows: Any) -> Any:
         """``table`` with one chunk's rows written (dispatched, not awaited)."""
-        exe = self._executables.get(self._key(slots, rows), self._jitted)
+        exe = self._executables.get(self._key(slots, rows))
         self.num_loads += 1
+        if exe is None:  # a shape not warmed up (tests that skip warm-up)
+            return _jitted_load(table, slots, rows, slot_dims=self.slot_dims, sharding=self.sharding)
         return exe(table, slots, rows)

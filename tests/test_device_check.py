@@ -44,4 +44,6 @@ def test_tiny_run_writes_one_table(tmp_path):
     targets = [row[7] for row in rows]
     for want in (">= 3x plain jnp", ">= 60% of HBM", ">= 1.5x dense bf16", ">= 75% of HBM"):
         assert want in targets
+    pool = next(row for row in rows if row[0].startswith("kv pool"))  # the CPU keeps the explicit default
+    assert pool[7:] == ["sized from device memory", "no"] and "explicit default" in pool[6], pool
     assert all(row[2] != "error" for row in rows)

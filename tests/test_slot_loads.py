@@ -58,6 +58,6 @@ def test_loader_writes_rows_like_numpy(slot_dims):
     np.testing.assert_array_equal(np.asarray(table.output_counts), want_counts)
     np.testing.assert_array_equal(np.asarray(table.prompt_seen), want_seen)
     # a worker's all-padding template changes nothing
-    table = loader(table, *template(table, 4, slot_dims))
+    table = loader(table, *template(table, 8, slot_dims))
     np.testing.assert_array_equal(np.asarray(table.output_counts), want_counts)
     assert loader.num_loads == 2
