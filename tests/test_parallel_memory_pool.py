@@ -42,6 +42,7 @@ def test_offloaded_matches_resident_and_bounds_memory():
         assert case["pool_device"] == (0 if case["offload"] == "host" else 1), case
 
 
+@pytest.mark.slow  # default-run budget: test_parallel_engine's default layouts run offload with device tables
 def test_offload_engine_streams_equal_without_device_page_tables(tiny_checkpoint, monkeypatch):
     import jax
 

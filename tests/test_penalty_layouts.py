@@ -11,7 +11,7 @@ presence and frequency penalties; penalty rows join late and leave early, so man
 have none; a late prompt shares a cached prefix, so its slot is rebuilt on the host and
 loaded) on one device (``ModelRunner`` with device tables) and on:
 
-- the disaggregated engine and the pipeline in one process (the slow run adds offloading,
+- the disaggregated engine in one process (the slow run adds the pipeline, offloading,
   tp, pp x tp and dp x pp): device penalty tables, and no batch carries a history;
 - (slow) "history": batches that carry each penalty row's history instead of tables, the
   history only in a step that has a penalty row;
@@ -78,12 +78,12 @@ def test_history_width_follows_the_step():
 
 
 # -- engines on 8 simulated devices -------------------------------------------------------
-# The default run keeps two engines besides one device's (test_parallel_engine's default
-# layouts also run offload and pp x tp, device tables, with penalty rows against one device);
-# the slow run adds the others.
+# The default run keeps one engine besides one device's (test_parallel_engine's default
+# layouts run the pipeline, offload and pp x tp, device tables, with penalty rows against one
+# device); the slow run adds the others.
 LAYOUTS = {
-    "default": [("device", dict(prefill_devices=1, decode_devices=1)), ("device", dict(pp=2))],
-    "more": [("device", dict(offload="host", resident_layers=1)),
+    "default": [("device", dict(prefill_devices=1, decode_devices=1))],
+    "more": [("device", dict(pp=2)), ("device", dict(offload="host", resident_layers=1)),
              ("device", dict(pp=2, tp=2)), ("device", dict(dp=2, pp=2)), ("device", dict(tp=2)),
              ("history", dict(pp=2)),
              ("history", dict(offload="host", resident_layers=1)), ("history", dict(tp=2))],
