@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from energon_jax.sampling import PenaltyTables, SampledTokens, make_penalty_tables, sample, update_penalty_tables
-from energon_jax.slot_loads import SlotLoader
+from energon_jax.slot_loads import SlotLoader, SlotTables
 from pallas_kernels import KVCache
 from pallas_kernels.page_layout import NULL_PAGE
 
@@ -80,7 +80,7 @@ class StepHandle:
         )
 
 
-class ModelRunner:
+class ModelRunner(SlotTables):
     """Runs decoder steps: ``(KV cache, StepBatch) -> (KV cache, sampled tokens)`` on device."""
 
     supports_prev_ids = True  # step_async(batch, prev=...) fills placeholders on device
@@ -149,23 +149,6 @@ class ModelRunner:
         # Whole rows (a joining request's page table, a rebuilt penalty slot), one call per chunk.
         self._page_loader = SlotLoader(tables_sharding)
         self._penalty_loader = SlotLoader(tables_sharding)
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite rows of the device page table (requests that join; a ``slot_loads.chunks``
-        chunk, numpy or broadcast); dispatched, not awaited."""
-        self.page_table = self._page_loader(self.page_table, slots, rows)
-
-    def write_penalty_rows(self, slots: Any, rows: PenaltyTables) -> None:
-        """Overwrite penalty slots (rows that join past position 0; one chunk); dispatched, not awaited."""
-        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
-        kw = {} if place is None else {"place": place}
-        if self.page_table is not None:
-            self._page_loader.warmup(self.page_table, **kw)
-        if self.penalty_tables is not None:
-            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     @property
     def compiled_shapes(self) -> list[ShapeKey]:

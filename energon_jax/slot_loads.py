@@ -120,3 +120,32 @@ class SlotLoader:
         if exe is None:  # a shape not warmed up (tests that skip warm-up)
             return _jitted_load(table, slots, rows, slot_dims=self.slot_dims, sharding=self.sharding)
         return exe(table, slots, rows)
+
+
+class SlotTables:
+    """The row-load side of a runner that keeps per-slot tables on its devices: it sets
+    ``page_table`` and ``penalty_tables`` (each None when not kept) and ``_page_loader`` /
+    ``_penalty_loader`` (``SlotLoader``\\ s on the tables' placement); the step loop and the
+    ``Controller`` call these three."""
+
+    page_table: Any
+    penalty_tables: Any
+    _page_loader: SlotLoader
+    _penalty_loader: SlotLoader
+
+    def write_page_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite rows of the device page table (requests that join; one ``chunks`` chunk,
+        numpy or broadcast); dispatched, not awaited."""
+        self.page_table = self._page_loader(self.page_table, slots, rows)
+
+    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
+        """Overwrite penalty slots (rows that join past position 0; one chunk); dispatched, not awaited."""
+        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
+
+    def warmup_loads(self, place: Callable[[Any], Any] | None = None) -> None:
+        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
+        kw = {} if place is None else {"place": place}
+        if self.page_table is not None:
+            self._page_loader.warmup(self.page_table, **kw)
+        if self.penalty_tables is not None:
+            self._penalty_loader.warmup(self.penalty_tables, **kw)

@@ -51,7 +51,7 @@ from jax.sharding import SingleDeviceSharding
 from energon_jax.parallel.stages import DecoderParts, head_piece, run_embed, run_head, run_layer
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
 from energon_jax.sampling import make_penalty_tables, update_penalty_tables
-from energon_jax.slot_loads import SlotLoader
+from energon_jax.slot_loads import SlotLoader, SlotTables
 from pallas_kernels.page_layout import NULL_PAGE
 
 OFFLOAD_KINDS = ("host", "peer")
@@ -85,7 +85,7 @@ def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-class OffloadedRunner:
+class OffloadedRunner(SlotTables):
     """A decoder step with layer weights streamed from a memory pool (see the module docstring)."""
 
     def __init__(self, parts: DecoderParts, config: OffloadConfig, *, num_pages: int, page_size: int,
@@ -150,23 +150,6 @@ class OffloadedRunner:
         if tables is not None:
             tables = update_penalty_tables(tables, batch.input_ids, batch.segment_ids, batch.positions, batch.sampling)
         return run_head(self.parts, norm_state, head_state, x, batch, tables), tables
-
-    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite penalty slots (rows that join past position 0; one ``slot_loads.chunks``
-        chunk); dispatched, not awaited."""
-        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite rows of the device page table (requests that join; one chunk); dispatched, not awaited."""
-        self.page_table = self._page_loader(self.page_table, slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
-        kw = {} if place is None else {"place": place}
-        if self.page_table is not None:
-            self._page_loader.warmup(self.page_table, **kw)
-        if self.penalty_tables is not None:
-            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     def _run_layer(self, graphdef: Any, state: Any, pages: Any, x: jax.Array, batch: Any):
         x, pages = run_layer(self.parts, graphdef, state, pages, x, batch)

@@ -59,7 +59,7 @@ from energon_jax.parallel.data_parallel import DataParallelRunner
 from energon_jax.parallel.mesh import ShardingRules
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
 from energon_jax.sampling import PenaltyTables, SampledTokens, sample, update_penalty_tables
-from energon_jax.slot_loads import PAD_SLOT, SlotLoader
+from energon_jax.slot_loads import PAD_SLOT, SlotLoader, SlotTables
 from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _abstract(tree: Any) -> Any:
                         tree)
 
 
-class ReplicaStepRunner:
+class ReplicaStepRunner(SlotTables):
     """``dp`` replicas of one model in one jitted step over a ``(dp, 1, tp)`` mesh (module docstring).
 
     ``model``: parameters already placed on ``mesh`` by ``rules`` (``mesh.shard_model``), so
@@ -190,22 +190,6 @@ class ReplicaStepRunner:
         # The sampled outputs are gathered to every device: process 0 fetches them whole.
         self._jitted = jax.jit(step_fn, donate_argnums=(1, 2, 3),
                                out_shardings=(kv_shardings, tables_sharding, pages_sharding, replicated))
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite page-table rows (``slots [J, 2]``: replica, slot; one ``slot_loads`` chunk)."""
-        self.page_table = self._page_loader(self.page_table, slots, rows)
-
-    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite penalty slots (``slots [J, 2]``: replica, slot; one chunk)."""
-        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
-        kw = {} if place is None else {"place": place}
-        if self.page_table is not None:
-            self._page_loader.warmup(self.page_table, **kw)
-        if self.penalty_tables is not None:
-            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     @property
     def kv_cache(self) -> Any:

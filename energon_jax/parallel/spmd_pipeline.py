@@ -72,7 +72,7 @@ from energon_jax.parallel.replica_step import filled
 from energon_jax.parallel.stages import DecoderParts, head_piece, rope_inv_freq, run_embed, run_head_rows
 from energon_jax.runner import StepHandle, shape_key, with_page_tables
 from energon_jax.sampling import PenaltyTables, update_penalty_tables
-from energon_jax.slot_loads import SlotLoader
+from energon_jax.slot_loads import SlotLoader, SlotTables
 from pallas_kernels.page_layout import NULL_PAGE
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def _abstract(tree: Any) -> Any:
                         tree)
 
 
-class SpmdPipelineRunner:
+class SpmdPipelineRunner(SlotTables):
     """``pp`` stages in one jitted tick (module docstring); ``PipelineRunner``'s interface.
     ``ReplicaPipelineRunner`` stacks ``dp`` of them: it sets ``replica_axes`` and ``_device_tick``."""
 
@@ -358,24 +358,6 @@ class SpmdPipelineRunner:
             for a in out:
                 a.copy_to_host_async()
         return out
-
-    def write_penalty_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite penalty slots (one ``slot_loads.chunks`` chunk) before the tick their rows
-        enter; dispatched, not awaited."""
-        self.penalty_tables = self._penalty_loader(self.penalty_tables, slots, rows)
-
-    def write_page_rows(self, slots: Any, rows: Any) -> None:
-        """Overwrite rows of the device page table (one chunk) before the tick their rows enter;
-        dispatched, not awaited."""
-        self.page_table = self._page_loader(self.page_table, slots, rows)
-
-    def warmup_loads(self, place: Any = None) -> None:
-        """Compile the row loads for every chunk size, inputs as ``place`` gives them (numpy by default)."""
-        kw = {} if place is None else {"place": place}
-        if self.page_table is not None:
-            self._page_loader.warmup(self.page_table, **kw)
-        if self.penalty_tables is not None:
-            self._penalty_loader.warmup(self.penalty_tables, **kw)
 
     # -- the clock (process 0) -------------------------------------------------------------
 
